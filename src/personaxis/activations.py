@@ -112,7 +112,7 @@ def extract_rendered(
         sums: dict[int, Tensor] = {}
         norms: dict[int, Tensor] = {}
 
-        def make_reader(layer: int):
+        def make_reader(layer: int, weights: Tensor = weights, sums: dict = sums, norms: dict = norms):
             def read(hidden: Tensor, _mask: Tensor | None) -> None:
                 h = hidden.to(torch.float32)
                 sums[layer] = torch.bmm(weights, h)

@@ -1,0 +1,43 @@
+"""Subcommands of ``personaxis``: each module defines ``register(app: typer.Typer) -> None``."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+import typer
+
+T = TypeVar("T")
+
+# Errors that mean "bad input or state", shown as one clear line instead of a traceback.
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from personaxis.axis import AxisError
+    from personaxis.chat import ConversationError
+    from personaxis.data import CatalogueError
+    from personaxis.interventions import VectorError
+    from personaxis.models import ModelLoadError
+    from personaxis.store import RunDirError
+
+    return (AxisError, ConversationError, CatalogueError, VectorError, ModelLoadError, RunDirError, ValueError,
+            IndexError, FileNotFoundError, PermissionError)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn known input errors into ``error: …`` on stderr and exit code 2."""
+    try:
+        yield
+    except _user_errors() as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def echo_err(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_guarded(fn: Callable[[], T]) -> T:
+    with user_errors():
+        return fn()

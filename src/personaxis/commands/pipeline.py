@@ -1,0 +1,108 @@
+"""``personaxis run`` and the pipeline stages one by one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from personaxis.commands import echo_err, user_errors
+
+STAGE_HELP = {
+    "generate": "Generate role, default and trait rollouts (creates the run directory).",
+    "extract": "Extract mean response activations (all layers) for every rollout.",
+    "judge": "Score each role rollout 0-3 for role adherence.",
+    "vectors": "Compute role vectors (per judge category), the default vector and trait vectors.",
+    "axis": "Compute the Assistant Axis per layer: default minus mean role vector.",
+    "space": "PCA of the role vectors, summary.json and report.html.",
+}
+
+
+def _settings(preset: str, model: str, roles: int | None, role: list[str] | None, prompts: int | None,
+              questions: int | None, traits: int | None, max_new_tokens: int | None, judge: str | None,
+              min_count: int | None, layer: int | None, roles_dir: Path | None, questions_file: Path | None,
+              temperature: float | None, seed: int | None, batch_size: int | None):
+    from personaxis.settings import RunSettings
+
+    extra = {"batch_size": batch_size} if batch_size else {}
+    return RunSettings.from_preset(
+        preset, model=model, n_roles=roles, role_names=tuple(role) if role else None, prompts_per_role=prompts,
+        n_questions=questions, n_traits=traits, max_new_tokens=max_new_tokens, judge=judge, min_count=min_count,
+        target_layer=layer, roles_dir=str(roles_dir) if roles_dir else None,
+        questions_path=str(questions_file) if questions_file else None, temperature=temperature, seed=seed,
+        persona_questions_only=False if questions_file else None, extra=extra or None,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def run(
+        out: Path = typer.Option(Path("runs/quick"), "--out", "-o", help="Run directory (created, or resumed)."),
+        preset: str = typer.Option("quick", help="quick (CPU, minutes), paper (275+ roles x 5 prompts x 240 questions), tiny."),
+        model: str = typer.Option("embedded", help="'embedded' (SmolLM2-135M-Instruct) or a local model folder / cached id."),
+        roles: int | None = typer.Option(None, help="Number of roles (spread over categories)."),
+        role: list[str] | None = typer.Option(None, help="Use these roles by name (repeat the flag)."),
+        prompts: int | None = typer.Option(None, help="System prompts per role (1-5)."),
+        questions: int | None = typer.Option(None, help="Questions per prompt."),
+        traits: int | None = typer.Option(None, help="Traits to build vectors for (0 to skip)."),
+        max_new_tokens: int | None = typer.Option(None, help="Answer length cap in tokens."),
+        judge: str | None = typer.Option(None, help="'offline' (no network), 'openai:MODEL', or 'none' (keep every rollout)."),
+        min_count: int | None = typer.Option(None, help="Rollouts a judge category needs to make a role vector."),
+        layer: int | None = typer.Option(None, help="Target layer (default: n_layers // 2)."),
+        roles_dir: Path | None = typer.Option(None, help="Folder of role definitions (ours, or the reference <role>.json layout)."),
+        questions_file: Path | None = typer.Option(None, "--questions-file", help="JSONL of {question, id} to use instead of ours."),
+        temperature: float | None = typer.Option(None, help="0 = greedy."),
+        seed: int | None = typer.Option(None),
+        batch_size: int | None = typer.Option(None, help="Generation batch size."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    ) -> None:
+        """Run the whole method: generate → extract → judge → vectors → axis → space.
+
+        Stopped at any point (Ctrl-C, kill -9, a crash), the same command on the same --out resumes where it stopped.
+        Example: `personaxis run --out runs/quick` (about 10 minutes on 2 CPU cores).
+        """
+        from personaxis.pipeline import Pipeline
+
+        with user_errors():
+            settings = _settings(preset, model, roles, role, prompts, questions, traits, max_new_tokens, judge,
+                                 min_count, layer, roles_dir, questions_file, temperature, seed, batch_size)
+            pipeline = Pipeline(out, settings, log=echo_err, show_progress=not quiet)
+            done = pipeline.run()
+        summary = json.loads((out / "summary.json").read_text())
+        target = summary["target"]
+        echo_err(f"work done this call: {done}")
+        typer.echo(
+            f"{summary['model']}: {summary['n_roles_kept']} roles kept ({summary['n_roles_dropped']} dropped); "
+            f"layer {summary['target_layer']}: cos(PC1, axis) = {target['cos_pc1_axis']:.3f}, "
+            f"PC1 explains {target['pc1_explained_variance']:.1%}; default at {summary['default_position']['pc1_fraction']:.2f} "
+            f"of the role range along PC1"
+        )
+        typer.echo(f"wrote {out / 'axis.safetensors'}, {out / 'summary.json'}, {out / 'report.html'}")
+
+    for stage, help_text in STAGE_HELP.items():
+        _register_stage(app, stage, help_text)
+
+
+def _register_stage(app: typer.Typer, stage: str, help_text: str) -> None:
+    def command(
+        out: Path = typer.Option(..., "--out", "-o", help="Run directory made by `personaxis run` or `generate`."),
+        preset: str = typer.Option("quick", help="Preset for a new run directory (generate only)."),
+        model: str = typer.Option("embedded", help="Model for a new run directory (generate only)."),
+        judge: str | None = typer.Option(None, help="Judge for a new run directory (generate only)."),
+        quiet: bool = typer.Option(False, "--quiet", "-q"),
+    ) -> None:
+        from personaxis.pipeline import Pipeline, open_existing
+
+        with user_errors():
+            if stage == "generate" and not (out / "manifest.json").exists():
+                settings = _settings(preset, model, None, None, None, None, None, None, judge, None, None, None, None,
+                                     None, None, None)
+                pipeline = Pipeline(out, settings, log=echo_err, show_progress=not quiet)
+            else:
+                pipeline = open_existing(out, log=echo_err, show_progress=not quiet)
+            done = pipeline.run([stage])
+        typer.echo(f"{stage}: {done[stage]} unit(s) done in this call; run directory {out}")
+
+    command.__doc__ = help_text
+    app.command(name=stage)(command)

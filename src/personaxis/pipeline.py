@@ -1,0 +1,248 @@
+"""The pipeline: generate → extract → judge → vectors → axis → space, each stage idempotent and resumable.
+
+Units of work are (condition, system prompt): ``rollouts/<condition>/p<k>.json``,
+``activations/<condition>/p<k>.safetensors`` and ``judgments/<condition>/p<k>.json``. A unit's file is written
+atomically once the unit is complete, so a run killed at any instant resumes with ``personaxis run`` on the same
+directory, redoing nothing finished and losing nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from personaxis.chat import build_conversation
+from personaxis.models import LoadedModel, load_model
+from personaxis.progress import progress_bar
+from personaxis.settings import Condition, RunSettings, build_conditions, build_questions
+from personaxis.store import (
+    RunDirError,
+    RunStore,
+    atomic_save_tensors,
+    atomic_write_json,
+    load_tensors,
+    read_json,
+    slug,
+)
+
+STAGES = ("generate", "extract", "judge", "vectors", "axis", "space")
+Log = Callable[[str], None]
+
+
+@dataclass
+class Unit:
+    condition: Condition
+    prompt_index: int
+
+    @property
+    def key(self) -> str:
+        return f"{slug(self.condition.name)}/p{self.prompt_index}"
+
+    @property
+    def system_prompt(self) -> str:
+        return self.condition.system_prompts[self.prompt_index]
+
+
+class Pipeline:
+    """One run directory and the stages that fill it."""
+
+    def __init__(self, out: str | Path, settings: RunSettings, *, lm: LoadedModel | None = None, log: Log | None = None,
+                 show_progress: bool = True) -> None:
+        self.store = RunStore(out)
+        self.settings = settings
+        self._lm = lm
+        self.log = log or (lambda message: None)
+        self.show_progress = show_progress
+        self.work_done: dict[str, int] = {stage: 0 for stage in STAGES}
+        model_name = lm.profile.name if lm is not None else self._model_display_name()
+        self.conditions = build_conditions(settings, model_name)
+        self.questions = build_questions(settings)
+        self.units = [Unit(c, k) for c in self.conditions for k in range(len(c.system_prompts))]
+
+    # -------------------------------------------------------------------------------------------- set-up
+    def _model_display_name(self) -> str:
+        from personaxis.models import EMBEDDED_ALIASES, EMBEDDED_MODEL_NAME
+
+        return EMBEDDED_MODEL_NAME if self.settings.model.lower() in EMBEDDED_ALIASES else self.settings.model
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "format": "personaxis.run/1",
+            "settings": self.settings.to_manifest(),
+            "conditions": [c.name for c in self.conditions],
+            "questions": [q.id for q in self.questions],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+
+    def open(self) -> None:
+        self.store.open(self.manifest())
+        removed = self.store.clean_partials()
+        if removed:
+            self.log(f"removed {removed} partial file(s) left by an interrupted run")
+
+    @property
+    def lm(self) -> LoadedModel:
+        if self._lm is None:
+            self.log(f"loading model {self.settings.model}…")
+            self._lm = load_model(None if self.settings.model == "embedded" else self.settings.model,
+                                  target_layer=self.settings.target_layer)
+        return self._lm
+
+    # --------------------------------------------------------------------------------------------- paths
+    def rollout_path(self, unit: Unit) -> Path:
+        return self.store.root / "rollouts" / f"{unit.key}.json"
+
+    def activation_path(self, unit: Unit) -> Path:
+        return self.store.root / "activations" / f"{unit.key}.safetensors"
+
+    def judgment_path(self, unit: Unit) -> Path:
+        return self.store.root / "judgments" / f"{unit.key}.json"
+
+    def _require(self, paths: Sequence[Path], stage: str) -> None:
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise RunDirError(
+                f"{len(missing)} unit(s) of the '{stage}' stage are not done yet (e.g. {missing[0]}); "
+                f"run `personaxis {stage} --out {self.store.root}` or `personaxis run` first"
+            )
+
+    def read_rollouts(self, unit: Unit) -> list[dict[str, Any]]:
+        return read_json(self.rollout_path(unit))["rollouts"]
+
+    # ---------------------------------------------------------------------------------------------- stages
+    def run(self, stages: Sequence[str] = STAGES) -> dict[str, int]:
+        self.open()
+        for stage in stages:
+            if stage not in STAGES:
+                raise ValueError(f"unknown stage {stage!r}; stages are: {', '.join(STAGES)}")
+            getattr(self, f"stage_{stage}")()
+        return self.work_done
+
+    def stage_generate(self) -> None:
+        from personaxis.generation import SamplingConfig, generate
+
+        todo = [u for u in self.units if not self.rollout_path(u).is_file()]
+        self.log(f"generate: {len(self.units) - len(todo)} of {len(self.units)} units done, {len(todo)} to go")
+        if not todo:
+            return
+        config = SamplingConfig(max_new_tokens=self.settings.max_new_tokens, temperature=self.settings.temperature,
+                                seed=self.settings.seed, batch_size=int(self.settings.extra.get("batch_size", 32)))
+        bar = progress_bar(total=len(todo) * len(self.questions), desc="generate rollouts", unit="rollout",
+                           disable=not self.show_progress)
+        for unit in todo:
+            conversations = [build_conversation(unit.system_prompt, q.question) for q in self.questions]
+            answers = generate(self.lm, conversations, config)
+            rollouts = [
+                {"id": f"{unit.key}/q{q.id}", "question_id": q.id, "question": q.question, "answer": a.text,
+                 "new_tokens": a.new_tokens, "stopped": a.stopped}
+                for q, a in zip(self.questions, answers, strict=True)
+            ]
+            atomic_write_json(self.rollout_path(unit), {
+                "condition": unit.condition.name, "kind": unit.condition.kind, "prompt_index": unit.prompt_index,
+                "system_prompt": unit.system_prompt, "rollouts": rollouts,
+            })
+            self.work_done["generate"] += 1
+            bar.update(len(rollouts))
+        bar.close()
+
+    def stage_extract(self) -> None:
+        from personaxis.activations import extract_turn_means
+
+        self._require([self.rollout_path(u) for u in self.units], "generate")
+        todo = [u for u in self.units if not self.activation_path(u).is_file()]
+        self.log(f"extract: {len(self.units) - len(todo)} of {len(self.units)} units done, {len(todo)} to go")
+        if not todo:
+            return
+        dtype = getattr(torch, self.settings.store_dtype)
+        bar = progress_bar(total=len(todo), desc="extract activations", unit="unit", disable=not self.show_progress)
+        for unit in todo:
+            rollouts = [r for r in self.read_rollouts(unit) if r["answer"].strip()]
+            conversations = [build_conversation(unit.system_prompt, r["question"], r["answer"]) for r in rollouts]
+            acts = extract_turn_means(self.lm, conversations) if conversations else []
+            n_layers, hidden = self.lm.profile.n_layers, self.lm.profile.hidden_size
+            means = torch.stack([a.means[0] for a in acts]) if acts else torch.zeros((0, n_layers, hidden))
+            norms = torch.stack([a.norms[0] for a in acts]) if acts else torch.zeros((0, n_layers))
+            atomic_save_tensors(self.activation_path(unit), {"means": means.to(dtype), "norms": norms},
+                                {"ids": json.dumps([r["id"] for r in rollouts])})
+            self.work_done["extract"] += 1
+            bar.update(1)
+        bar.close()
+
+    def read_activations(self, unit: Unit) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        from safetensors import safe_open
+
+        path = self.activation_path(unit)
+        with safe_open(str(path), framework="pt") as handle:
+            ids = json.loads((handle.metadata() or {})["ids"])
+        tensors = load_tensors(path)
+        return ids, tensors["means"].to(torch.float32), tensors["norms"].to(torch.float32)
+
+    def stage_judge(self) -> None:
+        self._require([self.rollout_path(u) for u in self.units], "generate")
+        judged_units = [u for u in self.units if u.condition.judged]
+        todo = [u for u in judged_units if not self.judgment_path(u).is_file()]
+        self.log(f"judge: {len(judged_units) - len(todo)} of {len(judged_units)} units done, {len(todo)} to go")
+        if not todo:
+            return
+        if self.settings.judge == "none":
+            for unit in todo:
+                atomic_write_json(self.judgment_path(unit), {"judge": "none", "scores": {r["id"]: None for r in self.read_rollouts(unit)}})
+                self.work_done["judge"] += 1
+            return
+        from personaxis.judges import JudgeItem, make_judge
+
+        judge = make_judge(self.settings.judge, cache_dir=self.store.root / "judge_cache")
+        bar = progress_bar(total=len(todo), desc=f"judge ({judge.name})", unit="unit", disable=not self.show_progress)
+        for unit in todo:
+            rollouts = self.read_rollouts(unit)
+            items = [JudgeItem(key=r["id"], role=unit.condition.name, rubric=unit.condition.rubric,
+                               question=r["question"], answer=r["answer"]) for r in rollouts if r["answer"].strip()]
+            scores = judge.score(items) if items else {}
+            atomic_write_json(self.judgment_path(unit), {"judge": judge.name,
+                                                          "scores": {r["id"]: scores.get(r["id"]) for r in rollouts}})
+            self.work_done["judge"] += 1
+            bar.update(1)
+        bar.close()
+
+    def stage_vectors(self) -> None:
+        from personaxis.vectors import compute_vectors
+
+        self._require([self.activation_path(u) for u in self.units], "extract")
+        self._require([self.judgment_path(u) for u in self.units if u.condition.judged], "judge")
+        if (self.store.root / "vectors" / "index.json").is_file():
+            return
+        compute_vectors(self)
+        self.work_done["vectors"] += 1
+
+    def stage_axis(self) -> None:
+        from personaxis.vectors import compute_axis
+
+        if (self.store.root / "axis.safetensors").is_file():
+            return
+        self._require([self.store.root / "vectors" / "index.json"], "vectors")
+        compute_axis(self)
+        self.work_done["axis"] += 1
+
+    def stage_space(self) -> None:
+        from personaxis.space import write_space
+
+        if (self.store.root / "summary.json").is_file() and (self.store.root / "report.html").is_file():
+            return
+        self._require([self.store.root / "axis.safetensors"], "axis")
+        write_space(self)
+        self.work_done["space"] += 1
+
+
+def open_existing(out: str | Path, **kwargs: Any) -> Pipeline:
+    """A pipeline over an existing run directory, with the settings of its manifest."""
+    store = RunStore(out)
+    manifest = store.read_manifest()
+    if manifest is None:
+        raise RunDirError(f"{out} is not a personaxis run directory (no manifest.json); start one with `personaxis run`")
+    return Pipeline(out, RunSettings.from_manifest(manifest["settings"]), **kwargs)
