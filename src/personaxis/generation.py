@@ -1,17 +1,31 @@
 """Batched chat generation with optional interventions.
 
-Prompts are rendered with the chat template, sorted by length, left-padded and generated in batches; each sequence
-stops at an end-of-turn token or after ``max_new_tokens``. Interventions (steering, capping) are active at every
-position, prompt and generated alike, never at padding.
+Two engines give the same greedy text:
+
+- ``"fast"`` (the default): a decode loop over the model's own forward with a key/value cache, logits for the last
+  position only, and continuous batching. Prompts are rendered, sorted longest first and prefilled in chunks; a row
+  leaves the batch when it ends (an end-of-turn token or ``max_new_tokens``) and waiting prompts take its place, so
+  the batch stays full and no compute goes to finished answers. The cache is kept in preallocated buffers that grow
+  in place (no copy of the whole cache per token); rows are dropped and added by reindexing it, and new rows are
+  left-padded to the batch's current length. Position ids always come from the attention mask.
+- ``"hf"``: transformers' ``model.generate`` on length-sorted static batches (kept for comparison).
+
+Interventions (steering, capping) are active at every position, prompt and generated alike, never at padding: every
+forward call passes ``attention_mask=`` of shape ``[batch, past + current]``, which the hooks of
+:mod:`personaxis.hooks` read. Sampling (``temperature > 0``) draws each answer from its own generator seeded from
+``(seed, prompt index)``, so a seeded answer does not depend on the batch it happened to run in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from torch import Tensor
 
 from personaxis.activations import length_batches, pad_batch
 from personaxis.chat import Conversation, render_prompt
@@ -21,16 +35,33 @@ from personaxis.progress import progress_bar
 
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
 
+Engine = Literal["fast", "hf"]
+ENGINES: tuple[str, ...] = ("fast", "hf")
+
+# Tokens per prefill forward (rows × padded prompt length) and bytes of key/value cache per running batch: they bound
+# memory for long prompts; the batch shrinks below ``batch_size`` only when prompts are long.
+PREFILL_TOKENS = 8192
+KV_CACHE_BYTES = 2 * 1024**3
+# A finished row stays in the batch (computing nothing useful) until this fraction of the batch has finished, then
+# finished rows are dropped and waiting prompts admitted in one go: reindexing the cache costs about as much as a
+# few decode steps, so doing it for every single finished row would not pay.
+REFILL_FRACTION = 1 / 8
+# Top-p looks at this many most likely tokens first and sorts the whole vocabulary only for rows they do not cover.
+_TOP_P_CANDIDATES = 256
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How to generate: greedy when ``temperature == 0``; sampled runs are seeded per batch from ``seed``."""
+    """How to generate: greedy when ``temperature == 0``; sampled answers are seeded from ``seed`` and their index.
+
+    ``batch_size`` is the number of answers generated side by side (the fast engine keeps that many running).
+    """
 
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = 0
-    batch_size: int = 16
+    batch_size: int = 64
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -79,6 +110,7 @@ def generate(
     interventions: Interventions | None = None,
     show_progress: bool = False,
     desc: str = "generate",
+    engine: Engine = "fast",
 ) -> list[Generation]:
     """Generate one assistant answer for each conversation (each must end with a user turn)."""
     config = config or SamplingConfig()
@@ -91,34 +123,468 @@ def generate(
             )
     stops = stop_token_ids(lm.tokenizer)
     stop_set = set(stops)
-    pad_id = lm.tokenizer.pad_token_id
-    results: list[Generation | None] = [None] * len(prompts)
+    bar = progress_bar(total=len(prompts), desc=desc, unit="answer", disable=not show_progress)
+    try:
+        new = generate_ids(
+            lm, prompts, config, interventions=interventions, stop_ids=stops, engine=engine, on_done=bar.update
+        )
+    finally:
+        bar.close()
+    results = []
+    for prompt, ids in zip(prompts, new, strict=True):
+        text, n_new, stopped = _decode(lm.tokenizer, ids, stop_set)
+        results.append(Generation(text=text, prompt_tokens=len(prompt), new_tokens=n_new, stopped=stopped))
+    return results
+
+
+@torch.inference_mode()
+def generate_ids(
+    lm: LoadedModel,
+    prompts: Sequence[Sequence[int]],
+    config: SamplingConfig | None = None,
+    *,
+    interventions: Interventions | None = None,
+    stop_ids: Sequence[int] | None = None,
+    min_new_tokens: int = 0,
+    engine: Engine = "fast",
+    on_done: Callable[[int], Any] | None = None,
+) -> list[list[int]]:
+    """New token ids for each tokenised prompt, up to and including the stop token that ended it.
+
+    ``stop_ids`` defaults to the tokenizer's end-of-turn tokens; ``min_new_tokens`` forbids them until that many
+    tokens were generated (``min_new_tokens = max_new_tokens`` gives answers of equal length, for benchmarks).
+    ``on_done(n)`` is called as answers finish.
+    """
+    config = config or SamplingConfig()
+    if engine not in ENGINES:
+        raise ValueError(f"unknown generation engine {engine!r}; expected one of {', '.join(ENGINES)}")
+    if not prompts:
+        return []
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    stops = stop_token_ids(lm.tokenizer) if stop_ids is None else [int(s) for s in stop_ids]
+    min_new = min(max(0, min_new_tokens), config.max_new_tokens)
+    with apply_interventions(lm, interventions):
+        if engine == "hf":
+            return _generate_hf(lm, prompts, config, stops, min_new, on_done)
+        return _FastGenerator(lm, prompts, config, stops, min_new, on_done).run()
+
+
+# --- the transformers engine ----------------------------------------------------------------------------------------
+
+
+def _generate_hf(
+    lm: LoadedModel,
+    prompts: Sequence[Sequence[int]],
+    config: SamplingConfig,
+    stops: list[int],
+    min_new: int,
+    on_done: Callable[[int], Any] | None,
+) -> list[list[int]]:
+    pad_id = _pad_id(lm)
+    results: list[list[int]] = [[] for _ in prompts]
     lengths = [len(p) for p in prompts]
     batches = length_batches(lengths, max_batch_size=config.batch_size, max_batch_tokens=10**9)
-    bar = progress_bar(total=len(prompts), desc=desc, unit="answer", disable=not show_progress)
     sample = config.temperature > 0
-    with apply_interventions(lm, interventions):
-        for batch_index, batch in enumerate(batches):
-            ids, mask, _, _ = pad_batch([prompts[i] for i in batch], pad_id, side="left", device=lm.device)
-            kwargs: dict[str, Any] = {"do_sample": sample}
-            if sample:
-                kwargs.update(temperature=config.temperature, top_p=config.top_p)
-                if config.seed is not None:
-                    torch.manual_seed(config.seed + batch_index)
-            else:
-                kwargs.update(temperature=None, top_p=None, top_k=None)
-            out = lm.model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=config.max_new_tokens,
-                eos_token_id=stops,
-                pad_token_id=pad_id,
-                **kwargs,
+    stop_set = set(stops)
+    for batch_index, batch in enumerate(batches):
+        ids, mask, _, _ = pad_batch([prompts[i] for i in batch], pad_id, side="left", device=lm.device)
+        kwargs: dict[str, Any] = {"do_sample": sample}
+        if sample:
+            kwargs.update(temperature=config.temperature, top_p=config.top_p)
+            if config.seed is not None:
+                torch.manual_seed(config.seed + batch_index)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if min_new:
+            kwargs["min_new_tokens"] = min_new
+        out = lm.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=config.max_new_tokens,
+            eos_token_id=stops or None,
+            pad_token_id=pad_id,
+            **kwargs,
+        )
+        new = out[:, ids.shape[1] :].tolist()
+        for row, index in enumerate(batch):
+            tokens = new[row]
+            for i, token in enumerate(tokens):
+                if token in stop_set and i >= min_new:
+                    tokens = tokens[: i + 1]
+                    break
+            results[index] = tokens
+        if on_done is not None:
+            on_done(len(batch))
+    return results
+
+
+def _pad_id(lm: LoadedModel) -> int:
+    pad = lm.tokenizer.pad_token_id
+    if pad is None:
+        pad = lm.tokenizer.eos_token_id
+    return int(pad if pad is not None else 0)
+
+
+# --- the fast engine ------------------------------------------------------------------------------------------------
+
+
+def _new_layer_class() -> type:
+    from transformers.cache_utils import DynamicLayer
+
+    class BufferLayer(DynamicLayer):
+        """A full-attention cache layer whose keys and values live in a preallocated buffer ``[batch, heads,
+        capacity, dim]``; ``keys``/``values`` are views of its first ``length`` positions. Appending a token writes
+        one column instead of copying the whole cache as ``torch.cat`` would."""
+
+        def __init__(self, reserve: int = 0) -> None:
+            super().__init__()
+            self.reserve = reserve
+            self.length = 0
+            self.key_buffer: Tensor | None = None
+            self.value_buffer: Tensor | None = None
+
+        def _views(self) -> None:
+            assert self.key_buffer is not None and self.value_buffer is not None
+            self.keys = self.key_buffer[:, :, : self.length]
+            self.values = self.value_buffer[:, :, : self.length]
+
+        def _allocate(self, like: Tensor, batch: int, capacity: int) -> tuple[Tensor, Tensor]:
+            shape = (batch, like.shape[1], capacity, like.shape[3])
+            return like.new_zeros(shape), like.new_zeros(shape)
+
+        def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+            n = key_states.shape[-2]
+            if self.key_buffer is None:
+                self.device = key_states.device
+                self.is_initialized = True
+                self.key_buffer, self.value_buffer = self._allocate(key_states, key_states.shape[0], n + self.reserve)
+            elif self.length + n > self.key_buffer.shape[2]:
+                capacity = self.length + n + max(64, self.length // 4)
+                keys, values = self._allocate(self.key_buffer, self.key_buffer.shape[0], capacity)
+                keys[:, :, : self.length] = self.keys
+                values[:, :, : self.length] = self.values
+                self.key_buffer, self.value_buffer = keys, values
+            assert self.value_buffer is not None
+            self.key_buffer[:, :, self.length : self.length + n] = key_states
+            self.value_buffer[:, :, self.length : self.length + n] = value_states
+            self.length += n
+            self._views()
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices: Tensor) -> None:
+            if self.key_buffer is not None and self.value_buffer is not None:
+                self.key_buffer = self.key_buffer.index_select(0, indices)
+                self.value_buffer = self.value_buffer.index_select(0, indices)
+                self._views()
+
+        def trim_left(self, n: int) -> None:
+            if n > 0 and self.key_buffer is not None and self.value_buffer is not None:
+                self.key_buffer = self.key_buffer[:, :, n:]
+                self.value_buffer = self.value_buffer[:, :, n:]
+                self.length -= n
+                self._views()
+
+        @classmethod
+        def concat(cls, a: Any, b: Any, reserve: int) -> Any:
+            """Stack the rows of two layers, left-padding the shorter one with zeros (masked out)."""
+            length = max(a.length, b.length)
+            rows_a = a.key_buffer.shape[0]
+            out = cls(reserve)
+            out.device, out.is_initialized, out.length = a.device, True, length
+            out.key_buffer, out.value_buffer = out._allocate(
+                a.key_buffer, rows_a + b.key_buffer.shape[0], length + reserve
             )
-            new = out[:, ids.shape[1] :].tolist()
-            for row, index in enumerate(batch):
-                text, n_new, stopped = _decode(lm.tokenizer, new[row], stop_set)
-                results[index] = Generation(text=text, prompt_tokens=lengths[index], new_tokens=n_new, stopped=stopped)
-            bar.update(len(batch))
-    bar.close()
-    return [r for r in results if r is not None]
+            for src, rows in ((a, slice(0, rows_a)), (b, slice(rows_a, None))):
+                out.key_buffer[rows, :, length - src.length : length] = src.keys
+                out.value_buffer[rows, :, length - src.length : length] = src.values
+            out._views()
+            return out
+
+    return BufferLayer
+
+
+_BUFFER_LAYER: type | None = None
+
+
+def _buffer_layer_class() -> type:
+    global _BUFFER_LAYER
+    if _BUFFER_LAYER is None:
+        _BUFFER_LAYER = _new_layer_class()
+    return _BUFFER_LAYER
+
+
+def _forward_kwargs(model: torch.nn.Module) -> tuple[str, bool]:
+    """The cache keyword of this model's forward (``cache`` in recent transformers) and whether it takes
+    ``logits_to_keep``."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - exotic wrappers
+        return "past_key_values", False
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    return cache_kw, "logits_to_keep" in params
+
+
+def _row_seed(seed: int, index: int) -> int:
+    return (seed * 1_000_003 + index * 7_919 + 0x9E3779B9) % (2**63 - 1)
+
+
+class _Batch:
+    """Rows being generated side by side: their cache, attention mask, next input token and output so far."""
+
+    def __init__(self, rows: list[int], cache: Any, mask: Tensor, next_tokens: Tensor, outputs: list[list[int]]):
+        self.rows = rows  # prompt indices
+        self.cache = cache
+        self.mask = mask  # [batch, cache length], long
+        self.next_tokens = next_tokens  # [batch]: the last sampled token, the input of the next step
+        self.outputs = outputs
+        self.finished = [False] * len(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def n_finished(self) -> int:
+        return sum(self.finished)
+
+
+class _FastGenerator:
+    def __init__(
+        self,
+        lm: LoadedModel,
+        prompts: Sequence[Sequence[int]],
+        config: SamplingConfig,
+        stops: list[int],
+        min_new: int,
+        on_done: Callable[[int], Any] | None,
+    ) -> None:
+        self.lm = lm
+        self.model = lm.model
+        self.prompts = [list(p) for p in prompts]
+        self.config = config
+        self.device = lm.device
+        self.stops = stops
+        self.stop_tensor = torch.tensor(stops, dtype=torch.long, device=self.device)
+        self.min_new = min_new
+        self.on_done = on_done
+        self.pad_id = _pad_id(lm)
+        self.cache_kw, self.has_logits_to_keep = _forward_kwargs(self.model)
+        self.buffered = self._supports_buffer_cache()
+        self.results: list[list[int] | None] = [None] * len(prompts)
+        self.generators: dict[int, torch.Generator] = {}
+        # Longest first: each prefill chunk holds prompts of similar length, and rows admitted later are never longer
+        # than the cache they join.
+        self.queue = sorted(range(len(prompts)), key=lambda i: -len(self.prompts[i]))
+        longest = len(self.prompts[self.queue[0]])
+        kv_rows = KV_CACHE_BYTES // max(1, self._kv_bytes_per_token() * (longest + config.max_new_tokens))
+        self.max_rows = max(1, min(config.batch_size, kv_rows))
+
+    # -- setup ----------------------------------------------------------------------------------------------------
+
+    def _kv_bytes_per_token(self) -> int:
+        cfg = self.model.config
+        text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+        n_layers = getattr(text, "num_hidden_layers", None) or self.lm.profile.n_layers
+        heads = getattr(text, "num_attention_heads", None) or 1
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        head_dim = getattr(text, "head_dim", None) or self.lm.profile.hidden_size // max(1, heads)
+        element = torch.finfo(self.model.dtype).bits // 8 if self.model.dtype.is_floating_point else 4
+        return int(n_layers * 2 * kv_heads * head_dim * element)
+
+    def _hf_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def _supports_buffer_cache(self) -> bool:
+        """Buffered caches (and so admitting rows into a running batch) need full attention in every layer."""
+        try:
+            from transformers.cache_utils import DynamicLayer
+
+            layers = self._hf_cache().layers
+            return len(layers) > 0 and all(type(layer) is DynamicLayer for layer in layers)
+        except Exception:  # pragma: no cover - other transformers versions: fall back to plain caches
+            return False
+
+    def _new_cache(self) -> Any:
+        cache = self._hf_cache()
+        if self.buffered:
+            layer_class = _buffer_layer_class()
+            cache.layers = [layer_class(self.config.max_new_tokens) for _ in cache.layers]
+        return cache
+
+    # -- model calls ----------------------------------------------------------------------------------------------
+
+    def _forward(self, input_ids: Tensor, mask: Tensor, positions: Tensor, cache: Any) -> Tensor:
+        kwargs: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            "position_ids": positions,
+            self.cache_kw: cache,
+            "use_cache": True,
+        }
+        if self.has_logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        return self.model(**kwargs).logits[:, -1, :]
+
+    def _choose(self, logits: Tensor, batch_rows: list[int], n_generated: list[int]) -> Tensor:
+        """Next token per row: greedy argmax, or temperature / top-p sampling."""
+        if self.min_new and self.stops:
+            early = [i for i, n in enumerate(n_generated) if n < self.min_new]
+            if early:
+                logits = logits.clone()
+                rows = torch.tensor(early, dtype=torch.long, device=logits.device)
+                logits[rows.unsqueeze(1), self.stop_tensor.unsqueeze(0)] = -math.inf
+        if self.config.temperature == 0:
+            return logits.argmax(dim=-1)
+        probs = torch.softmax(logits.float() / self.config.temperature, dim=-1)
+        candidates, probs = self._top_p(probs)
+        if self.config.seed is None:
+            picked = torch.multinomial(probs, 1).squeeze(1)
+        else:
+            picked = torch.empty(len(batch_rows), dtype=torch.long, device=probs.device)
+            for i, row in enumerate(batch_rows):
+                generator = self.generators.get(row)
+                if generator is None:
+                    generator = torch.Generator(device=probs.device).manual_seed(_row_seed(self.config.seed, row))
+                    self.generators[row] = generator
+                picked[i] = torch.multinomial(probs[i], 1, generator=generator)[0]
+        if candidates is None:
+            return picked
+        return candidates.gather(1, picked.unsqueeze(1)).squeeze(1)
+
+    def _top_p(self, probs: Tensor) -> tuple[Tensor | None, Tensor]:
+        """Keep the most likely tokens whose mass reaches ``top_p`` (at least one); return (token ids of the
+        columns, renormalised probabilities), or (None, probs) when nothing is cut."""
+        top_p = self.config.top_p
+        if top_p >= 1:
+            return None, probs
+        k = min(probs.shape[-1], _TOP_P_CANDIDATES)
+        values, ids = probs.topk(k, dim=-1)
+        uncovered = values.sum(dim=-1) < top_p
+        if bool(uncovered.any()):
+            values, ids = probs.sort(dim=-1, descending=True)
+        before = values.cumsum(dim=-1) - values
+        values = values.masked_fill(before >= top_p, 0.0)  # never the first: ``before`` is 0 there
+        return ids, values / values.sum(dim=-1, keepdim=True)
+
+    # -- batch bookkeeping ----------------------------------------------------------------------------------------
+
+    def _prefill(self, rows: list[int]) -> _Batch:
+        ids, mask, positions, _ = pad_batch([self.prompts[i] for i in rows], self.pad_id, side="left", device=self.device)
+        cache = self._new_cache()
+        logits = self._forward(ids, mask, positions, cache)
+        tokens = self._choose(logits, rows, [0] * len(rows))
+        batch = _Batch(rows, cache, mask, tokens, [[] for _ in rows])
+        self._record(batch, tokens)
+        return batch
+
+    def _record(self, batch: _Batch, tokens: Tensor) -> None:
+        """Append the sampled tokens and mark rows that ended."""
+        is_stop = torch.isin(tokens, self.stop_tensor) if self.stops else torch.zeros_like(tokens, dtype=torch.bool)
+        for i, (token, stop) in enumerate(zip(tokens.tolist(), is_stop.tolist(), strict=True)):
+            if batch.finished[i]:
+                continue
+            out = batch.outputs[i]
+            out.append(token)
+            if (stop and len(out) > self.min_new) or len(out) >= self.config.max_new_tokens:
+                batch.finished[i] = True
+                self.results[batch.rows[i]] = out
+                self.generators.pop(batch.rows[i], None)
+                if self.on_done is not None:
+                    self.on_done(1)
+
+    def _select(self, batch: _Batch, keep: list[int]) -> _Batch:
+        if len(keep) == len(batch):
+            return batch
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        batch.cache.batch_select_indices(index)
+        out = _Batch(
+            [batch.rows[i] for i in keep],
+            batch.cache,
+            batch.mask.index_select(0, index),
+            batch.next_tokens.index_select(0, index),
+            [batch.outputs[i] for i in keep],
+        )
+        if self.buffered:
+            self._trim(out)
+        return out
+
+    def _trim(self, batch: _Batch) -> None:
+        """Drop leading cache positions that are padding in every row."""
+        used = batch.mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        if start > 0:
+            for layer in batch.cache.layers:
+                layer.trim_left(start)
+            batch.mask = batch.mask[:, start:]
+
+    def _merge(self, a: _Batch, b: _Batch) -> _Batch:
+        width = max(a.mask.shape[1], b.mask.shape[1])
+
+        def pad_mask(mask: Tensor) -> Tensor:
+            return torch.nn.functional.pad(mask, (width - mask.shape[1], 0), value=0)
+
+        layer_class = _buffer_layer_class()
+        cache = a.cache
+        cache.layers = [
+            layer_class.concat(la, lb, self.config.max_new_tokens)
+            for la, lb in zip(a.cache.layers, b.cache.layers, strict=True)
+        ]
+        out = _Batch(
+            a.rows + b.rows,
+            cache,
+            torch.cat([pad_mask(a.mask), pad_mask(b.mask)]),
+            torch.cat([a.next_tokens, b.next_tokens]),
+            a.outputs + b.outputs,
+        )
+        out.finished = a.finished + b.finished
+        return out
+
+    def _admit(self, batch: _Batch | None, n: int) -> _Batch | None:
+        """Prefill up to ``n`` queued prompts, in chunks of at most ``PREFILL_TOKENS`` tokens, and add them."""
+        while n > 0 and self.queue:
+            width = len(self.prompts[self.queue[0]])
+            take = max(1, min(n, len(self.queue), PREFILL_TOKENS // max(1, width)))
+            if batch is not None and not self.buffered:
+                break  # plain caches cannot take new rows: wait for an empty batch
+            rows, self.queue = self.queue[:take], self.queue[take:]
+            n -= take
+            new = self._prefill(rows)
+            batch = new if batch is None else self._merge(batch, new)
+        return batch
+
+    def _refill(self, batch: _Batch | None) -> _Batch | None:
+        """Drop finished rows and admit waiting prompts once enough rows have finished."""
+        if batch is None:
+            return self._admit(None, self.max_rows)
+        live = len(batch) - batch.n_finished
+        free = self.max_rows - live
+        threshold = max(1, math.ceil(self.max_rows * REFILL_FRACTION))
+        can_admit = bool(self.queue) and (self.buffered or live == 0)
+        wants_admit = can_admit and free >= min(threshold, len(self.queue))
+        if live == 0:
+            return self._admit(None, self.max_rows) if self.queue else None
+        if wants_admit or batch.n_finished >= max(1, math.ceil(len(batch) * REFILL_FRACTION)):
+            batch = self._select(batch, [i for i, done in enumerate(batch.finished) if not done])
+        if wants_admit:
+            batch = self._admit(batch, free)
+        return batch
+
+    def _step(self, batch: _Batch) -> None:
+        ones = batch.mask.new_ones((len(batch), 1))
+        batch.mask = torch.cat([batch.mask, ones], dim=1)
+        positions = (batch.mask.sum(dim=1, keepdim=True) - 1).clamp(min=0)
+        logits = self._forward(batch.next_tokens.unsqueeze(1), batch.mask, positions, batch.cache)
+        tokens = self._choose(logits, batch.rows, [len(o) for o in batch.outputs])
+        batch.next_tokens = tokens
+        self._record(batch, tokens)
+
+    def run(self) -> list[list[int]]:
+        batch = self._refill(None)
+        while batch is not None:
+            if batch.n_finished < len(batch):
+                self._step(batch)
+            batch = self._refill(batch)
+        assert all(r is not None for r in self.results)
+        return [r for r in self.results if r is not None]

@@ -124,6 +124,11 @@ class Pipeline:
             getattr(self, f"stage_{stage}")()
         return self.work_done
 
+    def _chunks(self, units: list[Unit], per_chunk: int) -> list[list[Unit]]:
+        """Group units so one batched call covers about ``per_chunk`` conversations (a kill loses one chunk)."""
+        size = max(1, per_chunk // max(1, len(self.questions)))
+        return [units[i : i + size] for i in range(0, len(units), size)]
+
     def stage_generate(self) -> None:
         from personaxis.generation import SamplingConfig, generate
 
@@ -131,24 +136,26 @@ class Pipeline:
         self.log(f"generate: {len(self.units) - len(todo)} of {len(self.units)} units done, {len(todo)} to go")
         if not todo:
             return
+        batch_size = int(self.settings.extra.get("batch_size", 32))
         config = SamplingConfig(max_new_tokens=self.settings.max_new_tokens, temperature=self.settings.temperature,
-                                seed=self.settings.seed, batch_size=int(self.settings.extra.get("batch_size", 32)))
+                                seed=self.settings.seed, batch_size=batch_size)
         bar = progress_bar(total=len(todo) * len(self.questions), desc="generate rollouts", unit="rollout",
                            disable=not self.show_progress)
-        for unit in todo:
-            conversations = [build_conversation(unit.system_prompt, q.question) for q in self.questions]
-            answers = generate(self.lm, conversations, config)
-            rollouts = [
-                {"id": f"{unit.key}/q{q.id}", "question_id": q.id, "question": q.question, "answer": a.text,
-                 "new_tokens": a.new_tokens, "stopped": a.stopped}
-                for q, a in zip(self.questions, answers, strict=True)
-            ]
-            atomic_write_json(self.rollout_path(unit), {
-                "condition": unit.condition.name, "kind": unit.condition.kind, "prompt_index": unit.prompt_index,
-                "system_prompt": unit.system_prompt, "rollouts": rollouts,
-            })
-            self.work_done["generate"] += 1
-            bar.update(len(rollouts))
+        for chunk in self._chunks(todo, 2 * batch_size):
+            conversations = [build_conversation(u.system_prompt, q.question) for u in chunk for q in self.questions]
+            answers = iter(generate(self.lm, conversations, config))
+            for unit in chunk:
+                rollouts = []
+                for q in self.questions:
+                    a = next(answers)
+                    rollouts.append({"id": f"{unit.key}/q{q.id}", "question_id": q.id, "question": q.question,
+                                     "answer": a.text, "new_tokens": a.new_tokens, "stopped": a.stopped})
+                atomic_write_json(self.rollout_path(unit), {
+                    "condition": unit.condition.name, "kind": unit.condition.kind, "prompt_index": unit.prompt_index,
+                    "system_prompt": unit.system_prompt, "rollouts": rollouts,
+                })
+                self.work_done["generate"] += 1
+                bar.update(len(rollouts))
         bar.close()
 
     def stage_extract(self) -> None:
@@ -160,18 +167,21 @@ class Pipeline:
         if not todo:
             return
         dtype = getattr(torch, self.settings.store_dtype)
+        n_layers, hidden = self.lm.profile.n_layers, self.lm.profile.hidden_size
         bar = progress_bar(total=len(todo), desc="extract activations", unit="unit", disable=not self.show_progress)
-        for unit in todo:
-            rollouts = [r for r in self.read_rollouts(unit) if r["answer"].strip()]
-            conversations = [build_conversation(unit.system_prompt, r["question"], r["answer"]) for r in rollouts]
-            acts = extract_turn_means(self.lm, conversations) if conversations else []
-            n_layers, hidden = self.lm.profile.n_layers, self.lm.profile.hidden_size
-            means = torch.stack([a.means[0] for a in acts]) if acts else torch.zeros((0, n_layers, hidden))
-            norms = torch.stack([a.norms[0] for a in acts]) if acts else torch.zeros((0, n_layers))
-            atomic_save_tensors(self.activation_path(unit), {"means": means.to(dtype), "norms": norms},
-                                {"ids": json.dumps([r["id"] for r in rollouts])})
-            self.work_done["extract"] += 1
-            bar.update(1)
+        for chunk in self._chunks(todo, 128):
+            per_unit = [[r for r in self.read_rollouts(u) if r["answer"].strip()] for u in chunk]
+            conversations = [build_conversation(u.system_prompt, r["question"], r["answer"])
+                             for u, rollouts in zip(chunk, per_unit, strict=True) for r in rollouts]
+            acts = iter(extract_turn_means(self.lm, conversations) if conversations else [])
+            for unit, rollouts in zip(chunk, per_unit, strict=True):
+                unit_acts = [next(acts) for _ in rollouts]
+                means = torch.stack([a.means[0] for a in unit_acts]) if unit_acts else torch.zeros((0, n_layers, hidden))
+                norms = torch.stack([a.norms[0] for a in unit_acts]) if unit_acts else torch.zeros((0, n_layers))
+                atomic_save_tensors(self.activation_path(unit), {"means": means.to(dtype), "norms": norms},
+                                    {"ids": json.dumps([r["id"] for r in rollouts])})
+                self.work_done["extract"] += 1
+                bar.update(1)
         bar.close()
 
     def read_activations(self, unit: Unit) -> tuple[list[str], torch.Tensor, torch.Tensor]:

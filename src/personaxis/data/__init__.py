@@ -246,18 +246,23 @@ def _roles_from_folder(folder: Path) -> list[Role]:
     if not files:
         raise CatalogueError(f"{folder}: no role files (*.json) found")
     roles: list[Role] = []
+    origin: dict[str, str] = {}
     for path in files:
         raw = _read_json(path)
         if _is_reference_role(raw):
-            roles.append(_reference_role(raw, path.stem, str(path)))
+            found = [(str(path), _reference_role(raw, path.stem, str(path)))]
         elif isinstance(raw, list):
-            for i, entry in enumerate(raw):
-                roles.append(_validate(Role, entry, f"{path}: {_entry_name(entry, i)}"))
+            found = [(f"{path}: {_entry_name(e, i)}", _validate(Role, e, f"{path}: {_entry_name(e, i)}"))
+                     for i, e in enumerate(raw)]
         elif isinstance(raw, dict):
-            roles.append(_validate(Role, raw, str(path)))
+            found = [(str(path), _validate(Role, raw, str(path)))]
         else:
             raise CatalogueError(f"{path}: expected a role object or a list of roles, got {type(raw).__name__}")
-    _check_unique((r.name for r in roles), "role", str(folder))
+        for where, role in found:
+            if role.name in origin:
+                raise CatalogueError(f"{where}: duplicate role name {role.name!r} (first in {origin[role.name]})")
+            origin[role.name] = where
+            roles.append(role)
     return roles
 
 
