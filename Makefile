@@ -6,7 +6,7 @@ PIP := $(PY) -m pip -q --disable-pip-version-check
 RUN ?= runs/quick
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all lint bench clean
+.PHONY: install browser demo test test-all lint bench clean
 
 install: $(VENV)/.installed
 
@@ -18,11 +18,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -e '.[test]'
 	touch $@
 
+# Debian's Chromium drives the web app's end-to-end tests (never a browser download). Mandatory under CI.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  { if [ -n "$$CI" ]; then echo "error: could not install chromium" >&2; exit 1; \
+	    else echo "warning: chromium not installed; browser tests will be skipped" >&2; fi; }; }
+
 demo: install
 	$(VENV)/bin/personaxis run --out $(RUN)
 
 # The CI suite: everything but the slow tests, plus the representative slow sample marked `ci_sample`.
-test: install
+test: install browser
 	$(PY) -m ruff check src tests
 	$(PY) -m pytest -m "not slow or ci_sample" $(PYTEST_ARGS)
 

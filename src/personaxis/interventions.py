@@ -46,7 +46,7 @@ def _compute_dtype(hidden: Tensor) -> torch.dtype:
 
 def _unit(direction: Tensor) -> Tensor:
     direction = direction.detach().to(torch.float64)
-    return (direction / direction.norm()).to(torch.float32)
+    return direction / direction.norm()  # kept in float64; cast to the compute dtype where used
 
 
 @dataclass(frozen=True, eq=False)

@@ -9,9 +9,10 @@ from personaxis.data import DATA_VERSION, Question, load_default, load_questions
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Enough for a stable axis on the embedded model in well under 15 minutes on 2 cores.
+    # Self-descriptive questions: role prompts show in the answers while the default still answers as an assistant.
     "quick": dict(
         n_roles=31, prompts_per_role=2, n_questions=6, persona_questions_only=True, n_traits=4, pairs_per_trait=1,
-        max_new_tokens=64, min_count=3,
+        max_new_tokens=64, min_count=3, question_ids=(178, 179, 180, 182, 192, 219),
     ),
     # The paper's scale: every role, 5 prompts, 240 questions (for GPUs).
     "paper": dict(
@@ -35,6 +36,7 @@ class RunSettings:
     prompts_per_role: int = 2
     n_questions: int = 6
     persona_questions_only: bool = True
+    question_ids: tuple[int, ...] | None = None
     n_traits: int = 4
     pairs_per_trait: int = 1
     max_new_tokens: int = 64
@@ -76,14 +78,16 @@ class RunSettings:
     def to_manifest(self) -> dict[str, Any]:
         data = asdict(self)
         data["role_names"] = list(self.role_names) if self.role_names is not None else None
+        data["question_ids"] = list(self.question_ids) if self.question_ids is not None else None
         return data
 
     @classmethod
     def from_manifest(cls, data: dict[str, Any]) -> RunSettings:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
-        if values.get("role_names") is not None:
-            values["role_names"] = tuple(values["role_names"])
+        for key in ("role_names", "question_ids"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
         return cls(**values)
 
     def with_(self, **changes: Any) -> RunSettings:
@@ -131,5 +135,15 @@ def build_conditions(settings: RunSettings, model_name: str) -> list[Condition]:
 
 
 def build_questions(settings: RunSettings) -> list[Question]:
+    if settings.question_ids is not None and settings.questions_path is None:
+        by_id = {q.id: q for q in load_questions()}
+        missing = [i for i in settings.question_ids if i not in by_id]
+        if missing:
+            raise ValueError(f"unknown question id(s): {missing}")
+        picked = [by_id[i] for i in settings.question_ids][: settings.n_questions]
+        if len(picked) < settings.n_questions:  # top up with persona questions
+            extra = [q for q in load_questions(persona_only=True) if q.id not in settings.question_ids]
+            picked += extra[: settings.n_questions - len(picked)]
+        return picked
     return load_questions(settings.questions_path, persona_only=settings.persona_questions_only and settings.questions_path is None,
                           limit=settings.n_questions)

@@ -1,0 +1,175 @@
+"""``personaxis calibrate``, ``personaxis export`` and ``personaxis import``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+from personaxis.commands import user_errors
+
+if TYPE_CHECKING:
+    from personaxis.capping import CappingConfig
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _range(text: str) -> tuple[int, int]:
+    """``"a:b"`` → ``(a, b)``, end-exclusive."""
+    try:
+        start, end = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise ValueError(f"expected a layer range START:END (end-exclusive), got {text!r}") from None
+    if end <= start:
+        raise ValueError(f"layer range {text!r} is empty (END is exclusive and must exceed START)")
+    return start, end
+
+
+def _bands(text: str | None) -> list[tuple[int, int]] | None:
+    if not text:
+        return None
+    bands = []
+    for item in text.split(","):
+        start, end = _range(item.strip())
+        bands.append((start, end - start))
+    return bands
+
+
+def _print_thresholds(config: CappingConfig) -> None:
+    from personaxis.capping import parse_experiment_id
+
+    assert config.thresholds is not None and config.percentiles is not None
+    pcts = list(config.percentiles)
+    header = "".join(f"{f'p{p:g}':>10}" for p in pcts)
+    bands = []
+    for exp_id in config.experiment_ids:
+        parsed = parse_experiment_id(exp_id)
+        if parsed and (parsed[0], parsed[1]) not in bands:
+            bands.append((parsed[0], parsed[1]))
+    typer.echo(f"{'band':<14}{header}   (mean τ over the band's layers)")
+    for start, end in bands:
+        means = config.thresholds[:, start:end].mean(dim=1)
+        typer.echo(f"{f'layers {start}:{end}':<14}" + "".join(f"{float(m):>10.3f}" for m in means))
+    layers = sorted({cv.layer for cv in config.vectors.values()})
+    typer.echo(f"\n{'layer':<14}{header}")
+    for layer in layers:
+        typer.echo(f"{layer:<14}" + "".join(f"{float(config.thresholds[i, layer]):>10.3f}" for i in range(len(pcts))))
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def calibrate(
+        run: Path = typer.Option(..., "--run", help="Run directory made by `personaxis run` (needs its activations)."),
+        axis: Path | None = typer.Option(None, "--axis", help="Axis file (default: RUN/axis.safetensors); ours or a reference .pt."),
+        percentiles: str = typer.Option("1,25,50,75", help="Percentiles (in percent) of the projections to use as floors."),
+        bands: str | None = typer.Option(None, help="Layer bands START:END (end-exclusive), comma-separated; default: "
+                                                    "the paper's bands scaled to the model, plus a few widths."),
+        out: Path | None = typer.Option(None, "--out", "-o", help="Capping config to write (default: RUN/capping.safetensors)."),
+        reference_out: Path | None = typer.Option(None, "--reference-out", help="Also write the reference torch format (.pt)."),
+    ) -> None:
+        """Per-layer capping thresholds from a run's ordinary rollouts, and one experiment per band and percentile.
+
+        τ_l is a percentile of the projections onto the axis of the mean response activations of the run's role, trait and default rollouts. Experiments are named like the reference configs: `layers_22:26-p0.25` floors layers 22..25 at their 25th percentile (the paper's best percentile).
+
+        Example: `personaxis calibrate --run runs/quick --reference-out runs/quick/capping.pt`, then `personaxis chat --cap layers_22:26-p0.25`.
+        """
+        from personaxis.capping import calibrate as run_calibration
+
+        with user_errors():
+            config = run_calibration(run, axis, _floats(percentiles), _bands(bands))
+            target = config.save(out or run / "capping.safetensors")
+            written = [target]
+            if reference_out is not None:
+                from personaxis.interop import save_reference_capping
+
+                written.append(save_reference_capping(config, reference_out))
+        _print_thresholds(config)
+        typer.echo(f"\n{len(config.experiment_ids)} experiments over {config.metadata['n_rollouts']} rollouts, e.g. "
+                   f"{', '.join(config.experiment_ids[:3])}")
+        typer.echo("wrote " + ", ".join(str(p) for p in written))
+
+    @app.command()
+    def export(
+        axis: Path = typer.Option(..., "--axis", help="Axis file (ours, or a reference .pt)."),
+        fmt: str = typer.Option(..., "--format", help="reference (torch .pt of the whole axis) or gguf (llama.cpp control vector)."),
+        out: Path = typer.Option(..., "--out", "-o", help="File to write."),
+        layer: int | None = typer.Option(None, "--layer", help="gguf: one layer (default: the axis's target layer)."),
+        layers: str | None = typer.Option(None, "--layers", help="gguf: a layer range START:END, end-exclusive."),
+        scale: float = typer.Option(1.0, "--scale", help="gguf: coefficient in units of the layer's mean residual norm "
+                                                        "(as `steer --alpha`); raw units with --raw."),
+        raw: bool = typer.Option(False, "--raw", help="gguf: write scale × the stored axis vector instead."),
+        model_hint: str | None = typer.Option(None, "--model-hint", help="gguf: controlvector.model_hint (default: the axis's model)."),
+    ) -> None:
+        """Write an axis in another format: the reference torch file, or a llama.cpp control vector.
+
+        llama.cpp adds the vector at every token: `llama-cli -m model.gguf --control-vector axis.gguf` (or `--control-vector-scaled axis.gguf 0.5`). Layer 0 cannot be addressed by llama.cpp.
+
+        Examples: `personaxis export --axis runs/quick/axis.safetensors --format gguf --layers 12:18 --scale 0.3 --out toward.gguf`; `personaxis export --axis runs/quick/axis.safetensors --format reference --out assistant_axis.pt`.
+        """
+        from personaxis.axis import Axis
+
+        with user_errors():
+            loaded = Axis.load(axis)
+            if fmt == "reference":
+                if layer is not None or layers is not None:
+                    raise ValueError("--layer/--layers apply to --format gguf; the reference format holds every layer")
+                from personaxis.interop import save_reference_axis
+
+                save_reference_axis(loaded, out)
+                typer.echo(f"wrote {out}: axis [{loaded.n_layers}, {loaded.hidden_size}] of {loaded.model}")
+            elif fmt == "gguf":
+                if layer is not None and layers is not None:
+                    raise ValueError("give --layer or --layers, not both")
+                chosen = list(range(*_range(layers))) if layers else [layer if layer is not None else loaded.target_layer]
+                from personaxis.interop import export_gguf
+
+                export_gguf(loaded, out, chosen, scale=scale, raw=raw, model_hint=model_hint)
+                unit = "raw units" if raw else "× mean residual norm"
+                typer.echo(f"wrote {out}: control vector for layer(s) {chosen[0]}..{chosen[-1]}, scale {scale:g} ({unit})")
+            else:
+                raise ValueError(f"unknown format {fmt!r}; choose reference or gguf")
+
+    def import_(
+        source: Path = typer.Option(..., "--from", help="Reference torch file (.pt), or a folder of them for --kind vectors."),
+        kind: str = typer.Option(..., "--kind", help="axis, vectors or capping."),
+        out: Path = typer.Option(..., "--out", "-o", help="Our file (.safetensors), or a folder for a folder of vectors."),
+        model: str | None = typer.Option(None, "--model", help="Model name to record in the axis."),
+    ) -> None:
+        """Read a published reference file (torch pickle of tensors, loaded with weights_only=True only) into ours.
+
+        A file that holds anything but tensors and plain containers is refused without running any of it.
+
+        Examples: `personaxis import --from qwen-3-32b/assistant_axis.pt --kind axis --out axis.safetensors`; `personaxis import --from qwen-3-32b/capping_config.pt --kind capping --out capping.safetensors`; `personaxis import --from qwen-3-32b/role_vectors --kind vectors --out vectors/`.
+        """
+        from personaxis import interop
+
+        with user_errors():
+            if kind == "axis":
+                loaded = interop.load_reference_axis(source, model=model)
+                loaded.save(out)
+                typer.echo(f"wrote {out}: axis [{loaded.n_layers}, {loaded.hidden_size}]")
+            elif kind == "capping":
+                if out.suffix != ".safetensors":
+                    raise ValueError(f"--out {out}: our capping configs are .safetensors files")
+                config = interop.load_reference_capping(source)
+                config.save(out)
+                typer.echo(f"wrote {out}: {len(config.experiment_ids)} experiments, {len(config.vectors)} vectors "
+                           f"(reference ceilings on −axis read as floors on +axis)")
+            elif kind == "vectors":
+                files = sorted(source.glob("*.pt")) if source.is_dir() else [source]
+                if not files:
+                    raise FileNotFoundError(f"{source}: no .pt files")
+                for file in files:
+                    target = out / f"{file.stem}.safetensors" if source.is_dir() else out
+                    interop.import_vectors(file, target)
+                typer.echo(f"wrote {len(files)} vector file(s) to {out}")
+            else:
+                raise ValueError(f"unknown kind {kind!r}; choose axis, vectors or capping")
+
+    app.command(name="import")(import_)

@@ -1,0 +1,101 @@
+"""Request limits: body size (enforced on the raw stream, before any parsing), message count and length, answer
+length, and the number of transcripts per request."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from personaxis.web.errors import ApiError, error_body
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 2 * 1024 * 1024  # any request body (a transcript upload is the largest)
+    max_message_chars: int = 16_000  # one message's content
+    max_messages: int = 200  # messages in one conversation or transcript
+    max_new_tokens: int = 512  # longest answer a request may ask for
+    max_transcripts: int = 12  # transcripts projected in one request
+
+    def check_messages(self, messages: Sequence[Any], *, param: str = "messages") -> None:
+        """Refuse conversations that are too long before any tokenisation (422 with the offending message)."""
+        if len(messages) > self.max_messages:
+            raise ApiError(422, f"{param}: {len(messages)} messages, more than the limit of {self.max_messages}", param=param)
+        for i, message in enumerate(messages):
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, str) and len(content) > self.max_message_chars:
+                raise ApiError(
+                    422,
+                    f"{param}.{i}.content: {len(content)} characters, more than the limit of {self.max_message_chars}",
+                    param=f"{param}.{i}.content",
+                )
+
+    def check_new_tokens(self, n: int, *, param: str = "max_tokens") -> int:
+        if n < 1:
+            raise ApiError(422, f"{param} must be at least 1, got {n}", param=param)
+        if n > self.max_new_tokens:
+            raise ApiError(422, f"{param} is {n}, more than this server's limit of {self.max_new_tokens}", param=param)
+        return n
+
+
+class _TooLarge(HTTPException):
+    """Raised from ``receive``: an HTTPException, so that FastAPI's body parsing passes it on unchanged."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"request body larger than the limit of {max_bytes} bytes")
+
+
+class BodySizeLimit:
+    """ASGI middleware: answer 413 when a request body exceeds ``max_bytes`` (declared or streamed)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def _reject(self, send: Send) -> None:
+        body = json.dumps(error_body(413, f"request body larger than the limit of {self.max_bytes} bytes")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = 0
+                if declared > self.max_bytes:
+                    await self._reject(send)
+                    return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _TooLarge(self.max_bytes)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await self._reject(send)
