@@ -115,8 +115,9 @@ def extract_rendered(
         def make_reader(layer: int, weights: Tensor = weights, sums: dict = sums, norms: dict = norms):
             def read(hidden: Tensor, _mask: Tensor | None) -> None:
                 h = hidden.to(torch.float32)
-                sums[layer] = torch.bmm(weights, h)
-                norms[layer] = torch.bmm(weights, h.norm(dim=-1, keepdim=True)).squeeze(-1)
+                w = weights.to(h.device)  # a model sharded with device_map has blocks on several devices
+                sums[layer] = torch.bmm(w, h)
+                norms[layer] = torch.bmm(w, h.norm(dim=-1, keepdim=True)).squeeze(-1)
                 if layer == deepest:
                     raise StopForward
 
@@ -127,8 +128,8 @@ def extract_rendered(
                 lm.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
             except StopForward:
                 pass
-        stacked = torch.stack([sums[layer] for layer in layer_list], dim=2).cpu()  # [b, turns, L, H]
-        stacked_norms = torch.stack([norms[layer] for layer in layer_list], dim=2).cpu()
+        stacked = torch.stack([sums[layer].to(device) for layer in layer_list], dim=2).cpu()  # [b, turns, L, H]
+        stacked_norms = torch.stack([norms[layer].to(device) for layer in layer_list], dim=2).cpu()
         for row, (index, chat) in enumerate(zip(batch, chats, strict=True)):
             n_turns = len(chat.spans)
             results[index] = TurnActivations(

@@ -13,12 +13,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from personaxis.chat import build_conversation
-from personaxis.models import LoadedModel, load_model
+from personaxis.models import LoadedModel
 from personaxis.progress import progress_bar
 from personaxis.settings import Condition, RunSettings, build_conditions, build_questions
 from personaxis.store import (
@@ -30,6 +30,9 @@ from personaxis.store import (
     read_json,
     slug,
 )
+
+if TYPE_CHECKING:
+    from personaxis.backends import GenerationBackend
 
 STAGES = ("generate", "extract", "judge", "vectors", "axis", "space")
 Log = Callable[[str], None]
@@ -49,14 +52,24 @@ class Unit:
         return self.condition.system_prompts[self.prompt_index]
 
 
+class Executor(Protocol):
+    """Runs chunks of units of a stage elsewhere (e.g. :class:`personaxis.distributed.RayExecutor`); each chunk is
+    processed exactly as the local loop would, with ``Pipeline.generate_units`` or ``Pipeline.extract_units``."""
+
+    def run_chunks(self, pipeline: Pipeline, stage: str, chunks: list[list[Unit]],
+                   on_done: Callable[[int], Any]) -> int: ...
+
+
 class Pipeline:
     """One run directory and the stages that fill it."""
 
     def __init__(self, out: str | Path, settings: RunSettings, *, lm: LoadedModel | None = None, log: Log | None = None,
-                 show_progress: bool = True) -> None:
+                 show_progress: bool = True, executor: Executor | None = None) -> None:
         self.store = RunStore(out)
         self.settings = settings
         self._lm = lm
+        self._backend: GenerationBackend | None = None
+        self.executor = executor
         self.log = log or (lambda message: None)
         self.show_progress = show_progress
         self.work_done: dict[str, int] = {stage: 0 for stage in STAGES}
@@ -89,10 +102,26 @@ class Pipeline:
     @property
     def lm(self) -> LoadedModel:
         if self._lm is None:
+            from personaxis.backends import load_run_model
+
             self.log(f"loading model {self.settings.model}…")
-            self._lm = load_model(None if self.settings.model == "embedded" else self.settings.model,
-                                  target_layer=self.settings.target_layer)
+            self._lm = load_run_model(self.settings)
         return self._lm
+
+    @property
+    def backend(self) -> GenerationBackend:
+        """The generation backend named by ``settings.extra["backend"]`` (transformers unless set)."""
+        if self._backend is None:
+            from personaxis.backends import make_backend
+
+            self._backend = make_backend(self.settings, lambda: self.lm)
+        return self._backend
+
+    def release_backend(self) -> None:
+        """Free what the generation backend holds beyond the run's model (a vLLM engine's GPU memory)."""
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
 
     # --------------------------------------------------------------------------------------------- paths
     def rollout_path(self, unit: Unit) -> Path:
@@ -129,60 +158,78 @@ class Pipeline:
         size = max(1, per_chunk // max(1, len(self.questions)))
         return [units[i : i + size] for i in range(0, len(units), size)]
 
-    def stage_generate(self) -> None:
-        from personaxis.generation import SamplingConfig, generate
+    def _sampling_config(self) -> Any:
+        from personaxis.generation import SamplingConfig
 
+        return SamplingConfig(max_new_tokens=self.settings.max_new_tokens, temperature=self.settings.temperature,
+                              seed=self.settings.seed, batch_size=int(self.settings.extra.get("batch_size", 32)))
+
+    def _run_chunks(self, stage: str, chunks: list[list[Unit]], on_done: Callable[[int], Any]) -> int:
+        if self.executor is not None:
+            return self.executor.run_chunks(self, stage, chunks, on_done)
+        work = self.generate_units if stage == "generate" else self.extract_units
+        done = 0
+        for chunk in chunks:
+            n = work(chunk)
+            done += n
+            on_done(n)
+        return done
+
+    def stage_generate(self) -> None:
         todo = [u for u in self.units if not self.rollout_path(u).is_file()]
         self.log(f"generate: {len(self.units) - len(todo)} of {len(self.units)} units done, {len(todo)} to go")
         if not todo:
             return
-        batch_size = int(self.settings.extra.get("batch_size", 32))
-        config = SamplingConfig(max_new_tokens=self.settings.max_new_tokens, temperature=self.settings.temperature,
-                                seed=self.settings.seed, batch_size=batch_size)
         bar = progress_bar(total=len(todo) * len(self.questions), desc="generate rollouts", unit="rollout",
                            disable=not self.show_progress)
-        for chunk in self._chunks(todo, 2 * batch_size):
-            conversations = [build_conversation(u.system_prompt, q.question) for u in chunk for q in self.questions]
-            answers = iter(generate(self.lm, conversations, config))
-            for unit in chunk:
-                rollouts = []
-                for q in self.questions:
-                    a = next(answers)
-                    rollouts.append({"id": f"{unit.key}/q{q.id}", "question_id": q.id, "question": q.question,
-                                     "answer": a.text, "new_tokens": a.new_tokens, "stopped": a.stopped})
-                atomic_write_json(self.rollout_path(unit), {
-                    "condition": unit.condition.name, "kind": unit.condition.kind, "prompt_index": unit.prompt_index,
-                    "system_prompt": unit.system_prompt, "rollouts": rollouts,
-                })
-                self.work_done["generate"] += 1
-                bar.update(len(rollouts))
+        chunks = self._chunks(todo, 2 * self._sampling_config().batch_size)
+        self.work_done["generate"] += self._run_chunks("generate", chunks, lambda n: bar.update(n * len(self.questions)))
         bar.close()
+        self.release_backend()
+
+    def generate_units(self, units: Sequence[Unit]) -> int:
+        """Generate the rollouts of ``units`` in one batched call and write each unit's file; return units written."""
+        conversations = [build_conversation(u.system_prompt, q.question) for u in units for q in self.questions]
+        answers = iter(self.backend.generate(conversations, self._sampling_config()))
+        for unit in units:
+            rollouts = []
+            for q in self.questions:
+                a = next(answers)
+                rollouts.append({"id": f"{unit.key}/q{q.id}", "question_id": q.id, "question": q.question,
+                                 "answer": a.text, "new_tokens": a.new_tokens, "stopped": a.stopped})
+            atomic_write_json(self.rollout_path(unit), {
+                "condition": unit.condition.name, "kind": unit.condition.kind, "prompt_index": unit.prompt_index,
+                "system_prompt": unit.system_prompt, "rollouts": rollouts,
+            })
+        return len(units)
 
     def stage_extract(self) -> None:
-        from personaxis.activations import extract_turn_means
-
         self._require([self.rollout_path(u) for u in self.units], "generate")
         todo = [u for u in self.units if not self.activation_path(u).is_file()]
         self.log(f"extract: {len(self.units) - len(todo)} of {len(self.units)} units done, {len(todo)} to go")
         if not todo:
             return
+        bar = progress_bar(total=len(todo), desc="extract activations", unit="unit", disable=not self.show_progress)
+        self.work_done["extract"] += self._run_chunks("extract", self._chunks(todo, 128), bar.update)
+        bar.close()
+
+    def extract_units(self, units: Sequence[Unit]) -> int:
+        """Extract the activations of ``units``' rollouts in one batched call and write each unit's file."""
+        from personaxis.activations import extract_turn_means
+
         dtype = getattr(torch, self.settings.store_dtype)
         n_layers, hidden = self.lm.profile.n_layers, self.lm.profile.hidden_size
-        bar = progress_bar(total=len(todo), desc="extract activations", unit="unit", disable=not self.show_progress)
-        for chunk in self._chunks(todo, 128):
-            per_unit = [[r for r in self.read_rollouts(u) if r["answer"].strip()] for u in chunk]
-            conversations = [build_conversation(u.system_prompt, r["question"], r["answer"])
-                             for u, rollouts in zip(chunk, per_unit, strict=True) for r in rollouts]
-            acts = iter(extract_turn_means(self.lm, conversations) if conversations else [])
-            for unit, rollouts in zip(chunk, per_unit, strict=True):
-                unit_acts = [next(acts) for _ in rollouts]
-                means = torch.stack([a.means[0] for a in unit_acts]) if unit_acts else torch.zeros((0, n_layers, hidden))
-                norms = torch.stack([a.norms[0] for a in unit_acts]) if unit_acts else torch.zeros((0, n_layers))
-                atomic_save_tensors(self.activation_path(unit), {"means": means.to(dtype), "norms": norms},
-                                    {"ids": json.dumps([r["id"] for r in rollouts])})
-                self.work_done["extract"] += 1
-                bar.update(1)
-        bar.close()
+        per_unit = [[r for r in self.read_rollouts(u) if r["answer"].strip()] for u in units]
+        conversations = [build_conversation(u.system_prompt, r["question"], r["answer"])
+                         for u, rollouts in zip(units, per_unit, strict=True) for r in rollouts]
+        acts = iter(extract_turn_means(self.lm, conversations) if conversations else [])
+        for unit, rollouts in zip(units, per_unit, strict=True):
+            unit_acts = [next(acts) for _ in rollouts]
+            means = torch.stack([a.means[0] for a in unit_acts]) if unit_acts else torch.zeros((0, n_layers, hidden))
+            norms = torch.stack([a.norms[0] for a in unit_acts]) if unit_acts else torch.zeros((0, n_layers))
+            atomic_save_tensors(self.activation_path(unit), {"means": means.to(dtype), "norms": norms},
+                                {"ids": json.dumps([r["id"] for r in rollouts])})
+        return len(units)
 
     def read_activations(self, unit: Unit) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         from safetensors import safe_open

@@ -7,12 +7,21 @@ from typing import Any
 
 from personaxis.data import DATA_VERSION, Question, load_default, load_questions, load_roles, load_traits
 
+# 31 roles spanning the persona space from clearly assistant-like professions to clearly non-assistant beings,
+# with a few human roles and temperaments between them.
+QUICK_ROLES = (
+    "analyst", "librarian", "consultant", "tutor", "reviewer", "accountant", "researcher", "editor", "translator",
+    "parent", "exile", "gambler", "sailor", "cynic", "optimist", "zealot",
+    "bard", "jester", "poet", "playwright", "opera singer", "mime",
+    "ghost", "oracle", "demon", "angel", "guru", "wizard", "hive mind", "coral reef", "leviathan",
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Enough for a stable axis on the embedded model in well under 15 minutes on 2 cores.
     # Self-descriptive questions: role prompts show in the answers while the default still answers as an assistant.
     "quick": dict(
         n_roles=31, prompts_per_role=2, n_questions=6, persona_questions_only=True, n_traits=4, pairs_per_trait=1,
-        max_new_tokens=64, min_count=3, question_ids=(178, 179, 180, 182, 192, 219),
+        max_new_tokens=64, min_count=3, question_ids=(178, 179, 180, 182, 192, 219), role_names=QUICK_ROLES,
     ),
     # The paper's scale: every role, 5 prompts, 240 questions (for GPUs).
     "paper": dict(

@@ -22,10 +22,12 @@ STAGE_HELP = {
 def _settings(preset: str, model: str, roles: int | None, role: list[str] | None, prompts: int | None,
               questions: int | None, traits: int | None, max_new_tokens: int | None, judge: str | None,
               min_count: int | None, layer: int | None, roles_dir: Path | None, questions_file: Path | None,
-              temperature: float | None, seed: int | None, batch_size: int | None):
+              temperature: float | None, seed: int | None, batch_size: int | None, backend: str = "transformers"):
+    from personaxis.backends import backend_extra
     from personaxis.settings import RunSettings
 
     extra = {"batch_size": batch_size} if batch_size else {}
+    extra.update(backend_extra(backend))
     return RunSettings.from_preset(
         preset, model=model, n_roles=roles, role_names=tuple(role) if role else None, prompts_per_role=prompts,
         n_questions=questions, n_traits=traits, max_new_tokens=max_new_tokens, judge=judge, min_count=min_count,
@@ -55,6 +57,9 @@ def register(app: typer.Typer) -> None:
         temperature: float | None = typer.Option(None, help="0 = greedy."),
         seed: int | None = typer.Option(None),
         batch_size: int | None = typer.Option(None, help="Generation batch size."),
+        backend: str = typer.Option("transformers", help="Generation backend: transformers, or vllm (CUDA GPUs; needs the vllm extra of personaxis)."),
+        ray: str | None = typer.Option(None, "--ray", help="Shard generation and extraction over a Ray cluster: its ADDRESS, or 'local' (needs the ray extra of personaxis)."),
+        gpus_per_worker: float | None = typer.Option(None, help="GPUs per Ray worker (default 1 when the cluster has GPUs; more for models that need several)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     ) -> None:
         """Run the whole method: generate → extract → judge → vectors → axis → space.
@@ -66,9 +71,18 @@ def register(app: typer.Typer) -> None:
 
         with user_errors():
             settings = _settings(preset, model, roles, role, prompts, questions, traits, max_new_tokens, judge,
-                                 min_count, layer, roles_dir, questions_file, temperature, seed, batch_size)
-            pipeline = Pipeline(out, settings, log=echo_err, show_progress=not quiet)
-            done = pipeline.run()
+                                 min_count, layer, roles_dir, questions_file, temperature, seed, batch_size, backend)
+            executor = None
+            if ray is not None:
+                from personaxis.distributed import RayExecutor
+
+                executor = RayExecutor(ray, gpus_per_worker=gpus_per_worker, log=echo_err)
+            try:
+                pipeline = Pipeline(out, settings, log=echo_err, show_progress=not quiet, executor=executor)
+                done = pipeline.run()
+            finally:
+                if executor is not None:
+                    executor.shutdown()
         summary = json.loads((out / "summary.json").read_text())
         target = summary["target"]
         echo_err(f"work done this call: {done}")

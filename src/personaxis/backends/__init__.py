@@ -1,0 +1,112 @@
+"""Generation backends for pipeline runs, and where a run's transformers model is placed.
+
+Two backends write the same rollout format (:class:`personaxis.generation.Generation` per conversation):
+
+- ``"transformers"`` (the default): :func:`personaxis.generation.generate` on the run's own model, CPU or GPU;
+- ``"vllm"``: vLLM's offline engine with tensor parallelism over the visible GPUs (``pip install personaxis[vllm]``),
+  see :mod:`personaxis.backends.vllm_backend`. Neither this package nor the core imports vllm until it is used.
+
+The backend is recorded in the run's settings (``settings.extra["backend"]``, only when it is not the default)
+because greedy text from another engine differs in the last bits of its arithmetic, hence sometimes in its tokens.
+
+Activations are always extracted teacher-forced through transformers. On a machine with CUDA the run's model is
+loaded in bfloat16 (or ``settings.extra["dtype"]``) with ``device_map="auto"``: one GPU when the model fits, else
+sharded across every visible GPU (and offloaded to CPU memory beyond that).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from personaxis.chat import Conversation
+    from personaxis.generation import Generation, SamplingConfig
+    from personaxis.models import LoadedModel
+    from personaxis.settings import RunSettings
+
+BACKENDS: tuple[str, ...] = ("transformers", "vllm")
+DEFAULT_BACKEND = "transformers"
+# Context the vLLM engine reserves per sequence unless ``settings.extra["max_model_len"]`` says otherwise: rollouts
+# are one system prompt, one question and at most ``max_new_tokens`` (512 in the paper preset).
+VLLM_MAX_MODEL_LEN = 4096
+
+
+class GenerationBackend(Protocol):
+    """Generates one assistant answer per single-turn conversation."""
+
+    name: str
+
+    def generate(self, conversations: Sequence[Conversation], config: SamplingConfig) -> list[Generation]: ...
+
+    def close(self) -> None: ...
+
+
+class TransformersBackend:
+    """personaxis's own batched generation on a transformers model (loaded on first use)."""
+
+    name = "transformers"
+
+    def __init__(self, lm: Callable[[], LoadedModel]) -> None:
+        self._lm = lm
+
+    def generate(self, conversations: Sequence[Conversation], config: SamplingConfig) -> list[Generation]:
+        from personaxis.generation import generate
+
+        return generate(self._lm(), conversations, config)
+
+    def close(self) -> None:
+        """Nothing to free: the model stays loaded for the extraction stage."""
+
+
+def backend_name(settings: RunSettings) -> str:
+    name = str(settings.extra.get("backend", DEFAULT_BACKEND))
+    if name not in BACKENDS:
+        raise ValueError(f"unknown generation backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+    return name
+
+
+def backend_extra(name: str) -> dict[str, Any]:
+    """What a backend choice adds to ``settings.extra``: nothing for the default, so existing runs resume."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown generation backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+    return {} if name == DEFAULT_BACKEND else {"backend": name}
+
+
+def model_source(model: str) -> str:
+    """A path or id that transformers and vLLM can load: the embedded model resolves to its safetensors cache."""
+    from personaxis.models import EMBEDDED_ALIASES, ensure_embedded_cache
+
+    return str(ensure_embedded_cache()) if model.lower() in EMBEDDED_ALIASES else model
+
+
+def make_backend(settings: RunSettings, lm: Callable[[], LoadedModel]) -> GenerationBackend:
+    """The backend a run's settings ask for; ``lm`` gives the run's transformers model (loaded lazily)."""
+    name = backend_name(settings)
+    if name == "vllm":
+        from personaxis.backends.vllm_backend import VLLMBackend
+
+        return VLLMBackend(
+            model_source(settings.model),
+            name=settings.model,
+            dtype=settings.extra.get("dtype"),
+            max_model_len=int(settings.extra.get("max_model_len", VLLM_MAX_MODEL_LEN)),
+            target_layer=settings.target_layer,
+        )
+    return TransformersBackend(lm)
+
+
+def load_run_model(settings: RunSettings) -> LoadedModel:
+    """The run's transformers model: float32 on CPU; on CUDA bfloat16 and ``device_map="auto"`` (sharded across the
+    visible GPUs when it does not fit on one). ``settings.extra["dtype"]`` overrides the dtype on either."""
+    import torch
+
+    from personaxis.models import load_model
+
+    dtype = settings.extra.get("dtype")
+    device_map: str | None = None
+    if torch.cuda.is_available():
+        device_map = "auto"
+        dtype = dtype or "bfloat16"
+    return load_model(None if settings.model == "embedded" else settings.model, target_layer=settings.target_layer,
+                      dtype=dtype, device_map=device_map)
