@@ -1,0 +1,367 @@
+"""Persona drift: project every assistant turn of a conversation onto the Assistant Axis.
+
+A turn's projection is the mean, over its response tokens, of ``⟨h_l, â_l⟩`` (the block-``l`` output on the unit
+axis), read in one teacher-forced forward pass over the whole conversation (never one pass per turn). Conversations
+longer than the model's context are cut into *windows* that start at a user turn: each assistant turn is projected
+with as much preceding history as fits (the system prompt is kept while it fits), and turns that need the same
+history share one window, so the number of passes is the smallest that gives every turn its longest history. Turns
+that lost history are flagged ``truncated``.
+
+Transcripts are JSON objects ``{"conversation": [{"role", "content"}, ...], ...}``; other keys (``model``,
+``domain``, ``turns`` …) are kept as metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from personaxis.activations import extract_rendered
+from personaxis.axis import Axis
+from personaxis.chat import (
+    Conversation,
+    ConversationError,
+    RenderedChat,
+    ResponseSpan,
+    render_chat,
+    validate_conversation,
+)
+from personaxis.interventions import Interventions, apply_interventions
+from personaxis.models import LoadedModel
+
+
+class MonitorError(ValueError):
+    """A transcript cannot be read or monitored."""
+
+
+@dataclass
+class Transcript:
+    name: str
+    conversation: Conversation
+    meta: dict[str, Any] = field(default_factory=dict)
+    source: str | None = None
+
+
+@dataclass(frozen=True)
+class TurnProjection:
+    """One assistant turn on the axis. ``context_tokens`` counts every token the model saw up to the end of this
+    response. When the history did not fit, ``truncated`` is set: the model saw the system prompt (unless it was
+    dropped too) and the messages from ``history_start`` on; ``dropped_messages`` counts what it did not see."""
+
+    transcript: str
+    turn: int
+    message_index: int
+    projections: dict[int, float]
+    truncated: bool
+    history_start: int
+    dropped_messages: int
+    context_tokens: int
+    response_tokens: int
+    window: int
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "transcript": self.transcript,
+            "turn": self.turn,
+            "message_index": self.message_index,
+            **{f"layer_{layer}": value for layer, value in self.projections.items()},
+            "truncated": self.truncated,
+            "history_start": self.history_start,
+            "dropped_messages": self.dropped_messages,
+            "context_tokens": self.context_tokens,
+            "response_tokens": self.response_tokens,
+            "window": self.window,
+        }
+
+
+@dataclass(frozen=True)
+class Window:
+    """A rendered slice of a conversation (cut right after its last response) and the global turns it scores."""
+
+    rendered: RenderedChat
+    turns: list[int]
+    start: int  # global index of the first non-system message in the slice
+    dropped: int  # non-system messages before the slice that were left out
+    system_dropped: bool
+    clipped: bool  # the (single) response was longer than the context and was cut
+
+
+# ------------------------------------------------------------------------------------------------ reading input
+def transcript_from_data(data: Any, name: str = "transcript", source: str | None = None) -> Transcript:
+    """A transcript from a decoded JSON object (or a bare list of messages); validates the conversation."""
+    where = source or name
+    if isinstance(data, list):
+        data = {"conversation": data}
+    if not isinstance(data, dict):
+        raise MonitorError(f"{where}: a transcript must be a JSON object with a 'conversation' list")
+    if "conversation" not in data:
+        raise MonitorError(f"{where}: no 'conversation' key (found: {', '.join(map(str, data)) or 'nothing'})")
+    try:
+        conversation = validate_conversation(data["conversation"], require_assistant=True)
+    except ConversationError as exc:
+        raise MonitorError(f"{where}: {exc}") from None
+    meta = {k: v for k, v in data.items() if k != "conversation"}
+    return Transcript(name=name, conversation=conversation, meta=meta, source=source)
+
+
+def load_transcript(path: str | Path) -> Transcript:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MonitorError(f"{path}: transcript file not found") from None
+    except UnicodeDecodeError as exc:
+        raise MonitorError(f"{path}: not UTF-8 text: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise MonitorError(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    return transcript_from_data(data, name=path.stem, source=str(path))
+
+
+def transcript_files(paths: Iterable[str | Path]) -> list[Path]:
+    """Files as given, folders expanded to their ``*.json`` files (sorted)."""
+    files: list[Path] = []
+    for item in paths:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.glob("*.json") if p.is_file())
+            if not found:
+                raise MonitorError(f"{path}: folder holds no .json transcripts")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise MonitorError(f"{path}: no such file or folder")
+    if not files:
+        raise MonitorError("no transcripts given")
+    return files
+
+
+def load_transcripts(paths: Iterable[str | Path]) -> list[Transcript]:
+    """Read transcripts from files and folders; names are file stems, made unique with their folder if needed."""
+    files = transcript_files(paths)
+    transcripts = [load_transcript(p) for p in files]
+    stems = [t.name for t in transcripts]
+    for t, p in zip(transcripts, files, strict=True):
+        if stems.count(t.name) > 1:
+            t.name = str(p.with_suffix(""))
+    return transcripts
+
+
+# ------------------------------------------------------------------------------------------------ windows
+def _render(lm: LoadedModel, messages: Conversation) -> RenderedChat | None:
+    """Render a slice; ``None`` if the template refuses it (e.g. a slice that starts with an assistant turn)."""
+    try:
+        return render_chat(lm.tokenizer, messages, lm.profile)
+    except Exception:  # templates raise their own error types (jinja2.TemplateError, …)
+        return None
+
+
+def _fits(lm: LoadedModel, messages: Conversation, limit: int) -> bool:
+    chat = _render(lm, messages)
+    return chat is not None and bool(chat.spans) and chat.spans[-1].end <= limit
+
+
+def _cut(chat: RenderedChat, end: int) -> RenderedChat:
+    return RenderedChat(text=chat.text, input_ids=chat.input_ids[:end], spans=chat.spans)
+
+
+def plan_windows(lm: LoadedModel, conversation: Conversation, max_tokens: int | None = None) -> list[Window]:
+    """Cut a validated conversation into windows of at most ``max_tokens`` tokens (default: the model's context)."""
+    limit = max_tokens if max_tokens is not None else lm.profile.max_context
+    conv = list(conversation)
+    system = conv[:1] if conv and conv[0]["role"] == "system" else []
+    first = len(system)
+    assistant_at = [i for i, m in enumerate(conv) if m["role"] == "assistant"]
+    if not assistant_at:
+        raise ConversationError("the conversation has no assistant turn")
+    try:
+        whole = render_chat(lm.tokenizer, conv[: assistant_at[-1] + 1], lm.profile)
+    except ConversationError:
+        raise
+    except Exception as exc:  # the template's own error
+        raise MonitorError(f"the chat template refused the conversation: {exc}") from None
+    if not limit or whole.spans[-1].end <= limit:
+        return [Window(_cut(whole, whole.spans[-1].end), list(range(len(assistant_at))), first, 0, False, False)]
+
+    starts = sorted({first, *(i for i in range(first, len(conv)) if conv[i]["role"] == "user")})
+    windows: list[Window] = []
+    # Earliest start still possible, with and without the system prompt: a later turn never fits with more history
+    # than an earlier one did (its slice from the same start is longer), so no start before these needs rendering.
+    lowest = {True: first, False: first}
+    turn = 0
+    while turn < len(assistant_at):
+        end = assistant_at[turn] + 1
+        # Most history first: system + slice from each user turn, then without system, then the response alone.
+        candidates = [(system, s) for s in starts if lowest[True] <= s < end]
+        if system:
+            candidates += [([], s) for s in starts if lowest[False] <= s < end]
+        candidates.append(([], assistant_at[turn]))
+        chosen: tuple[Conversation, int, RenderedChat] | None = None
+        for prefix, start in candidates:
+            chat = _render(lm, prefix + conv[start:end])
+            if chat is not None and chat.spans and chat.spans[-1].end <= limit:
+                chosen = (prefix, start, chat)
+                break
+        if chosen is None:  # one response longer than the context: keep the tokens that fit
+            chat = render_chat(lm.tokenizer, conv[assistant_at[turn] : end], lm.profile)
+            span = chat.spans[-1]
+            if span.start >= limit:
+                raise MonitorError(f"turn {turn}: the chat header alone exceeds the context of {limit} tokens")
+            clipped = RenderedChat(chat.text, chat.input_ids[:limit], [ResponseSpan(span.turn, span.message_index, span.start, limit)])
+            windows.append(Window(clipped, [turn], assistant_at[turn], assistant_at[turn] - first, bool(system), True))
+            lowest = {True: end, False: end}
+            turn += 1
+            continue
+        prefix, start, chat = chosen
+        turns = [turn]
+        turn += 1
+        while turn < len(assistant_at):  # extend: later turns with the same start have their longest history here
+            longer = _render(lm, prefix + conv[start : assistant_at[turn] + 1])
+            if longer is None or longer.spans[-1].end > limit:
+                break
+            if system and not prefix:  # a turn that fits with the system prompt gets a window that keeps it
+                latest = max(s for s in starts if s <= assistant_at[turn])
+                if _fits(lm, system + conv[latest : assistant_at[turn] + 1], limit):
+                    break
+            chat = longer
+            turns.append(turn)
+            turn += 1
+        windows.append(Window(_cut(chat, chat.spans[-1].end), turns, start, start - first, bool(system) and not prefix, False))
+        if prefix or not system:
+            lowest[True] = start
+        else:
+            lowest = {True: assistant_at[turns[-1]] + 1, False: start}
+    return windows
+
+
+# ------------------------------------------------------------------------------------------------ projecting
+def _layer_list(axis: Axis, layers: Sequence[int] | Literal["all"] | int | None) -> list[int]:
+    if layers is None:
+        assert axis.target_layer is not None
+        return [axis.target_layer]
+    if layers == "all":
+        return list(range(axis.n_layers))
+    items = [layers] if isinstance(layers, int) else list(layers)
+    for layer in items:
+        axis.layer(layer)
+    return list(dict.fromkeys(items))
+
+
+def monitor_transcripts(
+    lm: LoadedModel,
+    axis: Axis,
+    transcripts: Sequence[Transcript],
+    *,
+    layers: Sequence[int] | Literal["all"] | int | None = None,
+    max_tokens: int | None = None,
+    interventions: Interventions | None = None,
+    show_progress: bool = False,
+) -> list[TurnProjection]:
+    """Project every assistant turn of every transcript at ``layers`` (default: the axis' target layer; ``"all"``).
+
+    All windows of all transcripts go through :func:`extract_rendered` together (length-sorted batches, one forward
+    per batch, stopped after the deepest requested layer). ``interventions`` (steering, capping) are applied during
+    the pass, so the projections show the stream the model actually had.
+    """
+    axis.check_fits(lm.profile.n_layers, lm.profile.hidden_size, lm.profile.name)
+    layer_list = _layer_list(axis, layers)
+    plans: list[tuple[Transcript, list[int], list[Window]]] = []
+    for t in transcripts:
+        try:
+            conv = validate_conversation(t.conversation, require_assistant=True)
+            windows = plan_windows(lm, conv, max_tokens)
+        except ConversationError as exc:
+            raise MonitorError(f"{t.source or t.name}: {exc}") from None
+        plans.append((t, [i for i, m in enumerate(conv) if m["role"] == "assistant"], windows))
+    rendered = [w.rendered for _, _, windows in plans for w in windows]
+    limit = max(max_tokens or 0, lm.profile.max_context or 0, 8192)
+    with apply_interventions(lm, interventions):
+        acts = extract_rendered(lm, rendered, layers=layer_list, max_batch_tokens=limit, show_progress=show_progress)
+    units = axis.unit()[layer_list]  # [n_req, hidden]
+    rows: list[TurnProjection] = []
+    k = 0
+    for t, assistant_at, windows in plans:
+        for w_index, window in enumerate(windows):
+            proj = (acts[k].means * units).sum(-1)  # [n_turns_in_window, n_req]
+            k += 1
+            offset = len(window.rendered.spans) - len(window.turns)  # earlier spans in a window are history only
+            for j, turn in enumerate(window.turns):
+                span = window.rendered.spans[offset + j]
+                dropped = window.dropped + (1 if window.system_dropped else 0)
+                rows.append(TurnProjection(
+                    transcript=t.name, turn=turn, message_index=assistant_at[turn],
+                    projections={layer: float(proj[offset + j, i]) for i, layer in enumerate(layer_list)},
+                    truncated=dropped > 0 or window.clipped, history_start=window.start, dropped_messages=dropped,
+                    context_tokens=span.end, response_tokens=len(span), window=w_index,
+                ))
+    return rows
+
+
+def monitor_conversation(lm: LoadedModel, axis: Axis, conversation: Sequence[Any], **kwargs: Any) -> list[TurnProjection]:
+    """Per-turn projections of one conversation (a list of ``{"role", "content"}`` messages)."""
+    return monitor_transcripts(lm, axis, [transcript_from_data(list(conversation), name="conversation")], **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ output
+def write_table(rows: Sequence[TurnProjection], out_dir: str | Path, info: dict[str, Any] | None = None) -> tuple[Path, Path]:
+    """``projections.json`` (info + rows) and ``projections.csv`` (one row per turn) in ``out_dir``."""
+    import csv
+    import io
+
+    from personaxis.store import atomic_write_bytes, atomic_write_json
+
+    out = Path(out_dir)
+    flat = [r.row() for r in rows]
+    json_path, csv_path = out / "projections.json", out / "projections.csv"
+    atomic_write_json(json_path, {**(info or {}), "rows": flat})
+    buffer = io.StringIO()
+    columns = list(dict.fromkeys(key for row in flat for key in row))
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(flat)
+    atomic_write_bytes(csv_path, buffer.getvalue().encode("utf-8"))
+    return json_path, csv_path
+
+
+def plot_trajectories(
+    rows: Sequence[TurnProjection], path: str | Path, *, layer: int, floor: float | None = None, title: str | None = None
+) -> Path:
+    """A PNG of projection against turn at ``layer``, one line per transcript; hollow markers for truncated turns,
+    the capping floor as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    from personaxis.store import atomic_write_bytes
+
+    fig = Figure(figsize=(8, 4.5), dpi=110, layout="constrained")
+    ax = fig.subplots()
+    names = list(dict.fromkeys(r.transcript for r in rows))
+    for index, name in enumerate(names):
+        mine = sorted((r for r in rows if r.transcript == name), key=lambda r: r.turn)
+        xs = [r.turn + 1 for r in mine]
+        ys = [r.projections[layer] for r in mine]
+        (line,) = ax.plot(xs, ys, "-o", label=name, color=f"C{index % 10}", ms=5)
+        cut = [(x, y) for x, y, r in zip(xs, ys, mine, strict=True) if r.truncated]
+        if cut:
+            ax.plot(*zip(*cut, strict=True), "o", mfc="white", mec=line.get_color(), ms=7, ls="none")
+    if floor is not None:
+        ax.axhline(floor, color="crimson", ls="--", lw=1.2, label=f"capping floor ({floor:.3g})")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("assistant turn")
+    ax.set_ylabel(f"projection on the Assistant Axis (layer {layer})")
+    ax.set_title(title or "Persona drift: higher = more Assistant-like (hollow = history truncated)")
+    if names:
+        ax.legend(fontsize=8, loc="best")
+    from io import BytesIO
+
+    buffer = BytesIO()
+    fig.savefig(buffer, format="png")
+    atomic_write_bytes(Path(path), buffer.getvalue())
+    return Path(path)

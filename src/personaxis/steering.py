@@ -1,0 +1,107 @@
+"""Steering along the Assistant Axis: ``h ← h + α · r_l · â_l`` at one or more layers, every token.
+
+α is unit-free by default: a fraction of the layer's mean residual norm ``r_l`` (stored in the axis metadata as
+``axis.residual_norms``, measured on ordinary rollouts). ``raw=True`` takes α in the residual stream's own units.
+α < 0 steers away from the Assistant (other identities, at extremes a theatrical style), α > 0 toward it.
+
+    ops = steering_interventions(axis, 15, -0.3)
+    answers = generate(lm, conversations, config, interventions=ops)
+
+or, for side-by-side answers, ``steer(lm, axis, ["Who are you?"], layers=15, alpha=-0.3)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from personaxis.axis import Axis, AxisError
+from personaxis.chat import Conversation, build_conversation
+from personaxis.generation import Generation, SamplingConfig, generate
+from personaxis.interventions import Add
+from personaxis.models import LoadedModel
+
+
+@dataclass(frozen=True)
+class SteeredAnswer:
+    """One prompt answered without and with steering."""
+
+    prompt: str
+    unsteered: Generation
+    steered: Generation
+
+
+def resolve_layers(axis: Axis, layers: Sequence[int] | int | None) -> list[int]:
+    """Validated, de-duplicated layer indices (the axis' target layer when ``None``), in the order given."""
+    if layers is None:
+        assert axis.target_layer is not None
+        return [axis.target_layer]
+    items = [layers] if isinstance(layers, int) else list(layers)
+    if not items:
+        raise AxisError("no steering layer given")
+    out: list[int] = []
+    for layer in items:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise AxisError(f"a layer index must be an int, got {layer!r}")
+        axis.layer(layer)  # raises IndexError with the valid range
+        if layer not in out:
+            out.append(layer)
+    return out
+
+
+def raw_coefficient(axis: Axis, layer: int, alpha: float, *, raw: bool = False) -> float:
+    """The coefficient of the unit axis at ``layer``: α itself when ``raw``, else ``α · r_l``."""
+    return float(alpha) if raw else axis.alpha_to_raw(layer, alpha)
+
+
+def steering_interventions(
+    axis: Axis, layers: Sequence[int] | int | None, alpha: float, *, raw: bool = False
+) -> dict[int, list[Add]]:
+    """Per-layer ``Add`` operators that push the residual stream along the unit axis.
+
+    α is a fraction of each layer's mean residual norm (``raw=False``, needs ``axis.residual_norms``) or a raw
+    coefficient (``raw=True``). With several layers, the same α applies at each one, in that layer's own units.
+    """
+    alpha = float(alpha)
+    if alpha != alpha or alpha in (float("inf"), float("-inf")):
+        raise AxisError(f"steering coefficient must be finite, got {alpha}")
+    return {
+        layer: [Add(axis.unit(layer), alpha=raw_coefficient(axis, layer, alpha, raw=raw))]
+        for layer in resolve_layers(axis, layers)
+    }
+
+
+def describe(axis: Axis, layers: Sequence[int] | int | None, alpha: float, *, raw: bool = False) -> str:
+    """A short human label, e.g. ``α = -0.3 × residual norm at layer 15 (raw -1.23)``."""
+    parts = []
+    for layer in resolve_layers(axis, layers):
+        coef = raw_coefficient(axis, layer, alpha, raw=raw)
+        parts.append(f"L{layer}: {coef:+.3g}")
+    unit = "raw" if raw else "× residual norm"
+    return f"α = {alpha:+g} {unit} (added {', '.join(parts)})"
+
+
+def steer(
+    lm: LoadedModel,
+    axis: Axis,
+    prompts: Sequence[str | Conversation],
+    layers: Sequence[int] | int | None,
+    alpha: float,
+    config: SamplingConfig | None = None,
+    *,
+    raw: bool = False,
+    system_prompt: str | None = None,
+    show_progress: bool = False,
+) -> list[SteeredAnswer]:
+    """Answer each prompt twice, without and with steering, with the same sampling settings and seeds.
+
+    A prompt is a user message (optionally after ``system_prompt``) or a whole conversation ending in a user turn.
+    """
+    axis.check_fits(lm.profile.n_layers, lm.profile.hidden_size, lm.profile.name)
+    ops = steering_interventions(axis, layers, alpha, raw=raw)
+    conversations = [build_conversation(system_prompt, p) if isinstance(p, str) else list(p) for p in prompts]
+    labels = [p if isinstance(p, str) else str(p[-1].get("content", "")) for p in prompts]
+    config = config or SamplingConfig()
+    plain = generate(lm, conversations, config, show_progress=show_progress, desc="unsteered")
+    steered = generate(lm, conversations, config, interventions=ops, show_progress=show_progress, desc="steered")
+    return [SteeredAnswer(label, a, b) for label, a, b in zip(labels, plain, steered, strict=True)]
