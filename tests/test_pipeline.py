@@ -104,6 +104,7 @@ def _cli(out: Path, model_dir: Path) -> list[str]:
             "--preset", "tiny", "--judge", "none", "--roles", "6", "--questions", "3", "--max-new-tokens", "8", "-q"]
 
 
+@pytest.mark.slow  # tests/test_faults.py runs many more kills; its ci_sample covers CI
 @pytest.mark.parametrize("kill_after", [1, 8])
 def test_sigkill_mid_stage_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, kill_after):
     reference = tmp_path / "reference"

@@ -8,8 +8,6 @@ points toward the Assistant: a higher projection means more Assistant-like. Proj
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,8 +152,10 @@ class Axis:
 
     # ------------------------------------------------------------------------------------------- storage
     def save(self, path: str | Path) -> Path:
-        """Write safetensors (no pickle) with JSON metadata, atomically."""
-        from safetensors.torch import save_file
+        """Write safetensors (no pickle) with JSON metadata, atomically (temporary file, fsync, rename)."""
+        from safetensors.torch import save
+
+        from personaxis.store import atomic_write_bytes
 
         path = Path(path)
         tensors = {"axis": self.vectors.contiguous()}
@@ -169,15 +169,7 @@ class Axis:
             "sign": SIGN_CONVENTION,
             "metadata": json.dumps(self.metadata, sort_keys=True),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=header)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write_bytes(path, save(tensors, metadata=header))
         return path
 
     @classmethod

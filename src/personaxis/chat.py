@@ -106,6 +106,11 @@ def render_chat(
             if char_start >= 0:
                 cursor = char_start + len(content)
             continue
+        # Search after the assistant header: a short content ("a", "user") also occurs inside the template's markup.
+        header_end = _assistant_content_start(tokenizer, conversation[:index], text, profile) if content else -1
+        if header_end > cursor:
+            cursor = header_end
+            char_start = text.find(content, cursor)
         if char_start < 0:
             raise ConversationError(f"assistant turn {turn} was not found in the rendered chat (template rewrote it?)")
         char_end = char_start + len(content)
@@ -118,6 +123,18 @@ def render_chat(
     if require_assistant and not spans:
         raise ConversationError("the conversation has no assistant turn")
     return RenderedChat(text=text, input_ids=input_ids, spans=spans)
+
+
+def _assistant_content_start(tokenizer: Any, before: Conversation, text: str, profile: ModelProfile) -> int:
+    """Where an assistant turn's content starts in ``text``: the end of the messages before it rendered with the
+    generation prompt, when ``text`` starts with that rendering; -1 when it does not (templates that rewrite history)."""
+    if not before:
+        return -1
+    try:
+        prefix = tokenizer.apply_chat_template(before, tokenize=False, add_generation_prompt=True, **profile.template_kwargs)
+    except Exception:  # templates raise their own error types (jinja2.TemplateError, ...)
+        return -1
+    return len(prefix) if isinstance(prefix, str) and text.startswith(prefix) else -1
 
 
 def render_prompt(tokenizer: Any, messages: Sequence[Any], profile: ModelProfile) -> list[int]:

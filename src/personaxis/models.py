@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pickle
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -280,7 +281,7 @@ def load_model(
         source = key
         name = key
         local_only = not allow_download
-        if not Path(key).exists() and (key.startswith((".", "/", "~")) or os.sep in key and key.count("/") > 1):
+        if not Path(key).exists() and (key.startswith((".", "/", "~")) or key.count("/") > 1):
             raise ModelLoadError(f"model path does not exist: {key}")
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -290,6 +291,8 @@ def load_model(
         if device_map is not None:
             kwargs["device_map"] = device_map
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except pickle.UnpicklingError as exc:
+        raise ModelLoadError(f"cannot load model {key!r}: its weights file holds objects other than tensors and was refused: {exc}") from None
     except (OSError, ValueError) as exc:
         hint = "" if allow_download else " (nothing is downloaded unless allow_download=True / --allow-download)"
         raise ModelLoadError(f"cannot load model {key!r}: not a local model folder or cached model id{hint}: {exc}") from exc

@@ -94,6 +94,13 @@ class Pipeline:
         }
 
     def open(self) -> None:
+        if self.store.read_manifest() is None:
+            # A new run: check the judge and the model before anything is written.
+            if self.settings.judge != "none":
+                from personaxis.judges.factory import _model_of
+
+                _model_of(self.settings.judge)
+            _ = self.lm
         self.store.open(self.manifest())
         removed = self.store.clean_partials()
         if removed:

@@ -17,11 +17,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from personaxis.chat import ConversationError
     from personaxis.data import CatalogueError
     from personaxis.interventions import VectorError
+    from personaxis.judges.client import JudgeRequestError
     from personaxis.models import ModelLoadError
     from personaxis.store import RunDirError
 
     return (AxisError, ConversationError, CatalogueError, VectorError, ModelLoadError, RunDirError, ValueError,
-            IndexError, FileNotFoundError, PermissionError)
+            IndexError, FileNotFoundError, PermissionError, JudgeRequestError)
 
 
 @contextmanager
