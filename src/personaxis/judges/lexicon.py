@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 
 WORD = re.compile(r"[a-z][a-z'’-]*")
 
@@ -95,11 +94,6 @@ def stem(word: str) -> str:
 
 def count(pattern: re.Pattern[str], text: str) -> int:
     return sum(1 for _ in pattern.finditer(text))
-
-
-def rate(pattern: re.Pattern[str], tokens: Iterable[str]) -> float:
-    toks = list(tokens)
-    return sum(1 for t in toks if pattern.fullmatch(t)) / max(1, len(toks))
 
 
 def distinct_ratio(tokens: list[str], n: int = 3) -> float:

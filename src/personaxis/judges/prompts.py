@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from personaxis.judges.base import HARM_LABELS, IDENTITY_LABELS, JudgeItem, LabelItem
+from personaxis.judges.base import DEFAULT_ROLE, DEFAULT_RUBRIC, HARM_LABELS, IDENTITY_LABELS, JudgeItem, LabelItem
 
 Messages = list[dict[str, str]]
 
@@ -71,8 +71,18 @@ Answer:
 Reply exactly `LABEL: <label>`."""
 
 
+def rubric_for(item: JudgeItem) -> str:
+    """The item's rubric; for a default rollout without one, :data:`DEFAULT_RUBRIC`."""
+    rubric = (item.rubric or "").strip()
+    if rubric:
+        return rubric
+    if item.role == DEFAULT_ROLE:
+        return DEFAULT_RUBRIC
+    return f"No rubric was given: use the 0-3 scale for the role of {item.role}."
+
+
 def role_messages(item: JudgeItem) -> Messages:
-    user = _ROLE_USER.format(role=item.role, rubric=item.rubric.strip(), question=item.question, answer=item.answer)
+    user = _ROLE_USER.format(role=item.role, rubric=rubric_for(item), question=item.question, answer=item.answer)
     return [{"role": "system", "content": _ROLE_SYSTEM}, {"role": "user", "content": user}]
 
 
@@ -86,7 +96,7 @@ def identity_messages(item: LabelItem) -> Messages:
     return [{"role": "system", "content": _IDENTITY_SYSTEM}, {"role": "user", "content": user}]
 
 
-_SCORE_TAGGED = re.compile(r"score\W{0,6}(?:is\W{0,3})?(-?\d+(?:\.\d+)?)(?:\s*/\s*3)?", re.IGNORECASE)
+_SCORE_TAGGED = re.compile(r"score[\s*:=\"'\]>]{0,6}(?:is\s+|of\s+)?(-?\d+(?:\.\d+)?)(?:\s*/\s*3)?", re.IGNORECASE)
 _BARE_NUMBER = re.compile(r"^\W*(-?\d+(?:\.\d+)?)\W*$")
 _ANY_NUMBER = re.compile(r"(?<![\w.])(-?\d+(?:\.\d+)?)(?![\w.])")
 
