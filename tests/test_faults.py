@@ -598,9 +598,11 @@ def test_rejected_key_stops_the_judge_stage_without_leaking_it(
     out = tmp_path / "run"
     options = [o if o != "none" else "openai:judge-model" for o in CLI_OPTIONS]
     result = CliRunner().invoke(app, ["run", "--out", str(out), "--model", str(tiny_model_dir), *options])
-    assert result.exit_code != 0 and isinstance(result.exception, JudgeAuthError)
-    assert "401" in str(result.exception)
+    # a rejected key ends the run with one clear `error:` line (exit 2), not a traceback
+    assert result.exit_code == 2 and "error:" in result.output and "401" in result.output
+    assert "Traceback" not in result.output
     rendered = "".join(traceback.format_exception(result.exception))
+    assert issubclass(JudgeAuthError, Exception)
     assert not (out / "judgments").exists() or not list((out / "judgments").rglob("*.json"))
     assert len(list((out / "activations").rglob("*.safetensors"))) == N_UNITS  # earlier stages kept
     _no_secret_anywhere(out, result.output, caplog.text, rendered)

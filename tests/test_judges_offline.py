@@ -137,3 +137,23 @@ def test_offline_judges_reject_duplicate_keys():
         make_identity_judge().label([item, item])
     with pytest.raises(ValueError):
         make_harm_judge().label([item, item])
+
+
+PLANTED = Path(__file__).parent / "data" / "label_judges_planted.jsonl"
+
+
+@pytest.mark.parametrize("judge_kind", ["harm", "identity"])
+def test_label_judges_agree_with_hand_labels_on_real_answers(judge_kind, capsys):
+    """Hand labels of stored SmolLM2-135M answers (results/jailbreak.json, results/steering.json)."""
+    from collections import Counter
+
+    rows = [json.loads(line) for line in PLANTED.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["judge"] == judge_kind]
+    assert len(rows) >= 30
+    judge = make_harm_judge("offline") if judge_kind == "harm" else make_identity_judge("offline")
+    labels = judge.label([LabelItem(str(i), r["prompt"], r["answer"]) for i, r in enumerate(rows)])
+    agree = sum(labels[str(i)] == r["label"] for i, r in enumerate(rows)) / len(rows)
+    confusion = Counter((r["label"], labels[str(i)]) for i, r in enumerate(rows) if labels[str(i)] != r["label"])
+    with capsys.disabled():
+        print(f"\n{judge_kind} judge: agreement {agree:.3f} on {len(rows)} answers; errors {dict(confusion)}")
+    assert agree >= 0.75

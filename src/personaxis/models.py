@@ -255,6 +255,27 @@ def ensure_embedded_cache(*, quiet: bool = False) -> Path:
     return target
 
 
+def check_model_source(name_or_path: str | None, *, allow_download: bool = False) -> None:
+    """Check, without loading weights, that a model can be found (the embedded file, a folder or a cached id)."""
+    key = None if name_or_path is None else str(name_or_path)
+    if key is None or key.lower() in EMBEDDED_ALIASES:
+        embedded_gguf_path()
+        return
+    if Path(key).is_dir():
+        if not (Path(key) / "config.json").is_file():
+            raise ModelLoadError(f"model folder {key} has no config.json")
+        return
+    if key.startswith((".", "/", "~")) or key.count("/") > 1:
+        raise ModelLoadError(f"model path does not exist: {key}")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(key, local_files_only=not allow_download)
+    except (OSError, ValueError) as exc:
+        hint = "" if allow_download else " (nothing is downloaded unless allow_download=True / --allow-download)"
+        raise ModelLoadError(f"cannot load model {key!r}: not a local model folder or cached model id{hint}: {exc}") from None
+
+
 def load_model(
     name_or_path: str | os.PathLike[str] | None = None,
     *,

@@ -100,7 +100,10 @@ class Pipeline:
                 from personaxis.judges.factory import _model_of
 
                 _model_of(self.settings.judge)
-            _ = self.lm
+            if self._lm is None:
+                from personaxis.models import check_model_source
+
+                check_model_source(None if self.settings.model == "embedded" else self.settings.model)
         self.store.open(self.manifest())
         removed = self.store.clean_partials()
         if removed:
