@@ -38,6 +38,9 @@ from torch import Tensor
 from personaxis.axis import Axis
 from personaxis.interventions import CeilingCap, FloorCap, Operator, VectorError, apply_interventions, check_vector
 
+# File names under which a capping config is looked for beside an axis (ours first, then the reference names).
+CAPPING_NAMES = ("capping.safetensors", "capping.pt", "capping_config.pt")
+
 if TYPE_CHECKING:
     from personaxis.models import LoadedModel
     from personaxis.pipeline import Pipeline

@@ -7,9 +7,9 @@ from typing import Any
 
 import typer
 
+from personaxis.capping import CAPPING_NAMES
 from personaxis.commands import echo_err, user_errors
 
-CAPPING_NAMES = ("capping.safetensors", "capping.pt", "capping_config.pt")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from personaxis.interventions import Interventions
     from personaxis.models import LoadedModel
 
-CAPPING_NAMES = ("capping.safetensors", "capping.pt", "capping_config.pt")
+from personaxis.capping import CAPPING_NAMES
+
 SPARKS = "▁▂▃▄▅▆▇█"
 AXIS_HELP = "Axis file (.safetensors, or a reference .pt), or a run directory holding axis.safetensors."
 MODEL_HELP = "'embedded' (SmolLM2-135M-Instruct) or a local model folder / cached id (default: the run's model)."

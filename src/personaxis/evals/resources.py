@@ -9,7 +9,7 @@ if TYPE_CHECKING:
     from personaxis.axis import Axis
     from personaxis.capping import CappingConfig
 
-CAPPING_NAMES = ("capping.safetensors", "capping.pt", "capping_config.pt")
+from personaxis.capping import CAPPING_NAMES
 
 
 def axis_path(axis: Path | None, run: Path | None) -> Path:
