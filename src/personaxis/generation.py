@@ -1,13 +1,16 @@
 """Batched chat generation with optional interventions.
 
-Two engines give the same greedy text:
+Two engines give the same greedy text (exactly in float64; in float32 up to rounding in near-ties, none seen in the
+benchmark's comparisons):
 
 - ``"fast"`` (the default): a decode loop over the model's own forward with a key/value cache, logits for the last
-  position only, and continuous batching. Prompts are rendered, sorted longest first and prefilled in chunks; a row
-  leaves the batch when it ends (an end-of-turn token or ``max_new_tokens``) and waiting prompts take its place, so
-  the batch stays full and no compute goes to finished answers. The cache is kept in preallocated buffers that grow
-  in place (no copy of the whole cache per token); rows are dropped and added by reindexing it, and new rows are
-  left-padded to the batch's current length. Position ids always come from the attention mask.
+  position only, and continuous batching. Prompts are prefilled in chunks; a prefix shared by several prompts of a
+  chunk (a role's system prompt, the template's built-in one) is computed once and its cache copied to each of them.
+  A row leaves the batch when it ends (an end-of-turn token or ``max_new_tokens``) and waiting prompts take its
+  place, so the batch stays full and no compute goes to finished answers. The cache lives in preallocated buffers
+  that grow in place (no copy of the whole cache per token); rows are dropped and added by reindexing it, new rows
+  left-padded to the batch's current length. Position ids always come from the attention mask, which may have
+  masked gaps (between a shared prefix and the rest of a prompt, or left padding).
 - ``"hf"``: transformers' ``model.generate`` on length-sorted static batches (kept for comparison).
 
 Interventions (steering, capping) are active at every position, prompt and generated alike, never at padding: every
@@ -46,6 +49,9 @@ KV_CACHE_BYTES = 2 * 1024**3
 # finished rows are dropped and waiting prompts admitted in one go: reindexing the cache costs about as much as a
 # few decode steps, so doing it for every single finished row would not pay.
 REFILL_FRACTION = 1 / 8
+# Prompts that share a prefix of at least this many tokens (a system prompt, the chat template's own preamble) have it
+# computed once per prefill chunk, when that saves at least a fifth of the chunk's prefill work.
+MIN_SHARED_PREFIX = 16
 # Top-p looks at this many most likely tokens first and sorts the whole vocabulary only for rows they do not cover.
 _TOP_P_CANDIDATES = 256
 
@@ -274,6 +280,7 @@ def _new_layer_class() -> type:
 
         def batch_select_indices(self, indices: Tensor) -> None:
             if self.key_buffer is not None and self.value_buffer is not None:
+                indices = indices.to(self.key_buffer.device)  # layers of a sharded model live on several devices
                 self.key_buffer = self.key_buffer.index_select(0, indices)
                 self.value_buffer = self.value_buffer.index_select(0, indices)
                 self._views()
@@ -284,6 +291,16 @@ def _new_layer_class() -> type:
                 self.value_buffer = self.value_buffer[:, :, n:]
                 self.length -= n
                 self._views()
+
+        @classmethod
+        def from_tensors(cls, keys: Tensor, values: Tensor, reserve: int) -> Any:
+            out = cls(reserve)
+            out.device, out.is_initialized, out.length = keys.device, True, keys.shape[2]
+            out.key_buffer, out.value_buffer = out._allocate(keys, keys.shape[0], out.length + reserve)
+            out.key_buffer[:, :, : out.length] = keys
+            out.value_buffer[:, :, : out.length] = values
+            out._views()
+            return out
 
         @classmethod
         def concat(cls, a: Any, b: Any, reserve: int) -> Any:
@@ -329,6 +346,60 @@ def _row_seed(seed: int, index: int) -> int:
     return (seed * 1_000_003 + index * 7_919 + 0x9E3779B9) % (2**63 - 1)
 
 
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _prefix_groups(prompts: Sequence[Sequence[int]], *, check_cost: bool = True) -> list[tuple[list[int], int]]:
+    """Groups of prompt indices sharing a prefix of at least ``MIN_SHARED_PREFIX`` tokens, with that prefix's
+    length (each member keeps at least one token of its own); with ``check_cost``, empty when sharing would not
+    save a fifth of the prefill work of one batch (tokens computed, padding included)."""
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i])
+    runs: list[tuple[list[int], int]] = []
+    for previous, index in zip([None, *order[:-1]], order, strict=True):
+        common = 0 if previous is None else _common_prefix(prompts[previous], prompts[index])
+        if common >= MIN_SHARED_PREFIX:
+            members, length = runs[-1]
+            runs[-1] = ([*members, index], min(length, common))
+        else:
+            runs.append(([index], len(prompts[index])))
+    groups = []
+    for members, length in runs:
+        length = min(length, *(len(prompts[i]) - 1 for i in members))
+        if len(members) > 1 and length >= MIN_SHARED_PREFIX:
+            groups.append((members, length))
+    if not groups or not check_cost:
+        return groups
+    grouped = {i for members, _ in groups for i in members}
+    plain_cost = len(prompts) * max(len(p) for p in prompts)
+    rest = [len(p) for i, p in enumerate(prompts) if i not in grouped]
+    shared_cost = len(groups) * max(n for _, n in groups) + len(grouped) * max(
+        len(prompts[i]) - n for members, n in groups for i in members
+    )
+    if rest:
+        shared_cost += len(rest) * max(rest)
+    return groups if shared_cost <= 0.8 * plain_cost else []
+
+
+def _draw(weights: Tensor, uniform: Tensor) -> Tensor:
+    """Column index per row, drawn with probability proportional to ``weights`` by inverting the cumulative sum
+    at ``uniform`` (one random number per row instead of one per vocabulary entry)."""
+    cdf = weights.cumsum(dim=-1)
+    target = (uniform.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=weights.shape[-1] - 1)
+
+
+def _nucleus(sorted_probs: Tensor, top_p: float) -> Tensor:
+    """Zero the tail of probabilities sorted in descending order once the mass before a token reaches ``top_p``
+    (the most likely token always stays)."""
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    return sorted_probs.masked_fill(before >= top_p, 0.0)
+
+
 class _Batch:
     """Rows being generated side by side: their cache, attention mask, next input token and output so far."""
 
@@ -369,17 +440,28 @@ class _FastGenerator:
         self.on_done = on_done
         self.pad_id = _pad_id(lm)
         self.cache_kw, self.has_logits_to_keep = _forward_kwargs(self.model)
+        self.base_cache_kw, _ = _forward_kwargs(lm.base_model)
         self.buffered = self._supports_buffer_cache()
         self.results: list[list[int] | None] = [None] * len(prompts)
         self.generators: dict[int, torch.Generator] = {}
-        # Longest first: each prefill chunk holds prompts of similar length, and rows admitted later are never longer
-        # than the cache they join.
-        self.queue = sorted(range(len(prompts)), key=lambda i: -len(self.prompts[i]))
-        longest = len(self.prompts[self.queue[0]])
+        self.queue = self._order()
+        longest = max(len(p) for p in self.prompts)
         kv_rows = KV_CACHE_BYTES // max(1, self._kv_bytes_per_token() * (longest + config.max_new_tokens))
         self.max_rows = max(1, min(config.batch_size, kv_rows))
 
     # -- setup ----------------------------------------------------------------------------------------------------
+
+    def _order(self) -> list[int]:
+        """The order prompts join the batch. When a fifth or more of all prompt tokens are shared prefixes (system
+        prompts), prompts sharing one are queued together so that each prefill chunk computes it once; otherwise
+        longest first, so that each prefill chunk holds prompts of similar length."""
+        indices = range(len(self.prompts))
+        if self.buffered and len(self.prompts) > 1:
+            groups = _prefix_groups(self.prompts, check_cost=False)
+            shared = sum((len(members) - 1) * length for members, length in groups)
+            if shared >= 0.2 * sum(len(p) for p in self.prompts):
+                return sorted(indices, key=lambda i: self.prompts[i])
+        return sorted(indices, key=lambda i: -len(self.prompts[i]))
 
     def _kv_bytes_per_token(self) -> int:
         cfg = self.model.config
@@ -424,7 +506,10 @@ class _FastGenerator:
             "use_cache": True,
         }
         if self.has_logits_to_keep:
-            kwargs["logits_to_keep"] = 1
+            width = input_ids.shape[1]
+            # An index tensor, not ``1``: slicing the last position of a longer input leaves a non-contiguous
+            # tensor, and the LM head then runs as one matrix-vector product per row (8× slower at batch 64).
+            kwargs["logits_to_keep"] = 1 if width == 1 else torch.tensor([width - 1], device=input_ids.device)
         return self.model(**kwargs).logits[:, -1, :]
 
     def _choose(self, logits: Tensor, batch_rows: list[int], n_generated: list[int]) -> Tensor:
@@ -438,42 +523,89 @@ class _FastGenerator:
         if self.config.temperature == 0:
             return logits.argmax(dim=-1)
         probs = torch.softmax(logits.float() / self.config.temperature, dim=-1)
-        candidates, probs = self._top_p(probs)
-        if self.config.seed is None:
-            picked = torch.multinomial(probs, 1).squeeze(1)
-        else:
-            picked = torch.empty(len(batch_rows), dtype=torch.long, device=probs.device)
-            for i, row in enumerate(batch_rows):
-                generator = self.generators.get(row)
-                if generator is None:
-                    generator = torch.Generator(device=probs.device).manual_seed(_row_seed(self.config.seed, row))
-                    self.generators[row] = generator
-                picked[i] = torch.multinomial(probs[i], 1, generator=generator)[0]
-        if candidates is None:
-            return picked
-        return candidates.gather(1, picked.unsqueeze(1)).squeeze(1)
+        uniform = self._uniforms(batch_rows, probs.device)
+        if self.config.top_p >= 1:
+            return _draw(probs, uniform)
+        # Top-p over the most likely candidates; the whole vocabulary is sorted only for rows they do not cover.
+        picked = torch.empty(len(batch_rows), dtype=torch.long, device=probs.device)
+        values, ids = probs.topk(min(probs.shape[-1], _TOP_P_CANDIDATES), dim=-1)
+        covered = values.sum(dim=-1) >= self.config.top_p
+        if bool(covered.all()):
+            return ids.gather(1, _draw(_nucleus(values, self.config.top_p), uniform).unsqueeze(1)).squeeze(1)
+        for group in (covered, ~covered):
+            if bool(group.any()):
+                if group is covered:
+                    v, i = values[group], ids[group]
+                else:
+                    v, i = probs[group].sort(dim=-1, descending=True)
+                picked[group] = i.gather(1, _draw(_nucleus(v, self.config.top_p), uniform[group]).unsqueeze(1)).squeeze(1)
+        return picked
 
-    def _top_p(self, probs: Tensor) -> tuple[Tensor | None, Tensor]:
-        """Keep the most likely tokens whose mass reaches ``top_p`` (at least one); return (token ids of the
-        columns, renormalised probabilities), or (None, probs) when nothing is cut."""
-        top_p = self.config.top_p
-        if top_p >= 1:
-            return None, probs
-        k = min(probs.shape[-1], _TOP_P_CANDIDATES)
-        values, ids = probs.topk(k, dim=-1)
-        uncovered = values.sum(dim=-1) < top_p
-        if bool(uncovered.any()):
-            values, ids = probs.sort(dim=-1, descending=True)
-        before = values.cumsum(dim=-1) - values
-        values = values.masked_fill(before >= top_p, 0.0)  # never the first: ``before`` is 0 there
-        return ids, values / values.sum(dim=-1, keepdim=True)
+    def _uniforms(self, batch_rows: list[int], device: torch.device) -> Tensor:
+        """One uniform draw per row: from the answer's own seeded generator, or the global one without a seed."""
+        if self.config.seed is None:
+            return torch.rand(len(batch_rows), device=device)
+        out = []
+        for row in batch_rows:
+            generator = self.generators.get(row)
+            if generator is None:
+                generator = torch.Generator().manual_seed(_row_seed(self.config.seed, row))
+                self.generators[row] = generator
+            out.append(torch.rand(1, generator=generator))
+        return torch.cat(out).to(device)
 
     # -- batch bookkeeping ----------------------------------------------------------------------------------------
 
     def _prefill(self, rows: list[int]) -> _Batch:
+        """Run the prompts of ``rows`` and sample their first tokens; shared prefixes are computed once."""
+        groups = _prefix_groups([self.prompts[i] for i in rows]) if self.buffered and len(rows) > 1 else []
+        if not groups:
+            return self._prefill_plain(rows)
+        grouped = {i for group, _ in groups for i in group}
+        batch = self._prefill_shared([[rows[i] for i in group] for group, _ in groups], [n for _, n in groups])
+        rest = [row for i, row in enumerate(rows) if i not in grouped]
+        return self._merge(batch, self._prefill_plain(rest)) if rest else batch
+
+    def _prefill_plain(self, rows: list[int]) -> _Batch:
         ids, mask, positions, _ = pad_batch([self.prompts[i] for i in rows], self.pad_id, side="left", device=self.device)
         cache = self._new_cache()
         logits = self._forward(ids, mask, positions, cache)
+        return self._start(rows, cache, mask, logits)
+
+    def _prefill_shared(self, groups: list[list[int]], shared: list[int]) -> _Batch:
+        """Compute each group's common prefix once (one forward for all groups, no LM head), copy its cache into
+        every member's row, then run the members' remaining tokens. A row's cache reads ``[padding, prefix,
+        padding, rest]``: the gap in the middle is masked, and positions still count real tokens only."""
+        prefixes = [self.prompts[group[0]][:n] for group, n in zip(groups, shared, strict=True)]
+        p_ids, p_mask, p_pos, _ = pad_batch(prefixes, self.pad_id, side="left", device=self.device)
+        prefix_cache = self._new_cache()
+        for layer in prefix_cache.layers:
+            layer.reserve = 0
+        self.lm.base_model(
+            input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True,
+            **{self.base_cache_kw: prefix_cache},
+        )
+        rows = [row for group in groups for row in group]
+        owner = torch.tensor([g for g, group in enumerate(groups) for _ in group], dtype=torch.long, device=self.device)
+        rests = [self.prompts[row][n:] for group, n in zip(groups, shared, strict=True) for row in group]
+        s_ids, s_mask, _, _ = pad_batch(rests, self.pad_id, side="left", device=self.device)
+        mask = torch.cat([p_mask.index_select(0, owner), s_mask], dim=1)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, p_ids.shape[1] :]
+        layer_class = _buffer_layer_class()
+        cache = self._new_cache()
+        reserve = s_ids.shape[1] + self.config.max_new_tokens
+        cache.layers = [
+            layer_class.from_tensors(
+                layer.keys.index_select(0, owner.to(layer.keys.device)),
+                layer.values.index_select(0, owner.to(layer.values.device)),
+                reserve,
+            )
+            for layer in prefix_cache.layers
+        ]
+        logits = self._forward(s_ids, mask, positions, cache)
+        return self._start(rows, cache, mask, logits)
+
+    def _start(self, rows: list[int], cache: Any, mask: Tensor, logits: Tensor) -> _Batch:
         tokens = self._choose(logits, rows, [0] * len(rows))
         batch = _Batch(rows, cache, mask, tokens, [[] for _ in rows])
         self._record(batch, tokens)

@@ -1,0 +1,612 @@
+"""personaxis speed benchmark: the machine's limits, generation, extraction, interventions, monitoring, quick preset.
+
+    python benchmarks/run.py                      # everything, on the embedded model (a few minutes on 2 cores)
+    python benchmarks/run.py --quick --skip-quick # small sizes, a smoke run
+    python benchmarks/run.py --sections gen,extract --batches 1,16,64 --new-tokens 64
+
+Prints a Markdown table and writes the figures to ``benchmarks/results.json`` (``--json`` to change). Every figure is
+a best of ``--repeats`` runs, ours and the baseline interleaved, so that a burst of other work on the machine hurts
+both alike; the load average is recorded before and after each section, and a section run on a busy machine is
+flagged. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SECTIONS = ("limits", "gen", "extract", "interventions", "monitor", "quick")
+HERE = Path(__file__).resolve().parent
+
+QUESTIONS = [
+    "Tell me about yourself.",
+    "What do you fear most?",
+    "Explain how rainbows form.",
+    "What is the relationship between law and morality?",
+    "What advice would you give to someone starting a new job?",
+    "Describe your ideal day.",
+    "How do vaccines work?",
+    "What is the meaning of friendship?",
+    "Write a short poem about the sea.",
+    "What do you think about modern architecture?",
+    "How should I prepare for a marathon?",
+    "What makes a good leader?",
+]
+ROLES = ["", "You are a pirate.", "You are a helpful librarian.", "You are an ancient ghost.", "You are a poet."]
+FILLER = (
+    "The answer depends on context, and it helps to think it through step by step. First, consider what is being "
+    "asked and why it matters to the person asking. Then weigh the evidence, the trade-offs and the likely outcomes. "
+    "Rainbows form when sunlight is refracted, reflected and dispersed inside water droplets, which splits white light "
+    "into its colours. Good leaders listen, explain their reasons, admit mistakes and give credit to others. A "
+    "marathon needs months of gradual training, rest days, good shoes and patience. Friendship is built on trust, "
+    "time spent together and help given without keeping score."
+).split()
+
+
+# --- helpers ---------------------------------------------------------------------------------------------------------
+
+
+def sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def best_of(repeats: int, fn: Callable[[], Any]) -> tuple[float, Any]:
+    """Shortest wall time of ``repeats`` calls, and the last result."""
+    best, result = float("inf"), None
+    for _ in range(max(1, repeats)):
+        sync()
+        start = time.perf_counter()
+        result = fn()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def interleaved(repeats: int, fns: dict[str, Callable[[], Any]]) -> dict[str, tuple[float, Any]]:
+    """Best wall time of each function, running them in turn ``repeats`` times."""
+    out: dict[str, tuple[float, Any]] = {name: (float("inf"), None) for name in fns}
+    for _ in range(max(1, repeats)):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            result = fn()
+            sync()
+            elapsed = time.perf_counter() - start
+            out[name] = (min(out[name][0], elapsed), result)
+    return out
+
+
+def load() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # pragma: no cover - not on Linux/macOS
+        return float("nan")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, Any]:
+    import transformers
+
+    mem = None
+    try:
+        import psutil
+
+        mem = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:  # pragma: no cover
+        pass
+    cuda = torch.cuda.is_available()
+    return {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": mem,
+        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "load_average_start": round(load(), 2),
+    }
+
+
+def model_flops(lm: Any) -> dict[str, int]:
+    """FLOPs per token (2 per multiply-add, attention scores left out): with and without the LM head."""
+    model = lm.model
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    head_weight = head.weight if head is not None else embed
+    tied = head_weight is embed or head_weight.data_ptr() == embed.data_ptr()
+    params = sum(p.numel() for p in model.parameters())  # unique parameters: a tied head counts once
+    body = params - embed.numel() - (0 if tied else head_weight.numel())
+    return {"params": params, "body": body, "head": head_weight.numel(), "tied": tied,
+            "forward": 2 * (body + head_weight.numel()), "forward_no_head": 2 * body}
+
+
+def measure_matmul(n: int, reps: int, device: Any) -> float:
+    """fp32 GFLOP/s of an n×n by n×n product."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    seconds, _ = best_of(3, lambda: [a @ b for _ in range(reps)])
+    return 2 * n**3 * reps / seconds / 1e9
+
+
+def measure_memory(size: int, device: Any) -> tuple[float, float]:
+    """GB/s reading ``size`` floats (a sum) and copying them (bytes read + written)."""
+    x = torch.ones(size, device=device)
+    y = torch.empty_like(x)
+    read_s, _ = best_of(5, lambda: x.sum())
+    copy_s, _ = best_of(5, lambda: y.copy_(x))
+    return size * 4 / read_s / 1e9, 2 * size * 4 / copy_s / 1e9
+
+
+def measure_matvec(rows: int, device: Any) -> float:
+    """GB/s of matrix bytes read by a [1, 576] × [576, rows] product (how batch-1 decoding reads weights)."""
+    matrix, vector = torch.randn(rows, 576, device=device), torch.randn(1, 576, device=device)
+    seconds, _ = best_of(5, lambda: torch.nn.functional.linear(vector, matrix))
+    return matrix.numel() * 4 / seconds / 1e9
+
+
+def rows_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:,.3g}" if abs(v) < 10 else f"{v:,.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.results: dict[str, Any] = {"machine": machine(), "args": vars(args).copy()}
+        self.markdown: list[str] = []
+        self._lm: Any = None
+        self.peak_gflops: float | None = None
+
+    @property
+    def lm(self) -> Any:
+        if self._lm is None:
+            from personaxis.models import load_model
+
+            start = time.perf_counter()
+            self._lm = load_model(self.args.model, device=self.args.device)
+            name = self._lm.profile.name
+            flops = model_flops(self._lm)
+            self.results["model"] = {
+                "name": name, "layers": self._lm.profile.n_layers, "hidden": self._lm.profile.hidden_size,
+                "dtype": str(self._lm.model.dtype), "load_s": round(time.perf_counter() - start, 2), **flops,
+            }
+            self.say(f"model {name}: {flops['params'] / 1e6:.1f} M parameters, "
+                     f"{flops['forward'] / 1e6:.0f} MFLOP/token with the LM head, {flops['forward_no_head'] / 1e6:.0f} without")
+        return self._lm
+
+    def say(self, text: str) -> None:
+        print(text, flush=True)
+
+    def section(self, title: str, table: str, notes: Sequence[str] = ()) -> None:
+        block = f"### {title}\n\n{table}\n" + "".join(f"\n{n}" for n in notes)
+        self.markdown.append(block)
+        print("\n" + block, flush=True)
+
+    def busy_note(self, before: float, after: float) -> list[str]:
+        cores = os.cpu_count() or 1
+        if max(before, after) > cores + 0.5:
+            return [f"Load average {before:.1f} → {after:.1f} on {cores} cores: other work shared the machine, "
+                    "figures are low and noisy."]
+        return []
+
+    # --- sections -------------------------------------------------------------------------------------------------
+
+    def limits(self) -> None:
+        quick, device = self.args.quick, self.args.device
+        gpu = str(device).startswith("cuda")
+        n = 512 if quick else (8192 if gpu else 2048)
+        reps = 2 if quick else (20 if gpu else 5)
+        gflops = measure_matmul(n, reps, device)
+        size = (64 if quick else (4096 if gpu else 512)) * 2**20 // 4
+        read_gbs, copy_gbs = measure_memory(size, device)
+        # A matrix-vector product over a matrix far larger than the caches: what batch-1 decoding streams.
+        rows_mv = (64 if quick else 256) * 2**20 // 4 // 576
+        mv_gbs = measure_matvec(rows_mv, device)
+        self.peak_gflops = gflops
+        self.results["limits"] = {"matmul_gflops": round(gflops, 1), "matmul_n": n, "read_gbs": round(read_gbs, 1),
+                                  "copy_gbs": round(copy_gbs, 1), "matvec_gbs": round(mv_gbs, 1),
+                                  "buffer_mib": size * 4 // 2**20}
+        where = torch.cuda.get_device_name(device) if gpu else f"{torch.get_num_threads()} threads"
+        rows = [["fp32 matmul", f"{gflops:.0f} GFLOP/s", f"{n}×{n} @ {n}×{n}, {where}"],
+                ["memory read", f"{read_gbs:.1f} GB/s", f"sum over {size * 4 // 2**20} MiB"],
+                ["memory copy", f"{copy_gbs:.1f} GB/s", "bytes read + written"],
+                ["fp32 matrix × vector", f"{mv_gbs:.1f} GB/s", f"matrix bytes read, {rows_mv}×576 (batch-1 decoding)"]]
+        notes = []
+        if self._lm is not None or "gen" in self.args.sections or "extract" in self.args.sections:
+            flops = model_flops(self.lm)
+            fwd = gflops * 1e9 / flops["forward"]
+            body = gflops * 1e9 / flops["forward_no_head"]
+            weights = sum(p.numel() * p.element_size() for p in self.lm.model.parameters())
+            step, step_mv = weights / (read_gbs * 1e9), weights / (mv_gbs * 1e9)
+            self.results["limits"].update(tokens_per_s_forward=round(fwd), tokens_per_s_no_head=round(body),
+                                          batch1_tokens_per_s_memory=round(1 / step),
+                                          batch1_tokens_per_s_matvec=round(1 / step_mv))
+            notes.append(f"Model limits at this matmul rate: {fwd:.0f} tokens/s for a forward pass with the LM head, "
+                         f"{body:.0f} without it. Batch-1 decoding reads all weights per token: {1 / step:.0f} tokens/s "
+                         f"at the memory read rate, {1 / step_mv:.0f} at the matrix × vector rate that torch reaches.")
+        self.section("Machine limits", rows_table(["limit", "measured", "how"], rows), notes)
+
+    def _peak(self) -> float:
+        if self.peak_gflops is None:
+            self.limits()
+        assert self.peak_gflops is not None
+        return self.peak_gflops
+
+    def _prompts(self, n: int) -> list[list[int]]:
+        from personaxis.chat import render_prompt
+
+        out = []
+        for i in range(n):
+            convo = [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
+            role = ROLES[(i // len(QUESTIONS)) % len(ROLES)]
+            if role:
+                convo.insert(0, {"role": "system", "content": role})
+            out.append(render_prompt(self.lm.tokenizer, convo, self.lm.profile))
+        return out
+
+    def _gen_case(self, label: str, prompts: list[list[int]], config: Any, min_new: int) -> dict[str, Any]:
+        """Time ``generate_ids`` with both engines on the same prompts and settings."""
+        from personaxis.generation import generate_ids
+
+        lm, flops, peak = self.lm, model_flops(self.lm), self._peak()
+        timed = interleaved(self.args.repeats, {
+            engine: (lambda engine=engine: generate_ids(lm, prompts, config, min_new_tokens=min_new, engine=engine))
+            for engine in ("hf", "fast")
+        })
+        hf_out, fast_out = timed["hf"][1], timed["fast"][1]
+        new_hf, new_fast = sum(map(len, hf_out)), sum(map(len, fast_out))
+        prompt_tokens = sum(map(len, prompts))
+        hf_tps, fast_tps = new_hf / timed["hf"][0], new_fast / timed["fast"][0]
+
+        def fraction(tps: float) -> float:
+            return tps * flops["forward"] / (peak * 1e9)
+
+        def mfu(seconds: float, new: int) -> float:
+            return (prompt_tokens * flops["forward_no_head"] + new * flops["forward"]) / seconds / (peak * 1e9)
+
+        record = {
+            "case": label, "batch": config.batch_size, "prompts": len(prompts), "prompt_tokens": prompt_tokens,
+            "max_new_tokens": config.max_new_tokens, "temperature": config.temperature, "top_p": config.top_p,
+            "mean_new_tokens": round(new_fast / len(prompts), 1), "hf_tokens_per_s": round(hf_tps, 1),
+            "fast_tokens_per_s": round(fast_tps, 1), "speedup": round(fast_tps / hf_tps, 2),
+            "fraction_of_compute_limit": round(fraction(fast_tps), 3),
+            "hf_fraction_of_compute_limit": round(fraction(hf_tps), 3),
+            "mfu": round(mfu(timed["fast"][0], new_fast), 3), "hf_mfu": round(mfu(timed["hf"][0], new_hf), 3),
+            "same_tokens": round(sum(a == b for a, b in zip(hf_out, fast_out, strict=True)) / len(prompts), 3),
+        }
+        self.say(f"  gen {label}: hf {hf_tps:.1f} tok/s, fast {fast_tps:.1f} tok/s")
+        return record
+
+    def gen(self) -> None:
+        from personaxis.generation import SamplingConfig
+
+        args = self.args
+        n_new = args.new_tokens
+        before = load()
+        records = []
+        for batch in args.batches:
+            prompts = self._prompts(max(batch, args.min_prompts))
+            records.append(self._gen_case(f"batch {batch}", prompts, SamplingConfig(max_new_tokens=n_new, batch_size=batch),
+                                          n_new))
+        batch = max(args.batches)
+        prompts = self._prompts(max(batch, args.min_prompts))
+        sampled = SamplingConfig(max_new_tokens=n_new, batch_size=batch, temperature=0.7, top_p=0.9, seed=0)
+        records.append(self._gen_case(f"batch {batch}, sampled", prompts, sampled, n_new))
+        if args.natural_prompts > 0:
+            natural = SamplingConfig(max_new_tokens=args.natural_max_new, batch_size=batch)
+            records.append(self._gen_case(f"batch {batch}, natural stops", self._prompts(args.natural_prompts),
+                                          natural, 0))
+        after = load()
+        self.results["generation"] = {"cases": records, "load_average": [round(before, 2), round(after, 2)]}
+        rows = [[r["case"], r["prompts"], r["hf_tokens_per_s"], r["fast_tokens_per_s"], f"{r['speedup']:.2f}×",
+                 f"{r['fraction_of_compute_limit']:.0%}", f"{r['mfu']:.0%} ({r['hf_mfu']:.0%})",
+                 "—" if r["temperature"] > 0 else f"{r['same_tokens']:.0%}"] for r in records]
+        notes = [f"Equal lengths: {n_new} new tokens per answer for both engines (end-of-turn tokens suppressed until "
+                 "then); wall time includes the prefill. *Of compute limit* = new tokens/s × FLOPs per token (with the "
+                 "LM head) ÷ measured matmul rate; *MFU* also counts the prompt tokens (HF generate's in brackets); "
+                 "*same* = answers whose tokens are identical. Sampled: temperature 0.7, top-p 0.9 (each engine "
+                 "draws its own random numbers)."]
+        if args.natural_prompts > 0:
+            natural_record = records[-1]
+            notes.append(f"Natural stops: answers end at the end-of-turn token or {args.natural_max_new} tokens, as in "
+                         f"the pipeline (mean {natural_record['mean_new_tokens']:.0f} new tokens); personaxis drops "
+                         "finished answers and refills the batch, `generate` computes them until its batch ends.")
+        notes += self.busy_note(before, after)
+        self.section("Generation (new tokens/s)",
+                     rows_table(["case", "answers", "HF generate", "personaxis", "speed-up", "of compute limit",
+                                 "MFU", "same"], rows), notes)
+
+    def _rollouts(self, n: int, words: tuple[int, int], seed: int = 0) -> list[list[dict[str, str]]]:
+        rng = random.Random(seed)
+        out = []
+        for i in range(n):
+            start = rng.randrange(len(FILLER))
+            answer = " ".join(FILLER[(start + j) % len(FILLER)] for j in range(rng.randint(*words)))
+            convo = [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}, {"role": "assistant", "content": answer}]
+            out.append(convo)
+        return out
+
+    def extract(self) -> None:
+        from personaxis.activations import extract_turn_means
+        from personaxis.chat import render_chat
+
+        lm, args = self.lm, self.args
+        peak = self._peak()
+        flops = model_flops(lm)
+        convs = self._rollouts(args.extract_n, (args.extract_words, args.extract_words + 30))
+        rendered = [render_chat(lm.tokenizer, c, lm.profile, require_assistant=True) for c in convs]
+        tokens = sum(len(r.input_ids) for r in rendered)
+        n_layers = lm.profile.n_layers
+
+        @torch.inference_mode()
+        def naive() -> list[torch.Tensor]:
+            # transformers' last hidden state comes after the final norm: the last block's own output is read
+            # with a hook, the others from ``hidden_states``.
+            last: list[torch.Tensor] = []
+
+            def keep(module: Any, args: Any, output: Any) -> None:
+                last.append(output[0] if isinstance(output, tuple) else output)
+
+            handle = lm.layers[n_layers - 1].register_forward_hook(keep)
+            out = []
+            try:
+                for chat in rendered:
+                    ids = torch.tensor([chat.input_ids], device=lm.device)
+                    hidden = list(lm.model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states)
+                    hidden[n_layers] = last.pop()
+                    span = chat.spans[0]
+                    out.append(torch.stack([hidden[layer + 1][0, span.start : span.end].float().mean(0)
+                                            for layer in range(n_layers)]))
+            finally:
+                handle.remove()
+            return out
+
+        before = load()
+        timed = interleaved(args.repeats, {"naive": naive, "ours": lambda: extract_turn_means(lm, convs)})
+        after = load()
+        ours = torch.stack([t.means[0] for t in timed["ours"][1]])
+        ref = torch.stack(timed["naive"][1])
+        diff = float((ours - ref).abs().max())
+        scale = float(ref.abs().max())
+        naive_tps, ours_tps = tokens / timed["naive"][0], tokens / timed["ours"][0]
+        mfu_ours = ours_tps * flops["forward_no_head"] / (peak * 1e9)
+        mfu_naive = naive_tps * flops["forward_no_head"] / (peak * 1e9)
+        mfu_naive_all = naive_tps * flops["forward"] / (peak * 1e9)
+        self.results["extraction"] = {
+            "rollouts": len(convs), "tokens": tokens, "mean_tokens": tokens / len(convs),
+            "naive_tokens_per_s": round(naive_tps, 1), "ours_tokens_per_s": round(ours_tps, 1),
+            "speedup": round(ours_tps / naive_tps, 2), "mfu_ours": round(mfu_ours, 3),
+            "mfu_naive_useful": round(mfu_naive, 3), "mfu_naive_incl_head": round(mfu_naive_all, 3),
+            "max_abs_diff": diff, "max_abs_value": scale, "load_average": [round(before, 2), round(after, 2)],
+        }
+        rows = [["naive (one per forward, all hidden states, logits)", naive_tps, f"{mfu_naive:.0%} ({mfu_naive_all:.0%})"],
+                ["personaxis `extract_turn_means`", ours_tps, f"{mfu_ours:.0%}"],
+                ["speed-up", f"{ours_tps / naive_tps:.2f}×", ""]]
+        notes = [f"{len(convs)} single-turn rollouts, {tokens / len(convs):.0f} tokens each on average, all "
+                 f"{n_layers} layers; MFU = tokens/s × FLOPs per token without the LM head ÷ measured matmul rate "
+                 f"(in brackets: counting the LM head the naive way computes). Largest difference between the two "
+                 f"means: {diff:.2e} (values up to {scale:.3g})."]
+        self.section("Extraction (tokens/s)", rows_table(["way", "tokens/s", "MFU"], rows),
+                     notes + self.busy_note(before, after))
+
+    def interventions(self) -> None:
+        from personaxis.generation import SamplingConfig, generate_ids
+        from personaxis.interventions import Add, FloorCap
+
+        lm, args = self.lm, self.args
+        n_layers, target, hidden = lm.profile.n_layers, lm.profile.target_layer, lm.profile.hidden_size
+        v = torch.randn(hidden, generator=torch.Generator().manual_seed(0))
+        v = (v / v.norm()).to(lm.model.dtype)
+        width = min(8, n_layers)
+        first = max(0, min(target - width // 2, n_layers - width))
+        band = list(range(first, first + width))
+        cap = {layer: [FloorCap(v, tau=0.0)] for layer in band}
+        steer = {target: [Add(v, alpha=4.0)]}
+        batch = args.intervention_batch
+        prompts = self._prompts(batch)
+        n_new = args.new_tokens
+        config = SamplingConfig(max_new_tokens=n_new, batch_size=batch)
+
+        def run(interventions: dict | None) -> list[list[int]]:
+            return generate_ids(lm, prompts, config, interventions=interventions, min_new_tokens=n_new)
+
+        before = load()
+        timed = interleaved(args.repeats, {"none": lambda: run(None), "cap": lambda: run(cap),
+                                           "steer": lambda: run(steer)})
+        after = load()
+        tokens = len(prompts) * n_new
+        tps = {name: tokens / t for name, (t, _) in timed.items()}
+        cost = {name: 1 - tps[name] / tps["none"] for name in ("cap", "steer")}
+        self.results["interventions"] = {
+            "batch": batch, "new_tokens": n_new, "cap_layers": band, "steer_layer": target,
+            "tokens_per_s": {k: round(x, 1) for k, x in tps.items()},
+            "cost": {k: round(x, 3) for k, x in cost.items()}, "load_average": [round(before, 2), round(after, 2)],
+        }
+        rows = [["none", tps["none"], ""],
+                [f"floor cap on {width} layers ({band[0]}–{band[-1]})", tps["cap"], f"{cost['cap']:+.1%}"],
+                [f"steering on layer {target}", tps["steer"], f"{cost['steer']:+.1%}"]]
+        self.section(f"Interventions (fast engine, batch {batch}, {n_new} new tokens)",
+                     rows_table(["intervention", "new tokens/s", "cost"], rows),
+                     ["Cost = 1 − tokens/s with ÷ tokens/s without (negative: within noise)."]
+                     + self.busy_note(before, after))
+
+    def monitor(self) -> None:
+        from personaxis.activations import extract_turn_means
+
+        lm, args = self.lm, self.args
+        turns = args.monitor_turns
+        words = (5, 10) if args.quick else (25, 45)
+        rng = random.Random(1)
+        convo: list[dict[str, str]] = []
+        for t in range(turns):
+            convo.append({"role": "user", "content": QUESTIONS[t % len(QUESTIONS)]})
+            start = rng.randrange(len(FILLER))
+            convo.append({"role": "assistant",
+                          "content": " ".join(FILLER[(start + j) % len(FILLER)] for j in range(rng.randint(*words)))})
+        layer = [lm.profile.target_layer]
+
+        def one_pass() -> torch.Tensor:
+            return extract_turn_means(lm, [convo], layers=layer)[0].means[:, 0]
+
+        def per_turn() -> torch.Tensor:
+            return torch.stack([extract_turn_means(lm, [convo[: 2 * (t + 1)]], layers=layer)[0].means[-1, 0]
+                                for t in range(turns)])
+
+        before = load()
+        timed = interleaved(args.repeats, {"per_turn": per_turn, "one_pass": one_pass})
+        after = load()
+        diff = float((timed["one_pass"][1] - timed["per_turn"][1]).abs().max())
+        one, each = timed["one_pass"][0], timed["per_turn"][0]
+        self.results["monitoring"] = {"turns": turns, "one_pass_s": round(one, 4), "per_turn_s": round(each, 4),
+                                      "speedup": round(each / one, 2), "max_abs_diff": diff,
+                                      "load_average": [round(before, 2), round(after, 2)]}
+        rows = [["one pass over the whole conversation", f"{one * 1e3:.0f} ms"],
+                ["one pass per turn (each prefix)", f"{each * 1e3:.0f} ms"], ["speed-up", f"{each / one:.1f}×"]]
+        self.section(f"Monitoring a {turns}-turn conversation (layer {layer[0]})", rows_table(["way", "time"], rows),
+                     [f"Per-turn means agree within {diff:.1e}."] + self.busy_note(before, after))
+
+    def quick(self) -> None:
+        args = self.args
+        cli = Path(sys.executable).parent / "personaxis"
+        command = [str(cli)] if cli.exists() else [sys.executable, "-m", "personaxis.cli"]
+        out = Path(tempfile.mkdtemp(prefix="personaxis-bench-quick-"))
+        command += ["run", "--preset", "quick", "--out", str(out / "run")]
+        log = out / "log.txt"
+        before = load()
+        start = time.perf_counter()
+        with open(log, "w") as handle:
+            proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
+            status, rusage = 0, None
+            while True:
+                pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                if time.perf_counter() - start > args.quick_timeout:
+                    proc.kill()
+                    _, status, rusage = os.wait4(proc.pid, 0)
+                    break
+                time.sleep(0.2)
+        wall = time.perf_counter() - start
+        after = load()
+        code = os.waitstatus_to_exitcode(status)
+        tail = log.read_text(errors="replace").strip().splitlines()[-5:]
+        if code != 0:
+            self.results["quick_preset"] = {"skipped": True, "exit_code": code, "wall_s": round(wall, 1), "log": tail}
+            self.section("Quick preset", "skipped: `" + " ".join(command[-5:]) + f"` exited with {code}",
+                         ["    " + line for line in tail])
+        else:
+            peak_mib = rusage.ru_maxrss / 1024 if rusage is not None else float("nan")  # KiB on Linux
+            self.results["quick_preset"] = {"wall_s": round(wall, 1), "peak_rss_mib": round(peak_mib),
+                                            "load_average": [round(before, 2), round(after, 2)]}
+            rows = [["wall time", f"{wall / 60:.1f} min ({wall:.0f} s)"], ["peak memory (RSS)", f"{peak_mib:,.0f} MiB"]]
+            self.section("Quick preset (`personaxis run --preset quick`)", rows_table(["", ""], rows),
+                         self.busy_note(before, after))
+        shutil.rmtree(out, ignore_errors=True)
+
+    def run(self) -> None:
+        for name in self.args.sections:
+            getattr(self, name)()
+        self.results["machine"]["load_average_end"] = round(load(), 2)
+
+    def header(self) -> str:
+        m = self.results["machine"]
+        return (f"## personaxis benchmark\n\n{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, torch "
+                f"{m['torch']} ({m['torch_threads']} threads), transformers {m['transformers']}; load average "
+                f"{m['load_average_start']} at the start, {m.get('load_average_end')} at the end.\n")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model folder or id (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {','.join(SECTIONS)}")
+    p.add_argument("--quick", action="store_true", help="small sizes: a smoke run in about a minute")
+    p.add_argument("--skip-quick", action="store_true", help="skip the quick-preset run (minutes)")
+    p.add_argument("--batches", default=None, help="generation batch sizes (default 1,16,64)")
+    p.add_argument("--new-tokens", type=int, default=None, help="new tokens per answer (default 64)")
+    p.add_argument("--min-prompts", type=int, default=None, help="answers per batch size at least (default 4)")
+    p.add_argument("--natural-prompts", type=int, default=None,
+                   help="answers for the natural-stops generation run (0: skip; default 128)")
+    p.add_argument("--natural-max-new", type=int, default=None, help="max new tokens there (default 128)")
+    p.add_argument("--extract-n", type=int, default=None, help="rollouts to extract (default 256)")
+    p.add_argument("--extract-words", type=int, default=None, help="answer length in words, +0..30 (default 60)")
+    p.add_argument("--intervention-batch", type=int, default=None, help="batch for the intervention runs (default 64)")
+    p.add_argument("--monitor-turns", type=int, default=15)
+    p.add_argument("--repeats", type=int, default=None, help="runs per measurement, best kept (default 2)")
+    p.add_argument("--quick-timeout", type=float, default=1800.0, help="seconds before the quick preset is stopped")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", default=None, help="torch device for the model, e.g. cuda (default: cpu)")
+    p.add_argument("--json", default=str(HERE / "results.json"), help="where to write the results")
+    args = p.parse_args(argv)
+    small = args.quick
+    defaults = {"batches": "1,4" if small else "1,16,64", "new_tokens": 8 if small else 64,
+                "min_prompts": 2 if small else 4, "natural_prompts": 8 if small else 128,
+                "natural_max_new": 16 if small else 128, "extract_n": 16 if small else 256,
+                "extract_words": 20 if small else 60, "intervention_batch": 4 if small else 64,
+                "repeats": 1 if small else 2}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.batches = [int(b) for b in str(args.batches).split(",") if b.strip()]
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        p.error(f"unknown sections {unknown}; choose from {','.join(SECTIONS)}")
+    if args.skip_quick and "quick" in sections:
+        sections.remove("quick")
+    args.sections = [s for s in SECTIONS if s in sections]
+    if small:
+        args.monitor_turns = min(args.monitor_turns, 4)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bench = Bench(args)
+    bench.say(bench.header())
+    bench.run()
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(bench.results, indent=2, default=str) + "\n")
+    print("\n" + bench.header() + "\n" + "\n\n".join(bench.markdown))
+    print(f"\nresults written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""The benchmark script runs end to end at tiny sizes (a smoke test: no speed is asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tiny import tiny_model
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+
+
+def test_benchmark_smoke(tmp_path: Path) -> None:
+    lm = tiny_model("llama")
+    model_dir = tmp_path / "tiny"
+    lm.model.save_pretrained(model_dir)
+    lm.tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--model", str(model_dir), "--quick", "--json", str(out),
+         "--quick-timeout", "0.5", "--extract-n", "8", "--natural-prompts", "6"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["limits"]["matmul_gflops"] > 0 and results["limits"]["read_gbs"] > 0
+    gen = results["generation"]["cases"]
+    assert [r["case"] for r in gen] == ["batch 1", "batch 4", "batch 4, sampled", "batch 4, natural stops"]
+    assert all(r["fast_tokens_per_s"] > 0 and r["hf_tokens_per_s"] > 0 for r in gen)
+    greedy = [r for r in gen if r["temperature"] == 0]
+    assert all(r["same_tokens"] == 1.0 for r in greedy)  # the fast engine's tokens equal generate's
+    assert gen[-1]["prompts"] == 6
+    assert results["extraction"]["rollouts"] == 8 and results["extraction"]["max_abs_diff"] < 1e-4
+    assert set(results["interventions"]["cost"]) == {"cap", "steer"}
+    assert results["monitoring"]["turns"] == 4 and results["monitoring"]["max_abs_diff"] < 1e-4
+    assert results["quick_preset"]["skipped"]  # stopped after half a second: reported as skipped, not a crash
+    for title in ("Machine limits", "Generation", "Extraction", "Interventions", "Monitoring", "Quick preset"):
+        assert title in proc.stdout

@@ -1,0 +1,215 @@
+"""The fast generation engine gives the same greedy tokens as transformers' ``generate``.
+
+Tiny random models run in float64 (Gemma 2 in float32, see tests/test_generation.py) so that argmaxes do not tie. Random
+models rarely emit an end-of-turn token, so tests that need answers ending at different times pick stop tokens
+from what the model actually generates.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+
+import pytest
+import torch
+from tiny import tiny_model
+
+from personaxis.chat import render_prompt
+from personaxis.generation import SamplingConfig, generate, generate_ids
+from personaxis.interventions import Add, FloorCap
+from personaxis.models import LoadedModel
+
+WORDS = "pirate ghost moon sea fox dog rainbow fear who are you tell me about yourself explain the quick brown".split()
+
+
+def conversations(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        convo = [{"role": "user", "content": " ".join(rng.choices(WORDS, k=rng.randint(1, 30)))}]
+        if i % 3 == 1:
+            convo.insert(0, {"role": "system", "content": "You are a pirate."})
+        out.append(convo)
+    return out
+
+
+@pytest.fixture(scope="module", params=[("llama", torch.float64), ("qwen2", torch.float64), ("gemma2", torch.float32)])
+def lm(request) -> LoadedModel:
+    kind, dtype = request.param
+    return tiny_model(kind, dtype=dtype)
+
+
+def interventions_for(lm: LoadedModel) -> dict:
+    # Mild enough that answers still vary (strong steering makes a tiny random model repeat one token).
+    v = torch.randn(lm.profile.hidden_size, generator=torch.Generator().manual_seed(3), dtype=lm.model.dtype)
+    u = v / v.norm()
+    return {1: [Add(u, alpha=0.2)], 2: [FloorCap(u, tau=0.0)]}
+
+
+def common_tokens(outputs: list[list[int]], n: int = 2) -> list[int]:
+    """Tokens that occur in some answers but not most: as stop tokens they end answers at different times."""
+    counts = collections.Counter(t for out in outputs for t in set(out))
+    return [t for t, c in counts.most_common() if c < 0.6 * len(outputs)][:n]
+
+
+@pytest.mark.parametrize("steered", [False, True])
+def test_fast_equals_hf_with_stops(lm, steered):
+    prompts = [render_prompt(lm.tokenizer, c, lm.profile) for c in conversations(24)]
+    assert len({len(p) for p in prompts}) > 5  # unequal prompt lengths
+    interventions = interventions_for(lm) if steered else None
+    free = generate_ids(lm, prompts, SamplingConfig(max_new_tokens=24), interventions=interventions, stop_ids=[])
+    assert all(len(o) == 24 for o in free)
+    stops = common_tokens(free)
+    # One at a time (on a few prompts); continuous batching with refills; everything in one batch.
+    for batch_size, n in ((1, 6), (5, len(prompts)), (64, len(prompts))):
+        config = SamplingConfig(max_new_tokens=24, batch_size=batch_size)
+        fast = generate_ids(lm, prompts[:n], config, interventions=interventions, stop_ids=stops)
+        hf = generate_ids(lm, prompts[:n], config, interventions=interventions, stop_ids=stops, engine="hf")
+        assert fast == hf, f"batch_size={batch_size}"
+    lengths = {len(o) for o in fast}
+    assert len(lengths) >= 3 and 24 in lengths  # answers ended at different times, some ran to the limit
+    assert all(o[-1] in stops for o in fast if len(o) < 24)
+
+
+def test_generate_text_matches_hf(lm):
+    convs = conversations(9, seed=1)
+    interventions = interventions_for(lm)
+    for iv in (None, interventions):
+        config = SamplingConfig(max_new_tokens=16, batch_size=4)
+        assert generate(lm, convs, config, interventions=iv) == generate(lm, convs, config, interventions=iv, engine="hf")
+
+
+def test_min_new_tokens_and_equal_lengths(lm):
+    prompts = [render_prompt(lm.tokenizer, c, lm.profile) for c in conversations(6)]
+    free = generate_ids(lm, prompts, SamplingConfig(max_new_tokens=10), stop_ids=[])
+    stops = common_tokens(free)
+    config = SamplingConfig(max_new_tokens=10, batch_size=4)
+    fast = generate_ids(lm, prompts, config, stop_ids=stops, min_new_tokens=10)
+    hf = generate_ids(lm, prompts, config, stop_ids=stops, min_new_tokens=10, engine="hf")
+    assert fast == hf
+    assert all(len(o) == 10 for o in fast)
+
+
+def test_intervention_changes_output_and_hooks_are_removed(lm):
+    from personaxis.hooks import hook_count
+
+    convs = conversations(4)
+    config = SamplingConfig(max_new_tokens=12)
+    before = hook_count(lm)
+    plain = generate(lm, convs, config)
+    steered = generate(lm, convs, config, interventions=interventions_for(lm))
+    assert [g.text for g in plain] != [g.text for g in steered]
+    assert hook_count(lm) == before
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_llama):
+    convs = conversations(10, seed=2)
+    config = SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=5, batch_size=3)
+    first = generate(tiny_llama, convs, config)
+    assert first == generate(tiny_llama, convs, config)
+    # Each answer has its own seeded generator: batch size and neighbours do not change it.
+    wide = SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=5, batch_size=64)
+    assert first == generate(tiny_llama, convs, wide)
+    other = SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=6, batch_size=3)
+    assert [g.text for g in first] != [g.text for g in generate(tiny_llama, convs, other)]
+    greedy = generate(tiny_llama, convs, SamplingConfig(max_new_tokens=12))
+    assert [g.text for g in first] != [g.text for g in greedy]
+
+
+def test_top_p_keeps_the_most_likely_mass(tiny_llama):
+    # With a tiny top_p only the most likely token survives: sampling becomes greedy.
+    convs = conversations(5, seed=3)
+    greedy = generate(tiny_llama, convs, SamplingConfig(max_new_tokens=10))
+    nucleus = generate(tiny_llama, convs, SamplingConfig(max_new_tokens=10, temperature=1.0, top_p=1e-6, seed=1))
+    assert greedy == nucleus
+
+
+def test_edge_cases(tiny_llama):
+    assert generate_ids(tiny_llama, [], SamplingConfig()) == []
+    with pytest.raises(ValueError, match="engine"):
+        generate_ids(tiny_llama, [[1, 2]], SamplingConfig(), engine="nope")  # type: ignore[arg-type]
+    one = generate_ids(tiny_llama, [[5, 6, 7]], SamplingConfig(max_new_tokens=1))
+    assert len(one) == 1 and len(one[0]) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_embedded_fast_equals_hf(embedded_lm):
+    questions = [
+        "Tell me about yourself.",
+        "What do you fear most?",
+        "Explain how rainbows form, briefly.",
+        "Write one sentence about the sea.",
+        "What is 2 + 2?",
+    ]
+    convs = [[{"role": "user", "content": q}] for q in questions]
+    convs.append([{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Who are you?"}])
+    hidden = embedded_lm.profile.hidden_size
+    v = torch.randn(hidden, generator=torch.Generator().manual_seed(0))
+    layer = embedded_lm.profile.target_layer
+    for interventions in (None, {layer: [Add(v / v.norm(), alpha=4.0)], layer + 1: [FloorCap(v, tau=0.0)]}):
+        config = SamplingConfig(max_new_tokens=32, batch_size=4)
+        fast = generate(embedded_lm, convs, config, interventions=interventions)
+        hf = generate(embedded_lm, convs, config, interventions=interventions, engine="hf")
+        assert [g.text for g in fast] == [g.text for g in hf]
+        assert [g.new_tokens for g in fast] == [g.new_tokens for g in hf]
+
+
+def test_draw_follows_the_weights():
+    from personaxis.generation import _draw, _nucleus
+
+    weights = torch.tensor([[0.0, 0.5, 0.3, 0.2, 0.0]]).repeat(40000, 1)
+    counts = torch.bincount(_draw(weights, torch.rand(40000, generator=torch.Generator().manual_seed(0))), minlength=5)
+    assert counts[0] == 0 and counts[4] == 0
+    assert torch.allclose(counts[1:4] / 40000.0, torch.tensor([0.5, 0.3, 0.2]), atol=0.02)
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    assert (_nucleus(probs, 0.79) > 0).tolist() == [[True, True, False, False]]
+    assert (_nucleus(probs, 0.81) > 0).tolist() == [[True, True, True, False]]
+    assert (_nucleus(probs, 1e-6) > 0).tolist() == [[True, False, False, False]]
+
+
+@pytest.mark.parametrize("steered", [False, True])
+def test_shared_prefixes_are_computed_once(lm, steered, monkeypatch):
+    from personaxis import generation
+
+    calls: list[int] = []
+    original = generation._FastGenerator._prefill_shared
+
+    def counting(self, groups, shared):
+        calls.append(sum(len(g) for g in groups))
+        return original(self, groups, shared)
+
+    monkeypatch.setattr(generation._FastGenerator, "_prefill_shared", counting)
+    systems = [
+        "You are a pirate who sails the seven seas and sings to the moon about the ghost of the sea.",
+        "You are the quick brown fox who jumps over the lazy dog and explains how rainbows form.",
+    ]
+    convs = [[{"role": "system", "content": systems[i % 2]}, {"role": "user", "content": q}]
+             for i, q in enumerate(["Who are you?", "Tell me about yourself.", "What do you fear most?", "Arr!",
+                                    "Explain how rainbows form.", "Who?", "What is the sea?", "abc"])]
+    convs += conversations(3, seed=4)  # prompts with no shared prefix join the same batch
+    prompts = [render_prompt(lm.tokenizer, c, lm.profile) for c in convs]
+    interventions = interventions_for(lm) if steered else None
+    free = generate_ids(lm, prompts, SamplingConfig(max_new_tokens=16), interventions=interventions, stop_ids=[])
+    stops = common_tokens(free)
+    for batch_size in (3, 64):
+        config = SamplingConfig(max_new_tokens=16, batch_size=batch_size)
+        calls.clear()
+        fast = generate_ids(lm, prompts, config, interventions=interventions, stop_ids=stops)
+        if lm.profile.name != "tiny-gemma2":  # sliding-window caches take no shared prefixes
+            assert calls, "no prefix was shared"
+        assert fast == generate_ids(lm, prompts, config, interventions=interventions, stop_ids=stops, engine="hf")
+
+
+def test_prefix_groups():
+    from personaxis.generation import MIN_SHARED_PREFIX, _prefix_groups
+
+    system = list(range(100, 100 + MIN_SHARED_PREFIX + 4))
+    prompts = [system + [1, 2], [7, 8, 9], system + [3], system + [4, 5, 6], system]
+    groups = _prefix_groups(prompts)
+    assert len(groups) == 1
+    members, length = groups[0]
+    # ``system`` alone must keep one token of its own, so the shared prefix is one token shorter than it.
+    assert sorted(members) == [0, 2, 3, 4] and length == len(system) - 1
+    assert _prefix_groups([[1, 2, 3], [1, 2, 4]]) == []  # too short to share
+    assert _prefix_groups([system + list(range(200)), system + [1]]) == []  # saves too little
