@@ -83,7 +83,7 @@ def extract_rendered(
     rendered: Sequence[RenderedChat],
     *,
     layers: Sequence[int] | None = None,
-    max_batch_size: int = 32,
+    max_batch_size: int = 8,
     max_batch_tokens: int = 8192,
     padding_side: str = "right",
     show_progress: bool = False,
@@ -152,7 +152,7 @@ def extract_turn_means(
     conversations: Sequence[Conversation],
     *,
     layers: Sequence[int] | None = None,
-    max_batch_size: int = 32,
+    max_batch_size: int = 8,
     max_batch_tokens: int = 8192,
     padding_side: str = "right",
     show_progress: bool = False,
@@ -160,7 +160,8 @@ def extract_turn_means(
     """For each conversation, the float32 mean of each requested block's output over each assistant turn's
     content tokens: ``TurnActivations.means`` has shape ``[n_turns, n_layers_requested, hidden]``.
 
-    Layers default to all blocks. Batches are length-sorted and padded on ``padding_side``; results come back in
+    Layers default to all blocks. Batches of 8 measured fastest on a 2-core CPU (cache-sized matrices); raise
+    ``max_batch_size`` on a GPU. Batches are length-sorted and padded on ``padding_side``; results come back in
     input order.
     """
     rendered = [render_chat(lm.tokenizer, c, lm.profile, require_assistant=True) for c in conversations]
