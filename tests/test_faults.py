@@ -576,10 +576,26 @@ def test_pipeline_with_a_faulty_judge_endpoint_judges_each_rollout_once_or_repor
     _no_secret_anywhere(out, result.output, caplog.text, repr(made[0]), repr(vars(made[0])))
     assert "could not be judged" in caplog.text
 
-    # resuming pays for nothing again
+    # resuming pays for nothing already scored: only the unscored answers are asked again, and once the endpoint
+    # has healed they are scored and the role gets its vector
+    paid = fake.requests
+    unscored = sum(1 for r in rollouts[slug(unjudged_role)] if r["answer"].strip())
+    fake.forever.clear()
+    fake.by_role[unjudged_role] = ["ok"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert fake.requests == paid + unscored
+    healed = json.loads((out / "judgments" / slug(unjudged_role) / "p0.json").read_text())["scores"]
+    assert all(v == 3 for k, v in healed.items() if k in fake_keys_answered(rollouts[slug(unjudged_role)]))
+    summary = json.loads((out / "summary.json").read_text())
+    assert unjudged_role in {r["name"] for r in summary["roles"]}  # the vectors were recomputed
     paid = fake.requests
     assert CliRunner().invoke(app, args).exit_code == 0
     assert fake.requests == paid
+
+
+def fake_keys_answered(rollouts: list[dict[str, Any]]) -> set[str]:
+    return {r["id"] for r in rollouts if r["answer"].strip()}
 
 
 def test_rejected_key_stops_the_judge_stage_without_leaking_it(

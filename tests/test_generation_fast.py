@@ -213,3 +213,13 @@ def test_prefix_groups():
     assert sorted(members) == [0, 2, 3, 4] and length == len(system) - 1
     assert _prefix_groups([[1, 2, 3], [1, 2, 4]]) == []  # too short to share
     assert _prefix_groups([system + list(range(200)), system + [1]]) == []  # saves too little
+
+
+def test_kv_cache_budget_grows_with_free_gpu_memory(monkeypatch):
+    from personaxis import generation
+
+    assert generation.kv_cache_budget(torch.device("cpu")) == generation.KV_CACHE_BYTES
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * 1024**3, 80 * 1024**3))
+    assert generation.kv_cache_budget(torch.device("cuda", 0)) == 20 * 1024**3
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1024**3, 80 * 1024**3))
+    assert generation.kv_cache_budget(torch.device("cuda", 0)) == generation.KV_CACHE_BYTES  # never below the floor

@@ -173,6 +173,19 @@ def test_a_pickle_that_would_run_code_is_refused_and_not_run(tmp_path, writer):
     assert not marker.exists() and not (tmp_path / "a.safetensors").exists()
 
 
+def test_a_file_over_the_size_limit_is_refused_before_reading(tmp_path, monkeypatch):
+    path = tmp_path / "big.pt"
+    torch.save({"axis": torch.ones(64, 8)}, path)
+    with pytest.raises(InteropError, match="more than the .* MiB a file of vectors should need"):
+        safe_torch_load(path, max_bytes=path.stat().st_size - 1)
+    assert safe_torch_load(path, max_bytes=path.stat().st_size)["axis"].shape == (64, 8)
+    read = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: read.append(a))
+    with pytest.raises(InteropError):
+        safe_torch_load(path, max_bytes=1)
+    assert read == []  # refused from the file size alone
+
+
 # ------------------------------------------------------------------------------------------------------------- GGUF
 def test_gguf_export_reads_back_equal(tmp_path):
     axis = _axis()

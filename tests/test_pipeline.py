@@ -139,3 +139,16 @@ def test_bad_settings_are_refused():
         RunSettings.from_preset("tiny", n_roles=1)
     with pytest.raises(ValueError, match="5 system prompts"):
         RunSettings.from_preset("tiny", prompts_per_role=6)
+
+
+def test_named_roles_and_counts_override_the_preset_role_list():
+    from personaxis.settings import QUICK_ROLES, build_conditions
+
+    named = ("ghost", "tutor", "bard", "wolf pack")
+    settings = RunSettings.from_preset("quick", role_names=named)
+    assert settings.n_roles == len(named)
+    assert [c.name for c in build_conditions(settings, "m") if c.kind == "role"] == list(named)
+    assert RunSettings.from_preset("quick", n_roles=12).role_names == QUICK_ROLES  # a subset of the curated list
+    wide = RunSettings.from_preset("quick", n_roles=len(QUICK_ROLES) + 9, n_traits=0)
+    assert wide.role_names is None
+    assert len([c for c in build_conditions(wide, "m") if c.kind == "role"]) == len(QUICK_ROLES) + 9

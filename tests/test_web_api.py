@@ -152,6 +152,11 @@ def test_stream_sends_tokens_with_running_projection_then_the_answer(client):
     assert "".join(t["delta"] for t in tokens).strip() == done["text"]
     whole = client.post("/api/chat", json={"messages": QUESTION, "max_tokens": 8}).json()
     assert whole["text"] == done["text"]  # the streaming loop and the batch engine agree on greedy text
+    # ... and on sampled text: the same sampler and the same random stream for the same seed
+    sampled = {"messages": QUESTION, "max_tokens": 12, "temperature": 1.3, "top_p": 0.95, "seed": 11}
+    streamed = _events(client.post("/api/chat/stream", json=sampled).text)[-1][1]["text"]
+    assert streamed == client.post("/api/chat", json=sampled).json()["text"]
+    assert streamed != done["text"]
 
 
 def test_capping_lifts_the_projection_to_the_floor(client):

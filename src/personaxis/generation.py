@@ -44,7 +44,17 @@ ENGINES: tuple[str, ...] = ("fast", "hf")
 # Tokens per prefill forward (rows × padded prompt length) and bytes of key/value cache per running batch: they bound
 # memory for long prompts; the batch shrinks below ``batch_size`` only when prompts are long.
 PREFILL_TOKENS = 8192
-KV_CACHE_BYTES = 2 * 1024**3
+KV_CACHE_BYTES = 2 * 1024**3  # the budget on CPUs, and the least one on GPUs
+KV_CACHE_GPU_FRACTION = 0.5  # on a GPU the budget grows to this fraction of its free memory
+
+
+def kv_cache_budget(device: torch.device) -> int:
+    """Bytes of key/value cache one running batch may hold on ``device``."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(KV_CACHE_BYTES, int(free * KV_CACHE_GPU_FRACTION))
+    return KV_CACHE_BYTES
+
 # A finished row stays in the batch (computing nothing useful) until this fraction of the batch has finished, then
 # finished rows are dropped and waiting prompts admitted in one go: reindexing the cache costs about as much as a
 # few decode steps, so doing it for every single finished row would not pay.
@@ -331,7 +341,7 @@ def _buffer_layer_class() -> type:
     return _BUFFER_LAYER
 
 
-def _forward_kwargs(model: torch.nn.Module) -> tuple[str, bool]:
+def forward_kwargs(model: torch.nn.Module) -> tuple[str, bool]:
     """The cache keyword of this model's forward (``cache`` in recent transformers) and whether it takes
     ``logits_to_keep``."""
     try:
@@ -400,6 +410,35 @@ def _nucleus(sorted_probs: Tensor, top_p: float) -> Tensor:
     return sorted_probs.masked_fill(before >= top_p, 0.0)
 
 
+def sample_tokens(logits: Tensor, temperature: float, top_p: float, uniform: Tensor) -> Tensor:
+    """One token per row of ``logits`` [rows, vocabulary]: greedy at temperature 0, else drawn at ``uniform`` (one
+    number in [0, 1) per row) from the temperature-scaled distribution cut to its top-``top_p`` mass."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p >= 1:
+        return _draw(probs, uniform)
+    # Top-p over the most likely candidates; the whole vocabulary is sorted only for rows they do not cover.
+    picked = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    values, ids = probs.topk(min(probs.shape[-1], _TOP_P_CANDIDATES), dim=-1)
+    covered = values.sum(dim=-1) >= top_p
+    if bool(covered.all()):
+        return ids.gather(1, _draw(_nucleus(values, top_p), uniform).unsqueeze(1)).squeeze(1)
+    for group in (covered, ~covered):
+        if bool(group.any()):
+            if group is covered:
+                v, i = values[group], ids[group]
+            else:
+                v, i = probs[group].sort(dim=-1, descending=True)
+            picked[group] = i.gather(1, _draw(_nucleus(v, top_p), uniform[group]).unsqueeze(1)).squeeze(1)
+    return picked
+
+
+def answer_generator(seed: int, index: int) -> torch.Generator:
+    """The random stream of answer ``index`` of a sampled call seeded with ``seed``: one uniform draw per token."""
+    return torch.Generator().manual_seed(_row_seed(seed, index))
+
+
 class _Batch:
     """Rows being generated side by side: their cache, attention mask, next input token and output so far."""
 
@@ -439,14 +478,14 @@ class _FastGenerator:
         self.min_new = min_new
         self.on_done = on_done
         self.pad_id = _pad_id(lm)
-        self.cache_kw, self.has_logits_to_keep = _forward_kwargs(self.model)
-        self.base_cache_kw, _ = _forward_kwargs(lm.base_model)
+        self.cache_kw, self.has_logits_to_keep = forward_kwargs(self.model)
+        self.base_cache_kw, _ = forward_kwargs(lm.base_model)
         self.buffered = self._supports_buffer_cache()
         self.results: list[list[int] | None] = [None] * len(prompts)
         self.generators: dict[int, torch.Generator] = {}
         self.queue = self._order()
         longest = max(len(p) for p in self.prompts)
-        kv_rows = KV_CACHE_BYTES // max(1, self._kv_bytes_per_token() * (longest + config.max_new_tokens))
+        kv_rows = kv_cache_budget(torch.device(self.device)) // max(1, self._kv_bytes_per_token() * (longest + config.max_new_tokens))
         self.max_rows = max(1, min(config.batch_size, kv_rows))
 
     # -- setup ----------------------------------------------------------------------------------------------------
@@ -522,24 +561,8 @@ class _FastGenerator:
                 logits[rows.unsqueeze(1), self.stop_tensor.unsqueeze(0)] = -math.inf
         if self.config.temperature == 0:
             return logits.argmax(dim=-1)
-        probs = torch.softmax(logits.float() / self.config.temperature, dim=-1)
-        uniform = self._uniforms(batch_rows, probs.device)
-        if self.config.top_p >= 1:
-            return _draw(probs, uniform)
-        # Top-p over the most likely candidates; the whole vocabulary is sorted only for rows they do not cover.
-        picked = torch.empty(len(batch_rows), dtype=torch.long, device=probs.device)
-        values, ids = probs.topk(min(probs.shape[-1], _TOP_P_CANDIDATES), dim=-1)
-        covered = values.sum(dim=-1) >= self.config.top_p
-        if bool(covered.all()):
-            return ids.gather(1, _draw(_nucleus(values, self.config.top_p), uniform).unsqueeze(1)).squeeze(1)
-        for group in (covered, ~covered):
-            if bool(group.any()):
-                if group is covered:
-                    v, i = values[group], ids[group]
-                else:
-                    v, i = probs[group].sort(dim=-1, descending=True)
-                picked[group] = i.gather(1, _draw(_nucleus(v, self.config.top_p), uniform[group]).unsqueeze(1)).squeeze(1)
-        return picked
+        uniform = self._uniforms(batch_rows, logits.device)
+        return sample_tokens(logits, self.config.temperature, self.config.top_p, uniform)
 
     def _uniforms(self, batch_rows: list[int], device: torch.device) -> Tensor:
         """One uniform draw per row: from the answer's own seeded generator, or the global one without a seed."""
@@ -549,7 +572,7 @@ class _FastGenerator:
         for row in batch_rows:
             generator = self.generators.get(row)
             if generator is None:
-                generator = torch.Generator().manual_seed(_row_seed(self.config.seed, row))
+                generator = answer_generator(self.config.seed, row)
                 self.generators[row] = generator
             out.append(torch.rand(1, generator=generator))
         return torch.cat(out).to(device)

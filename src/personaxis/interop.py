@@ -45,13 +45,22 @@ class InteropError(AxisError):
 
 
 # ------------------------------------------------------------------------------------------------ safe torch files
-def safe_torch_load(path: str | Path) -> Any:
-    """``torch.load(path, weights_only=True, map_location="cpu")``, with clear errors; never runs code from the file."""
+# Reference files hold vectors (an axis, role vectors: megabytes even for 70B models); anything far larger is not one.
+MAX_TORCH_FILE_BYTES = 4 << 30
+
+
+def safe_torch_load(path: str | Path, *, max_bytes: int = MAX_TORCH_FILE_BYTES) -> Any:
+    """``torch.load(path, weights_only=True, map_location="cpu")``, with clear errors; never runs code from the file
+    and refuses files over ``max_bytes`` before reading them."""
     path = Path(path)
     if not path.is_file():
         raise InteropError(f"{path}: file not found")
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise InteropError(f"{path}: the file is empty")
+    if size > max_bytes:
+        raise InteropError(f"{path}: {size / 2**20:.0f} MiB is more than the {max_bytes / 2**20:.0f} MiB a file of "
+                           "vectors should need, so it was not loaded (pass max_bytes to allow it)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

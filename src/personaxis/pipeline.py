@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -154,6 +154,16 @@ class Pipeline:
     def read_rollouts(self, unit: Unit) -> list[dict[str, Any]]:
         return read_json(self.rollout_path(unit))["rollouts"]
 
+    def _unscored(self, units: Iterable[Unit]) -> dict[str, list[str]]:
+        """Per judged unit, the ids of non-empty answers its judgment file holds no score for."""
+        out: dict[str, list[str]] = {}
+        for unit in units:
+            scores = read_json(self.judgment_path(unit))["scores"]
+            missing = [r["id"] for r in self.read_rollouts(unit) if r["answer"].strip() and scores.get(r["id"]) is None]
+            if missing:
+                out[unit.key] = missing
+        return out
+
     # ---------------------------------------------------------------------------------------------- stages
     def run(self, stages: Sequence[str] = STAGES) -> dict[str, int]:
         self.open()
@@ -254,7 +264,11 @@ class Pipeline:
         self._require([self.rollout_path(u) for u in self.units], "generate")
         judged_units = [u for u in self.units if u.condition.judged]
         todo = [u for u in judged_units if not self.judgment_path(u).is_file()]
-        self.log(f"judge: {len(judged_units) - len(todo)} of {len(judged_units)} units done, {len(todo)} to go")
+        # Answers a judge could not score (None: endpoint down, unparsable replies) are asked again on resume.
+        retry = {} if self.settings.judge == "none" else self._unscored(u for u in judged_units if u not in todo)
+        self.log(f"judge: {len(judged_units) - len(todo)} of {len(judged_units)} units done, {len(todo)} to go"
+                 + (f", {sum(len(v) for v in retry.values())} unscored answers to retry" if retry else ""))
+        todo += [u for u in judged_units if u.key in retry]
         if not todo:
             return
         if self.settings.judge == "none":
@@ -268,14 +282,27 @@ class Pipeline:
         bar = progress_bar(total=len(todo), desc=f"judge ({judge.name})", unit="unit", disable=not self.show_progress)
         for unit in todo:
             rollouts = self.read_rollouts(unit)
+            known = read_json(self.judgment_path(unit))["scores"] if unit.key in retry else {}
             items = [JudgeItem(key=r["id"], role=unit.condition.name, rubric=unit.condition.rubric,
-                               question=r["question"], answer=r["answer"]) for r in rollouts if r["answer"].strip()]
-            scores = judge.score(items) if items else {}
+                               question=r["question"], answer=r["answer"])
+                     for r in rollouts if r["answer"].strip() and known.get(r["id"]) is None]
+            scores = {**known, **(judge.score(items) if items else {})}
             atomic_write_json(self.judgment_path(unit), {"judge": judge.name,
                                                           "scores": {r["id"]: scores.get(r["id"]) for r in rollouts}})
             self.work_done["judge"] += 1
             bar.update(1)
         bar.close()
+        if retry:
+            self._forget_derived("new judgments")
+
+    def _forget_derived(self, why: str) -> None:
+        """Remove the outputs computed from the judgments (vectors, axis, summary) so the next stages recompute them."""
+        derived = [self.store.root / "vectors" / "index.json", self.store.root / "axis.safetensors",
+                   self.store.root / "summary.json"]
+        if any(p.is_file() for p in derived):
+            self.log(f"{why}: vectors, axis and summary will be recomputed")
+        for path in derived:
+            path.unlink(missing_ok=True)
 
     def stage_vectors(self) -> None:
         from personaxis.vectors import compute_vectors

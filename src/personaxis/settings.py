@@ -64,7 +64,16 @@ class RunSettings:
     def from_preset(cls, preset: str, **overrides: Any) -> RunSettings:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-        values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+        given = {k: v for k, v in overrides.items() if v is not None}
+        values = {**PRESETS[preset], **given}
+        # The preset's own role list gives way to the user's choice of roles: named roles set the count, a
+        # roles folder or a count beyond the list draws from the whole catalogue (or folder).
+        if "role_names" in given and "n_roles" not in given:
+            values["n_roles"] = len(given["role_names"])
+        elif "role_names" not in given and PRESETS[preset].get("role_names") is not None:
+            names = PRESETS[preset]["role_names"]
+            if "roles_dir" in given or given.get("n_roles", 0) > len(names):
+                values["role_names"] = None
         settings = cls(preset=preset, **values)
         settings.validate()
         return settings

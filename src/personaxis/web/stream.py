@@ -9,7 +9,6 @@ teacher-forced per-turn projection measures once the answer is complete.
 
 from __future__ import annotations
 
-import inspect
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from personaxis.generation import answer_generator, forward_kwargs, sample_tokens
 from personaxis.hooks import residual_hooks
 from personaxis.models import LoadedModel
 
@@ -85,26 +85,6 @@ class _TextTracker:
         return self._flush(len(self.text))
 
 
-def _forward_kwargs(model: torch.nn.Module) -> tuple[str, bool]:
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover - exotic wrappers
-        return "past_key_values", False
-    return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
-
-
-def _choose(logits: Tensor, settings: StreamSettings, generator: torch.Generator | None) -> int:
-    if settings.temperature == 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / settings.temperature, dim=-1)
-    if settings.top_p < 1:
-        values, ids = probs.sort(descending=True)
-        before = values.cumsum(0) - values
-        values = values.masked_fill(before >= settings.top_p, 0.0)
-        return int(ids[torch.multinomial(values / values.sum(), 1, generator=generator)[0]])
-    return int(torch.multinomial(probs, 1, generator=generator)[0])
-
-
 @torch.inference_mode()
 def stream_answer(
     lm: LoadedModel,
@@ -121,16 +101,19 @@ def stream_answer(
 
     model = lm.model
     device = lm.device
-    cache_kw, has_keep = _forward_kwargs(model)
+    cache_kw, has_keep = forward_kwargs(model)
     direction = unit.to(device=device, dtype=torch.float32)
     latest: dict[str, float] = {}
 
     def read(hidden: Tensor, mask: Tensor | None) -> None:
         latest["projection"] = float(hidden[0, -1].to(torch.float32) @ direction)
 
-    generator = None
-    if settings.temperature > 0 and settings.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(int(settings.seed))
+    # The same random stream as the first answer of `generate` with this seed: the same text for the same settings.
+    generator = answer_generator(int(settings.seed), 0) if settings.seed is not None else None
+
+    def choose(logits: Tensor) -> int:
+        uniform = torch.rand(1, generator=generator).to(device) if settings.temperature > 0 else torch.zeros(1)
+        return int(sample_tokens(logits.unsqueeze(0), settings.temperature, settings.top_p, uniform)[0])
     stops = {int(s) for s in stop_ids}
     tracker = _TextTracker(lm.tokenizer, settings.stop)
     cache = DynamicCache(config=model.config)
@@ -151,7 +134,7 @@ def stream_answer(
     with residual_hooks(lm, readers={layer: [read]}):
         logits = forward(ids)
         for _ in range(settings.max_new_tokens):
-            token = _choose(logits, settings, generator)
+            token = choose(logits)
             if token in stops:
                 stopped = True
                 break
