@@ -17,11 +17,14 @@ QUICK_ROLES = (
 )
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Enough for a stable axis on the embedded model in well under 15 minutes on 2 cores.
-    # Self-descriptive questions: role prompts show in the answers while the default still answers as an assistant.
+    # A stable axis for the embedded model in about 2 minutes on 2 cores. Self-descriptive questions: role prompts
+    # show in the answers while the default still answers as an assistant. Answers are their first 8 tokens: in
+    # SmolLM2-135M who is speaking shows in the opening of an answer ("As an AI…", "I am a ghost…"), and the later
+    # tokens add topic that blurs it (cos(PC1, axis) at layer 15: 0.74 with 8 tokens, 0.53 with 64; README).
     "quick": dict(
-        n_roles=31, prompts_per_role=2, n_questions=6, persona_questions_only=True, n_traits=4, pairs_per_trait=1,
-        max_new_tokens=64, min_count=3, question_ids=(178, 179, 180, 182, 192, 219), role_names=QUICK_ROLES,
+        n_roles=31, prompts_per_role=2, n_questions=12, persona_questions_only=True, n_traits=4, pairs_per_trait=1,
+        max_new_tokens=8, min_count=3, role_names=QUICK_ROLES,
+        question_ids=(178, 179, 180, 182, 192, 219, 181, 183, 184, 187, 198, 215),
     ),
     # The paper's scale: every role, 5 prompts, 240 questions (for GPUs).
     "paper": dict(
