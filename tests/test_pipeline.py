@@ -158,15 +158,16 @@ def test_named_roles_and_counts_override_the_preset_role_list():
 @pytest.mark.ci_sample
 @pytest.mark.model
 def test_quick_preset_on_the_embedded_model_finds_an_aligned_axis(tmp_path, embedded_lm):
-    """The quick preset end to end (about 2 minutes on 2 cores). Measured: cos(PC1, axis) = 0.737 at layer 15 and
-    0.59-0.79 over the layers; the default at 0.89 of the role range along PC1 (the issue's bar is 0.9; README)."""
+    """The quick preset end to end (about 5 minutes on 2 cores). Measured: cos(PC1, axis) = 0.712 at layer 15 and
+    0.53-0.79 over the layers; the default at 0.909 of the role range along PC1 (the bars: 0.7 and 0.9; the margins
+    are thin, so the position is checked with some room for other CPUs' rounding; README)."""
     pipeline = Pipeline(tmp_path / "quick", RunSettings.from_preset("quick"), lm=embedded_lm, show_progress=False)
     pipeline.run()
     summary = json.loads((tmp_path / "quick" / "summary.json").read_text())
     target = summary["layers"][summary["target_layer"]]
     assert summary["target_layer"] == 15 and summary["n_roles_kept"] == 31
     assert target["cos_pc1_axis"] >= 0.7
-    assert summary["default_position"]["pc1_fraction"] >= 0.85  # near the Assistant end of PC1
+    assert summary["default_position"]["pc1_fraction"] >= 0.88  # at the Assistant end of PC1
     assert summary["default_position"]["axis_fraction"] > 1  # beyond every role along the axis
     roles = {r["name"]: r["projection"] for r in summary["roles"]}
     assistant_like = [roles[n] for n in ("analyst", "tutor", "researcher", "reviewer")]

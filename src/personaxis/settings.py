@@ -17,12 +17,12 @@ QUICK_ROLES = (
 )
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # A stable axis for the embedded model in about 2 minutes on 2 cores. Self-descriptive questions: role prompts
+    # A stable axis for the embedded model in about 5 minutes on 2 cores. Self-descriptive questions: role prompts
     # show in the answers while the default still answers as an assistant. Answers are their first 8 tokens: in
     # SmolLM2-135M who is speaking shows in the opening of an answer ("As an AI…", "I am a ghost…"), and the later
-    # tokens add topic that blurs it (cos(PC1, axis) at layer 15: 0.74 with 8 tokens, 0.53 with 64; README).
+    # tokens add topic that blurs it (cos(PC1, axis) at layer 15: 0.71 with 8 tokens, 0.53 with 64; README).
     "quick": dict(
-        n_roles=31, prompts_per_role=2, n_questions=12, persona_questions_only=True, n_traits=4, pairs_per_trait=1,
+        n_roles=31, prompts_per_role=5, n_questions=12, persona_questions_only=True, n_traits=4, pairs_per_trait=1,
         max_new_tokens=8, min_count=3, role_names=QUICK_ROLES,
         question_ids=(178, 179, 180, 182, 192, 219, 181, 183, 184, 187, 198, 215),
     ),
