@@ -31,7 +31,8 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_judges_http import FAST, SECRET, FakeOpenAI
+from test_judges_http import FAST, SECRET, FakeOpenAI, judge_for, serving
+from test_judges_http import items as judge_items
 from tiny import tiny_model
 from typer.testing import CliRunner
 
@@ -473,18 +474,7 @@ ROLE_SCRIPTS: list[list[str]] = [
 
 @pytest.fixture
 def judge_server() -> Iterator[Callable[..., RoleScriptedOpenAI]]:
-    servers: list[RoleScriptedOpenAI] = []
-
-    def start(**kwargs: Any) -> RoleScriptedOpenAI:
-        fake = RoleScriptedOpenAI(**kwargs)
-        fake.thread.start()
-        servers.append(fake)
-        return fake
-
-    yield start
-    for fake in servers:
-        fake.server.shutdown()
-        fake.server.server_close()
+    yield from serving(RoleScriptedOpenAI)
 
 
 def _fast_judges(monkeypatch: pytest.MonkeyPatch, made: list[Any]) -> None:
@@ -579,23 +569,19 @@ def test_pipeline_with_a_faulty_judge_endpoint_judges_each_rollout_once_or_repor
     # resuming pays for nothing already scored: only the unscored answers are asked again, and once the endpoint
     # has healed they are scored and the role gets its vector
     paid = fake.requests
-    unscored = sum(1 for r in rollouts[slug(unjudged_role)] if r["answer"].strip())
+    answered = {r["id"] for r in rollouts[slug(unjudged_role)] if r["answer"].strip()}
     fake.forever.clear()
     fake.by_role[unjudged_role] = ["ok"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert fake.requests == paid + unscored
+    assert answered and fake.requests == paid + len(answered)
     healed = json.loads((out / "judgments" / slug(unjudged_role) / "p0.json").read_text())["scores"]
-    assert all(v == 3 for k, v in healed.items() if k in fake_keys_answered(rollouts[slug(unjudged_role)]))
+    assert {k for k, v in healed.items() if v == 3} == answered
     summary = json.loads((out / "summary.json").read_text())
     assert unjudged_role in {r["name"] for r in summary["roles"]}  # the vectors were recomputed
     paid = fake.requests
     assert CliRunner().invoke(app, args).exit_code == 0
     assert fake.requests == paid
-
-
-def fake_keys_answered(rollouts: list[dict[str, Any]]) -> set[str]:
-    return {r["id"] for r in rollouts if r["answer"].strip()}
 
 
 def test_rejected_key_stops_the_judge_stage_without_leaking_it(
@@ -625,21 +611,6 @@ def test_rejected_key_stops_the_judge_stage_without_leaking_it(
 
 
 # Judge-level faults that test_judges_http does not script.
-def _judge(fake: FakeOpenAI, cache_dir: Path, **kwargs: Any) -> Any:
-    from personaxis.judges import make_judge
-
-    options: dict[str, Any] = dict(FAST, requests_per_minute=None, max_concurrency=4)
-    options.update(kwargs)
-    return make_judge("openai:test-model", base_url=fake.base_url, api_key=SECRET, cache_dir=cache_dir, **options)
-
-
-def _items(n: int) -> list[Any]:
-    from personaxis.judges import JudgeItem
-
-    return [JudgeItem(key=f"k{i}", role="pirate", rubric="Score 3 if it fully plays the pirate.", question="Who are you?",
-                      answer=f"Arr, I be Captain ITEMk{i}!") for i in range(n)]
-
-
 class ExtraFaults(FakeOpenAI):
     """More behaviours: ``429forever`` without Retry-After, ``429date`` (Retry-After as an HTTP date 1 s ahead),
     ``400echo`` (a non-retryable error whose body echoes the key), ``html`` (a 200 HTML error page), ``null`` (a
@@ -690,18 +661,7 @@ class ExtraFaults(FakeOpenAI):
 
 @pytest.fixture
 def extra_server() -> Iterator[Callable[..., ExtraFaults]]:
-    servers: list[ExtraFaults] = []
-
-    def start(**kwargs: Any) -> ExtraFaults:
-        fake = ExtraFaults(**kwargs)
-        fake.thread.start()
-        servers.append(fake)
-        return fake
-
-    yield start
-    for fake in servers:
-        fake.server.shutdown()
-        fake.server.server_close()
+    yield from serving(ExtraFaults)
 
 
 def test_judge_faults_not_scripted_elsewhere(extra_server: Callable[..., ExtraFaults], tmp_path: Path,
@@ -716,8 +676,8 @@ def test_judge_faults_not_scripted_elsewhere(extra_server: Callable[..., ExtraFa
         "k5": ["echo"],  # a good score whose text holds the key: cached with the key masked
     }
     fake = extra_server(scripts=scripts)
-    judge = _judge(fake, tmp_path, max_retries=3, max_parse_retries=2)
-    scores = judge.score(_items(7))
+    judge = judge_for(fake, tmp_path, max_retries=3, max_parse_retries=2)
+    scores = judge.score(judge_items(7))
     assert scores == {"k0": None, "k1": 3, "k2": None, "k3": 3, "k4": None, "k5": 2, "k6": 3}
     assert fake.attempts["k0"] == 4 and fake.attempts["k2"] == 1 and fake.attempts["k4"] == 3
     assert sum(fake.served_ok.values()) == 3  # k1, k3, k6 (k5's echo is counted by its own action)
@@ -727,6 +687,6 @@ def test_judge_faults_not_scripted_elsewhere(extra_server: Callable[..., ExtraFa
     assert SECRET not in cached and SECRET not in caplog.text
     assert "HTTP 400" in caplog.text and "could not be judged" in caplog.text
     before = fake.requests
-    assert _judge(fake, tmp_path, max_retries=0, max_parse_retries=0).score(_items(7))["k5"] == 2
+    assert judge_for(fake, tmp_path, max_retries=0, max_parse_retries=0).score(judge_items(7))["k5"] == 2
     assert fake.requests == before + 3  # only the three unjudged items are asked again
 

@@ -145,12 +145,12 @@ class FakeOpenAI:
         h.wfile.write(data)
 
 
-@pytest.fixture
-def serve() -> Iterator:
+def serving(server_class: type) -> Iterator:
+    """Fixture body: yield a starter of ``server_class`` fakes on 127.0.0.1, and shut every one down afterwards."""
     servers: list[FakeOpenAI] = []
 
     def start(**kwargs: object) -> FakeOpenAI:
-        fake = FakeOpenAI(**kwargs)  # type: ignore[arg-type]
+        fake = server_class(**kwargs)
         fake.thread.start()
         servers.append(fake)
         return fake
@@ -159,6 +159,11 @@ def serve() -> Iterator:
     for fake in servers:
         fake.server.shutdown()
         fake.server.server_close()
+
+
+@pytest.fixture
+def serve() -> Iterator:
+    yield from serving(FakeOpenAI)
 
 
 def items(n: int, prefix: str = "k") -> list[JudgeItem]:

@@ -154,15 +154,20 @@ class Pipeline:
     def read_rollouts(self, unit: Unit) -> list[dict[str, Any]]:
         return read_json(self.rollout_path(unit))["rollouts"]
 
-    def _unscored(self, units: Iterable[Unit]) -> dict[str, list[str]]:
-        """Per judged unit, the ids of non-empty answers its judgment file holds no score for."""
-        out: dict[str, list[str]] = {}
+    def _unscored(self, units: Iterable[Unit]) -> tuple[dict[str, dict[str, Any]], int]:
+        """The judged units whose judgment file lacks a score for some non-empty answer, by key with the scores it
+        holds, and how many answers lack one."""
+        out: dict[str, dict[str, Any]] = {}
+        n_missing = 0
         for unit in units:
             scores = read_json(self.judgment_path(unit))["scores"]
-            missing = [r["id"] for r in self.read_rollouts(unit) if r["answer"].strip() and scores.get(r["id"]) is None]
+            if None not in scores.values():
+                continue
+            missing = sum(1 for r in self.read_rollouts(unit) if r["answer"].strip() and scores.get(r["id"]) is None)
             if missing:
-                out[unit.key] = missing
-        return out
+                out[unit.key] = scores
+                n_missing += missing
+        return out, n_missing
 
     # ---------------------------------------------------------------------------------------------- stages
     def run(self, stages: Sequence[str] = STAGES) -> dict[str, int]:
@@ -263,12 +268,13 @@ class Pipeline:
     def stage_judge(self) -> None:
         self._require([self.rollout_path(u) for u in self.units], "generate")
         judged_units = [u for u in self.units if u.condition.judged]
+        done = [u for u in judged_units if self.judgment_path(u).is_file()]
         todo = [u for u in judged_units if not self.judgment_path(u).is_file()]
         # Answers a judge could not score (None: endpoint down, unparsable replies) are asked again on resume.
-        retry = {} if self.settings.judge == "none" else self._unscored(u for u in judged_units if u not in todo)
-        self.log(f"judge: {len(judged_units) - len(todo)} of {len(judged_units)} units done, {len(todo)} to go"
-                 + (f", {sum(len(v) for v in retry.values())} unscored answers to retry" if retry else ""))
-        todo += [u for u in judged_units if u.key in retry]
+        retry, n_retry = ({}, 0) if self.settings.judge == "none" else self._unscored(done)
+        self.log(f"judge: {len(done)} of {len(judged_units)} units done, {len(todo)} to go"
+                 + (f", {n_retry} unscored answers to retry" if retry else ""))
+        todo += [u for u in done if u.key in retry]
         if not todo:
             return
         if self.settings.judge == "none":
@@ -282,7 +288,7 @@ class Pipeline:
         bar = progress_bar(total=len(todo), desc=f"judge ({judge.name})", unit="unit", disable=not self.show_progress)
         for unit in todo:
             rollouts = self.read_rollouts(unit)
-            known = read_json(self.judgment_path(unit))["scores"] if unit.key in retry else {}
+            known = retry.get(unit.key, {})
             items = [JudgeItem(key=r["id"], role=unit.condition.name, rubric=unit.condition.rubric,
                                question=r["question"], answer=r["answer"])
                      for r in rollouts if r["answer"].strip() and known.get(r["id"]) is None]
