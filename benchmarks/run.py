@@ -149,10 +149,23 @@ def model_flops(lm: Any) -> dict[str, int]:
 
 
 def measure_matmul(n: int, reps: int, device: Any) -> float:
-    """fp32 GFLOP/s of an n×n by n×n product."""
+    """fp32 GFLOP/s of an n×n by n×n product through ``torch.mm`` (MKL on CPUs)."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
     seconds, _ = best_of(3, lambda: [a @ b for _ in range(reps)])
+    return 2 * n**3 * reps / seconds / 1e9
+
+
+def measure_matmul_onednn(n: int, reps: int) -> float:
+    """fp32 GFLOP/s of the same product through oneDNN with the right operand packed (personaxis' linear layers)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    packed = torch.ops.mkldnn._reorder_linear_weight(b, None)
+
+    def product() -> Any:
+        return torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+
+    product()
+    seconds, _ = best_of(3, lambda: [product() for _ in range(reps)])
     return 2 * n**3 * reps / seconds / 1e9
 
 
@@ -165,10 +178,14 @@ def measure_memory(size: int, device: Any) -> tuple[float, float]:
     return size * 4 / read_s / 1e9, 2 * size * 4 / copy_s / 1e9
 
 
-def measure_matvec(rows: int, device: Any) -> float:
+def measure_matvec(rows: int, device: Any, *, onednn: bool = False) -> float:
     """GB/s of matrix bytes read by a [1, 576] × [576, rows] product (how batch-1 decoding reads weights)."""
     matrix, vector = torch.randn(rows, 576, device=device), torch.randn(1, 576, device=device)
-    seconds, _ = best_of(5, lambda: torch.nn.functional.linear(vector, matrix))
+    if onednn:
+        packed = torch.ops.mkldnn._reorder_linear_weight(matrix, None)
+        seconds, _ = best_of(5, lambda: torch.ops.mkldnn._linear_pointwise(vector, packed, None, "none", [], ""))
+    else:
+        seconds, _ = best_of(5, lambda: torch.nn.functional.linear(vector, matrix))
     return matrix.numel() * 4 / seconds / 1e9
 
 
@@ -226,26 +243,42 @@ class Bench:
     # --- sections -------------------------------------------------------------------------------------------------
 
     def limits(self) -> None:
+        from personaxis.kernels import onednn_available
+
         quick, device = self.args.quick, self.args.device
         gpu = str(device).startswith("cuda")
+        onednn = not gpu and onednn_available()
         n = 512 if quick else (8192 if gpu else 2048)
         reps = 2 if quick else (20 if gpu else 5)
-        gflops = measure_matmul(n, reps, device)
+        torch_gflops = measure_matmul(n, reps, device)
+        onednn_gflops = measure_matmul_onednn(n, reps) if onednn else float("nan")
+        gflops = max(torch_gflops, onednn_gflops) if onednn else torch_gflops
         size = (64 if quick else (4096 if gpu else 512)) * 2**20 // 4
         read_gbs, copy_gbs = measure_memory(size, device)
         # A matrix-vector product over a matrix far larger than the caches: what batch-1 decoding streams.
         rows_mv = (64 if quick else 256) * 2**20 // 4 // 576
-        mv_gbs = measure_matvec(rows_mv, device)
+        torch_mv = measure_matvec(rows_mv, device)
+        onednn_mv = measure_matvec(rows_mv, device, onednn=True) if onednn else float("nan")
+        mv_gbs = max(torch_mv, onednn_mv) if onednn else torch_mv
         self.peak_gflops = gflops
-        self.results["limits"] = {"matmul_gflops": round(gflops, 1), "matmul_n": n, "read_gbs": round(read_gbs, 1),
-                                  "copy_gbs": round(copy_gbs, 1), "matvec_gbs": round(mv_gbs, 1),
-                                  "buffer_mib": size * 4 // 2**20}
+        self.results["limits"] = {"matmul_gflops": round(gflops, 1), "matmul_torch_gflops": round(torch_gflops, 1),
+                                  "matmul_onednn_gflops": round(onednn_gflops, 1), "matmul_n": n,
+                                  "read_gbs": round(read_gbs, 1), "copy_gbs": round(copy_gbs, 1),
+                                  "matvec_gbs": round(mv_gbs, 1), "matvec_torch_gbs": round(torch_mv, 1),
+                                  "matvec_onednn_gbs": round(onednn_mv, 1), "buffer_mib": size * 4 // 2**20}
         where = torch.cuda.get_device_name(device) if gpu else f"{torch.get_num_threads()} threads"
-        rows = [["fp32 matmul", f"{gflops:.0f} GFLOP/s", f"{n}×{n} @ {n}×{n}, {where}"],
-                ["memory read", f"{read_gbs:.1f} GB/s", f"sum over {size * 4 // 2**20} MiB"],
-                ["memory copy", f"{copy_gbs:.1f} GB/s", "bytes read + written"],
-                ["fp32 matrix × vector", f"{mv_gbs:.1f} GB/s", f"matrix bytes read, {rows_mv}×576 (batch-1 decoding)"]]
-        notes = []
+        rows = [["fp32 matmul, `torch.mm`", f"{torch_gflops:.0f} GFLOP/s", f"{n}×{n} @ {n}×{n}, {where}"]]
+        if onednn:
+            rows.append(["fp32 matmul, oneDNN (packed)", f"{onednn_gflops:.0f} GFLOP/s",
+                         "the same product through the kernels personaxis uses"])
+        rows += [["memory read", f"{read_gbs:.1f} GB/s", f"sum over {size * 4 // 2**20} MiB"],
+                 ["memory copy", f"{copy_gbs:.1f} GB/s", "bytes read + written"],
+                 ["fp32 matrix × vector, torch", f"{torch_mv:.1f} GB/s",
+                  f"matrix bytes read, {rows_mv}×576 (batch-1 decoding)"]]
+        if onednn:
+            rows.append(["fp32 matrix × vector, oneDNN", f"{onednn_mv:.1f} GB/s", "the same, packed"])
+        notes = [f"The compute limit below is the faster of the matmul rates ({gflops:.0f} GFLOP/s): it is what the "
+                 "hardware gives, whichever library reaches it."]
         if self._lm is not None or "gen" in self.args.sections or "extract" in self.args.sections:
             flops = model_flops(self.lm)
             fwd = gflops * 1e9 / flops["forward"]
@@ -257,7 +290,7 @@ class Bench:
                                           batch1_tokens_per_s_matvec=round(1 / step_mv))
             notes.append(f"Model limits at this matmul rate: {fwd:.0f} tokens/s for a forward pass with the LM head, "
                          f"{body:.0f} without it. Batch-1 decoding reads all weights per token: {1 / step:.0f} tokens/s "
-                         f"at the memory read rate, {1 / step_mv:.0f} at the matrix × vector rate that torch reaches.")
+                         f"at the memory read rate, {1 / step_mv:.0f} at the best matrix × vector rate.")
         self.section("Machine limits", rows_table(["limit", "measured", "how"], rows), notes)
 
     def _peak(self) -> float:
@@ -279,18 +312,27 @@ class Bench:
         return out
 
     def _gen_case(self, label: str, prompts: list[list[int]], config: Any, min_new: int) -> dict[str, Any]:
-        """Time ``generate_ids`` with both engines on the same prompts and settings."""
+        """Time ``generate_ids`` on the same prompts and settings: plain ``generate`` (PyTorch's linear layers),
+        ``generate`` on personaxis' oneDNN layers, and the personaxis engine."""
         from personaxis.generation import generate_ids
+        from personaxis.kernels import onednn_linear_count, torch_linears
 
         lm, flops, peak = self.lm, model_flops(self.lm), self._peak()
-        timed = interleaved(self.args.repeats, {
-            engine: (lambda engine=engine: generate_ids(lm, prompts, config, min_new_tokens=min_new, engine=engine))
-            for engine in ("hf", "fast")
-        })
+
+        def hf_plain() -> list[list[int]]:
+            with torch_linears(lm.model):
+                return generate_ids(lm, prompts, config, min_new_tokens=min_new, engine="hf")
+
+        runs: dict[str, Callable[[], Any]] = {"hf": hf_plain}
+        if onednn_linear_count(lm.model):
+            runs["hf_onednn"] = lambda: generate_ids(lm, prompts, config, min_new_tokens=min_new, engine="hf")
+        runs["fast"] = lambda: generate_ids(lm, prompts, config, min_new_tokens=min_new, engine="fast")
+        timed = interleaved(self.args.repeats, runs)
         hf_out, fast_out = timed["hf"][1], timed["fast"][1]
         new_hf, new_fast = sum(map(len, hf_out)), sum(map(len, fast_out))
         prompt_tokens = sum(map(len, prompts))
         hf_tps, fast_tps = new_hf / timed["hf"][0], new_fast / timed["fast"][0]
+        hf_onednn_tps = (sum(map(len, timed["hf_onednn"][1])) / timed["hf_onednn"][0]) if "hf_onednn" in timed else None
 
         def fraction(tps: float) -> float:
             return tps * flops["forward"] / (peak * 1e9)
@@ -302,13 +344,15 @@ class Bench:
             "case": label, "batch": config.batch_size, "prompts": len(prompts), "prompt_tokens": prompt_tokens,
             "max_new_tokens": config.max_new_tokens, "temperature": config.temperature, "top_p": config.top_p,
             "mean_new_tokens": round(new_fast / len(prompts), 1), "hf_tokens_per_s": round(hf_tps, 1),
+            "hf_onednn_tokens_per_s": None if hf_onednn_tps is None else round(hf_onednn_tps, 1),
             "fast_tokens_per_s": round(fast_tps, 1), "speedup": round(fast_tps / hf_tps, 2),
             "fraction_of_compute_limit": round(fraction(fast_tps), 3),
             "hf_fraction_of_compute_limit": round(fraction(hf_tps), 3),
             "mfu": round(mfu(timed["fast"][0], new_fast), 3), "hf_mfu": round(mfu(timed["hf"][0], new_hf), 3),
             "same_tokens": round(sum(a == b for a, b in zip(hf_out, fast_out, strict=True)) / len(prompts), 3),
         }
-        self.say(f"  gen {label}: hf {hf_tps:.1f} tok/s, fast {fast_tps:.1f} tok/s")
+        extra = "" if hf_onednn_tps is None else f", hf on oneDNN {hf_onednn_tps:.1f} tok/s"
+        self.say(f"  gen {label}: hf {hf_tps:.1f} tok/s{extra}, fast {fast_tps:.1f} tok/s")
         return record
 
     def gen(self) -> None:
@@ -332,14 +376,19 @@ class Bench:
                                           natural, 0))
         after = load()
         self.results["generation"] = {"cases": records, "load_average": [round(before, 2), round(after, 2)]}
-        rows = [[r["case"], r["prompts"], r["hf_tokens_per_s"], r["fast_tokens_per_s"], f"{r['speedup']:.2f}×",
-                 f"{r['fraction_of_compute_limit']:.0%}", f"{r['mfu']:.0%} ({r['hf_mfu']:.0%})",
-                 "—" if r["temperature"] > 0 else f"{r['same_tokens']:.0%}"] for r in records]
-        notes = [f"Equal lengths: {n_new} new tokens per answer for both engines (end-of-turn tokens suppressed until "
-                 "then); wall time includes the prefill. *Of compute limit* = new tokens/s × FLOPs per token (with the "
-                 "LM head) ÷ measured matmul rate; *MFU* also counts the prompt tokens (HF generate's in brackets); "
-                 "*same* = answers whose tokens are identical. Sampled: temperature 0.7, top-p 0.9 (each engine "
-                 "draws its own random numbers)."]
+        rows = [[r["case"], r["prompts"], r["hf_tokens_per_s"],
+                 "—" if r["hf_onednn_tokens_per_s"] is None else r["hf_onednn_tokens_per_s"], r["fast_tokens_per_s"],
+                 f"{r['speedup']:.2f}×", f"{r['fraction_of_compute_limit']:.0%}",
+                 f"{r['mfu']:.0%} ({r['hf_mfu']:.0%})", "—" if r["temperature"] > 0 else f"{r['same_tokens']:.0%}"]
+                for r in records]
+        notes = [f"Equal lengths: {n_new} new tokens per answer for every engine (end-of-turn tokens suppressed until "
+                 "then); wall time includes the prefill. *HF generate* is transformers' `generate` on PyTorch's own "
+                 "linear layers, as a user gets it; *+ oneDNN* is the same `generate` on personaxis' linear layers "
+                 "(how much of the gain is the kernels); *speed-up* = personaxis ÷ plain HF generate. *Of compute "
+                 "limit* = new tokens/s × FLOPs per token (with the LM head) ÷ the best measured matmul rate; *MFU* "
+                 "also counts the prompt tokens (plain HF generate's in brackets); *same* = answers whose tokens are "
+                 "identical to plain HF generate's. Sampled: temperature 0.7, top-p 0.9 (each engine draws its own "
+                 "random numbers)."]
         if args.natural_prompts > 0:
             natural_record = records[-1]
             notes.append(f"Natural stops: answers end at the end-of-turn token or {args.natural_max_new} tokens, as in "
@@ -347,8 +396,8 @@ class Bench:
                          "finished answers and refills the batch, `generate` computes them until its batch ends.")
         notes += self.busy_note(before, after)
         self.section("Generation (new tokens/s)",
-                     rows_table(["case", "answers", "HF generate", "personaxis", "speed-up", "of compute limit",
-                                 "MFU", "same"], rows), notes)
+                     rows_table(["case", "answers", "HF generate", "+ oneDNN", "personaxis", "speed-up",
+                                 "of compute limit", "MFU", "same"], rows), notes)
 
     def _rollouts(self, n: int, words: tuple[int, int], seed: int = 0) -> list[list[dict[str, str]]]:
         rng = random.Random(seed)
@@ -363,6 +412,7 @@ class Bench:
     def extract(self) -> None:
         from personaxis.activations import extract_turn_means
         from personaxis.chat import render_chat
+        from personaxis.kernels import onednn_linear_count, torch_linears
 
         lm, args = self.lm, self.args
         peak = self._peak()
@@ -395,8 +445,16 @@ class Bench:
                 handle.remove()
             return out
 
+        def naive_plain() -> list[torch.Tensor]:
+            with torch_linears(lm.model):
+                return naive()
+
+        runs: dict[str, Callable[[], Any]] = {"naive": naive_plain}
+        if onednn_linear_count(lm.model):
+            runs["naive_onednn"] = naive
+        runs["ours"] = lambda: extract_turn_means(lm, convs)
         before = load()
-        timed = interleaved(args.repeats, {"naive": naive, "ours": lambda: extract_turn_means(lm, convs)})
+        timed = interleaved(args.repeats, runs)
         after = load()
         ours = torch.stack([t.means[0] for t in timed["ours"][1]])
         ref = torch.stack(timed["naive"][1])
@@ -406,16 +464,21 @@ class Bench:
         mfu_ours = ours_tps * flops["forward_no_head"] / (peak * 1e9)
         mfu_naive = naive_tps * flops["forward_no_head"] / (peak * 1e9)
         mfu_naive_all = naive_tps * flops["forward"] / (peak * 1e9)
+        naive_onednn_tps = tokens / timed["naive_onednn"][0] if "naive_onednn" in timed else None
         self.results["extraction"] = {
             "rollouts": len(convs), "tokens": tokens, "mean_tokens": tokens / len(convs),
             "naive_tokens_per_s": round(naive_tps, 1), "ours_tokens_per_s": round(ours_tps, 1),
+            "naive_onednn_tokens_per_s": None if naive_onednn_tps is None else round(naive_onednn_tps, 1),
             "speedup": round(ours_tps / naive_tps, 2), "mfu_ours": round(mfu_ours, 3),
             "mfu_naive_useful": round(mfu_naive, 3), "mfu_naive_incl_head": round(mfu_naive_all, 3),
             "max_abs_diff": diff, "max_abs_value": scale, "load_average": [round(before, 2), round(after, 2)],
         }
-        rows = [["naive (one per forward, all hidden states, logits)", naive_tps, f"{mfu_naive:.0%} ({mfu_naive_all:.0%})"],
-                ["personaxis `extract_turn_means`", ours_tps, f"{mfu_ours:.0%}"],
-                ["speed-up", f"{ours_tps / naive_tps:.2f}×", ""]]
+        rows = [["naive (one per forward, all hidden states, logits)", naive_tps, f"{mfu_naive:.0%} ({mfu_naive_all:.0%})"]]
+        if naive_onednn_tps is not None:
+            rows.append(["the same naive way on personaxis' oneDNN linear layers", naive_onednn_tps,
+                         f"{naive_onednn_tps * flops['forward_no_head'] / (peak * 1e9):.0%}"])
+        rows += [["personaxis `extract_turn_means`", ours_tps, f"{mfu_ours:.0%}"],
+                 ["speed-up over the naive way", f"{ours_tps / naive_tps:.2f}×", ""]]
         notes = [f"{len(convs)} single-turn rollouts, {tokens / len(convs):.0f} tokens each on average, all "
                  f"{n_layers} layers; MFU = tokens/s × FLOPs per token without the LM head ÷ measured matmul rate "
                  f"(in brackets: counting the LM head the naive way computes). Largest difference between the two "

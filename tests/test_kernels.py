@@ -1,0 +1,152 @@
+"""oneDNN linear layers: the same numbers as PyTorch's own, on tiny models and on the embedded one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from personaxis import kernels
+from personaxis.activations import extract_turn_means
+from personaxis.generation import SamplingConfig, generate, generate_ids
+from personaxis.kernels import (
+    OneDNNLinear,
+    onednn_linear_count,
+    restore_linears,
+    torch_linears,
+    use_onednn_linears,
+)
+
+pytestmark = pytest.mark.skipif(not kernels.onednn_available(), reason="this PyTorch build has no oneDNN")
+
+
+class Quantised(nn.Linear):
+    """Stands for a library's own linear subclass (bitsandbytes and the like): left alone."""
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(37, 53), nn.GELU(), nn.Linear(53, 29, bias=False), Quantised(29, 7), nn.Embedding(5, 3))
+
+
+def _inputs() -> list[torch.Tensor]:
+    torch.manual_seed(1)
+    return [torch.randn(1, 37), torch.randn(16, 37), torch.randn(2, 5, 37), torch.randn(37, 64).t()]
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_onednn_linear_matches_torch_linear(pack):
+    layer = nn.Linear(37, 53)
+    reference = [nn.functional.linear(x, layer.weight, layer.bias) for x in _inputs()]
+    use_onednn_linears(layer, pack=pack)
+    assert type(layer) is OneDNNLinear
+    with torch.inference_mode():
+        for x, expected in zip(_inputs(), reference, strict=True):
+            got = layer(x)
+            assert got.shape == expected.shape
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (layer._onednn_weight is not None) == pack
+
+
+def test_packed_weight_follows_in_place_changes():
+    layer = nn.Linear(16, 8)
+    use_onednn_linears(layer, pack=True)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        before = layer(x)
+        layer.weight.mul_(2)
+        after = layer(x)
+    torch.testing.assert_close(after - layer.bias, 2 * (before - layer.bias), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        layer.weight = nn.Parameter(torch.zeros(8, 16))  # a new tensor altogether
+        torch.testing.assert_close(layer(x), layer.bias.expand(4, 8))
+
+
+def test_only_plain_linears_are_converted_and_can_be_restored():
+    model = _model()
+    assert use_onednn_linears(model) == 2
+    assert [type(m).__name__ for m in model] == ["OneDNNLinear", "GELU", "OneDNNLinear", "Quantised", "Embedding"]
+    assert onednn_linear_count(model) == 2
+    with torch_linears(model):
+        assert onednn_linear_count(model) == 0 and type(model[0]) is nn.Linear
+    assert onednn_linear_count(model) == 2
+    model[0](torch.randn(2, 37))
+    assert restore_linears(model) == 2
+    assert type(model[0]) is nn.Linear and "_onednn_weight" not in model[0].__dict__
+    assert sorted(model.state_dict()) == sorted(_model().state_dict())
+
+
+def test_environment_switch(monkeypatch):
+    monkeypatch.setenv(kernels.KERNELS_ENV, "torch")
+    assert not kernels.kernels_enabled()
+    model = _model()
+    assert use_onednn_linears(model) == 0 and onednn_linear_count(model) == 0
+    monkeypatch.setenv(kernels.KERNELS_ENV, "fastest")
+    with pytest.raises(ValueError, match="PERSONAXIS_KERNELS must be 'onednn' or 'torch'"):
+        use_onednn_linears(model)
+
+
+def test_packing_is_skipped_when_memory_is_short(monkeypatch):
+    monkeypatch.setattr(kernels, "available_memory", lambda: 1000)
+    model = _model()
+    use_onednn_linears(model)
+    assert model[0]._onednn_pack is False
+    model[0](torch.randn(3, 37))
+    assert model[0]._onednn_weight is None
+
+
+def test_other_dtypes_and_gradients_fall_back_to_torch():
+    layer = nn.Linear(12, 6)
+    use_onednn_linears(layer)
+    x64 = torch.randn(3, 12, dtype=torch.float64)
+    layer64 = nn.Linear(12, 6).double()
+    use_onednn_linears(layer64)
+    assert torch.equal(layer64(x64), nn.functional.linear(x64, layer64.weight, layer64.bias))
+    x = torch.randn(3, 12, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
+    torch.testing.assert_close(x.grad, layer.weight.sum(0).expand(3, 12))
+    vector = torch.randn(12)  # 1-D input
+    with torch.no_grad():
+        assert torch.equal(layer(vector), nn.functional.linear(vector, layer.weight, layer.bias))
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_tiny_models_give_the_same_numbers(tiny_lm):
+    assert onednn_linear_count(tiny_lm.model) > 0  # tiny_model converts, as load_model does
+    convs = [
+        [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "general kenobi you are bold"}],
+        [{"role": "user", "content": "a b c"}, {"role": "assistant", "content": "d e f g"}],
+    ]
+    ours = torch.stack([t.means for t in extract_turn_means(tiny_lm, convs)])
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    config = SamplingConfig(max_new_tokens=12, batch_size=2)
+    tokens = generate_ids(tiny_lm, prompts, config)
+    with torch_linears(tiny_lm.model):
+        plain = torch.stack([t.means for t in extract_turn_means(tiny_lm, convs)])
+        plain_tokens = generate_ids(tiny_lm, prompts, config)
+    assert _relative_error(ours, plain) < 1e-4
+    assert tokens == plain_tokens
+
+
+@pytest.mark.slow
+@pytest.mark.ci_sample
+@pytest.mark.model
+def test_embedded_model_gives_the_same_text_and_activations(embedded_lm):
+    assert onednn_linear_count(embedded_lm.model) == 7 * embedded_lm.profile.n_layers + 1  # the LM head too
+    questions = ["Tell me about yourself.", "What do you fear most?", "Explain how rainbows form, briefly.",
+                 "Write one sentence about the sea."]
+    convs = [[{"role": "user", "content": q}] for q in questions]
+    convs.append([{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Who are you?"}])
+    config = SamplingConfig(max_new_tokens=24, batch_size=4)
+    ours = generate(embedded_lm, convs, config)
+    rollouts = [[*c, {"role": "assistant", "content": g.text}] for c, g in zip(convs, ours, strict=True)]
+    means = torch.stack([t.means for t in extract_turn_means(embedded_lm, rollouts)])
+    with torch_linears(embedded_lm.model):
+        plain = generate(embedded_lm, convs, config)
+        plain_means = torch.stack([t.means for t in extract_turn_means(embedded_lm, rollouts)])
+    assert [g.text for g in ours] == [g.text for g in plain]
+    assert _relative_error(means, plain_means) < 1e-4
