@@ -628,7 +628,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--extract-words", type=int, default=None, help="answer length in words, +0..30 (default 60)")
     p.add_argument("--intervention-batch", type=int, default=None, help="batch for the intervention runs (default 64)")
     p.add_argument("--monitor-turns", type=int, default=15)
-    p.add_argument("--repeats", type=int, default=None, help="runs per measurement, best kept (default 2)")
+    p.add_argument("--repeats", type=int, default=None, help="runs per measurement, best kept (default 3)")
     p.add_argument("--quick-timeout", type=float, default=1800.0, help="seconds before the quick preset is stopped")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default=None, help="torch device for the model, e.g. cuda (default: cpu)")
@@ -639,7 +639,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                 "min_prompts": 2 if small else 4, "natural_prompts": 8 if small else 128,
                 "natural_max_new": 16 if small else 128, "extract_n": 16 if small else 256,
                 "extract_words": 20 if small else 60, "intervention_batch": 4 if small else 64,
-                "repeats": 1 if small else 2}
+                "repeats": 1 if small else 3}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -91,7 +91,8 @@ class OneDNNLinear(nn.Linear):
             and x.dim() >= 2
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         ):
-            return torch.ops.mkldnn._linear_pointwise(x, self._weight_for_onednn(weight), self.bias, "none", [], "")
+            # ``.default``: the overload itself, skipping the per-call overload resolution (2 µs of ~15 µs per call).
+            return torch.ops.mkldnn._linear_pointwise.default(x, self._weight_for_onednn(weight), self.bias, "none", [], "")
         return nn.functional.linear(x, weight, self.bias)
 
 
