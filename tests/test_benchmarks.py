@@ -9,6 +9,8 @@ from pathlib import Path
 
 from tiny import tiny_model
 
+from personaxis.kernels import onednn_available
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
 
 
@@ -26,9 +28,14 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
     assert results["limits"]["matmul_gflops"] > 0 and results["limits"]["read_gbs"] > 0
+    if onednn_available():  # both matmul libraries are measured, the limit is the faster one
+        limits = results["limits"]
+        assert limits["matmul_onednn_gflops"] > 0 and limits["matvec_onednn_gbs"] > 0
+        assert limits["matmul_gflops"] == max(limits["matmul_torch_gflops"], limits["matmul_onednn_gflops"])
     gen = results["generation"]["cases"]
     assert [r["case"] for r in gen] == ["batch 1", "batch 4", "batch 4, sampled", "batch 4, natural stops"]
     assert all(r["fast_tokens_per_s"] > 0 and r["hf_tokens_per_s"] > 0 for r in gen)
+    assert all((r["hf_onednn_tokens_per_s"] or 0) > 0 for r in gen) == onednn_available()
     greedy = [r for r in gen if r["temperature"] == 0]
     assert all(r["same_tokens"] == 1.0 for r in greedy)  # the fast engine's tokens equal generate's
     assert gen[-1]["prompts"] == 6
