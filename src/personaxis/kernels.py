@@ -13,12 +13,13 @@ copies cost as much memory as the weights; when they would not fit in a quarter 
 on the weights as they are (about 1.5× slower than packed at batches of 16 or more, the same for one row). Results
 equal ``F.linear`` up to float rounding (another summation order).
 
-Set ``PERSONAXIS_KERNELS=torch`` to keep PyTorch's own linear layers.
+Set ``PERSONAXIS_KERNELS=torch`` to keep PyTorch's own linear layers. Only x86-64 CPUs use oneDNN here.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -31,7 +32,10 @@ PACK_MEMORY_FRACTION = 0.25
 
 
 def onednn_available() -> bool:
-    """Whether this PyTorch build can run linear layers on oneDNN."""
+    """Whether this PyTorch build can run linear layers on oneDNN, on an x86-64 CPU (the only kind measured: on ARM
+    PyTorch's oneDNN goes through the Arm Compute Library, which was not)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
     try:
         return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     except Exception:  # pragma: no cover - unusual builds
