@@ -163,14 +163,11 @@ def measure_matmul(n: int, reps: int, device: Any) -> float:
 
 def measure_matmul_onednn(n: int, reps: int) -> float:
     """fp32 GFLOP/s of the same product through oneDNN with the right operand packed (personaxis' linear layers)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    packed = torch.ops.mkldnn._reorder_linear_weight(b, None)
+    from personaxis.kernels import onednn_linear, pack_weight
 
-    def product() -> Any:
-        return torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
-
-    product()
-    seconds, _ = best_of(3, lambda: [product() for _ in range(reps)])
+    a, packed = torch.randn(n, n), pack_weight(torch.randn(n, n))
+    onednn_linear(a, packed)
+    seconds, _ = best_of(3, lambda: [onednn_linear(a, packed) for _ in range(reps)])
     return 2 * n**3 * reps / seconds / 1e9
 
 
@@ -187,8 +184,10 @@ def measure_matvec(rows: int, device: Any, *, onednn: bool = False) -> float:
     """GB/s of matrix bytes read by a [1, 576] × [576, rows] product (how batch-1 decoding reads weights)."""
     matrix, vector = torch.randn(rows, 576, device=device), torch.randn(1, 576, device=device)
     if onednn:
-        packed = torch.ops.mkldnn._reorder_linear_weight(matrix, None)
-        seconds, _ = best_of(5, lambda: torch.ops.mkldnn._linear_pointwise(vector, packed, None, "none", [], ""))
+        from personaxis.kernels import onednn_linear, pack_weight
+
+        packed = pack_weight(matrix)
+        seconds, _ = best_of(5, lambda: onednn_linear(vector, packed))
     else:
         seconds, _ = best_of(5, lambda: torch.nn.functional.linear(vector, matrix))
     return matrix.numel() * 4 / seconds / 1e9

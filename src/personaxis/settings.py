@@ -17,7 +17,7 @@ QUICK_ROLES = (
 )
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # A stable axis for the embedded model in about 5 minutes on 2 cores. Self-descriptive questions: role prompts
+    # A stable axis for the embedded model in about 2.5 minutes on 2 cores. Self-descriptive questions: role prompts
     # show in the answers while the default still answers as an assistant. Answers are their first 8 tokens: in
     # SmolLM2-135M who is speaking shows in the opening of an answer ("As an AI…", "I am a ghost…"), and the later
     # tokens add topic that blurs it (cos(PC1, axis) at layer 15: 0.71 with 8 tokens, 0.53 with 64; README).
