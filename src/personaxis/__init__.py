@@ -1,1 +1,76 @@
+"""personaxis: find, watch and hold the default Assistant persona of a chat language model.
+
+The public API, importable from the package root (loaded on first use, so ``import personaxis`` stays cheap)::
+
+    from personaxis import load_model, Axis, steering_interventions, generate, SamplingConfig
+
+    lm = load_model()                                  # the embedded SmolLM2-135M-Instruct, or any HF id / folder
+    axis = Axis.load("runs/quick/axis.safetensors")     # [n_layers, hidden], points toward the Assistant
+    away = steering_interventions(axis, layers=15, alpha=-0.3)
+    print(generate(lm, [[{"role": "user", "content": "Who are you?"}]], SamplingConfig(max_new_tokens=40),
+                   interventions=away)[0].text)
+
+See docs/design.md for the method, the conventions (layer index, sign, units) and the file formats.
+"""
+
 from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "LoadedModel": "personaxis.models",
+    "ModelProfile": "personaxis.models",
+    "load_model": "personaxis.models",
+    "Axis": "personaxis.axis",
+    "SamplingConfig": "personaxis.generation",
+    "Generation": "personaxis.generation",
+    "generate": "personaxis.generation",
+    "extract_turn_means": "personaxis.activations",
+    "TurnActivations": "personaxis.activations",
+    "Add": "personaxis.interventions",
+    "Ablate": "personaxis.interventions",
+    "FloorCap": "personaxis.interventions",
+    "CeilingCap": "personaxis.interventions",
+    "apply_interventions": "personaxis.interventions",
+    "steering_interventions": "personaxis.steering",
+    "steer": "personaxis.steering",
+    "CappingConfig": "personaxis.capping",
+    "Transcript": "personaxis.monitor",
+    "TurnProjection": "personaxis.monitor",
+    "load_transcript": "personaxis.monitor",
+    "monitor_conversation": "personaxis.monitor",
+    "monitor_transcripts": "personaxis.monitor",
+    "RunSettings": "personaxis.settings",
+    "Pipeline": "personaxis.pipeline",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from personaxis.activations import TurnActivations, extract_turn_means
+    from personaxis.axis import Axis
+    from personaxis.capping import CappingConfig
+    from personaxis.generation import Generation, SamplingConfig, generate
+    from personaxis.interventions import Ablate, Add, CeilingCap, FloorCap, apply_interventions
+    from personaxis.models import LoadedModel, ModelProfile, load_model
+    from personaxis.monitor import Transcript, TurnProjection, load_transcript, monitor_conversation, monitor_transcripts
+    from personaxis.pipeline import Pipeline
+    from personaxis.settings import RunSettings
+    from personaxis.steering import steer, steering_interventions
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'personaxis' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
