@@ -11,6 +11,7 @@ import personaxis
 
 
 def test_every_exported_name_resolves_to_its_module() -> None:
+    assert set(personaxis.__all__) == {"__version__", *personaxis._EXPORTS}
     for name in personaxis.__all__:
         value = getattr(personaxis, name)
         if name == "__version__":

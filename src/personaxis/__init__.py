@@ -48,7 +48,33 @@ _EXPORTS: dict[str, str] = {
     "Pipeline": "personaxis.pipeline",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "__version__",
+    "LoadedModel",
+    "ModelProfile",
+    "load_model",
+    "Axis",
+    "SamplingConfig",
+    "Generation",
+    "generate",
+    "extract_turn_means",
+    "TurnActivations",
+    "Add",
+    "Ablate",
+    "FloorCap",
+    "CeilingCap",
+    "apply_interventions",
+    "steering_interventions",
+    "steer",
+    "CappingConfig",
+    "Transcript",
+    "TurnProjection",
+    "load_transcript",
+    "monitor_conversation",
+    "monitor_transcripts",
+    "RunSettings",
+    "Pipeline",
+]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from personaxis.activations import TurnActivations, extract_turn_means
@@ -57,7 +83,13 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from personaxis.generation import Generation, SamplingConfig, generate
     from personaxis.interventions import Ablate, Add, CeilingCap, FloorCap, apply_interventions
     from personaxis.models import LoadedModel, ModelProfile, load_model
-    from personaxis.monitor import Transcript, TurnProjection, load_transcript, monitor_conversation, monitor_transcripts
+    from personaxis.monitor import (
+        Transcript,
+        TurnProjection,
+        load_transcript,
+        monitor_conversation,
+        monitor_transcripts,
+    )
     from personaxis.pipeline import Pipeline
     from personaxis.settings import RunSettings
     from personaxis.steering import steer, steering_interventions
