@@ -195,7 +195,23 @@ def _is_embedded(model: str) -> bool:
     return model.lower() in EMBEDDED_ALIASES
 
 
+def _imported_conditions(layout: dict[str, Any]) -> list[Condition]:
+    """The conditions of a run imported from the reference pipeline's outputs (:mod:`personaxis.reference_run`):
+    its prompt texts are not part of those outputs, so units carry placeholders (they are never generated again)."""
+    def prompts(n: int) -> tuple[str, ...]:
+        return tuple(f"(imported system prompt {k})" for k in range(n))
+
+    conditions = [Condition(name=name, kind="role", system_prompts=prompts(n), category="custom")
+                  for name, n in layout["roles"].items()]
+    conditions.append(Condition(name="default", kind="default", system_prompts=prompts(layout["default_prompts"]),
+                                category="default"))
+    return conditions
+
+
 def build_conditions(settings: RunSettings, model_name: str) -> list[Condition]:
+    imported = settings.extra.get("imported")
+    if isinstance(imported, dict):
+        return _imported_conditions(imported)
     roles = load_roles(settings.roles_dir, names=settings.role_names, limit=settings.n_roles)
     if len(roles) < 2:
         raise ValueError(f"a persona space needs at least 2 roles; the selection has {len(roles)}")
@@ -222,6 +238,9 @@ def build_conditions(settings: RunSettings, model_name: str) -> list[Condition]:
 
 
 def build_questions(settings: RunSettings) -> list[Question]:
+    imported = settings.extra.get("imported")
+    if isinstance(imported, dict):
+        return [Question(id=i, question=f"(imported question {i})") for i in imported["question_ids"]]
     if settings.question_ids is not None and settings.questions_path is None:
         by_id = {q.id: q for q in load_questions()}
         missing = [i for i in settings.question_ids if i not in by_id]

@@ -201,7 +201,9 @@ def compute_axis(pipeline: Pipeline) -> Axis:
     root = pipeline.store.root
     kept, role_vectors = load_role_vectors(pipeline)
     default = load_tensors(root / "vectors" / "default.safetensors")["vector"]
-    norms = load_tensors(root / "vectors" / "residual_norms.safetensors")["norms"]
+    norms: Tensor | None = load_tensors(root / "vectors" / "residual_norms.safetensors")["norms"]
+    if norms is not None and not (torch.isfinite(norms).all() and (norms > 0).all()):
+        norms = None  # not measured (a run imported from the reference's outputs, which keep none)
     index = read_json(root / "vectors" / "index.json")
     profile_target = pipeline.settings.target_layer
     axis = Axis(
@@ -220,6 +222,7 @@ def compute_axis(pipeline: Pipeline) -> Axis:
             "role_vector_sources": index["sources"],
             "default_rollouts": index["default"]["n_rollouts"],
             "formula": "default - mean(role vectors)",
+            **({} if norms is not None else {"residual_norms": "not measured"}),
         },
     )
     axis.save(root / "axis.safetensors")
