@@ -156,3 +156,10 @@ def test_cli_paper_preset_refuses_offline_judge_on_other_models(tmp_path):
     assert result.exit_code == 2 and "error: the offline judge was fitted" in result.output
     result = CliRunner().invoke(app, ["run", "--out", str(tmp_path / "r"), "--vectors", "nope"])
     assert result.exit_code == 2 and "unknown vector recipe" in result.output
+
+
+def test_too_few_roles_is_a_user_error(judged_run, tmp_path):
+    from personaxis.vectors import TooFewRolesError
+
+    with pytest.raises(TooFewRolesError, match="recipe 'reference'.*use --vectors pooled"):
+        _recompute(judged_run, tmp_path / "few", vectors="reference", min_count=5)

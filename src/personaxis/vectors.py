@@ -32,6 +32,10 @@ from personaxis.store import atomic_save_tensors, atomic_write_json, load_tensor
 if TYPE_CHECKING:
     from personaxis.pipeline import Pipeline
 
+class TooFewRolesError(ValueError):
+    """Too few roles have vectors under the run's recipe to make an axis or a persona space."""
+
+
 SCORE_GROUPS = {"fully": (3,), "somewhat": (2,), "fully+somewhat": (2, 3)}
 
 
@@ -169,11 +173,12 @@ def load_role_vectors(pipeline: Pipeline) -> tuple[list[dict[str, Any]], Tensor]
     index = read_json(root / "index.json")
     kept = [r for r in index["roles"] if r.get("axis_vector")]
     vectors = [load_tensors(root / "roles" / f"{slug(r['name'])}.safetensors")["used"] for r in kept]
+    recipe = index.get("recipe", "pooled")
     if len(vectors) < 2:
-        raise RuntimeError(
+        raise TooFewRolesError(
             f"only {len(vectors)} role(s) have at least {index['min_count']} rollouts the judge scored as role play "
-            f"(recipe {index.get('recipe', 'pooled')!r}); lower --min-count, add prompts or questions, "
-            "use --vectors pooled, or --judge none"
+            f"(recipe {recipe!r}); lower --min-count, add prompts or questions, "
+            + ("use --vectors pooled, " if recipe != "pooled" else "") + "or use --judge none"
         )
     return kept, torch.stack(vectors)
 
@@ -193,7 +198,7 @@ def load_space_points(pipeline: Pipeline) -> tuple[list[dict[str, Any]], Tensor]
             points.append({**role, "group": group})
             vectors.append(_group_tensor(tensors, group))
     if len(vectors) < 2:
-        raise RuntimeError(f"the persona space needs at least 2 role vectors, the run has {len(vectors)}")
+        raise TooFewRolesError(f"the persona space needs at least 2 role vectors, the run has {len(vectors)}")
     return points, torch.stack(vectors)
 
 
