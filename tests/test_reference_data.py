@@ -172,6 +172,13 @@ def test_run_on_reference_data_with_llm_judge(recording, tmp_path, tiny_model_di
     assert index["trait_details"]["patient"]["n_pairs_kept"] == 0
 
 
+def test_family_name_as_the_reference():
+    from personaxis.settings import family_name
+
+    assert family_name("Qwen/Qwen3-32B") == "Qwen" and family_name("google/gemma-2-27b-it") == "Gemma"
+    assert family_name("/models/meta-llama-3.3-70b") == "Llama" and family_name("org/Phi-4-mini") == "Phi"
+
+
 def test_data_flag_conflicts_and_bad_folder(tmp_path):
     data = write_reference_data(tmp_path / "data")
     with pytest.raises(ValueError, match="leave out --roles-dir"):
@@ -188,4 +195,5 @@ def test_pipeline_conditions_from_data_folder(tmp_path):
     assert set(ROLES) <= names and "trait-patient-pos" in names
     default = next(c for c in pipeline.conditions if c.kind == "default")
     assert default.system_prompts[0] is None
+    assert default.system_prompts[2] == "You are SmolLM2, answer plainly."  # the reference's short model name
     assert [q.question for q in pipeline.questions][0] == "What do you do on a rainy morning?"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 from personaxis.data import (
@@ -189,6 +190,19 @@ class Condition:
         return self.kind in ("trait_pos", "trait_neg")
 
 
+_FAMILIES = ("gemma", "qwen", "llama", "mistral")
+
+
+def family_name(model: str) -> str:
+    """The short name the reference puts in its default prompt "You are {model_name}.": the model family (Gemma,
+    Qwen, Llama, Mistral), else the first word of the model's last path component."""
+    lowered = model.lower()
+    for family in _FAMILIES:
+        if family in lowered:
+            return family.capitalize()
+    return model.rstrip("/").split("/")[-1].split("-")[0] or model
+
+
 def _is_embedded(model: str) -> bool:
     from personaxis.models import EMBEDDED_ALIASES
 
@@ -223,7 +237,10 @@ def build_conditions(settings: RunSettings, model_name: str) -> list[Condition]:
         for role in roles
     ]
     default = load_default(settings.roles_dir)
-    conditions.append(Condition(name="default", kind="default", system_prompts=tuple(default.filled(model_name)), category="default"))
+    # A roles folder's default.json (the reference's) names the model as the reference does: by its family.
+    filled_name = family_name(model_name) if settings.roles_dir and (Path(settings.roles_dir) / "default.json").is_file() else model_name
+    conditions.append(Condition(name="default", kind="default", system_prompts=tuple(default.filled(filled_name)),
+                                category="default"))
     if settings.n_traits:
         for trait in load_traits(settings.traits_dir, limit=settings.n_traits):
             pairs = trait.pairs[: settings.pairs_per_trait]
