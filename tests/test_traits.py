@@ -77,3 +77,11 @@ def test_llm_trait_judge_prompt_and_parse(serve, tmp_path):  # noqa: F811
     judge = make_trait_judge("openai:m", base_url=fake.base_url, api_key=SECRET, cache_dir=tmp_path,
                              requests_per_minute=None, **FAST)
     assert judge.score([_item("ITEMz", "Slowly ITEMz.", eval_prompt=template)]) == {"ITEMz": 72}
+
+
+@pytest.mark.slow
+def test_offline_trait_judge_with_sentence_embeddings():
+    judge = OfflineTraitJudge()
+    scores = judge.score([_item("a", "There is no hurry. Practise a little each day, slowly and patiently, and be kind to yourself."),
+                          _item("b", "Just hurry up and skip the boring parts, rush through it fast.")])
+    assert scores["a"] > scores["b"]
