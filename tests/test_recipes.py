@@ -163,3 +163,20 @@ def test_too_few_roles_is_a_user_error(judged_run, tmp_path):
 
     with pytest.raises(TooFewRolesError, match="recipe 'reference'.*use --vectors pooled"):
         _recompute(judged_run, tmp_path / "few", vectors="reference", min_count=5)
+
+
+def test_asking_a_run_again_with_another_recipe_recomputes_only_the_vectors(judged_run, tmp_path):
+    root = tmp_path / "again"
+    shutil.copytree(judged_run, root)
+    first = Pipeline(root, _settings(vectors="reference", min_count=2), show_progress=False)
+    first.run(["vectors", "axis", "space"])
+    rollouts = {p: p.stat().st_mtime_ns for p in (root / "activations").rglob("*.safetensors")}
+    again = Pipeline(root, _settings(vectors="paper", min_count=2), show_progress=False)
+    done = again.run(["generate", "extract", "vectors", "axis", "space"])
+    assert done["generate"] == done["extract"] == 0 and done["vectors"] == done["axis"] == done["space"] == 1
+    assert {p: p.stat().st_mtime_ns for p in (root / "activations").rglob("*.safetensors")} == rollouts
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["vector_recipe"] == "paper" and summary["n_space_vectors"] == 4
+    assert read_json(root / "manifest.json")["settings"]["vectors"] == "paper"
+    with pytest.raises(Exception, match="other settings"):  # anything else still refuses to mix
+        Pipeline(root, _settings(vectors="paper", min_count=2, max_new_tokens=5), show_progress=False).run(["vectors"])

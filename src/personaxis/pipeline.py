@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from personaxis.backends import GenerationBackend
 
 STAGES = ("generate", "extract", "judge", "vectors", "axis", "space")
+# Settings that only change how vectors are made from judged rollouts: a run may be asked again with others.
+RECIPE_FIELDS = ("vectors", "min_count")
 Log = Callable[[str], None]
 
 
@@ -105,10 +107,32 @@ class Pipeline:
                 from personaxis.models import check_model_source
 
                 check_model_source(None if self.settings.model == "embedded" else self.settings.model)
+        self._change_recipe()
         self.store.open(self.manifest())
         removed = self.store.clean_partials()
         if removed:
             self.log(f"removed {removed} partial file(s) left by an interrupted run")
+
+    def _change_recipe(self) -> None:
+        """A finished or partial run asked again with only another vector recipe (``--vectors``, ``--min-count``):
+        record the new recipe and recompute vectors, axis and summary from the rollouts, activations and judgments
+        already there (generation and extraction are not redone)."""
+        existing = self.store.read_manifest()
+        if existing is None:
+            return
+        manifest = self.manifest()
+        old, new = existing.get("settings", {}), manifest["settings"]
+
+        def others(settings: dict[str, Any]) -> dict[str, Any]:
+            return {k: v for k, v in settings.items() if k not in RECIPE_FIELDS}
+
+        changed = [k for k in RECIPE_FIELDS if old.get(k) != new.get(k)]
+        same_run = others(old) == others(new) and all(existing.get(k) == manifest.get(k) for k in ("conditions", "questions"))
+        if not changed or not same_run:
+            return
+        self.log("vector recipe changed (" + ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed) + ")")
+        atomic_write_json(self.store.manifest_path, {**existing, "settings": new})
+        self._forget_derived("the new recipe")
 
     @property
     def lm(self) -> LoadedModel:
