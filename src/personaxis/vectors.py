@@ -14,7 +14,7 @@ points of the persona space) and ``vector_source`` (the axis group, ``space only
 
     axis[l] = default[l] − mean over the roles' axis vectors of role_vector[l]
 
-Trait vectors are mean(positive) − mean(negative) answers; when the run judges traits (:mod:`personaxis.traits`)
+Trait vectors are mean(positive) − mean(negative) answers; when the run judges traits (:mod:`personaxis.judges.traits`)
 only the pairs whose scores differ by at least the margin count, and a trait needs enough of them.
 """
 
