@@ -197,3 +197,12 @@ def test_pipeline_conditions_from_data_folder(tmp_path):
     assert default.system_prompts[0] is None
     assert default.system_prompts[2] == "You are SmolLM2, answer plainly."  # the reference's short model name
     assert [q.question for q in pipeline.questions][0] == "What do you do on a rainy morning?"
+
+
+def test_roles_dir_of_the_reference_with_its_empty_default_prompt(tmp_path):
+    """The issue's first wall: `--roles-dir <data/roles/instructions>` stopped at default.json's empty prompt."""
+    data = write_reference_data(tmp_path / "data")
+    settings = RunSettings.from_preset("tiny", roles_dir=str(data / "roles" / "instructions"), judge="none")
+    pipeline = Pipeline(tmp_path / "run", settings)
+    default = next(c for c in pipeline.conditions if c.kind == "default")
+    assert default.system_prompts[0] is None and len(default.system_prompts) == 3
