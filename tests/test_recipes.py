@@ -54,7 +54,7 @@ def judged_run(tmp_path_factory) -> Path:
     import personaxis.judges as judges
 
     out = tmp_path_factory.mktemp("recipes") / "run"
-    settings = _settings(vectors="reference")
+    settings = _settings(vectors="reference", judge_traits=True)
     pipeline = Pipeline(out, settings, lm=tiny_model("llama"), show_progress=False)
     QUESTION_IDS[:] = [q.id for q in pipeline.questions]
     originals = judges.make_judge, judges.make_trait_judge
@@ -82,7 +82,7 @@ def _fully_vector(root: Path, role: str) -> torch.Tensor:
 
 
 def test_reference_recipe_keeps_fully_played_roles_only(judged_run, tmp_path):
-    _, summary = _recompute(judged_run, tmp_path / "r", vectors="reference", min_count=2)
+    _, summary = _recompute(judged_run, tmp_path / "r", vectors="reference", min_count=2, judge_traits=True)
     assert summary["vector_recipe"] == "reference" and summary["min_count"] == 2
     assert {r["name"] for r in summary["roles"]} == {"analyst", "ghost"}
     assert summary["n_roles_dropped"] == 2 and summary["n_roles_fell_back"] == 0
@@ -132,8 +132,11 @@ def test_presets_and_recipe_defaults():
     assert (paper.vectors, paper.min_count, paper.temperature, paper.top_p) == ("reference", 50, 0.7, 0.9)
     assert RunSettings.from_preset("paper", vectors="paper").min_count == 10
     assert RunSettings.from_preset("paper", vectors="paper", min_count=7).min_count == 7
+    assert paper.judge_traits and paper.judges_traits and not RunSettings.from_preset("paper", judge="none").judges_traits
     quick = RunSettings.from_preset("quick")
-    assert (quick.vectors, quick.min_count, quick.temperature, quick.top_p) == ("pooled", 3, 0.0, 1.0)
+    # The reference's rule at the quick preset's scale (its results unchanged: no role of it falls back).
+    assert (quick.vectors, quick.min_count, quick.temperature, quick.top_p) == ("reference", 3, 0.0, 1.0)
+    assert not quick.judge_traits and RunSettings.from_preset("quick", vectors="reference").min_count == 50
     assert RunSettings.from_preset("quick", top_p=0.5).top_p == 0.5
     with pytest.raises(ValueError, match="top-p"):
         RunSettings.from_preset("quick", top_p=1.5)

@@ -144,7 +144,7 @@ def test_run_on_reference_data_with_llm_judge(recording, tmp_path, tiny_model_di
     out = tmp_path / "run"
     result = CliRunner().invoke(app, [
         "run", "--out", str(out), "--preset", "tiny", "--model", str(tiny_model_dir), "--data", str(data),
-        "--judge", "openai:judge-model", "--vectors", "reference", "--min-count", "1", "--prompts", "2",
+        "--judge", "openai:judge-model", "--vectors", "reference", "--judge-traits", "--min-count", "1", "--prompts", "2",
         "--traits", "1", "--max-new-tokens", "4", "--quiet"])
     assert result.exit_code == 0, result.output
     assert "0 fell back" in result.stdout and "recipe reference" in result.stdout

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 STAGES = ("generate", "extract", "judge", "vectors", "axis", "space")
 # Settings that only change how vectors are made from judged rollouts: a run may be asked again with others.
-RECIPE_FIELDS = ("vectors", "min_count")
+RECIPE_FIELDS = ("vectors", "min_count", "judge_traits")
 Log = Callable[[str], None]
 
 
@@ -114,7 +114,8 @@ class Pipeline:
             self.log(f"removed {removed} partial file(s) left by an interrupted run")
 
     def _change_recipe(self) -> None:
-        """A finished or partial run asked again with only another vector recipe (``--vectors``, ``--min-count``):
+        """A finished or partial run asked again with only another vector recipe (``--vectors``, ``--min-count``,
+        ``--judge-traits``):
         record the new recipe and recompute vectors, axis and summary from the rollouts, activations and judgments
         already there (generation and extraction are not redone)."""
         existing = self.store.read_manifest()
@@ -177,7 +178,7 @@ class Pipeline:
             )
 
     def is_judged(self, condition: Condition) -> bool:
-        """Roles are judged 0-3; traits 0-100 when the run's recipe judges them (``settings.judges_traits``)."""
+        """Roles are judged 0-3; traits 0-100 when the run judges them (``settings.judges_traits``)."""
         return condition.judged or (condition.is_trait and self.settings.judges_traits)
 
     def _trait_pair(self, unit: Unit) -> tuple[str, str]:

@@ -24,7 +24,7 @@ from personaxis.data import (
 # - pooled: fully played if there are enough, else score 2 and 3 pooled, else dropped (for small runs).
 VECTOR_RECIPES = ("reference", "paper", "pooled")
 RECIPE_MIN_COUNT = {"reference": 50, "paper": 10}
-# Traits as the paper: a pair (positive and negative answer to one question under one instruction pair) is kept when
+# Traits as the paper (``--judge-traits``, on in the paper preset): a pair (positive and negative answer to one question under one instruction pair) is kept when
 # the trait judge's 0-100 scores differ by at least TRAIT_MARGIN; a trait needs TRAIT_MIN_PAIRS kept pairs.
 TRAIT_MARGIN = 50
 TRAIT_MIN_PAIRS = 10
@@ -47,17 +47,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_roles=31, prompts_per_role=5, n_questions=12, persona_questions_only=True, n_traits=4, pairs_per_trait=1,
         max_new_tokens=8, min_count=3, role_names=QUICK_ROLES,
         question_ids=(178, 179, 180, 182, 192, 219, 181, 183, 184, 187, 198, 215),
-        # Pooled: with 60 rollouts per role and an 8-token answer, the reference's 50 fully played rollouts would
-        # drop most roles of this preset; its results stay those of earlier versions.
-        vectors="pooled",
+        # The reference's rule (fully played rollouts only) at this preset's scale: at least 3 of a role's 60. Every
+        # role of the preset has them (20-55 each), so no role falls back and the results are those of the pooled
+        # recipe of earlier versions; the reference's own count, 50, would keep 2 of the 31 roles.
+        vectors="reference",
     ),
     # The paper's scale and the reference's recipe: every role, 5 prompts, 240 questions, sampled at temperature
     # 0.7 and top-p 0.9, answers up to 512 tokens, role vectors from at least 50 fully played rollouts (for GPUs).
     "paper": dict(
         n_roles=None, prompts_per_role=5, n_questions=240, persona_questions_only=False, n_traits=240,
         pairs_per_trait=5, max_new_tokens=512, min_count=50, vectors="reference", temperature=0.7, top_p=0.9,
+        judge_traits=True,
     ),
-    # For tests and smoke runs.
+    # For tests and smoke runs (pooled: a handful of rollouts per role).
     "tiny": dict(
         n_roles=4, prompts_per_role=1, n_questions=2, persona_questions_only=True, n_traits=1, pairs_per_trait=1,
         max_new_tokens=12, min_count=1, vectors="pooled",
@@ -84,6 +86,7 @@ class RunSettings:
     judge: str = "offline"
     min_count: int = 3
     vectors: str = "pooled"
+    judge_traits: bool = False
     target_layer: int | None = None
     roles_dir: str | None = None
     questions_path: str | None = None
@@ -147,8 +150,8 @@ class RunSettings:
 
     @property
     def judges_traits(self) -> bool:
-        """Whether trait rollouts are judged 0-100 and only clear pairs kept (the paper's and reference recipes)."""
-        return self.vectors != "pooled" and self.judge != "none"
+        """Whether trait rollouts are judged 0-100 and only clear pairs kept (the paper's traits; paper preset)."""
+        return self.judge_traits and self.judge != "none"
 
     def to_manifest(self) -> dict[str, Any]:
         data = asdict(self)

@@ -23,7 +23,8 @@ def _settings(preset: str, model: str, roles: int | None, role: list[str] | None
               questions: int | None, traits: int | None, max_new_tokens: int | None, judge: str | None,
               min_count: int | None, layer: int | None, roles_dir: Path | None, questions_file: Path | None,
               temperature: float | None, seed: int | None, batch_size: int | None, backend: str = "transformers",
-              data: Path | None = None, vectors: str | None = None, top_p: float | None = None):
+              data: Path | None = None, vectors: str | None = None, top_p: float | None = None,
+              judge_traits: bool | None = None):
     from personaxis.backends import backend_extra
     from personaxis.settings import RunSettings
 
@@ -35,7 +36,7 @@ def _settings(preset: str, model: str, roles: int | None, role: list[str] | None
         target_layer=layer, roles_dir=str(roles_dir) if roles_dir else None,
         questions_path=str(questions_file) if questions_file else None, temperature=temperature, seed=seed,
         persona_questions_only=False if questions_file else None, extra=extra or None,
-        data_dir=str(data) if data else None, vectors=vectors, top_p=top_p,
+        data_dir=str(data) if data else None, vectors=vectors, top_p=top_p, judge_traits=judge_traits,
     )
 
 
@@ -59,8 +60,11 @@ def register(app: typer.Typer) -> None:
         roles_dir: Path | None = typer.Option(None, help="Folder of role definitions (ours, or the reference <role>.json layout)."),
         questions_file: Path | None = typer.Option(None, "--questions-file", help="JSONL of {question, id} to use instead of ours."),
         vectors: str | None = typer.Option(None, "--vectors", help="Role vector recipe: reference (score 3 only, >= 50 "
-                                           "rollouts; paper preset), paper (score 3 and score 2 vectors separately, >= 10 "
-                                           "each; axis from score 3), pooled (score 3, else 2+3; quick preset)."),
+                                           "rollouts; the presets' default, with the quick preset's own count), paper (score "
+                                           "3 and score 2 vectors separately, >= 10 each; axis from score 3), pooled "
+                                           "(score 3, else 2+3)."),
+        judge_traits: bool | None = typer.Option(None, "--judge-traits/--no-judge-traits", help="Judge trait answers "
+                                                 "0-100 and keep pairs that differ by >= 50, >= 10 per trait (paper preset: on)."),
         temperature: float | None = typer.Option(None, help="0 = greedy."),
         top_p: float | None = typer.Option(None, "--top-p", help="Nucleus sampling mass (with temperature > 0)."),
         seed: int | None = typer.Option(None),
@@ -80,7 +84,7 @@ def register(app: typer.Typer) -> None:
         with user_errors():
             settings = _settings(preset, model, roles, role, prompts, questions, traits, max_new_tokens, judge,
                                  min_count, layer, roles_dir, questions_file, temperature, seed, batch_size, backend,
-                                 data, vectors, top_p)
+                                 data, vectors, top_p, judge_traits)
             executor = None
             if ray is not None:
                 from personaxis.distributed import RayExecutor
