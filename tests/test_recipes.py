@@ -183,3 +183,19 @@ def test_asking_a_run_again_with_another_recipe_recomputes_only_the_vectors(judg
     assert read_json(root / "manifest.json")["settings"]["vectors"] == "paper"
     with pytest.raises(Exception, match="other settings"):  # anything else still refuses to mix
         Pipeline(root, _settings(vectors="paper", min_count=2, max_new_tokens=5), show_progress=False).run(["vectors"])
+
+
+def test_a_run_made_before_the_recipe_settings_existed_still_opens(judged_run, tmp_path):
+    root = tmp_path / "old"
+    shutil.copytree(judged_run, root)
+    manifest = read_json(root / "manifest.json")
+    for key in ("vectors", "judge_traits", "top_p", "traits_dir"):
+        manifest["settings"].pop(key)
+    manifest["settings"]["min_count"] = 2
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    from personaxis.pipeline import open_existing
+
+    open_existing(root, show_progress=False).run(["vectors", "axis", "space"])  # as `personaxis vectors --out` does
+    settings = read_json(root / "manifest.json")["settings"]
+    assert (settings["vectors"], settings["judge_traits"], settings["top_p"]) == ("pooled", False, 1.0)
+    assert json.loads((root / "summary.json").read_text())["vector_recipe"] == "pooled"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -123,6 +123,13 @@ class Pipeline:
             return
         manifest = self.manifest()
         old, new = existing.get("settings", {}), manifest["settings"]
+        # A run made before a setting existed behaved as that setting's default does: record it so.
+        defaults = {f.name: f.default for f in fields(RunSettings) if f.default is not MISSING}
+        added = {k: defaults[k] for k in new if k not in old and k in defaults}
+        if added and isinstance(old, dict):
+            old = {**old, **added}
+            existing = {**existing, "settings": old}
+            atomic_write_json(self.store.manifest_path, existing)
 
         def others(settings: dict[str, Any]) -> dict[str, Any]:
             return {k: v for k, v in settings.items() if k not in RECIPE_FIELDS}
