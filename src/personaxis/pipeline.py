@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from personaxis.backends import GenerationBackend
 
 STAGES = ("generate", "extract", "judge", "vectors", "axis", "space")
+# Settings that only change how vectors are made from judged rollouts: a run may be asked again with others.
+RECIPE_FIELDS = ("vectors", "min_count", "judge_traits")
 Log = Callable[[str], None]
 
 
@@ -48,7 +50,8 @@ class Unit:
         return f"{slug(self.condition.name)}/p{self.prompt_index}"
 
     @property
-    def system_prompt(self) -> str:
+    def system_prompt(self) -> str | None:
+        """The unit's system prompt; ``None`` for none at all (the reference's empty default prompt)."""
         return self.condition.system_prompts[self.prompt_index]
 
 
@@ -104,10 +107,40 @@ class Pipeline:
                 from personaxis.models import check_model_source
 
                 check_model_source(None if self.settings.model == "embedded" else self.settings.model)
+        self._change_recipe()
         self.store.open(self.manifest())
         removed = self.store.clean_partials()
         if removed:
             self.log(f"removed {removed} partial file(s) left by an interrupted run")
+
+    def _change_recipe(self) -> None:
+        """A finished or partial run asked again with only another vector recipe (``--vectors``, ``--min-count``,
+        ``--judge-traits``):
+        record the new recipe and recompute vectors, axis and summary from the rollouts, activations and judgments
+        already there (generation and extraction are not redone)."""
+        existing = self.store.read_manifest()
+        if existing is None:
+            return
+        manifest = self.manifest()
+        old, new = existing.get("settings", {}), manifest["settings"]
+        # A run made before a setting existed behaved as that setting's default does: record it so.
+        defaults = {f.name: f.default for f in fields(RunSettings) if f.default is not MISSING}
+        added = {k: defaults[k] for k in new if k not in old and k in defaults}
+        if added and isinstance(old, dict):
+            old = {**old, **added}
+            existing = {**existing, "settings": old}
+            atomic_write_json(self.store.manifest_path, existing)
+
+        def others(settings: dict[str, Any]) -> dict[str, Any]:
+            return {k: v for k, v in settings.items() if k not in RECIPE_FIELDS}
+
+        changed = [k for k in RECIPE_FIELDS if old.get(k) != new.get(k)]
+        same_run = others(old) == others(new) and all(existing.get(k) == manifest.get(k) for k in ("conditions", "questions"))
+        if not changed or not same_run:
+            return
+        self.log("vector recipe changed (" + ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed) + ")")
+        atomic_write_json(self.store.manifest_path, {**existing, "settings": new})
+        self._forget_derived("the new recipe")
 
     @property
     def lm(self) -> LoadedModel:
@@ -151,6 +184,31 @@ class Pipeline:
                 f"run `personaxis {stage} --out {self.store.root}` or `personaxis run` first"
             )
 
+    def is_judged(self, condition: Condition) -> bool:
+        """Roles are judged 0-3; traits 0-100 when the run judges them (``settings.judges_traits``)."""
+        return condition.judged or (condition.is_trait and self.settings.judges_traits)
+
+    def _trait_pair(self, unit: Unit) -> tuple[str, str]:
+        """The positive and negative instruction of a trait unit's pair."""
+        sides = {c.kind: c for c in self.conditions if c.is_trait and c.trait == unit.condition.trait}
+        return (sides["trait_pos"].system_prompts[unit.prompt_index] or "",
+                sides["trait_neg"].system_prompts[unit.prompt_index] or "")
+
+    def _judge_items(self, unit: Unit, rollouts: list[dict[str, Any]], known: dict[str, Any]) -> list[Any]:
+        """What the judge is asked about a unit's answers that have no score yet."""
+        from personaxis.judges import JudgeItem
+        from personaxis.judges.traits import TraitItem
+
+        todo = [r for r in rollouts if r["answer"].strip() and known.get(r["id"]) is None]
+        c = unit.condition
+        if c.is_trait:
+            positive, negative = self._trait_pair(unit)
+            return [TraitItem(key=r["id"], trait=c.trait or c.name, description=c.rubric, positive=positive,
+                              negative=negative, question=r["question"], answer=r["answer"], eval_prompt=c.eval_prompt)
+                    for r in todo]
+        return [JudgeItem(key=r["id"], role=c.name, rubric=c.rubric, question=r["question"], answer=r["answer"],
+                          eval_prompt=c.eval_prompt) for r in todo]
+
     def read_rollouts(self, unit: Unit) -> list[dict[str, Any]]:
         return read_json(self.rollout_path(unit))["rollouts"]
 
@@ -187,7 +245,7 @@ class Pipeline:
         from personaxis.generation import SamplingConfig
 
         return SamplingConfig(max_new_tokens=self.settings.max_new_tokens, temperature=self.settings.temperature,
-                              seed=self.settings.seed, batch_size=int(self.settings.extra.get("batch_size", 32)))
+                              top_p=self.settings.top_p, seed=self.settings.seed, batch_size=int(self.settings.extra.get("batch_size", 32)))
 
     def _run_chunks(self, stage: str, chunks: list[list[Unit]], on_done: Callable[[int], Any]) -> int:
         if self.executor is not None:
@@ -267,7 +325,7 @@ class Pipeline:
 
     def stage_judge(self) -> None:
         self._require([self.rollout_path(u) for u in self.units], "generate")
-        judged_units = [u for u in self.units if u.condition.judged]
+        judged_units = [u for u in self.units if self.is_judged(u.condition)]
         done = [u for u in judged_units if self.judgment_path(u).is_file()]
         todo = [u for u in judged_units if not self.judgment_path(u).is_file()]
         # Answers a judge could not score (None: endpoint down, unparsable replies) are asked again on resume.
@@ -282,16 +340,18 @@ class Pipeline:
                 atomic_write_json(self.judgment_path(unit), {"judge": "none", "scores": {r["id"]: None for r in self.read_rollouts(unit)}})
                 self.work_done["judge"] += 1
             return
-        from personaxis.judges import JudgeItem, make_judge
+        from personaxis.judges import make_judge, make_trait_judge
 
-        judge = make_judge(self.settings.judge, cache_dir=self.store.root / "judge_cache")
-        bar = progress_bar(total=len(todo), desc=f"judge ({judge.name})", unit="unit", disable=not self.show_progress)
+        cache = self.store.root / "judge_cache"
+        role_judge = make_judge(self.settings.judge, cache_dir=cache)
+        trait_judge = make_trait_judge(self.settings.judge, cache_dir=cache) if self.settings.judges_traits else None
+        bar = progress_bar(total=len(todo), desc=f"judge ({role_judge.name})", unit="unit", disable=not self.show_progress)
         for unit in todo:
             rollouts = self.read_rollouts(unit)
             known = retry.get(unit.key, {})
-            items = [JudgeItem(key=r["id"], role=unit.condition.name, rubric=unit.condition.rubric,
-                               question=r["question"], answer=r["answer"])
-                     for r in rollouts if r["answer"].strip() and known.get(r["id"]) is None]
+            items = self._judge_items(unit, rollouts, known)
+            judge = trait_judge if unit.condition.is_trait else role_judge
+            assert judge is not None
             scores = {**known, **(judge.score(items) if items else {})}
             atomic_write_json(self.judgment_path(unit), {"judge": judge.name,
                                                           "scores": {r["id"]: scores.get(r["id"]) for r in rollouts}})
@@ -314,7 +374,7 @@ class Pipeline:
         from personaxis.vectors import compute_vectors
 
         self._require([self.activation_path(u) for u in self.units], "extract")
-        self._require([self.judgment_path(u) for u in self.units if u.condition.judged], "judge")
+        self._require([self.judgment_path(u) for u in self.units if self.is_judged(u.condition)], "judge")
         if (self.store.root / "vectors" / "index.json").is_file():
             return
         compute_vectors(self)

@@ -103,6 +103,24 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
+def _traits_section(traits: dict[str, Any] | None) -> str:
+    """The traits ranked along the axis (from ``summary["trait_space"]``), or nothing."""
+    if not traits:
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(t['name'])}</td><td>{t['cos_axis']:.3f}</td><td>{t['projection']:.3f}</td>"
+        f"<td>{t.get('n_pairs_kept', t.get('n_pairs', ''))}</td></tr>"
+        for t in traits["traits"]
+    )
+    pca = traits.get("pca") or {}
+    pca_line = (f"<p>Trait PCA: PC1 explains {pca['explained_variance'][0]:.1%} of the trait variance; "
+                f"cos(trait PC1, axis) = {pca['cos_pc1_axis']:.3f}.</p>") if pca else ""
+    return f"""<h2>Traits along the axis (layer {traits['layer']})</h2>
+<p>At the Assistant end: {html.escape(', '.join(traits['assistant_end']) or '—')}. At the far end:
+{html.escape(', '.join(traits['far_end']) or '—')}.</p>{pca_line}
+<table><tr><th>trait</th><th>cos(trait, axis)</th><th>projection</th><th>pairs</th></tr>{rows}</table>"""
+
+
 def write_report(root: Path, summary: dict[str, Any], space: LayerSpace) -> Path:
     figures = {
         "persona_space.png": pca_scatter(summary, space),
@@ -119,7 +137,7 @@ def write_report(root: Path, summary: dict[str, Any], space: LayerSpace) -> Path
     pos = summary["default_position"]
     rows = "".join(
         f"<tr><td>{html.escape(r['name'])}</td><td>{html.escape(r['category'])}</td><td>{r['n_rollouts']}</td>"
-        f"<td>{html.escape(str(r['judge_counts']))}</td><td>{html.escape(r['vector_source'])}</td>"
+        f"<td>{html.escape(str(r['judge_counts']))}</td><td>{html.escape(r.get('group', r['vector_source']))}</td>"
         f"<td>{r['projection']:.3f}</td></tr>"
         for r in sorted(summary["roles"], key=lambda r: -r["projection"])
     )
@@ -128,7 +146,9 @@ def write_report(root: Path, summary: dict[str, Any], space: LayerSpace) -> Path
 table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:2px 6px}}</style></head><body>
 <h1>Persona space of {html.escape(summary['model'])}</h1>
 <p>{summary['n_layers']} layers, target layer {summary['target_layer']}; {summary.get('n_roles_kept', len(summary['roles']))} roles kept,
-{summary.get('n_roles_dropped', 0)} dropped (fewer than {summary.get('min_count', '?')} rollouts judged as role play).</p>
+{summary.get('n_roles_dropped', 0)} dropped (fewer than {summary.get('min_count', '?')} rollouts judged as role play),
+{summary.get('n_roles_fell_back', 0)} fell back to pooled score-2 and score-3 rollouts; role vector recipe
+<b>{html.escape(str(summary.get('vector_recipe', 'pooled')))}</b>, {summary.get('n_space_vectors', len(summary['roles']))} points in the persona space.</p>
 <ul><li>cos(PC1, axis) at the target layer: <b>{target['cos_pc1_axis']:.3f}</b> (lowest over layers {target['min_cos_pc1_axis']:.3f})</li>
 <li>PC1 explains {target['pc1_explained_variance']:.1%} of the role variance at the target layer</li>
 <li>Default position along PC1 within the role range: {pos['pc1_fraction']:.3f}; along the axis: {pos['axis_fraction']:.3f}
@@ -137,6 +157,7 @@ table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;pad
 {_img(images['axis_extremes.png'], 'roles at either end')}
 {_img(images['cosine_per_layer.png'], 'cosine per layer')}
 {_img(images['variance.png'], 'variance explained')}
+{_traits_section(summary.get('trait_space'))}
 <h2>Roles</h2><table><tr><th>role</th><th>category</th><th>rollouts</th><th>judge counts</th><th>vector</th><th>projection</th></tr>{rows}</table>
 </body></html>"""
     path = root / "report.html"

@@ -3,9 +3,31 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
-from personaxis.data import DATA_VERSION, Question, load_default, load_questions, load_roles, load_traits
+from personaxis.data import (
+    DATA_VERSION,
+    Question,
+    load_default,
+    load_questions,
+    load_roles,
+    load_traits,
+    reference_data_paths,
+)
+
+# How role vectors are made from judged rollouts (``--vectors``), and the fewest rollouts each recipe's vectors need
+# unless ``--min-count`` says otherwise:
+# - reference: the reference implementation's: fully played (score 3) rollouts only, at least 50, else the role is dropped;
+# - paper: the paper's: fully (3) and somewhat (2) role-playing vectors kept separately, at least 10 rollouts each,
+#   both points of the persona space; the axis from the fully role-playing ones;
+# - pooled: fully played if there are enough, else score 2 and 3 pooled, else dropped (for small runs).
+VECTOR_RECIPES = ("reference", "paper", "pooled")
+RECIPE_MIN_COUNT = {"reference": 50, "paper": 10}
+# Traits as the paper (``--judge-traits``, on in the paper preset): a pair (positive and negative answer to one question under one instruction pair) is kept when
+# the trait judge's 0-100 scores differ by at least TRAIT_MARGIN; a trait needs TRAIT_MIN_PAIRS kept pairs.
+TRAIT_MARGIN = 50
+TRAIT_MIN_PAIRS = 10
 
 # 31 roles spanning the persona space from clearly assistant-like professions to clearly non-assistant beings,
 # with a few human roles and temperaments between them.
@@ -25,16 +47,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_roles=31, prompts_per_role=5, n_questions=12, persona_questions_only=True, n_traits=4, pairs_per_trait=1,
         max_new_tokens=8, min_count=3, role_names=QUICK_ROLES,
         question_ids=(178, 179, 180, 182, 192, 219, 181, 183, 184, 187, 198, 215),
+        # The reference's rule (fully played rollouts only) at this preset's scale: at least 3 of a role's 60. Every
+        # role of the preset has them (20-55 each), so no role falls back and the results are those of the pooled
+        # recipe of earlier versions; the reference's own count, 50, would keep 2 of the 31 roles.
+        vectors="reference",
     ),
-    # The paper's scale: every role, 5 prompts, 240 questions (for GPUs).
+    # The paper's scale and the reference's recipe: every role, 5 prompts, 240 questions, sampled at temperature
+    # 0.7 and top-p 0.9, answers up to 512 tokens, role vectors from at least 50 fully played rollouts (for GPUs).
     "paper": dict(
         n_roles=None, prompts_per_role=5, n_questions=240, persona_questions_only=False, n_traits=240,
-        pairs_per_trait=5, max_new_tokens=512, min_count=10,
+        pairs_per_trait=5, max_new_tokens=512, min_count=50, vectors="reference", temperature=0.7, top_p=0.9,
+        judge_traits=True,
     ),
-    # For tests and smoke runs.
+    # For tests and smoke runs (pooled: a handful of rollouts per role).
     "tiny": dict(
         n_roles=4, prompts_per_role=1, n_questions=2, persona_questions_only=True, n_traits=1, pairs_per_trait=1,
-        max_new_tokens=12, min_count=1,
+        max_new_tokens=12, min_count=1, vectors="pooled",
     ),
 }
 
@@ -53,12 +81,16 @@ class RunSettings:
     pairs_per_trait: int = 1
     max_new_tokens: int = 64
     temperature: float = 0.0
+    top_p: float = 1.0
     seed: int = 0
     judge: str = "offline"
     min_count: int = 3
+    vectors: str = "pooled"
+    judge_traits: bool = False
     target_layer: int | None = None
     roles_dir: str | None = None
     questions_path: str | None = None
+    traits_dir: str | None = None
     store_dtype: str = "float32"
     data_version: str = DATA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
@@ -68,7 +100,23 @@ class RunSettings:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
         given = {k: v for k, v in overrides.items() if v is not None}
+        data_dir = given.pop("data_dir", None)
+        if data_dir is not None:  # the reference's data/ folder as published
+            if "roles_dir" in given or "questions_path" in given:
+                raise ValueError("--data names the roles and questions: leave out --roles-dir and --questions-file")
+            paths = reference_data_paths(data_dir)
+            given.update(roles_dir=paths.roles_dir, questions_path=paths.questions_path)
+            if paths.traits_dir is not None:
+                given["traits_dir"] = paths.traits_dir
+            given.setdefault("persona_questions_only", False)
         values = {**PRESETS[preset], **given}
+        if "vectors" in given and "min_count" not in given and given["vectors"] in RECIPE_MIN_COUNT:
+            values["min_count"] = RECIPE_MIN_COUNT[given["vectors"]]
+        if preset == "paper" and "judge" not in given and not _is_embedded(str(values.get("model", "embedded"))):
+            raise ValueError(
+                "the offline judge was fitted on answers of the embedded model (SmolLM2-135M) only: for --preset paper "
+                "on another model pass --judge openai:MODEL (the reference's LLM judge), or --judge offline to use it anyway"
+            )
         # The preset's own role list gives way to the user's choice of roles: named roles set the count, a
         # roles folder or a count beyond the list draws from the whole catalogue (or folder).
         if "role_names" in given and "n_roles" not in given:
@@ -95,6 +143,15 @@ class RunSettings:
             raise ValueError(f"store dtype must be float32, float16 or bfloat16, got {self.store_dtype!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.vectors not in VECTOR_RECIPES:
+            raise ValueError(f"unknown vector recipe {self.vectors!r}; choose one of: {', '.join(VECTOR_RECIPES)}")
+
+    @property
+    def judges_traits(self) -> bool:
+        """Whether trait rollouts are judged 0-100 and only clear pairs kept (the paper's traits; paper preset)."""
+        return self.judge_traits and self.judge != "none"
 
     def to_manifest(self) -> dict[str, Any]:
         data = asdict(self)
@@ -121,34 +178,79 @@ class Condition:
 
     name: str
     kind: str  # "role", "default", "trait_pos", "trait_neg"
-    system_prompts: tuple[str, ...]
+    system_prompts: tuple[str | None, ...]  # None: no system prompt at all
     category: str = ""
     rubric: str = ""
     trait: str | None = None
+    eval_prompt: str = ""  # the reference's judge prompt ({question}, {answer}); empty for our own catalogue
 
     @property
     def judged(self) -> bool:
         return self.kind == "role"
 
+    @property
+    def is_trait(self) -> bool:
+        return self.kind in ("trait_pos", "trait_neg")
+
+
+_FAMILIES = ("gemma", "qwen", "llama", "mistral")
+
+
+def family_name(model: str) -> str:
+    """The short name the reference puts in its default prompt "You are {model_name}.": the model family (Gemma,
+    Qwen, Llama, Mistral), else the first word of the model's last path component."""
+    lowered = model.lower()
+    for family in _FAMILIES:
+        if family in lowered:
+            return family.capitalize()
+    return model.rstrip("/").split("/")[-1].split("-")[0] or model
+
+
+def _is_embedded(model: str) -> bool:
+    from personaxis.models import EMBEDDED_ALIASES
+
+    return model.lower() in EMBEDDED_ALIASES
+
+
+def _imported_conditions(layout: dict[str, Any]) -> list[Condition]:
+    """The conditions of a run imported from the reference pipeline's outputs (:mod:`personaxis.reference_run`):
+    its prompt texts are not part of those outputs, so units carry placeholders (they are never generated again)."""
+    def prompts(n: int) -> tuple[str, ...]:
+        return tuple(f"(imported system prompt {k})" for k in range(n))
+
+    conditions = [Condition(name=name, kind="role", system_prompts=prompts(n), category="custom")
+                  for name, n in layout["roles"].items()]
+    conditions.append(Condition(name="default", kind="default", system_prompts=prompts(layout["default_prompts"]),
+                                category="default"))
+    return conditions
+
 
 def build_conditions(settings: RunSettings, model_name: str) -> list[Condition]:
+    imported = settings.extra.get("imported")
+    if isinstance(imported, dict):
+        return _imported_conditions(imported)
     roles = load_roles(settings.roles_dir, names=settings.role_names, limit=settings.n_roles)
     if len(roles) < 2:
         raise ValueError(f"a persona space needs at least 2 roles; the selection has {len(roles)}")
     conditions = [
         Condition(
             name=role.name, kind="role", system_prompts=tuple(role.system_prompts[: settings.prompts_per_role]),
-            category=role.category, rubric=role.rubric,
+            category=role.category, rubric=role.rubric, eval_prompt=role.eval_prompt,
         )
         for role in roles
     ]
     default = load_default(settings.roles_dir)
-    conditions.append(Condition(name="default", kind="default", system_prompts=tuple(default.filled(model_name)), category="default"))
+    # A roles folder's default.json (the reference's) names the model as the reference does: by its family.
+    filled_name = family_name(model_name) if settings.roles_dir and (Path(settings.roles_dir) / "default.json").is_file() else model_name
+    conditions.append(Condition(name="default", kind="default", system_prompts=tuple(default.filled(filled_name)),
+                                category="default"))
     if settings.n_traits:
-        for trait in load_traits(limit=settings.n_traits):
+        for trait in load_traits(settings.traits_dir, limit=settings.n_traits):
             pairs = trait.pairs[: settings.pairs_per_trait]
-            conditions.append(Condition(f"trait-{trait.name}-pos", "trait_pos", tuple(p.pos for p in pairs), trait.category, trait=trait.name))
-            conditions.append(Condition(f"trait-{trait.name}-neg", "trait_neg", tuple(p.neg for p in pairs), trait.category, trait=trait.name))
+            for side, prompts in (("pos", tuple(p.pos for p in pairs)), ("neg", tuple(p.neg for p in pairs))):
+                conditions.append(Condition(f"trait-{trait.name}-{side}", f"trait_{side}", prompts, trait.category,
+                                            rubric=trait.rubric or trait.description, trait=trait.name,
+                                            eval_prompt=trait.eval_prompt))
     names = [c.name for c in conditions]
     if len(set(names)) != len(names):
         raise ValueError("role names collide with the reserved names 'default' or 'trait-…'")
@@ -156,6 +258,9 @@ def build_conditions(settings: RunSettings, model_name: str) -> list[Condition]:
 
 
 def build_questions(settings: RunSettings) -> list[Question]:
+    imported = settings.extra.get("imported")
+    if isinstance(imported, dict):
+        return [Question(id=i, question=f"(imported question {i})") for i in imported["question_ids"]]
     if settings.question_ids is not None and settings.questions_path is None:
         by_id = {q.id: q for q in load_questions()}
         missing = [i for i in settings.question_ids if i not in by_id]

@@ -137,7 +137,8 @@ def register(app: typer.Typer) -> None:
 
     def import_(
         source: Path = typer.Option(..., "--from", help="Reference torch file (.pt), or a folder of them for --kind vectors."),
-        kind: str = typer.Option(..., "--kind", help="axis, vectors or capping."),
+        kind: str = typer.Option(..., "--kind", help="axis, vectors, capping, or reference-run (the reference pipeline's "
+                                 "output folder with activations/, scores/ and vectors/, into a run directory --out)."),
         out: Path = typer.Option(..., "--out", "-o", help="Our file (.safetensors), or a folder for a folder of vectors."),
         model: str | None = typer.Option(None, "--model", help="Model name to record in the axis."),
     ) -> None:
@@ -169,7 +170,15 @@ def register(app: typer.Typer) -> None:
                     target = out / f"{file.stem}.safetensors" if source.is_dir() else out
                     interop.import_vectors(file, target)
                 typer.echo(f"wrote {len(files)} vector file(s) to {out}")
+            elif kind == "reference-run":
+                from personaxis.reference_run import import_reference_run
+
+                done = import_reference_run(source, out, model=model or "unknown")
+                left = f"; left out {len(done['left_out'])} role(s) without scores" if done["left_out"] else ""
+                typer.echo(f"wrote run directory {out}: {len(done['roles'])} roles, {done['n_units']} units{left}; next: "
+                           + (f"`personaxis axis --out {out}` and `personaxis space --out {out}`" if done["vectors_only"]
+                              else f"`personaxis vectors --out {out}` (then axis, space, calibrate)"))
             else:
-                raise ValueError(f"unknown kind {kind!r}; choose axis, vectors or capping")
+                raise ValueError(f"unknown kind {kind!r}; choose axis, vectors, capping or reference-run")
 
     app.command(name="import")(import_)

@@ -22,7 +22,9 @@ STAGE_HELP = {
 def _settings(preset: str, model: str, roles: int | None, role: list[str] | None, prompts: int | None,
               questions: int | None, traits: int | None, max_new_tokens: int | None, judge: str | None,
               min_count: int | None, layer: int | None, roles_dir: Path | None, questions_file: Path | None,
-              temperature: float | None, seed: int | None, batch_size: int | None, backend: str = "transformers"):
+              temperature: float | None, seed: int | None, batch_size: int | None, backend: str = "transformers",
+              data: Path | None = None, vectors: str | None = None, top_p: float | None = None,
+              judge_traits: bool | None = None):
     from personaxis.backends import backend_extra
     from personaxis.settings import RunSettings
 
@@ -34,6 +36,7 @@ def _settings(preset: str, model: str, roles: int | None, role: list[str] | None
         target_layer=layer, roles_dir=str(roles_dir) if roles_dir else None,
         questions_path=str(questions_file) if questions_file else None, temperature=temperature, seed=seed,
         persona_questions_only=False if questions_file else None, extra=extra or None,
+        data_dir=str(data) if data else None, vectors=vectors, top_p=top_p, judge_traits=judge_traits,
     )
 
 
@@ -52,9 +55,18 @@ def register(app: typer.Typer) -> None:
         judge: str | None = typer.Option(None, help="'offline' (no network), 'openai:MODEL', or 'none' (keep every rollout)."),
         min_count: int | None = typer.Option(None, help="Rollouts a judge category needs to make a role vector."),
         layer: int | None = typer.Option(None, help="Target layer (default: n_layers // 2)."),
+        data: Path | None = typer.Option(None, "--data", help="The reference's data/ folder as published: roles/instructions/ "
+                                         "(with default.json), extraction_questions.jsonl, traits/instructions/."),
         roles_dir: Path | None = typer.Option(None, help="Folder of role definitions (ours, or the reference <role>.json layout)."),
         questions_file: Path | None = typer.Option(None, "--questions-file", help="JSONL of {question, id} to use instead of ours."),
+        vectors: str | None = typer.Option(None, "--vectors", help="Role vector recipe: reference (score 3 only, >= 50 "
+                                           "rollouts; the presets' default, with the quick preset's own count), paper (score "
+                                           "3 and score 2 vectors separately, >= 10 each; axis from score 3), pooled "
+                                           "(score 3, else 2+3)."),
+        judge_traits: bool | None = typer.Option(None, "--judge-traits/--no-judge-traits", help="Judge trait answers "
+                                                 "0-100 and keep pairs that differ by >= 50, >= 10 per trait (paper preset: on)."),
         temperature: float | None = typer.Option(None, help="0 = greedy."),
+        top_p: float | None = typer.Option(None, "--top-p", help="Nucleus sampling mass (with temperature > 0)."),
         seed: int | None = typer.Option(None),
         batch_size: int | None = typer.Option(None, help="Generation batch size."),
         backend: str = typer.Option("transformers", help="Generation backend: transformers, or vllm (CUDA GPUs; needs the vllm extra of personaxis)."),
@@ -71,7 +83,8 @@ def register(app: typer.Typer) -> None:
 
         with user_errors():
             settings = _settings(preset, model, roles, role, prompts, questions, traits, max_new_tokens, judge,
-                                 min_count, layer, roles_dir, questions_file, temperature, seed, batch_size, backend)
+                                 min_count, layer, roles_dir, questions_file, temperature, seed, batch_size, backend,
+                                 data, vectors, top_p, judge_traits)
             executor = None
             if ray is not None:
                 from personaxis.distributed import RayExecutor
@@ -86,11 +99,15 @@ def register(app: typer.Typer) -> None:
         summary = json.loads((out / "summary.json").read_text())
         target = summary["target"]
         echo_err(f"work done this call: {done}")
+        traits = summary.get("trait_space")
+        trait_line = (f"; traits at the Assistant end: {', '.join(traits['assistant_end'][:3]) or '—'}, "
+                      f"at the far end: {', '.join(traits['far_end'][:3]) or '—'}") if traits else ""
         typer.echo(
-            f"{summary['model']}: {summary['n_roles_kept']} roles kept ({summary['n_roles_dropped']} dropped); "
+            f"{summary['model']}: {summary['n_roles_kept']} roles kept ({summary.get('n_roles_fell_back', 0)} fell back "
+            f"to scores 2+3, {summary['n_roles_dropped']} dropped; recipe {summary.get('vector_recipe', 'pooled')}); "
             f"layer {summary['target_layer']}: cos(PC1, axis) = {target['cos_pc1_axis']:.3f}, "
             f"PC1 explains {target['pc1_explained_variance']:.1%}; default at {summary['default_position']['pc1_fraction']:.2f} "
-            f"of the role range along PC1"
+            f"of the role range along PC1{trait_line}"
         )
         typer.echo(f"wrote {out / 'axis.safetensors'}, {out / 'summary.json'}, {out / 'report.html'}")
 

@@ -2,7 +2,11 @@
 
 Everything loads through one typed schema (pydantic), from the package data or from a user folder. A folder in the
 reference layout (``<role>.json`` files holding ``{"instruction": [{"pos": ...}], "eval_prompt": ..., "questions":
-[...]}`` plus ``default.json``, and a JSONL of ``{"question", "id"}``) loads too. Bad files raise
+[...]}`` plus ``default.json``, and a JSONL of ``{"question", "id"}``) loads too, and so does the reference's whole
+``data/`` folder as published (:func:`reference_data_paths`): ``roles/instructions/*.json``,
+``extraction_questions.jsonl`` and ``traits/instructions/*.json`` (``{"instruction": [{"pos", "neg"}], ...}``).
+A reference role keeps its ``eval_prompt`` (a judge prompt with ``{question}`` and ``{answer}`` placeholders) as
+given; an empty system prompt in the reference ``default.json`` means "no system prompt" and is kept as ``None``. Bad files raise
 :class:`CatalogueError` naming the file, the entry and what is wrong; nothing is skipped silently.
 """
 
@@ -50,6 +54,8 @@ class Role(_Strict):
     system_prompts: tuple[str, ...] = Field(min_length=1)
     rubric: str = ""
     questions: tuple[str, ...] = ()
+    # The reference's judge prompt, with {question} and {answer} placeholders (reference-layout roles only).
+    eval_prompt: str = ""
 
     @field_validator("name")
     @classmethod
@@ -68,11 +74,13 @@ class Role(_Strict):
 
 
 class DefaultCondition(_Strict):
-    description: str = ""
-    system_prompts: tuple[str, ...] = Field(min_length=1)
+    """The default condition's system prompts; ``None`` means no system prompt at all (the reference's ``""``)."""
 
-    def filled(self, model_name: str) -> list[str]:
-        return [p.replace("{model_name}", model_name) for p in self.system_prompts]
+    description: str = ""
+    system_prompts: tuple[str | None, ...] = Field(min_length=1)
+
+    def filled(self, model_name: str) -> list[str | None]:
+        return [None if p is None else p.replace("{model_name}", model_name) for p in self.system_prompts]
 
 
 class Question(_Strict):
@@ -104,6 +112,8 @@ class Trait(_Strict):
     opposite: str = ""
     pairs: tuple[TraitPair, ...] = Field(min_length=1)
     rubric: str = ""
+    # The reference's 0-100 judge prompt, with {question} and {answer} placeholders (reference-layout traits only).
+    eval_prompt: str = ""
 
 
 class SusceptibilityRole(_Strict):
@@ -219,7 +229,21 @@ def _is_reference_role(raw: Any) -> bool:
     return isinstance(raw, dict) and "instruction" in raw
 
 
-def _reference_role(raw: dict[str, Any], name: str, where: str) -> Role:
+def _eval_prompt(raw: dict[str, Any], where: str) -> str:
+    """A reference file's judge prompt, checked to fill as the reference fills it (``str.format`` with ``question``
+    and ``answer``)."""
+    eval_prompt = raw.get("eval_prompt", "")
+    if not isinstance(eval_prompt, str):
+        raise CatalogueError(f"{where}: 'eval_prompt' must be a string")
+    if eval_prompt:
+        try:
+            eval_prompt.format(question="", answer="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise CatalogueError(f"{where}: 'eval_prompt' cannot be filled with {{question}} and {{answer}}: {exc!r}") from None
+    return eval_prompt
+
+
+def _reference_role(raw: dict[str, Any], name: str, where: str, description: str = "") -> Role:
     instructions = raw.get("instruction")
     if not isinstance(instructions, list) or not instructions:
         raise CatalogueError(f"{where}: 'instruction' must be a non-empty list of {{'pos': ...}} objects")
@@ -231,12 +255,23 @@ def _reference_role(raw: dict[str, Any], name: str, where: str) -> Role:
     questions = raw.get("questions") or []
     if not isinstance(questions, list) or not all(isinstance(q, str) for q in questions):
         raise CatalogueError(f"{where}: 'questions' must be a list of strings")
+    eval_prompt = _eval_prompt(raw, where)
     return _validate(
         Role,
-        {"name": name, "category": "custom", "system_prompts": prompts, "rubric": raw.get("eval_prompt", ""),
-         "questions": questions},
+        {"name": name, "category": "custom", "system_prompts": prompts, "rubric": eval_prompt,
+         "questions": questions, "eval_prompt": eval_prompt, "description": description},
         where,
     )
+
+
+def _reference_descriptions(path: Path) -> dict[str, str]:
+    """``{name: description}`` from the reference's ``role_list.json`` / ``trait_list.json`` beside a folder, if any."""
+    if not path.is_file():
+        return {}
+    raw = _read_json(path)
+    if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+        raise CatalogueError(f"{path}: expected an object of {{name: description}} strings")
+    return raw
 
 
 def _roles_from_folder(folder: Path) -> list[Role]:
@@ -247,10 +282,11 @@ def _roles_from_folder(folder: Path) -> list[Role]:
         raise CatalogueError(f"{folder}: no role files (*.json) found")
     roles: list[Role] = []
     origin: dict[str, str] = {}
+    descriptions = _reference_descriptions(folder.parent / "role_list.json")
     for path in files:
         raw = _read_json(path)
         if _is_reference_role(raw):
-            found = [(str(path), _reference_role(raw, path.stem, str(path)))]
+            found = [(str(path), _reference_role(raw, path.stem, str(path), descriptions.get(path.stem, "")))]
         elif isinstance(raw, list):
             found = [(f"{path}: {_entry_name(e, i)}", _validate(Role, e, f"{path}: {_entry_name(e, i)}"))
                      for i, e in enumerate(raw)]
@@ -321,9 +357,52 @@ def load_default(folder: str | Path | None = None) -> DefaultCondition:
             return load_default()
     raw = _read_json(path)
     if _is_reference_role(raw):
-        role = _reference_role(raw, "default", str(path))
-        return DefaultCondition(description="default condition from a reference folder", system_prompts=role.system_prompts)
+        return _reference_default(raw, str(path))
     return _validate(DefaultCondition, raw, str(path))
+
+
+def _reference_default(raw: dict[str, Any], where: str) -> DefaultCondition:
+    """The reference ``default.json``: its prompts as given, an empty one meaning no system prompt (``None``)."""
+    instructions = raw.get("instruction")
+    if not isinstance(instructions, list) or not instructions:
+        raise CatalogueError(f"{where}: 'instruction' must be a non-empty list of {{'pos': ...}} objects")
+    prompts: list[str | None] = []
+    for i, item in enumerate(instructions):
+        if not isinstance(item, dict) or not isinstance(item.get("pos"), str):
+            raise CatalogueError(f"{where}: instruction {i} has no 'pos' text")
+        prompts.append(item["pos"] if item["pos"].strip() else None)
+    if len(set(prompts)) != len(prompts):
+        raise CatalogueError(f"{where}: system prompts repeat")
+    return DefaultCondition(description="default condition from a reference folder", system_prompts=tuple(prompts))
+
+
+# ------------------------------------------------------------------------------------------- the reference's data/
+
+
+class DataPaths(BaseModel):
+    """Where a data folder in the reference's published layout keeps roles, questions and traits."""
+
+    model_config = ConfigDict(frozen=True)
+    roles_dir: str
+    questions_path: str
+    traits_dir: str | None = None
+
+
+def reference_data_paths(folder: str | Path) -> DataPaths:
+    """The parts of the reference's ``data/`` folder: ``roles/instructions/`` (with ``default.json``),
+    ``extraction_questions.jsonl`` and, where present, ``traits/instructions/``."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise CatalogueError(f"{root}: data folder not found")
+    roles = root / "roles" / "instructions"
+    questions = root / "extraction_questions.jsonl"
+    traits = root / "traits" / "instructions"
+    if not roles.is_dir():
+        raise CatalogueError(f"{root}: no roles/instructions/ folder (the reference's data layout)")
+    if not questions.is_file():
+        raise CatalogueError(f"{root}: no extraction_questions.jsonl (the reference's data layout)")
+    return DataPaths(roles_dir=str(roles), questions_path=str(questions),
+                     traits_dir=str(traits) if traits.is_dir() and any(traits.glob("*.json")) else None)
 
 
 # ------------------------------------------------------------------------------------------------------ questions
@@ -361,12 +440,30 @@ def _load_list(path: Path, model: type[M]) -> list[M]:
     return [_validate(model, entry, f"{path}: {_entry_name(entry, i)}") for i, entry in enumerate(raw)]
 
 
+def _reference_trait(raw: dict[str, Any], name: str, where: str, description: str = "") -> Trait:
+    """A reference trait file: ``{"instruction": [{"pos", "neg"}], "eval_prompt": ..., "questions": [...]}``."""
+    instructions = raw.get("instruction")
+    if not isinstance(instructions, list) or not instructions:
+        raise CatalogueError(f"{where}: 'instruction' must be a non-empty list of {{'pos': ..., 'neg': ...}} objects")
+    eval_prompt = _eval_prompt(raw, where)
+    return _validate(Trait, {"name": name, "description": description, "pairs": instructions, "rubric": eval_prompt,
+                             "eval_prompt": eval_prompt}, where)
+
+
 def load_traits(folder: str | Path | None = None, *, names: Sequence[str] | None = None, limit: int | None = None) -> list[Trait]:
+    """Traits from the package catalogue or ``folder`` (lists of our traits, or the reference's one file per trait)."""
     source = Path(folder) if folder is not None else package_data_dir() / "traits"
     files = sorted(source.glob("*.json"))
     if not files:
         raise CatalogueError(f"{source}: no trait files found")
-    traits = [t for path in files for t in _load_list(path, Trait)]
+    descriptions = _reference_descriptions(source.parent / "trait_list.json") if folder is not None else {}
+    traits: list[Trait] = []
+    for path in files:
+        raw = _read_json(path)
+        if _is_reference_role(raw):
+            traits.append(_reference_trait(raw, path.stem, str(path), descriptions.get(path.stem, "")))
+        else:
+            traits.extend(_load_list(path, Trait))
     _check_unique((t.name for t in traits), "trait", str(source))
     if names is not None:
         known = {t.name: t for t in traits}

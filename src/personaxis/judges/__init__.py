@@ -19,7 +19,7 @@ from personaxis.judges.base import (
     LabelItem,
 )
 from personaxis.judges.client import JudgeAuthError, JudgeRequestError
-from personaxis.judges.factory import make_harm_judge, make_identity_judge, make_judge
+from personaxis.judges.factory import make_harm_judge, make_identity_judge, make_judge, make_trait_judge
 
 __all__ = [
     "DEFAULT_ROLE",
@@ -38,4 +38,5 @@ __all__ = [
     "make_harm_judge",
     "make_identity_judge",
     "make_judge",
+    "make_trait_judge",
 ]

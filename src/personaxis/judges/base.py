@@ -34,6 +34,9 @@ class JudgeItem:
     rubric: str  # the role's 0-3 rubric text (from the catalogue)
     question: str
     answer: str
+    # The reference's judge prompt with {question} and {answer} placeholders: when given, the LLM judge sends it,
+    # filled, as the only message and reads the score as the reference does.
+    eval_prompt: str = ""
 
 
 @dataclass(frozen=True)

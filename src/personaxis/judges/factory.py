@@ -114,3 +114,27 @@ def make_identity_judge(
 
     kwargs = _http_kwargs(base_url, api_key, cache_dir, max_concurrency, requests_per_minute, timeout_s, max_retries, extra)
     return OpenAIIdentityJudge(model, **kwargs)
+
+
+def make_trait_judge(
+    spec: str = DEFAULT_SPEC,
+    *,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    cache_dir: Path | None = None,
+    max_concurrency: int = 8,
+    requests_per_minute: float | None = 120,
+    timeout_s: float = 60,
+    max_retries: int = 6,
+    **extra: Any,
+) -> Any:
+    """A trait judge: scores how strongly answers show a trait, 0-100 (:mod:`personaxis.judges.traits`)."""
+    model = _model_of(spec)
+    if model is None:
+        from personaxis.judges.traits import OfflineTraitJudge
+
+        return OfflineTraitJudge()
+    from personaxis.judges.traits import OpenAITraitJudge
+
+    kwargs = _http_kwargs(base_url, api_key, cache_dir, max_concurrency, requests_per_minute, timeout_s, max_retries, extra)
+    return OpenAITraitJudge(model, **kwargs)

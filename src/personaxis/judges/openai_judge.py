@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -27,7 +27,9 @@ from personaxis.judges.prompts import (
     identity_messages,
     parse_harm_label,
     parse_identity_label,
+    parse_reference_score,
     parse_score,
+    reference_messages,
     role_messages,
 )
 from personaxis.judges.ratelimit import TokenBucket
@@ -103,6 +105,10 @@ class _HttpJudge(Generic[ItemT, ValueT]):
     def _parse(self, reply: str) -> ValueT | None:
         raise NotImplementedError
 
+    def _parser(self, item: ItemT) -> Callable[[str], ValueT | None]:
+        """How the reply about ``item`` is read (one way per judge unless a subclass says otherwise)."""
+        return self._parse
+
     def _payload(self, item: ItemT) -> dict[str, Any]:
         payload: dict[str, Any] = {"model": self.model, "messages": self._messages(item), "temperature": 0}
         if self.max_tokens is not None:
@@ -112,7 +118,7 @@ class _HttpJudge(Generic[ItemT, ValueT]):
     def _run(self, items: Sequence[ItemT], show_progress: bool) -> dict[str, ValueT | None]:
         check_unique_keys(items)
         results: dict[str, ValueT | None] = {}
-        todo: dict[str, tuple[dict[str, Any], list[str]]] = {}  # digest -> (payload, keys)
+        todo: dict[str, tuple[dict[str, Any], list[str], Callable[[str], Any]]] = {}  # digest -> (payload, keys, parse)
         for item in items:
             payload = self._payload(item)
             digest = prompt_hash({"task": self.task, "version": PROMPT_VERSION, "request": payload})
@@ -122,17 +128,17 @@ class _HttpJudge(Generic[ItemT, ValueT]):
             elif digest in todo:
                 todo[digest][1].append(item.key)
             else:
-                todo[digest] = (payload, [item.key])
+                todo[digest] = (payload, [item.key], self._parser(item))
         if todo:
-            log.info("%s: %d cached, %d to judge", self.name, len(results), sum(len(k) for _, k in todo.values()))
+            log.info("%s: %d cached, %d to judge", self.name, len(results), sum(len(k) for _, k, _ in todo.values()))
         stop = threading.Event()
         bar = progress_bar(total=len(items), desc=f"judge ({self.task})", unit="item", disable=not show_progress)
         bar.update(len(results))
         try:
             with ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="judge") as pool:
                 futures = {
-                    pool.submit(self._judge_one, digest, payload, keys[0], stop): keys
-                    for digest, (payload, keys) in todo.items()
+                    pool.submit(self._judge_one, digest, payload, keys[0], stop, parse): keys
+                    for digest, (payload, keys, parse) in todo.items()
                 }
                 for future in as_completed(futures):
                     keys = futures[future]
@@ -153,7 +159,8 @@ class _HttpJudge(Generic[ItemT, ValueT]):
             log.warning("%s: %d of %d item(s) could not be judged", self.name, failed, len(items))
         return {item.key: results.get(item.key) for item in items}
 
-    def _judge_one(self, digest: str, payload: dict[str, Any], key: str, stop: threading.Event) -> ValueT | None:
+    def _judge_one(self, digest: str, payload: dict[str, Any], key: str, stop: threading.Event,
+                   parse: Callable[[str], Any]) -> ValueT | None:
         for attempt in range(self.max_parse_retries + 1):
             if stop.is_set():
                 return None
@@ -164,7 +171,7 @@ class _HttpJudge(Generic[ItemT, ValueT]):
             except JudgeRequestError as exc:
                 log.warning("%s: item %r not judged: %s", self.name, key, exc)
                 return None
-            value = self._parse(reply)
+            value = parse(reply)
             if value is not None:
                 self.cache.put(digest, key, value, reply=self.client.redact(reply))
                 return value
@@ -176,15 +183,20 @@ class _HttpJudge(Generic[ItemT, ValueT]):
 
 
 class OpenAIJudge(_HttpJudge[JudgeItem, int]):
-    """Role-adherence judge: scores each rollout 0..3 per its role's rubric."""
+    """Role-adherence judge: scores each rollout 0..3 per its role's rubric, or, for a role that brings the
+    reference's judge prompt (``item.eval_prompt``), exactly as the reference does: that prompt filled with the
+    question and answer is the only message, and the score is the reply's first whole number in 0..3."""
 
     task = "role"
 
     def _messages(self, item: JudgeItem) -> Messages:
-        return role_messages(item)
+        return reference_messages(item) if item.eval_prompt else role_messages(item)
 
     def _parse(self, reply: str) -> int | None:
         return parse_score(reply)
+
+    def _parser(self, item: JudgeItem) -> Callable[[str], int | None]:
+        return parse_reference_score if item.eval_prompt else parse_score
 
     def score(self, items: Sequence[JudgeItem], *, show_progress: bool = False) -> dict[str, int | None]:
         return self._run(items, show_progress)
