@@ -220,7 +220,8 @@ class ModelService:
         with self.lock:
             conversation, prompt = self._prompt(messages, settings.max_new_tokens)
             gen = generate(self.lm, [conversation], config, interventions=treatment.interventions)[0]
-            text, stopped = gen.text, gen.stopped
+            # The web app shows answers without surrounding whitespace, streamed or not (see stream.py).
+            text, stopped = gen.text.strip(), gen.stopped
             for s in settings.stop:
                 cut = text.find(s) if s else -1
                 if cut >= 0:
