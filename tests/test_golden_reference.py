@@ -47,7 +47,7 @@ def lm(request, embedded_lm):
         if not kernels_enabled():
             pytest.skip("oneDNN linear layers are not available here")
         return embedded_lm
-    return load_model(fast_cpu_linears=False)
+    return load_model(device="cpu", fast_cpu_linears=False)
 
 
 @pytest.fixture(scope="module")
@@ -156,13 +156,12 @@ def test_capped_projections(lm, axis, imported_capping):
 
 @pytest.mark.slow
 @pytest.mark.ci_sample
-def test_steer_raw_on_the_command_line_gives_the_reference_tokens(axis, tmp_path):
+def test_steer_raw_on_the_command_line_gives_the_reference_tokens(embedded_lm, axis, tmp_path):
     """`personaxis steer --raw --alpha -2` (the reference's coefficient of the raw axis row) answers the prompts
     without a system prompt with the reference's greedy tokens. The reference generated 40 tokens with end-of-turn
     tokens forbidden (``min_new_tokens=40``); `steer` stops at the end of the turn, so its answer is a prefix of the
     reference's 40 tokens."""
     from personaxis.cli import app
-    from personaxis.models import load_model
 
     axis.save(tmp_path / "axis.safetensors")
     setup, generations = _json("steer_setup.json"), _json("reference_generations.json")
@@ -173,7 +172,7 @@ def test_steer_raw_on_the_command_line_gives_the_reference_tokens(axis, tmp_path
                                       "--json", str(out), "--device", "cpu", "--dtype", "float32",
                                       *[setup["prompts"][i][0]["content"] for i in chosen]])
     assert result.exit_code == 0, result.output
-    tokenizer = load_model().tokenizer
+    tokenizer = embedded_lm.tokenizer
     for i, answer in zip(chosen, json.loads(out.read_text())["answers"], strict=True):
         for ours, condition in ((answer["steered"], "add_rawaxis"), (answer["unsteered"], "none")):
             reference = tokenizer.decode(generations[condition]["ids"][i], skip_special_tokens=True)
