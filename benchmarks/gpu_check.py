@@ -8,9 +8,11 @@ guarded so that one failure does not hide the others; results go to stdout and t
    can be loaded, else **randomly initialised weights of the SmolLM2-135M architecture** with its real tokenizer:
    random weights rarely emit an end-of-turn token, so every answer runs to ``max_new_tokens`` (an upper bound on
    the work). Prints rollouts/s and extraction tokens/s.
-2. ``split``: extraction with the model sharded over two devices (``device_map``: half the blocks on the GPU, half
+2. ``commands``: ``personaxis steer``, ``monitor`` and ``serve`` (one OpenAI-style request, steered) with
+   ``--device cuda``: each model must land on the GPU in bfloat16 (the default dtype there) and answer.
+3. ``split``: extraction with the model sharded over two devices (``device_map``: half the blocks on the GPU, half
    on the CPU) equals extraction on one device.
-3. ``arch``: generation and extraction throughput of random bf16 weights built with ``from_config`` on the GPU (no
+4. ``arch``: generation and extraction throughput of random bf16 weights built with ``from_config`` on the GPU (no
    download) for the Llama-3-8B and Qwen3-32B configurations, through personaxis's own ``generate_ids`` (all answers
    forced to the same length with ``min_new_tokens``) and ``extract_turn_means``. The real vocabulary sizes are kept
    (the SmolLM2 tokenizer's ids are a subset), so the embedding and LM-head costs are the real ones.
@@ -155,23 +157,102 @@ def save_random_model(arch: str, tokenizer: Any, folder: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ sections
+def quick_model(args: argparse.Namespace, tokenizer_dir: Path, work: Path) -> tuple[str, str]:
+    """The model of the quick and commands sections (``--model``, else the embedded one, else random weights of its
+    architecture) and a description of its weights."""
+    if args.model is not None:
+        return args.model, "given"
+    try:
+        from personaxis.models import embedded_gguf_path
+
+        embedded_gguf_path()
+        return "embedded", "embedded SmolLM2-135M-Instruct"
+    except Exception as exc:  # noqa: BLE001
+        log(f"embedded model unavailable ({exc}); using random weights of the SmolLM2-135M architecture")
+        folder = work / "smollm2-random"
+        if not (folder / "config.json").is_file():
+            save_random_model("smollm2-135m", load_tokenizer(tokenizer_dir), folder)
+        return str(folder), "random (SmolLM2-135M architecture, real tokenizer)"
+
+
+def section_commands(args: argparse.Namespace, tokenizer_dir: Path, work: Path) -> dict[str, Any]:
+    """``personaxis steer``, ``monitor`` and ``serve`` with ``--device cuda`` (``cpu`` with --cpu-smoke) and the
+    default dtype (bfloat16 on a GPU): each command's model must land on that device in that dtype, and answer."""
+    import uvicorn
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from personaxis.axis import Axis
+    from personaxis.cli import app
+    from personaxis.models import ModelPlacement
+
+    model, weights = quick_model(args, tokenizer_dir, work)
+    name = None if model == "embedded" else model
+    probe = ModelPlacement(device=DEVICE).load(name)
+    n_layers, hidden = probe.profile.n_layers, probe.profile.hidden_size
+    del probe
+    free_memory()
+    axis_path = work / "commands-axis.safetensors"
+    g = torch.Generator().manual_seed(0)
+    Axis(torch.randn(n_layers, hidden, generator=g), model="check",
+         residual_norms=torch.full((n_layers,), 10.0)).save(axis_path)
+    transcript = work / "commands-transcript.json"
+    transcript.write_text(json.dumps({"conversation": [{"role": "user", "content": "Who are you?"},
+                                                       {"role": "assistant", "content": "I am an AI assistant."}]}))
+    placed: list[tuple[str, str]] = []
+    original_load = ModelPlacement.load
+
+    def load(self: ModelPlacement, *a: Any, **k: Any) -> Any:
+        lm = original_load(self, *a, **k)
+        placed.append((lm.device.type, str(next(lm.model.parameters()).dtype)))
+        return lm
+
+    served: dict[str, Any] = {}
+
+    def serve_once(web: Any, **_: Any) -> None:
+        with TestClient(web, base_url="http://127.0.0.1") as client:  # serve allows loopback hosts only
+            reply = client.post("/v1/chat/completions", json={
+                "model": "x", "max_tokens": 8, "messages": [{"role": "user", "content": "Who are you?"}],
+                "personaxis": {"alpha": -0.2}})
+            served.update(status=reply.status_code, text=reply.json()["choices"][0]["message"]["content"]
+                          if reply.status_code == 200 else reply.text)
+
+    runner = CliRunner()
+    device_args = ["--device", DEVICE, "--model", model]
+    commands = {
+        "steer": ["steer", "--axis", str(axis_path), "--alpha", "-0.3", "-n", "16", "Who are you?", *device_args],
+        "monitor": ["monitor", "--axis", str(axis_path), "--out", str(work / "commands-monitor"), str(transcript),
+                    *device_args],
+        "serve": ["serve", "--run", str(work), "--axis", str(axis_path), *device_args],
+    }
+    results: dict[str, Any] = {"weights": weights, "device": DEVICE}
+    ModelPlacement.load = load  # type: ignore[method-assign]
+    real_run = uvicorn.run
+    uvicorn.run = serve_once  # type: ignore[assignment]
+    try:
+        for command, argv in commands.items():
+            placed.clear()
+            t0 = time.perf_counter()
+            outcome = runner.invoke(app, argv)
+            results[command] = {"exit_code": outcome.exit_code, "placed": list(placed),
+                                "seconds": time.perf_counter() - t0, "tail": outcome.output[-300:]}
+            free_memory()
+    finally:
+        ModelPlacement.load = original_load  # type: ignore[method-assign]
+        uvicorn.run = real_run
+    results["serve"]["request"] = served
+    want = (DEVICE, "torch.bfloat16" if DEVICE == "cuda" else "torch.float32")
+    results["ok"] = (all(results[c]["exit_code"] == 0 and results[c]["placed"] == [want] for c in commands)
+                     and served.get("status") == 200)
+    return results
+
+
 def section_quick(args: argparse.Namespace, tokenizer_dir: Path, work: Path) -> dict[str, Any]:
     from personaxis.chat import build_conversation, render_chat
     from personaxis.pipeline import Pipeline
     from personaxis.settings import RunSettings
 
-    model = args.model
-    weights = "given"
-    if model is None:
-        try:
-            from personaxis.models import embedded_gguf_path
-
-            embedded_gguf_path()
-            model, weights = "embedded", "embedded SmolLM2-135M-Instruct"
-        except Exception as exc:  # noqa: BLE001
-            log(f"embedded model unavailable ({exc}); using random weights of the SmolLM2-135M architecture")
-            model = str(save_random_model("smollm2-135m", load_tokenizer(tokenizer_dir), work / "smollm2-random"))
-            weights = "random (SmolLM2-135M architecture, real tokenizer)"
+    model, weights = quick_model(args, tokenizer_dir, work)
     extra = {"batch_size": args.quick_batch_size} if args.quick_batch_size else {}
     settings = RunSettings.from_preset("quick" if DEVICE == "cuda" else "tiny", model=model, judge="none", extra=extra)
     pipeline = Pipeline(work / "quick-run", settings, show_progress=False, log=log)
@@ -349,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="model folder for the quick preset (default: embedded, else random)")
     parser.add_argument("--tokenizer", default=None, help="folder with the SmolLM2 tokenizer.json")
-    parser.add_argument("--sections", default="quick,split,llama-3-8b,qwen3-32b")
+    parser.add_argument("--sections", default="quick,commands,split,llama-3-8b,qwen3-32b")
     parser.add_argument("--json", type=Path, default=None, help="write the results here as they come")
     parser.add_argument("--budget", type=float, default=280.0, help="seconds for all sections (skip what does not fit)")
     parser.add_argument("--quick-batch-size", type=int, default=None)
@@ -393,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if name == "quick":
             guarded(name, results, args.json, lambda: section_quick(args, tokenizer_dir, work))
+        elif name == "commands":
+            guarded(name, results, args.json, lambda: section_commands(args, tokenizer_dir, work))
         elif name == "split":
             guarded(name, results, args.json, lambda: section_split(args, tokenizer_dir, work))
         elif name in ARCHS:

@@ -9,7 +9,7 @@ from personaxis.axis import Axis, AxisError
 from personaxis.generation import SamplingConfig, generate
 from personaxis.hooks import residual_hooks
 from personaxis.interventions import Add, apply_interventions
-from personaxis.steering import describe, steer, steering_interventions
+from personaxis.steering import describe, steer, steering_interventions, steering_vector
 
 PROMPTS = [[{"role": "user", "content": "Who are you?"}], [{"role": "user", "content": "Tell me about yourself."}]]
 GREEDY = SamplingConfig(max_new_tokens=12, temperature=0.0, batch_size=4)
@@ -35,13 +35,18 @@ def test_alpha_zero_gives_exactly_the_unsteered_text(tiny_llama):
     assert _texts(tiny_llama, steering_interventions(axis, 2, 0.0), sampled) == _texts(tiny_llama, None, sampled)
 
 
-def test_norm_units_equal_raw_units(tiny_llama):
+def test_raw_units_are_the_reference_coefficient_of_the_stored_axis_row(tiny_llama):
     axis = _axis(tiny_llama)
     for alpha in (-3.0, 0.7, 5.0):
         normed = steering_interventions(axis, 2, alpha)
-        raw = steering_interventions(axis, 2, axis.alpha_to_raw(2, alpha), raw=True)
-        assert normed[2][0].alpha == raw[2][0].alpha == pytest.approx(alpha * float(axis.residual_norms[2]))
-        assert _texts(tiny_llama, normed) == _texts(tiny_llama, raw)
+        assert normed[2][0].alpha == pytest.approx(alpha * float(axis.residual_norms[2]))
+        coef = axis.alpha_to_raw(2, alpha) / float(axis.layer(2).norm())  # the same push in the reference's units
+        raw = steering_interventions(axis, 2, coef, raw=True)
+        assert torch.equal(raw[2][0].vector, axis.layer(2)) and raw[2][0].alpha == coef  # coef × the stored row
+        torch.testing.assert_close(raw[2][0].alpha * raw[2][0].vector, normed[2][0].alpha * normed[2][0].vector)
+        torch.testing.assert_close(steering_vector(axis, 2, coef, raw=True), coef * axis.layer(2))
+        torch.testing.assert_close(steering_vector(axis, 2, alpha), normed[2][0].alpha * axis.unit(2))
+    assert "axis row" in describe(axis, 2, 1.0, raw=True)
 
 
 def test_steering_changes_text_and_shifts_the_stream_by_alpha_r(tiny_llama):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from personaxis.models import ModelProfile
@@ -31,10 +31,20 @@ class ResponseSpan:
 
 
 @dataclass(frozen=True)
+class TurnSpan:
+    """Token positions ``[start, end)`` of one user or assistant message's content."""
+
+    role: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
 class RenderedChat:
     text: str
     input_ids: list[int]
-    spans: list[ResponseSpan]
+    spans: list[ResponseSpan]  # the assistant turns, the tokens averaged for activations
+    turn_spans: list[TurnSpan] = field(default_factory=list)  # every user and assistant turn, in order
 
 
 def validate_conversation(messages: Sequence[Any], *, require_assistant: bool = False) -> Conversation:
@@ -63,13 +73,17 @@ def validate_conversation(messages: Sequence[Any], *, require_assistant: bool = 
 
 
 def normalize_conversation(messages: Sequence[Any], profile: ModelProfile, *, require_assistant: bool = False) -> Conversation:
-    """Validate, drop empty system prompts, and merge the system prompt into the first user turn for templates
-    without a system role."""
+    """Validate, and merge the system prompt into the first user turn for templates without a system role.
+
+    An explicitly empty system message is kept as given on templates with a system role (as the reference does: the
+    template then renders an empty system turn instead of inserting its own default system prompt); on templates
+    without one there is nothing to merge and it is dropped. Contents are never stripped.
+    """
     clean = validate_conversation(messages, require_assistant=require_assistant)
     if clean[0]["role"] == "system":
-        system = clean[0]["content"].strip()
+        system = clean[0]["content"]
         rest = clean[1:]
-        if not system:
+        if not profile.supports_system_role and not system.strip():
             clean = rest
         elif not profile.supports_system_role:
             if not rest or rest[0]["role"] != "user":
@@ -97,14 +111,18 @@ def render_chat(
     input_ids: list[int] = list(encoding["input_ids"])
     offsets: list[tuple[int, int]] = [tuple(o) for o in encoding["offset_mapping"]]
     spans: list[ResponseSpan] = []
+    turn_spans: list[TurnSpan] = []
     cursor = 0
     turn = 0
     for index, message in enumerate(conversation):
-        content = message["content"].strip()
+        content = _rendered_content(message["content"], text, cursor)
         char_start = text.find(content, cursor) if content else -1
         if message["role"] != "assistant":
             if char_start >= 0:
                 cursor = char_start + len(content)
+                positions = _token_positions(offsets, char_start, cursor)
+                if message["role"] == "user" and positions:
+                    turn_spans.append(TurnSpan("user", positions[0], positions[-1] + 1))
             continue
         # Search after the assistant header: a short content ("a", "user") also occurs inside the template's markup.
         header_end = _assistant_content_start(tokenizer, conversation[:index], text, profile) if content else -1
@@ -115,14 +133,28 @@ def render_chat(
             raise ConversationError(f"assistant turn {turn} was not found in the rendered chat (template rewrote it?)")
         char_end = char_start + len(content)
         cursor = char_end
-        token_positions = [t for t, (s, e) in enumerate(offsets) if e > char_start and s < char_end and e > s]
+        token_positions = _token_positions(offsets, char_start, char_end)
         if not token_positions:
             raise ConversationError(f"assistant turn {turn} has no tokens")
         spans.append(ResponseSpan(turn=turn, message_index=index, start=token_positions[0], end=token_positions[-1] + 1))
+        turn_spans.append(TurnSpan("assistant", token_positions[0], token_positions[-1] + 1))
         turn += 1
     if require_assistant and not spans:
         raise ConversationError("the conversation has no assistant turn")
-    return RenderedChat(text=text, input_ids=input_ids, spans=spans)
+    return RenderedChat(text=text, input_ids=input_ids, spans=spans, turn_spans=turn_spans)
+
+
+def _token_positions(offsets: list[tuple[int, int]], char_start: int, char_end: int) -> list[int]:
+    """Every token that overlaps the characters ``[char_start, char_end)`` (a token shared with the markup included)."""
+    return [t for t, (s, e) in enumerate(offsets) if e > char_start and s < char_end and e > s]
+
+
+def _rendered_content(content: str, text: str, cursor: int) -> str:
+    """The content as it appears in the rendered ``text``: exactly as given (a leading newline and trailing spaces
+    are tokens of the turn, as in the reference), or stripped for templates that trim message contents."""
+    if not content or content in text[cursor:]:
+        return content
+    return content.strip()
 
 
 def _assistant_content_start(tokenizer: Any, before: Conversation, text: str, profile: ModelProfile) -> int:

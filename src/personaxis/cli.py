@@ -23,7 +23,9 @@ app = typer.Typer(
 )
 
 for module in sorted(pkgutil.iter_modules(personaxis.commands.__path__), key=lambda m: m.name):
-    importlib.import_module(f"personaxis.commands.{module.name}").register(app)
+    commands = importlib.import_module(f"personaxis.commands.{module.name}")
+    if hasattr(commands, "register"):  # model_options only defines shared options
+        commands.register(app)
 
 
 def main() -> None:

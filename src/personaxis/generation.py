@@ -113,8 +113,8 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
 def _decode(tokenizer: Any, new_ids: list[int], stops: set[int]) -> tuple[str, int, bool]:
     for i, token in enumerate(new_ids):
         if token in stops:
-            return tokenizer.decode(new_ids[:i], skip_special_tokens=True).strip(), i, True
-    return tokenizer.decode(new_ids, skip_special_tokens=True).strip(), len(new_ids), False
+            return tokenizer.decode(new_ids[:i], skip_special_tokens=True), i, True
+    return tokenizer.decode(new_ids, skip_special_tokens=True), len(new_ids), False
 
 
 @torch.inference_mode()

@@ -310,17 +310,14 @@ def control_vectors(axis: Axis, layers: Sequence[int], *, scale: float = 1.0, ra
         raise InteropError("give at least one layer to export")
     if not raw and axis.residual_norms is None:
         raise InteropError("this axis has no residual norms: export raw vectors (--raw) and give the scale in raw units")
+    from personaxis.steering import steering_vector
+
     out: dict[int, Tensor] = {}
     for layer in layers:
         axis.layer(layer)
         if layer == 0:
             raise InteropError("llama.cpp control vectors cannot address layer 0 (the first block's output); pick layers ≥ 1")
-        if raw:
-            vector = float(scale) * axis.vectors[layer]
-        else:
-            assert axis.residual_norms is not None
-            vector = float(scale) * float(axis.residual_norms[layer]) * axis.unit(layer)
-        out[layer] = vector.to(torch.float32).contiguous()
+        out[layer] = steering_vector(axis, layer, float(scale), raw=raw).to(torch.float32).contiguous()
     return out
 
 

@@ -119,13 +119,13 @@ def _plain_linears(model: nn.Module) -> list[nn.Linear]:
     ]
 
 
-def use_onednn_linears(model: nn.Module, *, pack: bool | None = None) -> int:
+def use_onednn_linears(model: nn.Module, *, pack: bool | None = None, force: bool = False) -> int:
     """Turn the model's plain ``nn.Linear`` modules into :class:`OneDNNLinear` in place; returns how many.
 
     ``pack=None`` packs weights when their copies fit in ``PACK_MEMORY_FRACTION`` of the available memory. Nothing
-    changes when oneDNN is unavailable or ``PERSONAXIS_KERNELS=torch``.
+    changes when oneDNN is unavailable or (unless ``force``) ``PERSONAXIS_KERNELS=torch``.
     """
-    if not kernels_enabled():
+    if not (onednn_available() if force else kernels_enabled()):
         return 0
     linears = _plain_linears(model)
     if pack is None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from personaxis.chat import build_conversation
-from personaxis.models import LoadedModel
+from personaxis.models import LoadedModel, ModelPlacement
 from personaxis.progress import progress_bar
 from personaxis.settings import Condition, RunSettings, build_conditions, build_questions
 from personaxis.store import (
@@ -67,10 +67,12 @@ class Pipeline:
     """One run directory and the stages that fill it."""
 
     def __init__(self, out: str | Path, settings: RunSettings, *, lm: LoadedModel | None = None, log: Log | None = None,
-                 show_progress: bool = True, executor: Executor | None = None) -> None:
+                 show_progress: bool = True, executor: Executor | None = None,
+                 placement: ModelPlacement | None = None) -> None:
         self.store = RunStore(out)
         self.settings = settings
         self._lm = lm
+        self.placement = placement  # where the model is loaded (device, dtype, …), when it is
         self._backend: GenerationBackend | None = None
         self.executor = executor
         self.log = log or (lambda message: None)
@@ -106,7 +108,8 @@ class Pipeline:
             if self._lm is None:
                 from personaxis.models import check_model_source
 
-                check_model_source(None if self.settings.model == "embedded" else self.settings.model)
+                check_model_source(None if self.settings.model == "embedded" else self.settings.model,
+                                   allow_download=bool(self.placement and self.placement.allow_download))
         self._change_recipe()
         self.store.open(self.manifest())
         removed = self.store.clean_partials()
@@ -148,7 +151,7 @@ class Pipeline:
             from personaxis.backends import load_run_model
 
             self.log(f"loading model {self.settings.model}…")
-            self._lm = load_run_model(self.settings)
+            self._lm = load_run_model(self.settings, self.placement)
         return self._lm
 
     @property

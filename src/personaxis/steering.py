@@ -1,8 +1,9 @@
 """Steering along the Assistant Axis: ``h ← h + α · r_l · â_l`` at one or more layers, every token.
 
 α is unit-free by default: a fraction of the layer's mean residual norm ``r_l`` (stored in the axis metadata as
-``axis.residual_norms``, measured on ordinary rollouts). ``raw=True`` takes α in the residual stream's own units.
-α < 0 steers away from the Assistant (other identities, at extremes a theatrical style), α > 0 toward it.
+``axis.residual_norms``, measured on ordinary rollouts). ``raw=True`` takes α in the reference implementation's
+units: ``h ← h + α · axis[l]``, the stored (unnormalised) axis row, so a coefficient from a reference notebook gives
+the same push here (and ``personaxis export --raw`` writes the same vector). α < 0 steers away from the Assistant (other identities, at extremes a theatrical style), α > 0 toward it.
 
     ops = steering_interventions(axis, 15, -0.3)
     answers = generate(lm, conversations, config, interventions=ops)
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from torch import Tensor
 
 from personaxis.axis import Axis, AxisError
 from personaxis.chat import Conversation, build_conversation
@@ -50,23 +53,37 @@ def resolve_layers(axis: Axis, layers: Sequence[int] | int | None) -> list[int]:
 
 
 def raw_coefficient(axis: Axis, layer: int, alpha: float, *, raw: bool = False) -> float:
-    """The coefficient of the unit axis at ``layer``: α itself when ``raw``, else ``α · r_l``."""
-    return float(alpha) if raw else axis.alpha_to_raw(layer, alpha)
+    """The coefficient of the *unit* axis at ``layer``: ``α · ‖axis[l]‖`` when ``raw`` (α times the stored row),
+    else ``α · r_l``."""
+    if raw:
+        return float(alpha) * float(axis.layer(layer).norm())
+    return axis.alpha_to_raw(layer, alpha)
+
+
+def steering_vector(axis: Axis, layer: int, alpha: float, *, raw: bool = False) -> Tensor:
+    """What steering adds at ``layer``: ``α · axis[l]`` (the stored row) when ``raw``, else ``α · r_l · â_l``.
+
+    The one definition of the units, shared by ``steer``, ``export``, the web app and the Python API.
+    """
+    if raw:
+        return float(alpha) * axis.layer(layer)
+    return axis.alpha_to_raw(layer, alpha) * axis.unit(layer)
 
 
 def steering_interventions(
     axis: Axis, layers: Sequence[int] | int | None, alpha: float, *, raw: bool = False
 ) -> dict[int, list[Add]]:
-    """Per-layer ``Add`` operators that push the residual stream along the unit axis.
+    """Per-layer ``Add`` operators that push the residual stream along the axis.
 
-    α is a fraction of each layer's mean residual norm (``raw=False``, needs ``axis.residual_norms``) or a raw
-    coefficient (``raw=True``). With several layers, the same α applies at each one, in that layer's own units.
+    α is a fraction of each layer's mean residual norm (``raw=False``, needs ``axis.residual_norms``) or, with
+    ``raw=True``, the reference's coefficient of the stored axis row. With several layers, the same α applies at each
+    one, in that layer's own units.
     """
     alpha = float(alpha)
     if alpha != alpha or alpha in (float("inf"), float("-inf")):
         raise AxisError(f"steering coefficient must be finite, got {alpha}")
     return {
-        layer: [Add(axis.unit(layer), alpha=raw_coefficient(axis, layer, alpha, raw=raw))]
+        layer: [Add(axis.layer(layer), alpha=alpha) if raw else Add(axis.unit(layer), alpha=axis.alpha_to_raw(layer, alpha))]
         for layer in resolve_layers(axis, layers)
     }
 
@@ -77,7 +94,7 @@ def describe(axis: Axis, layers: Sequence[int] | int | None, alpha: float, *, ra
     for layer in resolve_layers(axis, layers):
         coef = raw_coefficient(axis, layer, alpha, raw=raw)
         parts.append(f"L{layer}: {coef:+.3g}")
-    unit = "raw" if raw else "× residual norm"
+    unit = "× axis row (reference units)" if raw else "× residual norm"
     return f"α = {alpha:+g} {unit} (added {', '.join(parts)})"
 
 
@@ -105,3 +122,30 @@ def steer(
     plain = generate(lm, conversations, config, show_progress=show_progress, desc="unsteered")
     steered = generate(lm, conversations, config, interventions=ops, show_progress=show_progress, desc="steered")
     return [SteeredAnswer(label, a, b) for label, a, b in zip(labels, plain, steered, strict=True)]
+
+
+def measure_residual_norms(
+    lm: LoadedModel, *, n_questions: int = 24, max_new_tokens: int = 64, show_progress: bool = False
+) -> Tensor:
+    """The mean L2 norm of each block's output over the response tokens of ordinary answers, per layer ``[n_layers]``:
+    the unit of the norm-relative α, for an axis that came without one (a published reference axis).
+
+    The model answers ``n_questions`` of the package's extraction questions without a system prompt (greedy); each
+    answer's mean token norm is averaged, as a run does over its rollouts.
+    """
+    import torch
+
+    from personaxis.activations import extract_turn_means
+    from personaxis.data import load_questions
+
+    if n_questions < 1:
+        raise ValueError(f"need at least one question to measure residual norms, got {n_questions}")
+    questions = load_questions(limit=n_questions)
+    prompts = [build_conversation(None, q.question) for q in questions]
+    answers = generate(lm, prompts, SamplingConfig(max_new_tokens=max_new_tokens, batch_size=16),
+                       show_progress=show_progress, desc="answers")
+    chats = [[*p, {"role": "assistant", "content": a.text}] for p, a in zip(prompts, answers, strict=True) if a.text.strip()]
+    if not chats:
+        raise ValueError("the model gave only empty answers: no tokens to measure residual norms on")
+    activations = extract_turn_means(lm, chats, show_progress=show_progress)
+    return torch.stack([a.norms[0] for a in activations]).mean(0)

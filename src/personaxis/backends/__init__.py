@@ -9,9 +9,10 @@ Two backends write the same rollout format (:class:`personaxis.generation.Genera
 The backend is recorded in the run's settings (``settings.extra["backend"]``, only when it is not the default)
 because greedy text from another engine differs in the last bits of its arithmetic, hence sometimes in its tokens.
 
-Activations are always extracted teacher-forced through transformers. On a machine with CUDA the run's model is
-loaded in bfloat16 (or ``settings.extra["dtype"]``) with ``device_map="auto"``: one GPU when the model fits, else
-sharded across every visible GPU (and offloaded to CPU memory beyond that).
+Activations are always extracted teacher-forced through transformers, on the model placed as by every other command
+(``--device``/``--dtype``, :class:`personaxis.models.ModelPlacement`): on a machine with CUDA in bfloat16 (or
+``settings.extra["dtype"]``) with ``device_map="auto"``: one GPU when the model fits, else sharded across every
+visible GPU (and offloaded to CPU memory beyond that).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from personaxis.chat import Conversation
     from personaxis.generation import Generation, SamplingConfig
-    from personaxis.models import LoadedModel
+    from personaxis.models import LoadedModel, ModelPlacement
     from personaxis.settings import RunSettings
 
 BACKENDS: tuple[str, ...] = ("transformers", "vllm")
@@ -96,17 +97,14 @@ def make_backend(settings: RunSettings, lm: Callable[[], LoadedModel]) -> Genera
     return TransformersBackend(lm)
 
 
-def load_run_model(settings: RunSettings) -> LoadedModel:
-    """The run's transformers model: float32 on CPU; on CUDA bfloat16 and ``device_map="auto"`` (sharded across the
-    visible GPUs when it does not fit on one). ``settings.extra["dtype"]`` overrides the dtype on either."""
-    import torch
+def load_run_model(settings: RunSettings, placement: ModelPlacement | None = None) -> LoadedModel:
+    """The run's transformers model, placed as every command places one (:class:`personaxis.models.ModelPlacement`:
+    CUDA if present, else MPS, else CPU; bfloat16 on a GPU, float32 on the CPU; plain ``cuda`` shards over the
+    visible GPUs when the model does not fit on one). ``settings.extra["dtype"]`` overrides the default dtype."""
+    from personaxis.models import ModelPlacement
 
-    from personaxis.models import load_model
-
-    dtype = settings.extra.get("dtype")
-    device_map: str | None = None
-    if torch.cuda.is_available():
-        device_map = "auto"
-        dtype = dtype or "bfloat16"
-    return load_model(None if settings.model == "embedded" else settings.model, target_layer=settings.target_layer,
-                      dtype=dtype, device_map=device_map)
+    placement = placement or ModelPlacement()
+    dtype = placement.dtype or settings.extra.get("dtype")
+    return ModelPlacement(placement.device, dtype, placement.allow_download, placement.trust_remote_code,
+                          placement.fast_cpu_linears).load(None if settings.model == "embedded" else settings.model,
+                                                           target_layer=settings.target_layer)

@@ -7,9 +7,11 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from personaxis.commands import user_errors
+from personaxis.commands import echo_err, user_errors
+from personaxis.commands.model_options import DEFAULT_PLACEMENT, ModelPlacement, model_options
 
 if TYPE_CHECKING:
+    from personaxis.axis import Axis
     from personaxis.capping import CappingConfig
 
 
@@ -62,6 +64,21 @@ def _print_thresholds(config: CappingConfig) -> None:
         typer.echo(f"{layer:<14}" + "".join(f"{float(config.thresholds[i, layer]):>10.3f}" for i in range(len(pcts))))
 
 
+def _with_measured_norms(axis: Axis, model: str | None, placement: ModelPlacement) -> Axis:
+    """The axis with the residual norms of ``model`` (the embedded one when ``model`` is None or 'embedded')."""
+    from dataclasses import replace
+
+    from personaxis.steering import measure_residual_norms
+
+    name = model or "embedded"
+    echo_err(f"loading model {name}…")
+    lm = placement.load(None if name == "embedded" else name, target_layer=axis.target_layer)
+    axis.check_fits(lm.profile.n_layers, lm.profile.hidden_size, lm.profile.name)
+    norms = measure_residual_norms(lm, show_progress=True)
+    echo_err(f"residual norms measured on {lm.profile.name}: {float(norms.min()):.3g}..{float(norms.max()):.3g}")
+    return replace(axis, residual_norms=norms, metadata={**axis.metadata, "residual_norms_from": lm.profile.name})
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def calibrate(
@@ -103,7 +120,8 @@ def register(app: typer.Typer) -> None:
         layers: str | None = typer.Option(None, "--layers", help="gguf: a layer range START:END, end-exclusive."),
         scale: float = typer.Option(1.0, "--scale", help="gguf: coefficient in units of the layer's mean residual norm "
                                                         "(as `steer --alpha`); raw units with --raw."),
-        raw: bool = typer.Option(False, "--raw", help="gguf: write scale × the stored axis vector instead."),
+        raw: bool = typer.Option(False, "--raw", help="gguf: write scale × the stored axis row instead (the reference's "
+                                 "units, as `steer --raw`)."),
         model_hint: str | None = typer.Option(None, "--model-hint", help="gguf: controlvector.model_hint (default: the axis's model)."),
     ) -> None:
         """Write an axis in another format: the reference torch file, or a llama.cpp control vector.
@@ -135,12 +153,18 @@ def register(app: typer.Typer) -> None:
             else:
                 raise ValueError(f"unknown format {fmt!r}; choose reference or gguf")
 
+    @model_options
     def import_(
         source: Path = typer.Option(..., "--from", help="Reference torch file (.pt), or a folder of them for --kind vectors."),
         kind: str = typer.Option(..., "--kind", help="axis, vectors, capping, or reference-run (the reference pipeline's "
                                  "output folder with activations/, scores/ and vectors/, into a run directory --out)."),
         out: Path = typer.Option(..., "--out", "-o", help="Our file (.safetensors), or a folder for a folder of vectors."),
-        model: str | None = typer.Option(None, "--model", help="Model name to record in the axis."),
+        model: str | None = typer.Option(None, "--model", help="Model name to record in the axis (and, with "
+                                         "--measure-norms, the model to measure on: a local folder or cached id)."),
+        measure_norms: bool = typer.Option(False, "--measure-norms", help="axis: measure the model's mean residual norm "
+                                           "per layer on ordinary answers and store it, so `steer --alpha` (norm-"
+                                           "relative) works with the imported axis."),
+        placement: ModelPlacement = DEFAULT_PLACEMENT,
     ) -> None:
         """Read a published reference file (torch pickle of tensors, loaded with weights_only=True only) into ours.
 
@@ -151,8 +175,12 @@ def register(app: typer.Typer) -> None:
         from personaxis import interop
 
         with user_errors():
+            if measure_norms and kind != "axis":
+                raise ValueError("--measure-norms applies to --kind axis")
             if kind == "axis":
                 loaded = interop.load_reference_axis(source, model=model)
+                if measure_norms:
+                    loaded = _with_measured_norms(loaded, model, placement)
                 loaded.save(out)
                 typer.echo(f"wrote {out}: axis [{loaded.n_layers}, {loaded.hidden_size}]")
             elif kind == "capping":

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from personaxis.commands import echo_err, user_errors
+from personaxis.commands.model_options import DEFAULT_PLACEMENT, ModelPlacement, model_options
 
 if TYPE_CHECKING:
     from personaxis.axis import Axis
@@ -58,11 +59,9 @@ def _command(ctx: typer.Context) -> str:
     return " ".join(p for p in parts if p)
 
 
-def _model(model: str, axis: Axis | None = None) -> LoadedModel:
-    from personaxis.models import load_model
-
+def _model(model: str, axis: Axis | None, placement: ModelPlacement) -> LoadedModel:
     echo_err(f"loading model {model}…")
-    lm = load_model(None if model == "embedded" else model, target_layer=axis.target_layer if axis else None)
+    lm = placement.load(None if model == "embedded" else model, target_layer=axis.target_layer if axis else None)
     if axis is not None:
         axis.check_fits(lm.profile.n_layers, lm.profile.hidden_size, lm.profile.name)
     return lm
@@ -78,6 +77,7 @@ def _write(record: dict[str, Any], out: Path, plot: Any) -> None:
 
 # ------------------------------------------------------------------------------------------------ steering
 @eval_app.command()
+@model_options
 def steering(
     ctx: typer.Context,
     run: Path = RUN, axis: Path | None = AXIS, model: str = MODEL, out: Path = OUT, judge: str = JUDGE,
@@ -89,6 +89,7 @@ def steering(
     questions: int | None = typer.Option(3, help="Identity questions (of 20)."),
     limit: int | None = typer.Option(None, help="At most this many prompts per α (after the above)."),
     max_new_tokens: int = typer.Option(64, help=TOKENS), seed: int = 0, batch_size: int = 64, quiet: bool = QUIET,
+    placement: ModelPlacement = DEFAULT_PLACEMENT,
 ) -> None:
     """Label answers to identity questions of assistant-like roles at each α; plot label shares against α.
 
@@ -106,7 +107,7 @@ def steering(
                                        n_roles=roles, prompts_per_role=prompts, n_questions=questions, limit=limit,
                                        max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
         labeller = make_identity_judge(judge)
-        lm = _model(model, loaded)
+        lm = _model(model, loaded, placement)
         items = ev.generate_sweep(lm, loaded, settings, show_progress=not quiet)
         label_items(labeller, items, prompt_of=lambda i: i["question"], allowed=IDENTITY_LABELS, show_progress=not quiet)
         n_prompts = len(ev.sweep_prompts(settings))
@@ -132,6 +133,7 @@ def _references(config: Any, layer: int) -> dict[str, float]:
 
 
 @eval_app.command()
+@model_options
 def drift(
     ctx: typer.Context,
     run: Path = RUN, axis: Path | None = AXIS, model: str = MODEL, out: Path = OUT,
@@ -150,6 +152,7 @@ def drift(
                                             "simulating again."),
     folds: int = typer.Option(5, help="Cross-validation folds for --predict (grouped by conversation)."),
     max_new_tokens: int = typer.Option(96, help=TOKENS), seed: int = 0, batch_size: int = 64, quiet: bool = QUIET,
+    placement: ModelPlacement = DEFAULT_PLACEMENT,
 ) -> None:
     """Multi-turn conversations (no system prompt) in four domains; mean projection per turn per domain, plotted.
 
@@ -183,7 +186,7 @@ def drift(
             if cap and config is not None:
                 experiment = experiment or default_experiment(config)
                 ops = config.interventions(experiment)
-            lm = _model(model, loaded)
+            lm = _model(model, loaded, placement)
             if user == model:  # the target plays the user too: share the loaded weights
                 simulator = LocalModelUser(lm, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
             else:
@@ -227,6 +230,7 @@ def _predict(drift_record: dict[str, Any], out: Path, folds: int, seed: int, com
 
 # ------------------------------------------------------------------------------------------------ jailbreak
 @eval_app.command()
+@model_options
 def jailbreak(
     ctx: typer.Context,
     run: Path = RUN, axis: Path | None = AXIS, model: str = MODEL, out: Path = OUT, judge: str = JUDGE,
@@ -235,6 +239,7 @@ def jailbreak(
     conditions: str = typer.Option("no_persona,persona,persona_capped", help="Of no_persona, persona, persona_capped, "
                                    "no_persona_capped."),
     max_new_tokens: int = typer.Option(96, help=TOKENS), seed: int = 0, batch_size: int = 64, quiet: bool = QUIET,
+    placement: ModelPlacement = DEFAULT_PLACEMENT,
 ) -> None:
     """Harmful rate (Wilson 95 % CI) on persona jailbreaks: no persona, persona, persona + capping.
 
@@ -257,7 +262,7 @@ def jailbreak(
         settings = ev.JailbreakSettings(limit=limit, conditions=chosen, experiment=experiment,
                                         max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
         labeller = make_harm_judge(judge)
-        lm = _model(model, loaded)
+        lm = _model(model, loaded, placement)
         items = ev.run_jailbreak(lm, settings, capping=ops, show_progress=not quiet)
         label_items(labeller, items, prompt_of=lambda i: i["request"], allowed=HARM_LABELS, show_progress=not quiet)
         record = make_record(ev.NAME, model=model_info(lm), settings=settings, items=items,
@@ -273,6 +278,7 @@ def jailbreak(
 
 # ------------------------------------------------------------------------------------------------ capability
 @eval_app.command()
+@model_options
 def capability(
     ctx: typer.Context,
     run: Path = RUN, axis: Path | None = AXIS, model: str = MODEL, out: Path = OUT,
@@ -285,6 +291,7 @@ def capability(
                                        "lm-eval is installed; skipped cleanly otherwise."),
     lm_eval_limit: int | None = typer.Option(None, help="Examples per lm-eval task."),
     max_new_tokens: int = typer.Option(128, help=TOKENS), seed: int = 0, batch_size: int = 64, quiet: bool = QUIET,
+    placement: ModelPlacement = DEFAULT_PLACEMENT,
 ) -> None:
     """Built-in arithmetic and instruction checks (no network), with and without capping.
 
@@ -309,7 +316,7 @@ def capability(
                                          experiment=None if no_cap else experiment, max_new_tokens=max_new_tokens,
                                          seed=seed, batch_size=batch_size, lm_eval_tasks=names(lm_eval),
                                          lm_eval_limit=lm_eval_limit)
-        lm = _model(model, loaded)
+        lm = _model(model, loaded, placement)
         items = ev.run_capability(lm, settings, capping=ops, show_progress=not quiet)
         harness = None
         if settings.lm_eval_tasks:
@@ -330,6 +337,7 @@ def capability(
 
 # ------------------------------------------------------------------------------------------------ capping sweep
 @eval_app.command(name="capping")
+@model_options
 def capping_sweep(
     ctx: typer.Context,
     run: Path = RUN, axis: Path | None = AXIS, model: str = MODEL, out: Path = OUT, judge: str = JUDGE,
@@ -344,6 +352,7 @@ def capping_sweep(
     limit: int | None = typer.Option(None, help="At most this many items of each kind per setting."),
     max_capability_drop: float = typer.Option(0.05, help="Capability loss allowed for the 'best' setting."),
     max_new_tokens: int = typer.Option(96, help=TOKENS), seed: int = 0, batch_size: int = 64, quiet: bool = QUIET,
+    placement: ModelPlacement = DEFAULT_PLACEMENT,
 ) -> None:
     """Harmful rate vs capability change over layer bands × percentiles; marks and plots the Pareto front.
 
@@ -369,7 +378,7 @@ def capping_sweep(
                                            max_new_tokens=max_new_tokens, max_capability_drop=max_capability_drop,
                                            seed=seed, batch_size=batch_size)
         labeller = make_harm_judge(judge)
-        lm = _model(model, loaded)
+        lm = _model(model, loaded, placement)
         items = ev.run_sweep(lm, config, settings, show_progress=not quiet)
         harm = [i for i in items if i["kind"] == "jailbreak"]
         label_items(labeller, harm, prompt_of=lambda i: i["request"], allowed=HARM_LABELS, show_progress=not quiet)

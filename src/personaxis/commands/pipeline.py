@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from personaxis.commands import echo_err, user_errors
+from personaxis.commands.model_options import DEFAULT_PLACEMENT, ModelPlacement, model_options
 
 STAGE_HELP = {
     "generate": "Generate role, default and trait rollouts (creates the run directory).",
@@ -42,6 +43,7 @@ def _settings(preset: str, model: str, roles: int | None, role: list[str] | None
 
 def register(app: typer.Typer) -> None:
     @app.command()
+    @model_options
     def run(
         out: Path = typer.Option(Path("runs/quick"), "--out", "-o", help="Run directory (created, or resumed)."),
         preset: str = typer.Option("quick", help="quick (CPU, minutes), paper (275+ roles x 5 prompts x 240 questions), tiny."),
@@ -73,6 +75,7 @@ def register(app: typer.Typer) -> None:
         ray: str | None = typer.Option(None, "--ray", help="Shard generation and extraction over a Ray cluster: its ADDRESS, or 'local' (needs the ray extra of personaxis)."),
         gpus_per_worker: float | None = typer.Option(None, help="GPUs per Ray worker (default 1 when the cluster has GPUs; more for models that need several)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+        placement: ModelPlacement = DEFAULT_PLACEMENT,
     ) -> None:
         """Run the whole method: generate → extract → judge → vectors → axis → space.
 
@@ -91,7 +94,8 @@ def register(app: typer.Typer) -> None:
 
                 executor = RayExecutor(ray, gpus_per_worker=gpus_per_worker, log=echo_err)
             try:
-                pipeline = Pipeline(out, settings, log=echo_err, show_progress=not quiet, executor=executor)
+                pipeline = Pipeline(out, settings, log=echo_err, show_progress=not quiet, executor=executor,
+                                    placement=placement)
                 done = pipeline.run()
             finally:
                 if executor is not None:
@@ -122,6 +126,7 @@ def _register_stage(app: typer.Typer, stage: str, help_text: str) -> None:
         model: str = typer.Option("embedded", help="Model for a new run directory (generate only)."),
         judge: str | None = typer.Option(None, help="Judge for a new run directory (generate only)."),
         quiet: bool = typer.Option(False, "--quiet", "-q"),
+        placement: ModelPlacement = DEFAULT_PLACEMENT,
     ) -> None:
         from personaxis.pipeline import Pipeline, open_existing
 
@@ -129,11 +134,11 @@ def _register_stage(app: typer.Typer, stage: str, help_text: str) -> None:
             if stage == "generate" and not (out / "manifest.json").exists():
                 settings = _settings(preset, model, None, None, None, None, None, None, judge, None, None, None, None,
                                      None, None, None)
-                pipeline = Pipeline(out, settings, log=echo_err, show_progress=not quiet)
+                pipeline = Pipeline(out, settings, log=echo_err, show_progress=not quiet, placement=placement)
             else:
-                pipeline = open_existing(out, log=echo_err, show_progress=not quiet)
+                pipeline = open_existing(out, log=echo_err, show_progress=not quiet, placement=placement)
             done = pipeline.run([stage])
         typer.echo(f"{stage}: {done[stage]} unit(s) done in this call; run directory {out}")
 
     command.__doc__ = help_text
-    app.command(name=stage)(command)
+    app.command(name=stage)(model_options(command))

@@ -9,6 +9,7 @@ import typer
 
 from personaxis.capping import CAPPING_NAMES
 from personaxis.commands import echo_err, user_errors
+from personaxis.commands.model_options import DEFAULT_PLACEMENT, ModelPlacement, model_options
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -31,6 +32,7 @@ def load_capping(path: Path | None) -> Any | None:
 
 def register(app: typer.Typer) -> None:
     @app.command()
+    @model_options
     def serve(
         run: Path = typer.Option(Path("runs/quick"), "--run", "-r", help="Run directory: axis.safetensors, summary.json, "
                                  "rollouts, and a capping config beside them."),
@@ -42,6 +44,8 @@ def register(app: typer.Typer) -> None:
                                        "layers_22:26-p0.25)."),
         alpha: float = typer.Option(0.0, "--alpha", help="Steering coefficient applied by default on /v1 (fraction of "
                                     "the residual norm)."),
+        raw: bool = typer.Option(False, "--raw", help="Take every α (--alpha and per request) in the reference's units: "
+                                 "α × the stored axis row."),
         layer: int | None = typer.Option(None, "--layer", help="Monitored and steered layer (default: the axis' target)."),
         transcripts: Path | None = typer.Option(None, "--transcripts", help="Folder of transcript JSON files to offer "
                                                 "(default: RUN/transcripts)."),
@@ -49,6 +53,7 @@ def register(app: typer.Typer) -> None:
         port: int = typer.Option(8000, "--port", "-p"),
         max_new_tokens: int = typer.Option(512, "--max-new-tokens", help="Longest answer a request may ask for."),
         max_upload_mb: float = typer.Option(2.0, "--max-upload-mb", help="Largest request body (transcript upload)."),
+        placement: ModelPlacement = DEFAULT_PLACEMENT,
     ) -> None:
         """Start the web app: chat with a live drift chart, capping switch and steering slider; the persona space;
         transcripts side by side; an OpenAI-compatible endpoint at /v1/chat/completions. API reference at /docs.
@@ -58,7 +63,6 @@ def register(app: typer.Typer) -> None:
         import uvicorn
 
         from personaxis.axis import Axis
-        from personaxis.models import load_model
         from personaxis.web.app import create_app
         from personaxis.web.limits import Limits
 
@@ -74,11 +78,11 @@ def register(app: typer.Typer) -> None:
             if max_new_tokens < 1 or max_upload_mb <= 0:
                 raise ValueError("--max-new-tokens and --max-upload-mb must be positive")
             echo_err(f"loading model {model}…")
-            lm = load_model(None if model == "embedded" else model, target_layer=loaded_axis.target_layer)
+            lm = placement.load(None if model == "embedded" else model, target_layer=loaded_axis.target_layer)
             limits = Limits(max_body_bytes=int(max_upload_mb * 1024 * 1024), max_new_tokens=max_new_tokens)
             allowed = [*LOOPBACK, "[::1]"] if host in LOOPBACK else None
             web = create_app(lm, loaded_axis, config, run if run.is_dir() else None, transcripts_dir=transcripts,
-                             layer=layer, default_cap=cap, default_alpha=alpha, limits=limits, allowed_hosts=allowed)
+                             layer=layer, default_cap=cap, default_alpha=alpha, raw_alpha=raw, limits=limits, allowed_hosts=allowed)
         if host not in LOOPBACK:
             echo_err(f"warning: serving on {host}: anyone who can reach this address can use the model")
         shown = f"[{host}]" if ":" in host else host

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from personaxis.commands import echo_err, user_errors
+from personaxis.commands.model_options import DEFAULT_PLACEMENT, ModelPlacement, model_options
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -23,6 +24,8 @@ from personaxis.capping import CAPPING_NAMES
 
 SPARKS = "▁▂▃▄▅▆▇█"
 AXIS_HELP = "Axis file (.safetensors, or a reference .pt), or a run directory holding axis.safetensors."
+RAW_HELP = ("Take --alpha in the reference implementation's units: α × the stored axis row (as `export --raw` and "
+            "reference notebooks), not a fraction of the residual norm.")
 MODEL_HELP = "'embedded' (SmolLM2-135M-Instruct) or a local model folder / cached id (default: the run's model)."
 
 
@@ -45,9 +48,8 @@ def _axis_file(path: Path) -> tuple[Path, Path | None]:
     return path, None
 
 
-def _setup(axis_path: Path, model: str | None) -> _Setup:
+def _setup(axis_path: Path, model: str | None, placement: ModelPlacement) -> _Setup:
     from personaxis.axis import Axis
-    from personaxis.models import load_model
 
     file, run_dir = _axis_file(axis_path)
     axis = Axis.load(file)
@@ -55,7 +57,7 @@ def _setup(axis_path: Path, model: str | None) -> _Setup:
         model = json.loads((run_dir / "manifest.json").read_text()).get("settings", {}).get("model")
     name = model or "embedded"
     echo_err(f"loading model {name}…")
-    lm = load_model(None if name == "embedded" else name, target_layer=axis.target_layer)
+    lm = placement.load(None if name == "embedded" else name, target_layer=axis.target_layer)
     axis.check_fits(lm.profile.n_layers, lm.profile.hidden_size, lm.profile.name)
     return _Setup(lm, axis, run_dir)
 
@@ -113,13 +115,14 @@ def _console() -> Console:
 
 # ------------------------------------------------------------------------------------------------ steer
 def _steer(prompts: list[str], axis_path: Path, layers: list[int] | None, alpha: float, raw: bool, max_new_tokens: int,
-           temperature: float, seed: int, system: str | None, model: str | None, json_out: Path | None) -> None:
+           temperature: float, seed: int, system: str | None, model: str | None, json_out: Path | None,
+           placement: ModelPlacement) -> None:
     from rich.table import Table
 
     from personaxis.generation import SamplingConfig
     from personaxis.steering import describe, resolve_layers, steer
 
-    setup = _setup(axis_path, model)
+    setup = _setup(axis_path, model, placement)
     config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=16)
     label = describe(setup.axis, layers, alpha, raw=raw)
     answers = steer(setup.lm, setup.axis, prompts, layers, alpha, config, raw=raw, system_prompt=system, show_progress=True)
@@ -143,7 +146,7 @@ def _steer(prompts: list[str], axis_path: Path, layers: list[int] | None, alpha:
 
 # ------------------------------------------------------------------------------------------------ monitor
 def _monitor(paths: list[Path], axis_path: Path, layers: list[int] | None, all_layers: bool, capping: Path | None,
-             out: Path, model: str | None, max_tokens: int | None) -> None:
+             out: Path, model: str | None, max_tokens: int | None, placement: ModelPlacement) -> None:
     from rich.table import Table
 
     from personaxis.monitor import load_transcripts, monitor_transcripts, plot_trajectories, write_table
@@ -151,7 +154,7 @@ def _monitor(paths: list[Path], axis_path: Path, layers: list[int] | None, all_l
     if layers and all_layers:
         raise ValueError("give --layer or --all-layers, not both")
     transcripts = load_transcripts(paths)  # fail on bad input before loading the model
-    setup = _setup(axis_path, model)
+    setup = _setup(axis_path, model, placement)
     axis = setup.axis
     requested: Any = "all" if all_layers else (layers or None)
     rows = monitor_transcripts(setup.lm, axis, transcripts, layers=requested, max_tokens=max_tokens, show_progress=True)
@@ -190,12 +193,13 @@ CHAT_HELP = "commands: /reset (new conversation), /save FILE (transcript JSON), 
 
 
 def _chat(axis_path: Path, model: str | None, layer: int | None, cap: str | None, capping: Path | None, alpha: float,
-          steer_layers: list[int] | None, max_new_tokens: int, temperature: float, seed: int, system: str | None) -> None:
+          steer_layers: list[int] | None, max_new_tokens: int, temperature: float, seed: int, system: str | None,
+          raw: bool, placement: ModelPlacement) -> None:
     from personaxis.generation import SamplingConfig, generate
     from personaxis.interventions import merge_interventions
     from personaxis.monitor import monitor_conversation
 
-    setup = _setup(axis_path, model)
+    setup = _setup(axis_path, model, placement)
     lm, axis = setup.lm, setup.axis
     monitored = layer if layer is not None else axis.target_layer
     assert monitored is not None
@@ -210,11 +214,12 @@ def _chat(axis_path: Path, model: str | None, layer: int | None, cap: str | None
     if alpha:
         from personaxis.steering import steering_interventions
 
-        parts.append(steering_interventions(axis, steer_layers, alpha))
+        parts.append(steering_interventions(axis, steer_layers, alpha, raw=raw))
     ops = merge_interventions(*parts)
     floor = _floor(config, monitored, cap)
     console = _console()
-    setting = ", ".join(x for x in (f"cap {cap}" if cap else "", f"α = {alpha:+g}" if alpha else "") if x) or "no intervention"
+    steering = f"α = {alpha:+g}" + (" × axis row" if raw else "") if alpha else ""
+    setting = ", ".join(x for x in (f"cap {cap}" if cap else "", steering) if x) or "no intervention"
     console.print(f"[bold]{lm.profile.name}[/bold] · axis layer {monitored} · {setting}"
                   + (f" · floor {floor:.2f}" if floor is not None else ""))
     console.print(f"[dim]{CHAT_HELP}[/dim]")
@@ -280,6 +285,7 @@ def _chat(axis_path: Path, model: str | None, layer: int | None, cap: str | None
 # ------------------------------------------------------------------------------------------------ registration
 def register(app: typer.Typer) -> None:
     @app.command()
+    @model_options
     def steer(
         prompts: list[str] = typer.Argument(..., help="User prompts (each answered without and with steering)."),
         axis: Path = typer.Option(..., "--axis", "-x", help=AXIS_HELP),
@@ -287,25 +293,29 @@ def register(app: typer.Typer) -> None:
                                                "default: the axis' target layer)."),
         alpha: float = typer.Option(..., "--alpha", "-a", help="Coefficient: a fraction of the layer's mean residual "
                                     "norm (< 0 away from the Assistant, > 0 toward it); raw units with --raw."),
-        raw: bool = typer.Option(False, "--raw", help="Take --alpha in the residual stream's raw units."),
+        raw: bool = typer.Option(False, "--raw", help=RAW_HELP),
         max_new_tokens: int = typer.Option(96, "--max-new-tokens", "-n", help="Answer length cap in tokens."),
         temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy (the default)."),
         seed: int = typer.Option(0, "--seed", help="Sampling seed (both answers use the same one)."),
         system: str | None = typer.Option(None, "--system", help="System prompt before each user prompt."),
         model: str | None = typer.Option(None, "--model", help=MODEL_HELP),
         json_out: Path | None = typer.Option(None, "--json", help="Also write the answers to this JSON file."),
+        placement: ModelPlacement = DEFAULT_PLACEMENT,
     ) -> None:
         """Answer prompts with and without steering along the axis, side by side.
 
-        Steering adds α · r_l · â_l to the residual stream at every token, where r_l is the layer's mean residual norm.
+        Steering adds α · r_l · â_l to the residual stream at every token, where r_l is the layer's mean residual norm;
+        with --raw it adds α times the stored axis row of that layer (the reference implementation's coefficient).
 
         Example: `personaxis steer --axis runs/quick --alpha -0.3 "Who are you?" "What is your name?"`
         (away from the Assistant at the target layer); `--layer 12 --layer 15 --alpha 0.2` steers at two layers.
         """
         with user_errors():
-            _steer(prompts, axis, layer, alpha, raw, max_new_tokens, temperature, seed, system, model, json_out)
+            _steer(prompts, axis, layer, alpha, raw, max_new_tokens, temperature, seed, system, model, json_out,
+                   placement)
 
     @app.command()
+    @model_options
     def monitor(
         transcripts: list[Path] = typer.Argument(..., help="Transcript JSON files ({\"conversation\": [{role, content}]}) "
                                                  "or folders of them."),
@@ -320,6 +330,7 @@ def register(app: typer.Typer) -> None:
         model: str | None = typer.Option(None, "--model", help=MODEL_HELP),
         max_tokens: int | None = typer.Option(None, "--max-tokens", help="Context to fit each pass in (default: the "
                                               "model's)."),
+        placement: ModelPlacement = DEFAULT_PLACEMENT,
     ) -> None:
         """Persona drift: project every assistant turn of each transcript onto the axis, in one pass per transcript.
 
@@ -330,9 +341,10 @@ def register(app: typer.Typer) -> None:
         and drift/trajectory.png.
         """
         with user_errors():
-            _monitor(transcripts, axis, layer, all_layers, capping, out, model, max_tokens)
+            _monitor(transcripts, axis, layer, all_layers, capping, out, model, max_tokens, placement)
 
     @app.command()
+    @model_options
     def chat(
         axis: Path = typer.Option(..., "--axis", "-x", help=AXIS_HELP),
         model: str | None = typer.Option(None, "--model", help=MODEL_HELP),
@@ -348,6 +360,8 @@ def register(app: typer.Typer) -> None:
         temperature: float = typer.Option(0.7, "--temperature", "-t", help="0 = greedy."),
         seed: int = typer.Option(0, "--seed", help="Sampling seed."),
         system: str | None = typer.Option(None, "--system", help="System prompt."),
+        raw: bool = typer.Option(False, "--raw", help=RAW_HELP),
+        placement: ModelPlacement = DEFAULT_PLACEMENT,
     ) -> None:
         """Chat with the model in the terminal and watch each answer's projection on the axis, turn by turn.
 
@@ -357,4 +371,5 @@ def register(app: typer.Typer) -> None:
         Example: `personaxis chat --axis runs/quick --cap layers_12:18-p0.25`; compare with `--alpha -0.3`.
         """
         with user_errors():
-            _chat(axis, model, layer, cap, capping, alpha, steer_layer, max_new_tokens, temperature, seed, system)
+            _chat(axis, model, layer, cap, capping, alpha, steer_layer, max_new_tokens, temperature, seed, system, raw,
+                  placement)

@@ -83,6 +83,7 @@ def create_app(
     layer: int | None = None,
     default_cap: str | None = None,
     default_alpha: float = 0.0,
+    raw_alpha: bool = False,
     limits: Limits | None = None,
     allowed_hosts: list[str] | None = None,
     model_id: str | None = None,
@@ -93,10 +94,12 @@ def create_app(
     ``interventions(id)`` and optionally ``floor(layer, percentile)``); ``run_dir`` holds ``summary.json`` and the
     rollouts the persona-space page shows; ``transcripts_dir`` (default ``RUN/transcripts``) the transcripts the
     transcripts page offers. ``layer`` is the monitored (and steered) layer, the axis' target layer by default.
+    ``raw_alpha`` takes every α (the default and per request) as the reference's coefficient of the stored axis row.
     ``allowed_hosts`` restricts the Host header (against DNS rebinding when bound to 127.0.0.1).
     """
     limits = limits or Limits()
-    service = ModelService(lm, axis, capping, layer=layer, default_cap=default_cap, default_alpha=default_alpha)
+    service = ModelService(lm, axis, capping, layer=layer, default_cap=default_cap, default_alpha=default_alpha,
+                           raw_alpha=raw_alpha)
     app = FastAPI(title="personaxis", version=_version(), description=DESCRIPTION, docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json")
     app.state.px = WebState(service=service, run=RunData(run_dir, transcripts_dir), limits=limits,

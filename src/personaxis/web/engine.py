@@ -66,21 +66,21 @@ class StreamError:
 StreamItem = TokenStep | Answer | StreamError
 
 
-def _steering(axis: Axis, layer: int, alpha: float) -> Interventions:
-    try:
-        from personaxis.steering import steering_interventions
-    except ImportError:  # pragma: no cover - the steering module is part of the package
-        from personaxis.interventions import Add
+def _steering(axis: Axis, layer: int, alpha: float, *, raw: bool = False) -> Interventions:
+    from personaxis.steering import steering_interventions
 
-        return {layer: [Add(axis.unit(layer), alpha=axis.alpha_to_raw(layer, alpha))]}
-    return {k: list(v) for k, v in steering_interventions(axis, [layer], alpha).items()}
+    return {k: list(v) for k, v in steering_interventions(axis, [layer], alpha, raw=raw).items()}
 
 
 class ModelService:
-    """One loaded model, its axis and optional capping config; ``cap``/``alpha`` are the server's defaults."""
+    """One loaded model, its axis and optional capping config; ``cap``/``alpha`` are the server's defaults.
+
+    α is a fraction of the layer's mean residual norm, or with ``raw_alpha`` the reference's coefficient of the
+    stored axis row (as ``personaxis steer --raw``)."""
 
     def __init__(self, lm: LoadedModel, axis: Axis, capping: Any | None = None, *, layer: int | None = None,
-                 default_cap: str | None = None, default_alpha: float = 0.0, steer_layer: int | None = None) -> None:
+                 default_cap: str | None = None, default_alpha: float = 0.0, steer_layer: int | None = None,
+                 raw_alpha: bool = False) -> None:
         axis.check_fits(lm.profile.n_layers, lm.profile.hidden_size, lm.profile.name)
         if capping is not None and hasattr(capping, "check_fits"):
             capping.check_fits(lm.profile.n_layers, lm.profile.hidden_size, lm.profile.name)
@@ -95,6 +95,7 @@ class ModelService:
         self.stop_ids = stop_token_ids(lm.tokenizer)
         self.default_cap = default_cap
         self.default_alpha = float(default_alpha)
+        self.raw_alpha = raw_alpha
         try:
             self.treatment(default_cap, default_alpha)  # fail early on a bad default
         except ApiError as exc:
@@ -160,7 +161,7 @@ class ModelService:
             parts.append({k: list(v) for k, v in self.capping.interventions(cap).items()})
         if alpha != 0.0:
             try:
-                parts.append(_steering(self.axis, self.steer_layer, alpha))
+                parts.append(_steering(self.axis, self.steer_layer, alpha, raw=self.raw_alpha))
             except (AxisError, VectorError) as exc:
                 raise ApiError(400, f"cannot steer: {exc}", param="alpha") from None
         return Treatment(cap, alpha, merge_interventions(*parts))
@@ -220,7 +221,8 @@ class ModelService:
         with self.lock:
             conversation, prompt = self._prompt(messages, settings.max_new_tokens)
             gen = generate(self.lm, [conversation], config, interventions=treatment.interventions)[0]
-            text, stopped = gen.text, gen.stopped
+            # The web app shows answers without surrounding whitespace, streamed or not (see stream.py).
+            text, stopped = gen.text.strip(), gen.stopped
             for s in settings.stop:
                 cut = text.find(s) if s else -1
                 if cut >= 0:

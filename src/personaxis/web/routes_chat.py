@@ -65,7 +65,8 @@ def info(state: WebState = Depends(get_state)) -> dict[str, Any]:
         "layer": service.layer, "steer_layer": service.steer_layer, "axis_model": service.axis.model,
         "run_dir": str(state.run.root) if state.run.root is not None else None,
         "has_summary": state.run.summary is not None, "experiments": experiments,
-        "default_cap": service.default_cap, "default_alpha": service.default_alpha, "floor": service.floor(),
+        "default_cap": service.default_cap, "default_alpha": service.default_alpha,
+        "raw_alpha": service.raw_alpha, "floor": service.floor(),
         "reference": state.run.reference(), "limits": vars(state.limits),
     }
 

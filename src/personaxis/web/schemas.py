@@ -89,6 +89,8 @@ class InfoResponse(BaseModel):
     experiments: list[Experiment]
     default_cap: str | None
     default_alpha: float
+    raw_alpha: bool = Field(False, description="α is the reference's coefficient of the stored axis row (serve --raw), "
+                            "not a fraction of the residual norm.")
     floor: float | None = Field(description="The 25th-percentile floor at the monitored layer, if calibrated.")
     reference: Reference
     limits: LimitsInfo
