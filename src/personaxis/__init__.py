@@ -25,6 +25,7 @@ _EXPORTS: dict[str, str] = {
     "LoadedModel": "personaxis.models",
     "ModelProfile": "personaxis.models",
     "load_model": "personaxis.models",
+    "wrap_model": "personaxis.models",
     "Axis": "personaxis.axis",
     "SamplingConfig": "personaxis.generation",
     "Generation": "personaxis.generation",
@@ -53,6 +54,7 @@ __all__ = [
     "LoadedModel",
     "ModelProfile",
     "load_model",
+    "wrap_model",
     "Axis",
     "SamplingConfig",
     "Generation",
@@ -82,7 +84,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from personaxis.capping import CappingConfig
     from personaxis.generation import Generation, SamplingConfig, generate
     from personaxis.interventions import Ablate, Add, CeilingCap, FloorCap, apply_interventions
-    from personaxis.models import LoadedModel, ModelProfile, load_model
+    from personaxis.models import LoadedModel, ModelProfile, load_model, wrap_model
     from personaxis.monitor import (
         Transcript,
         TurnProjection,
