@@ -93,8 +93,9 @@ class RunSettings:
             raise ValueError("the catalogue has 5 system prompts per role and 5 pairs per trait")
         if self.store_dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"store dtype must be float32, float16 or bfloat16, got {self.store_dtype!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        from personaxis.validate import check_all
+
+        check_all(temperature=self.temperature, max_new_tokens=self.max_new_tokens, seed=self.seed)
 
     def to_manifest(self) -> dict[str, Any]:
         data = asdict(self)
@@ -149,9 +150,11 @@ def build_conditions(settings: RunSettings, model_name: str) -> list[Condition]:
             pairs = trait.pairs[: settings.pairs_per_trait]
             conditions.append(Condition(f"trait-{trait.name}-pos", "trait_pos", tuple(p.pos for p in pairs), trait.category, trait=trait.name))
             conditions.append(Condition(f"trait-{trait.name}-neg", "trait_neg", tuple(p.neg for p in pairs), trait.category, trait=trait.name))
-    names = [c.name for c in conditions]
-    if len(set(names)) != len(names):
-        raise ValueError("role names collide with the reserved names 'default' or 'trait-…'")
+    from personaxis.store import check_folder_names, check_role_name
+
+    for role in roles:
+        check_role_name(role.name)
+    check_folder_names([c.name for c in conditions], what="role and condition")
     return conditions
 
 

@@ -63,6 +63,9 @@ def register(app: typer.Typer) -> None:
         from personaxis.web.limits import Limits
 
         with user_errors():
+            from personaxis.validate import check_all
+
+            check_all(port=port, alpha=alpha, max_new_tokens=max_new_tokens, max_upload_mb=max_upload_mb, layer=layer)
             axis_path = axis or run / "axis.safetensors"
             if not axis_path.is_file():
                 raise FileNotFoundError(f"no axis at {axis_path}: run `personaxis run --out {run}` first, or give --axis")
@@ -71,8 +74,6 @@ def register(app: typer.Typer) -> None:
             config = load_capping(capping_path)
             if cap is not None and config is None:
                 raise ValueError(f"--cap {cap}: no capping config (run `personaxis calibrate --run {run}` or give --capping)")
-            if max_new_tokens < 1 or max_upload_mb <= 0:
-                raise ValueError("--max-new-tokens and --max-upload-mb must be positive")
             echo_err(f"loading model {model}…")
             lm = load_model(None if model == "embedded" else model, target_layer=loaded_axis.target_layer)
             limits = Limits(max_body_bytes=int(max_upload_mb * 1024 * 1024), max_new_tokens=max_new_tokens)

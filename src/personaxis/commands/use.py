@@ -118,7 +118,10 @@ def _steer(prompts: list[str], axis_path: Path, layers: list[int] | None, alpha:
 
     from personaxis.generation import SamplingConfig
     from personaxis.steering import describe, resolve_layers, steer
+    from personaxis.validate import check_all, output_file
 
+    check_all(alpha=alpha, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+    output_file(json_out, "--json")
     setup = _setup(axis_path, model)
     config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=16)
     label = describe(setup.axis, layers, alpha, raw=raw)
@@ -147,9 +150,12 @@ def _monitor(paths: list[Path], axis_path: Path, layers: list[int] | None, all_l
     from rich.table import Table
 
     from personaxis.monitor import load_transcripts, monitor_transcripts, plot_trajectories, write_table
+    from personaxis.validate import check, output_folder
 
     if layers and all_layers:
         raise ValueError("give --layer or --all-layers, not both")
+    check("max_tokens", max_tokens)
+    output_folder(out, "--out")
     transcripts = load_transcripts(paths)  # fail on bad input before loading the model
     setup = _setup(axis_path, model)
     axis = setup.axis
@@ -194,7 +200,9 @@ def _chat(axis_path: Path, model: str | None, layer: int | None, cap: str | None
     from personaxis.generation import SamplingConfig, generate
     from personaxis.interventions import merge_interventions
     from personaxis.monitor import monitor_conversation
+    from personaxis.validate import check_all
 
+    check_all(alpha=alpha, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
     setup = _setup(axis_path, model)
     lm, axis = setup.lm, setup.axis
     monitored = layer if layer is not None else axis.target_layer
