@@ -96,7 +96,19 @@ def field(name: str, default: Any, **kwargs: Any) -> Any:
         limits = {k: int(v) for k, v in limits.items()}
     else:
         limits["allow_inf_nan"] = False
-    return Field(default, **limits, **kwargs)
+    for key in ("le", "lt", "ge", "gt"):  # a tighter bound given here replaces the shared one on that side
+        if key in kwargs:
+            limits.pop({"le": "lt", "lt": "le", "ge": "gt", "gt": "ge"}[key], None)
+    return Field(default, **{**limits, **kwargs})
+
+
+# ------------------------------------------------------------------------------------------------ text
+def lone_surrogate(text: str) -> int | None:
+    """The index of the first lone surrogate (``\\ud800``…) in ``text``, which no tokenizer can encode, or None."""
+    for i, char in enumerate(text):
+        if 0xD800 <= ord(char) <= 0xDFFF:
+            return i
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ output paths

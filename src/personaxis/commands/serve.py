@@ -49,6 +49,8 @@ def register(app: typer.Typer) -> None:
         port: int = typer.Option(8000, "--port", "-p"),
         max_new_tokens: int = typer.Option(512, "--max-new-tokens", help="Longest answer a request may ask for."),
         max_upload_mb: float = typer.Option(2.0, "--max-upload-mb", help="Largest request body (transcript upload)."),
+        max_request_tokens: int = typer.Option(32_768, "--max-request-tokens", help="Tokens one request may make the "
+                                               "model read and write (longer requests get 413)."),
     ) -> None:
         """Start the web app: chat with a live drift chart, capping switch and steering slider; the persona space;
         transcripts side by side; an OpenAI-compatible endpoint at /v1/chat/completions. API reference at /docs.
@@ -63,9 +65,10 @@ def register(app: typer.Typer) -> None:
         from personaxis.web.limits import Limits
 
         with user_errors():
-            from personaxis.validate import check_all
+            from personaxis.validate import check, check_all
 
             check_all(port=port, alpha=alpha, max_new_tokens=max_new_tokens, max_upload_mb=max_upload_mb, layer=layer)
+            check("max_tokens", max_request_tokens, option="--max-request-tokens")
             axis_path = axis or run / "axis.safetensors"
             if not axis_path.is_file():
                 raise FileNotFoundError(f"no axis at {axis_path}: run `personaxis run --out {run}` first, or give --axis")
@@ -76,7 +79,8 @@ def register(app: typer.Typer) -> None:
                 raise ValueError(f"--cap {cap}: no capping config (run `personaxis calibrate --run {run}` or give --capping)")
             echo_err(f"loading model {model}…")
             lm = load_model(None if model == "embedded" else model, target_layer=loaded_axis.target_layer)
-            limits = Limits(max_body_bytes=int(max_upload_mb * 1024 * 1024), max_new_tokens=max_new_tokens)
+            limits = Limits(max_body_bytes=int(max_upload_mb * 1024 * 1024), max_new_tokens=max_new_tokens,
+                            max_request_tokens=max_request_tokens)
             allowed = [*LOOPBACK, "[::1]"] if host in LOOPBACK else None
             web = create_app(lm, loaded_axis, config, run if run.is_dir() else None, transcripts_dir=transcripts,
                              layer=layer, default_cap=cap, default_alpha=alpha, limits=limits, allowed_hosts=allowed)

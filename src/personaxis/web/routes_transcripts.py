@@ -63,6 +63,7 @@ async def project_transcripts(body: schemas.TranscriptProjectRequest, state: Web
             parsed.append(transcript_from_data(data, name=upload.name))
         except MonitorError as exc:
             raise ApiError(422, f"malformed transcript: {exc}", param=f"transcripts.{i}") from None
+    limits.check_token_budget(service.lm.tokenizer, [t.conversation for t in parsed], param="transcripts")
     try:
         rows = await service.call(service.project_many_locked, [t.conversation for t in parsed], treatment)
     except ValueError as exc:
