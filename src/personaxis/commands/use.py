@@ -146,7 +146,7 @@ def _steer(prompts: list[str], axis_path: Path, layers: list[int] | None, alpha:
 
 # ------------------------------------------------------------------------------------------------ monitor
 def _monitor(paths: list[Path], axis_path: Path, layers: list[int] | None, all_layers: bool, capping: Path | None,
-             out: Path, model: str | None, max_tokens: int | None) -> None:
+             out: Path, model: str | None, max_tokens: int | None, windows: str = "chunked") -> None:
     from rich.table import Table
 
     from personaxis.monitor import load_transcripts, monitor_transcripts, plot_trajectories, write_table
@@ -155,12 +155,15 @@ def _monitor(paths: list[Path], axis_path: Path, layers: list[int] | None, all_l
     if layers and all_layers:
         raise ValueError("give --layer or --all-layers, not both")
     check("max_tokens", max_tokens)
+    if windows not in ("chunked", "longest"):
+        raise ValueError(f"--windows {windows!r}: choose chunked or longest")
     output_folder(out, "--out")
     transcripts = load_transcripts(paths)  # fail on bad input before loading the model
     setup = _setup(axis_path, model)
     axis = setup.axis
     requested: Any = "all" if all_layers else (layers or None)
-    rows = monitor_transcripts(setup.lm, axis, transcripts, layers=requested, max_tokens=max_tokens, show_progress=True)
+    rows = monitor_transcripts(setup.lm, axis, transcripts, layers=requested, max_tokens=max_tokens, show_progress=True,
+                               windows=windows)  # type: ignore[arg-type]
     plotted = layers[0] if layers and len(layers) == 1 else axis.target_layer
     assert plotted is not None
     if plotted not in rows[0].projections:
@@ -172,7 +175,7 @@ def _monitor(paths: list[Path], axis_path: Path, layers: list[int] | None, all_l
     info = {
         "axis": str(axis_path), "model": setup.lm.profile.name, "target_layer": axis.target_layer,
         "layers": list(rows[0].projections), "plotted_layer": plotted, "floor": floor,
-        "context": max_tokens or setup.lm.profile.max_context,
+        "context": max_tokens or setup.lm.profile.max_context, "windows": windows,
         "transcripts": [{"name": t.name, "source": t.source, **t.meta} for t in transcripts],
     }
     json_path, csv_path = write_table(rows, out, info)
@@ -328,6 +331,10 @@ def register(app: typer.Typer) -> None:
         model: str | None = typer.Option(None, "--model", help=MODEL_HELP),
         max_tokens: int | None = typer.Option(None, "--max-tokens", help="Context to fit each pass in (default: the "
                                               "model's)."),
+        windows: str = typer.Option("chunked", "--windows", help="Conversations longer than the context: 'chunked' "
+                                    "(each turn keeps at least half a context of history; cost proportional to the "
+                                    "transcript) or 'longest' (every turn its longest history; up to a context of "
+                                    "re-read history per turn)."),
     ) -> None:
         """Persona drift: project every assistant turn of each transcript onto the axis, in one pass per transcript.
 
@@ -338,7 +345,7 @@ def register(app: typer.Typer) -> None:
         and drift/trajectory.png.
         """
         with user_errors():
-            _monitor(transcripts, axis, layer, all_layers, capping, out, model, max_tokens)
+            _monitor(transcripts, axis, layer, all_layers, capping, out, model, max_tokens, windows)
 
     @app.command()
     def chat(
