@@ -303,8 +303,94 @@ CLI_CASES: list[CliCase] = [
             r"--max-new-tokens must be a whole number in \[1, 1e\+06\], got 0"),
 ]
 
-# Bad inputs whose failure currently leaves files behind: the fix belongs to the pipeline (see SECURITY.md / report).
-CLI_KNOWN_BUGS: list[CliCase] = [
+def _zero_activation(run: Path) -> Path:
+    """A run whose first activation file is all zero bytes (same size), with its vectors to recompute."""
+    unit = sorted((run / "activations").rglob("*.safetensors"))[0]
+    unit.write_bytes(b"\x00" * unit.stat().st_size)
+    (run / "vectors" / "index.json").unlink()
+    return run
+
+
+def _rollout_without_answer(run: Path) -> Path:
+    """A run whose first rollout file lost an 'answer', with that unit's activations to extract again."""
+    unit = sorted((run / "rollouts").rglob("*.json"))[0]
+    data = json.loads(unit.read_text())
+    del data["rollouts"][0]["answer"]
+    unit.write_text(json.dumps(data))
+    (run / "activations" / unit.relative_to(run / "rollouts")).with_suffix(".safetensors").unlink()
+    return run
+
+
+NESTED = "[" * 100_000 + "]" * 100_000
+TRANSCRIPT = json.dumps({"conversation": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]})
+
+# Issue 19: numbers that are not finite or out of range, output paths of the wrong kind (checked before the model
+# loads), damaged run folders, deeply nested JSON, role names that would clash or are reserved, imports that wrote
+# part of their output, and messages that misled.
+CLI_ROBUST_CASES: list[CliCase] = [
+    CliCase("run-nan-temperature", lambda c: _run(c, "--temperature", "nan"), r"--temperature must be a finite number in \[0, 100\], got nan"),
+    CliCase("steer-nan-temperature", lambda c: ["steer", "Hi", "--axis", str(c.run), "--alpha", "0.1", "--temperature", "nan",
+                                                "--model", str(c.model)], r"--temperature must be a finite number in \[0, 100\], got nan"),
+    CliCase("steer-huge-alpha", lambda c: ["steer", "Hi", "--axis", str(c.run), "--alpha", "1e300", "--model", str(c.model)],
+            r"--alpha must be a finite number in \[-10000, 10000\], got 1e\+300"),
+    CliCase("steer-json-is-a-folder", lambda c: ["steer", "Hi", "--axis", str(c.run), "--alpha", "0.1", "--model", str(c.model),
+                                                 "--json", str(c.folder("answers", {}))], r"--json .*answers: is a folder; give a file name"),
+    CliCase("chat-inf-temperature", lambda c: ["chat", "--axis", str(c.run), "--temperature", "inf", "--model", str(c.model)],
+            r"--temperature must be a finite number in \[0, 100\], got inf"),
+    CliCase("export-huge-scale", lambda c: ["export", "--axis", str(c.run / "axis.safetensors"), "--format", "gguf", "--layer", "1",
+                                            "--scale", "1e39", "--out", str(c.ws / "x.gguf")], r"--scale must be a finite number in \[-10000, 10000\], got 1e\+39"),
+    CliCase("export-out-is-a-folder", lambda c: ["export", "--axis", str(c.run / "axis.safetensors"), "--format", "reference",
+                                                 "--out", str(c.folder("exported", {}))], r"--out .*exported: is a folder; give a file name"),
+    CliCase("monitor-zero-max-tokens", lambda c: ["monitor", str(c.file("t.json", TRANSCRIPT)), "--axis", str(c.run), "--max-tokens", "0",
+                                                  "--model", str(c.model), "--out", str(c.ws / "drift")], r"--max-tokens must be a whole number in \[1, 1e\+07\], got 0"),
+    CliCase("monitor-out-is-a-file", lambda c: ["monitor", str(c.file("t.json", TRANSCRIPT)), "--axis", str(c.run), "--model", str(c.model),
+                                                "--out", str(c.file("drift.txt", "x"))], r"--out .*drift\.txt: .*drift\.txt is a file, not a folder"),
+    CliCase("monitor-unknown-windows", lambda c: ["monitor", str(c.file("t.json", TRANSCRIPT)), "--axis", str(c.run), "--model", str(c.model),
+                                                  "--windows", "all", "--out", str(c.ws / "drift")], r"--windows 'all': choose chunked or longest"),
+    CliCase("monitor-deeply-nested-json", lambda c: ["monitor", str(c.file("deep.json", NESTED)), "--axis", str(c.run), "--model", str(c.model),
+                                                     "--out", str(c.ws / "drift")], r"nested too deeply"),
+    CliCase("serve-port-99999", lambda c: ["serve", "--run", str(c.run), "--port", "99999", "--model", str(c.model)],
+            r"--port must be a whole number in \[1, 65535\], got 99999"),
+    CliCase("serve-nan-upload-limit", lambda c: ["serve", "--run", str(c.run), "--max-upload-mb", "nan", "--model", str(c.model)],
+            r"--max-upload-mb must be a finite number in \(0, 1024\], got nan"),
+    CliCase("run-manifest-is-a-list", lambda c: _run(c, out=c.folder("listed", {"manifest.json": "[]"})),
+            r"listed/manifest\.json: not a personaxis manifest"),
+    CliCase("run-manifest-settings-5", lambda c: _run(c, out=c.folder("five", {"manifest.json": '{"format": "personaxis.run/1", "settings": 5}'})),
+            r"five/manifest\.json: not a personaxis manifest"),
+    CliCase("run-manifest-deeply-nested", lambda c: _run(c, out=c.folder("deep", {"manifest.json": NESTED})),
+            r"deep/manifest\.json: unreadable manifest \(RecursionError\)"),
+    CliCase("stage-manifest-settings-damaged", lambda c: ["vectors", "--out", str(c.folder("hot", {"manifest.json": json.dumps(
+        {"format": "personaxis.run/1", "settings": {"temperature": "hot"}})}))], r"hot/manifest\.json: the settings in the manifest are damaged"),
+    CliCase("stage-zeroed-activation-file", lambda c: ["vectors", "--out", str(_zero_activation(c.run_copy()))],
+            r"activations/.*\.safetensors: damaged unit file .*delete it and rerun"),
+    CliCase("stage-rollout-without-answer", lambda c: ["extract", "--out", str(_rollout_without_answer(c.run_copy()))],
+            r"rollouts/.*\.json: damaged unit file .*lacks its 'id', 'question' or 'answer'"),
+    CliCase("run-role-named-Default", lambda c: _run(c, "--roles-dir", str(c.folder("roles", {"d.json": json.dumps({**ROLE, "name": "Default"}),
+                                                                                               "b.json": json.dumps(ROLE2)}))),
+            r"role name 'Default' is reserved"),
+    CliCase("run-role-named-trait", lambda c: _run(c, "--roles-dir", str(c.folder("roles", {"d.json": json.dumps({**ROLE, "name": "Trait-calm-pos"}),
+                                                                                             "b.json": json.dumps(ROLE2)}))),
+            r"role name 'Trait-calm-pos' is reserved"),
+    CliCase("run-role-names-share-a-folder",
+            lambda c: _run(c, "--roles-dir", str(c.folder("roles", {"a.json": json.dumps({**ROLE, "name": "opera singer"}),
+                                                                     "b.json": json.dumps({**ROLE2, "name": "opera-singer"})}))),
+            r"names clash: 'opera singer' and 'opera-singer' would share the folder 'opera-singer'"),
+    CliCase("import-out-without-suffix", lambda c: ["import", "--from", str(c.pt("a.pt", good_axis())), "--kind", "axis",
+                                                    "--out", str(c.ws / "noext")], r"--out .*noext: our files are \.safetensors files"),
+    CliCase("import-vectors-folder-one-malicious",
+            lambda c: ["import", "--from", str(c.folder("vecs", {"a.pt": c.pt("good.pt", {"vector": good_axis()}).read_bytes(),
+                                                                 "b.pt": c.malicious("evil.pt", {"vector": Payload(c.marker)}).read_bytes()})),
+                       "--kind", "vectors", "--out", str(c.ws / "imported")], r"b\.pt: refused"),
+    CliCase("import-vectors-out-is-a-file", lambda c: ["import", "--from", str(c.folder("vecs", {"a.pt": c.pt("good.pt", {"vector": good_axis()}).read_bytes()})),
+                                                       "--kind", "vectors", "--out", str(c.file("imported", "x"))], r"imported is a file, not a folder"),
+    CliCase("calibrate-reference-out-is-a-folder", lambda c: ["calibrate", "--run", str(c.run_copy()), "--reference-out", str(c.folder("ref", {}))],
+            r"--reference-out .*ref: is a folder"),
+    CliCase("calibrate-out-is-a-folder", lambda c: ["calibrate", "--run", str(c.run_copy()), "--out", str(c.folder("cfg", {}))],
+            r"--out .*cfg: is a folder"),
+]
+
+# Bad inputs of a new run that are checked before anything is written (the model, the judge).
+CLI_NEW_RUN_CASES: list[CliCase] = [
     CliCase("run-missing-model", lambda c: _run(c, "--model", str(c.ws / "no-model")), r"model path does not exist"),
     CliCase("run-unknown-judge", lambda c: _run(c, "--judge", "anthropic:claude"), r"unknown judge 'anthropic:claude'"),
 ]
@@ -333,9 +419,61 @@ def test_cli_bad_input(case: CliCase, ctx: Ctx) -> None:
 
 
 # A new run checks the model and the judge before Pipeline.open writes anything.
-@pytest.mark.parametrize("case", CLI_KNOWN_BUGS, ids=[c.id for c in CLI_KNOWN_BUGS])
+@pytest.mark.parametrize("case", CLI_NEW_RUN_CASES, ids=[c.id for c in CLI_NEW_RUN_CASES])
 def test_cli_bad_input_checked_before_writing(case: CliCase, ctx: Ctx) -> None:
     _check_cli(case, ctx)
+
+
+@pytest.mark.parametrize("case", CLI_ROBUST_CASES, ids=[c.id for c in CLI_ROBUST_CASES])
+def test_cli_bad_input_issue_19(case: CliCase, ctx: Ctx) -> None:
+    _check_cli(case, ctx)
+
+
+def test_run_folder_in_use_is_refused_naming_the_holder(ctx: Ctx) -> None:
+    import os
+    import socket
+
+    from personaxis.store import RunStore
+
+    run = ctx.run_copy()
+    holder = RunStore(run)
+    holder.acquire_lock()
+    try:
+        _check_cli(CliCase("run-folder-in-use", lambda c: ["vectors", "--out", str(run)],
+                           rf"is in use by pid {os.getpid()} on host {re.escape(socket.gethostname())}; wait for it to finish"), ctx)
+    finally:
+        holder.release_lock()
+
+
+def test_refusing_a_malicious_torch_file_never_quotes_the_unsafe_advice(ctx: Ctx) -> None:
+    """PyTorch's own message suggests retrying with weights_only=False (running the file's code): never shown."""
+    for obj in ({"axis": Payload(ctx.marker)}, [Payload(ctx.marker)]):
+        result = CliRunner().invoke(app, ["import", "--from", str(ctx.malicious("evil.pt", obj)), "--kind", "axis",
+                                          "--out", str(ctx.ws / "a.safetensors")])
+        assert result.exit_code == 2 and "refused" in result.output, result.output
+        for advice in ("weights_only=False", "weights_only` set to `False", "add_safe_globals", "safe_globals", "trust the source"):
+            assert advice not in result.output, result.output
+        assert not ctx.marker.exists()
+
+
+def test_gguf_reader_refuses_non_finite_directions(ctx: Ctx) -> None:
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    from personaxis.interop import InteropError, read_gguf_control_vector
+
+    for name, value in (("nan", float("nan")), ("inf", float("inf"))):
+        path = ctx.ws / f"{name}.gguf"
+        writer = gguf.GGUFWriter(str(path), "controlvector")
+        writer.add_string("controlvector.model_hint", "tiny")
+        writer.add_uint32("controlvector.layer_count", 1)
+        writer.add_tensor("direction.1", np.full(HIDDEN, value, dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        with pytest.raises(InteropError, match=r"direction\.1 holds NaN or infinite values"):
+            read_gguf_control_vector(path, hidden=HIDDEN)
 
 
 # ------------------------------------------------------------------------------------------------ Python API and files
@@ -648,9 +786,10 @@ def test_web_bad_input(case: WebCase, web: tuple[Any, Path, Path]) -> None:
 
 
 def test_the_catalogue_has_at_least_40_distinct_bad_inputs() -> None:
-    ids = [c.id for c in CLI_CASES] + API_IDS + [c.id for c in WEB_CASES] + [c.id for c in CLI_KNOWN_BUGS]
+    ids = ([c.id for c in CLI_CASES] + API_IDS + [c.id for c in WEB_CASES] + [c.id for c in CLI_NEW_RUN_CASES]
+           + [c.id for c in CLI_ROBUST_CASES])
     assert len(ids) == len(set(ids))
-    assert len(ids) - len(CLI_KNOWN_BUGS) >= 40
+    assert len(ids) >= 40
 
 
 # ------------------------------------------------------------------------------------------------ safe loading

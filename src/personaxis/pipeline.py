@@ -25,6 +25,7 @@ from personaxis.settings import Condition, RunSettings, build_conditions, build_
 from personaxis.store import (
     RunDirError,
     RunStore,
+    all_or_nothing,
     atomic_save_tensors,
     atomic_write_json,
     load_tensors,
@@ -337,7 +338,8 @@ class Pipeline:
         self._require([self.judgment_path(u) for u in self.units if u.condition.judged], "judge")
         if (self.store.root / "vectors" / "index.json").is_file():
             return
-        compute_vectors(self)
+        with all_or_nothing():  # a damaged unit found halfway leaves no vector files behind
+            compute_vectors(self)
         self.work_done["vectors"] += 1
 
     def stage_axis(self) -> None:
@@ -355,7 +357,8 @@ class Pipeline:
         if (self.store.root / "summary.json").is_file() and (self.store.root / "report.html").is_file():
             return
         self._require([self.store.root / "axis.safetensors"], "axis")
-        write_space(self)
+        with all_or_nothing():
+            write_space(self)
         self.work_done["space"] += 1
 
 

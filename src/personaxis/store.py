@@ -103,8 +103,10 @@ def _io_errors(path: Path) -> Iterator[None]:
 
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
 _TMP_OWNER = re.compile(r"\.(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)\.[^.]+\.tmp$")
-# Files written inside ``all_or_nothing()``: (path, backup of the file it replaced or None).
-_TRANSACTION: contextvars.ContextVar[list[tuple[Path, Path | None]] | None] = contextvars.ContextVar("_TRANSACTION", default=None)
+# Inside ``all_or_nothing()``: the files written, each with the backup of the file it replaced (or None), and the
+# folders created for them.
+_TRANSACTION: contextvars.ContextVar[tuple[list[tuple[Path, Path | None]], list[Path]] | None] = contextvars.ContextVar(
+    "_TRANSACTION", default=None)
 
 
 def _tmp_prefix(path: Path) -> str:
@@ -113,7 +115,10 @@ def _tmp_prefix(path: Path) -> str:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
+    transaction = _TRANSACTION.get()
     with _io_errors(path):
+        if transaction is not None:
+            transaction[1].extend(reversed([d for d in (path.parent, *path.parent.parents) if not d.exists()]))
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent)
         try:
@@ -121,13 +126,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
-            written = _TRANSACTION.get()
-            if written is not None:
+            if transaction is not None:
                 backup = None
                 if path.is_file():
                     backup = Path(tempfile.mktemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent))
                     os.link(path, backup)
-                written.append((path, backup))
+                transaction[0].append((path, backup))
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -143,7 +147,8 @@ def all_or_nothing() -> Iterator[None]:
         yield
         return
     written: list[tuple[Path, Path | None]] = []
-    token = _TRANSACTION.set(written)
+    created: list[Path] = []
+    token = _TRANSACTION.set((written, created))
     try:
         yield
     except BaseException:
@@ -152,6 +157,11 @@ def all_or_nothing() -> Iterator[None]:
                 os.replace(backup, path)
             else:
                 path.unlink(missing_ok=True)
+        for folder in reversed(created):  # deepest first; only folders this block made, and only if empty
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
         raise
     else:
         for _, backup in written:
