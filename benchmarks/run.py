@@ -605,8 +605,10 @@ class Bench:
         for label, convs in sets.items():
             n_tokens = sum(render_chat(lm.tokenizer, c, lm.profile).spans[-1].end for c in convs)
             start = time.perf_counter()
-            plans = {mode: [plan_windows(lm, c, context, mode=mode) for c in convs] for mode in ("chunked", "longest")}
-            plan_s = (time.perf_counter() - start) / 2
+            plans = {"chunked": [plan_windows(lm, c, context) for c in convs]}
+            plan_s = time.perf_counter() - start
+            if max(len(c) for c in convs) <= 200:  # the longest histories materialise a context per turn: shorter ones only
+                plans["longest"] = [plan_windows(lm, c, context, mode="longest") for c in convs]
             projected = {mode: sum(len(w.rendered.input_ids) for ws in plan for w in ws) for mode, plan in plans.items()}
             windows = [w for ws in plans["chunked"] for w in ws]
             sample = windows if not args.transcript_sample_windows else windows[: args.transcript_sample_windows]
@@ -620,7 +622,8 @@ class Bench:
                                  max_batch_tokens=max(context, 8192))
             sample_s = time.perf_counter() - start
             rate = sampled / sample_s
-            chunked_s, longest_s = projected["chunked"] / rate, projected["longest"] / rate
+            chunked_s = projected["chunked"] / rate
+            longest_s = projected["longest"] / rate if "longest" in projected else None
             measured = len(sample) == len(windows)
             record[label] = {"messages": sum(len(c) for c in convs), "turns": sum(len(w.turns) for w in windows),
                              "tokens": n_tokens,
@@ -628,11 +631,13 @@ class Bench:
                              "chunked_tokens": projected["chunked"], "sampled_windows": len(sample),
                              "sampled_tokens": sampled, "sampled_s": round(sample_s, 1),
                              "tokens_per_s": round(rate, 1), "chunked_s": round(chunked_s, 1),
-                             "chunked_s_measured": measured, "longest_tokens": projected["longest"],
-                             "longest_s_extrapolated": round(longest_s, 1)}
+                             "chunked_s_measured": measured, "longest_tokens": projected.get("longest"),
+                             "longest_s_extrapolated": round(longest_s, 1) if longest_s is not None else None}
             rows.append([label, f"{n_tokens:,}", f"{plan_s:.1f} s", f"{projected['chunked']:,}",
                          (f"{chunked_s:.0f} s" if measured else f"≈ {chunked_s:.0f} s ({len(sample)} of {len(windows)} "
-                          f"windows measured)"), f"{projected['longest']:,}", f"≈ {longest_s:.0f} s"])
+                          f"windows measured)"),
+                         f"{projected['longest']:,}" if longest_s is not None else "not planned",
+                         f"≈ {longest_s:.0f} s" if longest_s is not None else "–"])
         after = load()
         self.results["transcripts"] = {**record, "load_average": [round(before, 2), round(after, 2)]}
         self.section(f"Projecting long transcripts (context {context} tokens, layer {lm.profile.target_layer})",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -99,6 +100,9 @@ def render_chat(
     spans: list[ResponseSpan] = []
     cursor = 0
     turn = 0
+    # Offsets of a fast tokenizer run forward: find a turn's tokens by bisection (linear in the chat, not turns × tokens).
+    starts, ends = [o[0] for o in offsets], [o[1] for o in offsets]
+    monotone = all(starts[i] <= starts[i + 1] and ends[i] <= ends[i + 1] for i in range(len(offsets) - 1))
     for index, message in enumerate(conversation):
         content = message["content"].strip()
         char_start = text.find(content, cursor) if content else -1
@@ -115,7 +119,9 @@ def render_chat(
             raise ConversationError(f"assistant turn {turn} was not found in the rendered chat (template rewrote it?)")
         char_end = char_start + len(content)
         cursor = char_end
-        token_positions = [t for t, (s, e) in enumerate(offsets) if e > char_start and s < char_end and e > s]
+        window = range(bisect.bisect_right(ends, char_start), bisect.bisect_left(starts, char_end)) if monotone \
+            else range(len(offsets))
+        token_positions = [t for t in window if ends[t] > char_start and starts[t] < char_end and ends[t] > starts[t]]
         if not token_positions:
             raise ConversationError(f"assistant turn {turn} has no tokens")
         spans.append(ResponseSpan(turn=turn, message_index=index, start=token_positions[0], end=token_positions[-1] + 1))

@@ -222,8 +222,8 @@ def plan_windows(lm: LoadedModel, conversation: Conversation, max_tokens: int | 
       context, and the window is extended with the turns that follow while they fit; every turn keeps at least that
       much history (or all of it), and projecting costs at most about twice the conversation's tokens.
 
-    Planning renders each candidate slice once (bounded by the context), so it takes time linear in the number of
-    messages.
+    Planning tokenises each message once and renders a few slices per window (each bounded by the context, found
+    by bisection), so it takes time linear in the conversation's length.
     """
     limit = max_tokens if max_tokens is not None else lm.profile.max_context
     conv = list(conversation)
@@ -244,9 +244,35 @@ def plan_windows(lm: LoadedModel, conversation: Conversation, max_tokens: int | 
     import bisect
 
     starts = sorted({first, *(i for i in range(first, len(conv)) if conv[i]["role"] == "user")})
+    # A lower bound on a slice's tokens (its contents, each tokenised alone, less a merge or two at the edges): a
+    # slice whose bound exceeds the budget cannot fit and is never rendered. Fitting is monotone (a slice that fits
+    # still fits without its first messages), so the earliest start that fits and the last turn a window can take
+    # are found by bisection: a few renders per window, each bounded by the context.
+    counts = [len(ids) for ids in lm.tokenizer([m["content"] for m in conv], add_special_tokens=False)["input_ids"]]
+    lower = [0]
+    for count in counts:
+        lower.append(lower[-1] + max(0, count - 2))
+
+    def bound(prefix: Conversation, start: int, stop: int) -> int:
+        return (lower[1] if prefix else 0) + lower[stop] - lower[start]
+
+    def earliest(prefix: Conversation, candidates: list[int], stop: int, budget: int) -> int | None:
+        """The first start in ``candidates`` (ascending) whose slice up to ``stop`` fits ``budget``, or None."""
+        lo = next((i for i, c in enumerate(candidates) if bound(prefix, c, stop) <= budget), len(candidates))
+        hi = len(candidates) - 1
+        if lo > hi or not _fits(lm, prefix + conv[candidates[hi] : stop], budget):
+            return None
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if _fits(lm, prefix + conv[candidates[mid] : stop], budget):
+                hi = mid
+            else:
+                lo = mid + 1
+        return candidates[lo]
+
     windows: list[Window] = []
     # Earliest start still possible, with and without the system prompt: a later turn never fits with more history
-    # than an earlier one did (its slice from the same start is longer), so no start before these needs rendering.
+    # than an earlier one did (its slice from the same start is longer), so no start before these is tried.
     lowest = {True: first, False: first}
     opening = limit // 2 if mode == "chunked" else limit  # history budget of a window's first turn
     turn = 0
@@ -254,13 +280,15 @@ def plan_windows(lm: LoadedModel, conversation: Conversation, max_tokens: int | 
         end = assistant_at[turn] + 1
         chosen: tuple[Conversation, int] | None = None
         for budget in dict.fromkeys((opening if windows else limit, limit)):
-            # Most history first: system + slice from each user turn, then without system, then the response alone.
-            candidates = [(system, s) for s in starts[bisect.bisect_left(starts, lowest[True]):] if s < end]
-            if system:
-                candidates += [([], s) for s in starts[bisect.bisect_left(starts, lowest[False]):] if s < end]
-            candidates.append(([], assistant_at[turn]))
-            chosen = next(((prefix, start) for prefix, start in candidates
-                           if _fits(lm, prefix + conv[start:end], budget)), None)
+            # Most history first: system + slice from a user turn, then without system, then the response alone.
+            for prefix, low in ([(system, lowest[True]), ([], lowest[False])] if system else [([], lowest[True])]):
+                candidates = [c for c in starts[bisect.bisect_left(starts, low):] if c < end]
+                found = earliest(prefix, candidates, end, budget)
+                if found is not None:
+                    chosen = (prefix, found)
+                    break
+            if chosen is None and _fits(lm, conv[assistant_at[turn] : end], budget):
+                chosen = ([], assistant_at[turn])
             if chosen is not None:
                 break
         if chosen is None:  # one response longer than the context: keep the tokens that fit
@@ -274,17 +302,25 @@ def plan_windows(lm: LoadedModel, conversation: Conversation, max_tokens: int | 
             turn += 1
             continue
         prefix, start = chosen
-        turns = [turn]
-        turn += 1
-        while turn < len(assistant_at):  # extend: later turns with the same start have their longest history here
-            if not _fits(lm, prefix + conv[start : assistant_at[turn] + 1], limit):
-                break
-            if system and not prefix:  # a turn that fits with the system prompt gets a window that keeps it
-                latest = starts[bisect.bisect_right(starts, assistant_at[turn]) - 1]
-                if _fits(lm, system + conv[latest : assistant_at[turn] + 1], limit):
+        # Extend: the later turns that fit with the same start (their longest history here), found by bisection.
+        lo, hi = turn, turn
+        while hi + 1 < len(assistant_at) and bound(prefix, start, assistant_at[hi + 1] + 1) <= limit:
+            hi += 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if _fits(lm, prefix + conv[start : assistant_at[mid] + 1], limit):
+                lo = mid
+            else:
+                hi = mid - 1
+        last = lo
+        if system and not prefix:  # a turn that fits with the system prompt gets a window that keeps it
+            for later in range(turn + 1, last + 1):
+                latest = starts[bisect.bisect_right(starts, assistant_at[later]) - 1]
+                if _fits(lm, system + conv[latest : assistant_at[later] + 1], limit):
+                    last = later - 1
                     break
-            turns.append(turn)
-            turn += 1
+        turns = list(range(turn, last + 1))
+        turn = last + 1
         chat = render_chat(lm.tokenizer, prefix + conv[start : assistant_at[turns[-1]] + 1], lm.profile)
         windows.append(Window(_cut(chat, chat.spans[-1].end), turns, start, start - first, bool(system) and not prefix, False))
         if prefix or not system:
