@@ -329,6 +329,8 @@ TRANSCRIPT = json.dumps({"conversation": [{"role": "user", "content": "Hi"}, {"r
 # part of their output, and messages that misled.
 CLI_ROBUST_CASES: list[CliCase] = [
     CliCase("run-nan-temperature", lambda c: _run(c, "--temperature", "nan"), r"--temperature must be a finite number in \[0, 100\], got nan"),
+    CliCase("run-negative-seed", lambda c: _run(c, "--seed", "-1"), r"--seed must be a whole number in \[0, 9\.22337e\+18\], got -1"),
+    CliCase("run-zero-batch-size", lambda c: _run(c, "--batch-size", "0"), r"--batch-size must be a whole number in \[1, 1e\+06\], got 0"),
     CliCase("steer-nan-temperature", lambda c: ["steer", "Hi", "--axis", str(c.run), "--alpha", "0.1", "--temperature", "nan",
                                                 "--model", str(c.model)], r"--temperature must be a finite number in \[0, 100\], got nan"),
     CliCase("steer-huge-alpha", lambda c: ["steer", "Hi", "--axis", str(c.run), "--alpha", "1e300", "--model", str(c.model)],

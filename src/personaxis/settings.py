@@ -93,9 +93,11 @@ class RunSettings:
             raise ValueError("the catalogue has 5 system prompts per role and 5 pairs per trait")
         if self.store_dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"store dtype must be float32, float16 or bfloat16, got {self.store_dtype!r}")
-        from personaxis.validate import check_all
+        from personaxis.validate import check, check_all
 
         check_all(temperature=self.temperature, max_new_tokens=self.max_new_tokens, seed=self.seed)
+        check("layer", self.target_layer)
+        check("batch_size", self.extra.get("batch_size"))
 
     def to_manifest(self) -> dict[str, Any]:
         data = asdict(self)
