@@ -708,7 +708,10 @@ WEB_CASES: list[WebCase] = [
             b'{"model": "m", "messages": [{"role": "user", "content": "\\udfff"}]}', 422, r"lone surrogate"),
     WebCase("transcripts-lone-surrogate", "POST", "/api/transcripts/project",
             b'{"transcripts": [{"name": "t", "data": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "\\ud800"}]}]}',
-            422, r"transcripts\.0\.conversation\.1\.content: a lone surrogate"),
+            422, r"transcripts\.0\.data\.1\.content: a lone surrogate"),
+    WebCase("transcripts-lone-surrogate-in-metadata", "POST", "/api/transcripts/project",
+            b'{"transcripts": [{"name": "t", "data": {"model": "\\ud800", "conversation": [{"role": "user", "content": "a"}, '
+            b'{"role": "assistant", "content": "b"}]}}]}', 422, r"transcripts\.0\.data\.model: a lone surrogate"),
     WebCase("transcripts-deeply-nested", "POST", "/api/transcripts/project",
             b'{"transcripts": [{"name": "t", "data": ' + b"[" * 20000 + b"]" * 20000 + b"}]}", 422, r"nested too deeply"),
     WebCase("chat-deeply-nested", "POST", "/api/chat", b'{"messages": ' + b"[" * 20000 + b"]" * 20000 + b"}", 422, r"nested too deeply"),

@@ -45,6 +45,24 @@ class Limits:
                     param=f"{param}.{i}.content",
                 )
 
+    @staticmethod
+    def check_text(value: Any, *, param: str) -> None:
+        """Refuse (422) any string inside ``value`` (lists and objects walked without recursion) that holds a lone
+        surrogate: it cannot be tokenised, nor sent back as JSON."""
+        stack: list[tuple[Any, str]] = [(value, param)]
+        while stack:
+            item, where = stack.pop()
+            if isinstance(item, str):
+                at = lone_surrogate(item)
+                if at is not None:
+                    raise ApiError(422, f"{where}: a lone surrogate (\\u{ord(item[at]):04x}) at character {at} is not "
+                                        "text; send valid Unicode", param=where)
+            elif isinstance(item, dict):
+                stack.extend((v, f"{where}.{k}") for k, v in item.items())
+                stack.extend((k, f"{where}.{k!r}") for k in item if isinstance(k, str))
+            elif isinstance(item, list):
+                stack.extend((v, f"{where}.{i}") for i, v in enumerate(item))
+
     def check_token_budget(self, tokenizer: Any, conversations: Sequence[Sequence[Any]], *, new_tokens: int = 0,
                            param: str = "messages") -> int:
         """Count the tokens of every message's content (plus a few per message for the chat template) and

@@ -56,6 +56,7 @@ async def project_transcripts(body: schemas.TranscriptProjectRequest, state: Web
     parsed = []
     for i, upload in enumerate(body.transcripts):
         data = upload.data
+        limits.check_text(data, param=f"transcripts.{i}.data")
         conversation = data.get("conversation") if isinstance(data, dict) else data
         if isinstance(conversation, list):
             limits.check_messages(conversation, param=f"transcripts.{i}.conversation")
