@@ -37,7 +37,7 @@ MEASURE_RSS = (
     "import resource, subprocess, sys; code = subprocess.call(sys.argv[2:]); "
     "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); sys.exit(code)"
 )
-SECTIONS = ("limits", "gen", "extract", "interventions", "monitor", "quick")
+SECTIONS = ("limits", "gen", "extract", "interventions", "monitor", "transcripts", "quick")
 HERE = Path(__file__).resolve().parent
 
 QUESTIONS = [
@@ -566,6 +566,88 @@ class Bench:
         self.section(f"Monitoring a {turns}-turn conversation (layer {layer[0]})", rows_table(["way", "time"], rows),
                      [f"Per-turn means agree within {diff:.1e}."] + self.busy_note(before, after))
 
+    def _long_conversation(self, turns: int, user_words: tuple[int, int], answer_words: tuple[int, int],
+                           seed: int) -> list[dict[str, str]]:
+        rng = random.Random(seed)
+        convo: list[dict[str, str]] = [{"role": "system", "content": "You are a helpful assistant."}]
+        for t in range(turns):
+            start = rng.randrange(len(FILLER))
+            ask = " ".join(FILLER[(start + j) % len(FILLER)] for j in range(rng.randint(*user_words)))
+            convo.append({"role": "user", "content": f"{QUESTIONS[t % len(QUESTIONS)]} {ask}"})
+            start = rng.randrange(len(FILLER))
+            convo.append({"role": "assistant",
+                          "content": " ".join(FILLER[(start + j) % len(FILLER)] for j in range(rng.randint(*answer_words)))})
+        return convo
+
+    def transcripts(self) -> None:
+        """Projecting long transcripts: a 1,000-message one and six case-study-sized conversations, with the
+        default chunked windows (measured) and the tokens the exact longest-history windows would re-read (planned,
+        and their time extrapolated from the measured rate)."""
+        from personaxis.activations import extract_rendered
+        from personaxis.axis import Axis
+        from personaxis.chat import render_chat
+        from personaxis.monitor import Transcript, monitor_transcripts, plan_windows
+
+        lm, args = self.lm, self.args
+        context = args.transcript_context or lm.profile.max_context
+        if args.quick:
+            sets = {"1 transcript of 40 messages": [self._long_conversation(20, (4, 8), (10, 20), 7)],
+                    "2 conversations of 6 turns": [self._long_conversation(6, (5, 10), (30, 50), 8 + i) for i in range(2)]}
+        else:
+            sets = {"1 transcript of 1,000 messages": [self._long_conversation(500, (8, 20), (30, 70), 7)],
+                    "6 case-study-sized conversations": [self._long_conversation(30, (30, 60), (250, 400), 8 + i)
+                                                          for i in range(6)]}
+        g = torch.Generator().manual_seed(0)
+        axis = Axis(torch.randn(lm.profile.n_layers, lm.profile.hidden_size, generator=g), model=lm.profile.name,
+                    target_layer=lm.profile.target_layer)
+        rows, record = [], {}
+        before = load()
+        for label, convs in sets.items():
+            n_tokens = sum(render_chat(lm.tokenizer, c, lm.profile).spans[-1].end for c in convs)
+            start = time.perf_counter()
+            plans = {"chunked": [plan_windows(lm, c, context) for c in convs]}
+            plan_s = time.perf_counter() - start
+            if max(len(c) for c in convs) <= 200:  # the longest histories materialise a context per turn: shorter ones only
+                plans["longest"] = [plan_windows(lm, c, context, mode="longest") for c in convs]
+            projected = {mode: sum(len(w.rendered.input_ids) for ws in plan for w in ws) for mode, plan in plans.items()}
+            windows = [w for ws in plans["chunked"] for w in ws]
+            sample = windows if not args.transcript_sample_windows else windows[: args.transcript_sample_windows]
+            sampled = sum(len(w.rendered.input_ids) for w in sample)
+            start = time.perf_counter()
+            if len(sample) == len(windows):  # the whole thing, as `personaxis monitor` runs it
+                transcripts = [Transcript(name=f"t{i}", conversation=c) for i, c in enumerate(convs)]
+                monitor_transcripts(lm, axis, transcripts, max_tokens=context)
+            else:  # the first windows only; the rest at the same rate (cost is linear in the tokens projected)
+                extract_rendered(lm, [w.rendered for w in sample], layers=[lm.profile.target_layer],
+                                 max_batch_tokens=max(context, 8192))
+            sample_s = time.perf_counter() - start
+            rate = sampled / sample_s
+            chunked_s = projected["chunked"] / rate
+            longest_s = projected["longest"] / rate if "longest" in projected else None
+            measured = len(sample) == len(windows)
+            record[label] = {"messages": sum(len(c) for c in convs), "turns": sum(len(w.turns) for w in windows),
+                             "tokens": n_tokens,
+                             "context": context, "plan_s": round(plan_s, 2), "windows": len(windows),
+                             "chunked_tokens": projected["chunked"], "sampled_windows": len(sample),
+                             "sampled_tokens": sampled, "sampled_s": round(sample_s, 1),
+                             "tokens_per_s": round(rate, 1), "chunked_s": round(chunked_s, 1),
+                             "chunked_s_measured": measured, "longest_tokens": projected.get("longest"),
+                             "longest_s_extrapolated": round(longest_s, 1) if longest_s is not None else None}
+            rows.append([label, f"{n_tokens:,}", f"{plan_s:.1f} s", f"{projected['chunked']:,}",
+                         (f"{chunked_s:.0f} s" if measured else f"≈ {chunked_s:.0f} s ({len(sample)} of {len(windows)} "
+                          f"windows measured)"),
+                         f"{projected['longest']:,}" if longest_s is not None else "not planned",
+                         f"≈ {longest_s:.0f} s" if longest_s is not None else "–"])
+        after = load()
+        self.results["transcripts"] = {**record, "load_average": [round(before, 2), round(after, 2)]}
+        self.section(f"Projecting long transcripts (context {context} tokens, layer {lm.profile.target_layer})",
+                     rows_table(["transcripts", "tokens", "planning", "tokens projected (chunked)", "time (chunked)",
+                                 "tokens re-read (longest)", "time (longest, extrapolated)"], rows),
+                     ["Chunked (the default): every turn keeps at least the history that fits in half the context; "
+                      "longest: every turn its longest history (`monitor --windows longest`). Times marked ≈ are the "
+                      "planned tokens at the measured rate (tokens/s of the windows that ran), not measured."]
+                     + self.busy_note(before, after))
+
     def quick(self) -> None:
         args = self.args
         cli = Path(sys.executable).parent / "personaxis"
@@ -630,6 +712,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--extract-words", type=int, default=None, help="answer length in words, +0..30 (default 60)")
     p.add_argument("--intervention-batch", type=int, default=None, help="batch for the intervention runs (default 64)")
     p.add_argument("--monitor-turns", type=int, default=15)
+    p.add_argument("--transcript-context", type=int, default=None,
+                   help="context for the transcripts section (default: the model's)")
+    p.add_argument("--transcript-sample-windows", type=int, default=0,
+                   help="transcripts section: project only this many windows of each set and extrapolate (0: all)")
     p.add_argument("--repeats", type=int, default=None, help="runs per measurement, best kept (default 3)")
     p.add_argument("--quick-timeout", type=float, default=1800.0, help="seconds before the quick preset is stopped")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

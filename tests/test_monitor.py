@@ -85,13 +85,13 @@ def test_long_conversation_windows(tiny_llama, system):
     axis = _axis(lm)
     conv = _conversation(8, system=system)
     layers = [0, 2, 3]
-    windows = plan_windows(lm, conv)
+    windows = plan_windows(lm, conv, mode="longest")
     assert 1 < len(windows) <= 8
     assert all(len(w.rendered.input_ids) <= 260 for w in windows)
     assert sorted(t for w in windows for t in w.turns) == list(range(8))
     calls, handle = _count_forwards(lm)
     try:
-        rows = monitor_conversation(lm, axis, conv, layers=layers)
+        rows = monitor_conversation(lm, axis, conv, layers=layers, windows="longest")
     finally:
         handle.remove()
     assert len(calls) <= len(windows)
@@ -218,7 +218,7 @@ def test_windows_give_every_turn_its_longest_history_in_fewest_passes(tiny_llama
     for i in range(rng.randint(3, 9)):
         conv.append({"role": "user", "content": "Why? " * rng.randint(1, 12)})
         conv.append({"role": "assistant", "content": f"Answer {i}. " + "Arr, matey! " * rng.randint(1, 12)})
-    rows = monitor_conversation(lm, _axis(lm), conv)
+    rows = monitor_conversation(lm, _axis(lm), conv, windows="longest")
     first = 1 if conv and conv[0]["role"] == "system" else 0
     keys = []
     for row in rows:

@@ -188,7 +188,7 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(client):
     assert "end with a user message" in _error(client.post("/api/chat/stream", json={"messages": FIXED}), 422)
     assert "malformed JSON" in _error(client.post("/api/chat", content=b"{nope", headers={"content-type": "application/json"}), 422)
     assert "messages" in _error(client.post("/api/chat", json={"max_tokens": 4}), 422)
-    assert "alpha" in _error(client.post("/api/project", json={"messages": FIXED, "alpha": 1e9}), 400)
+    assert "alpha" in _error(client.post("/api/project", json={"messages": FIXED, "alpha": 1e9}), 422)
     assert "no assistant turn" in _error(client.post("/api/project", json={"messages": QUESTION}), 422)
     assert client.get("/api/info").status_code == 200
     assert client.post("/api/chat", json={"messages": QUESTION, "max_tokens": 2}).status_code == 200

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -114,13 +115,14 @@ def render_chat(
     turn_spans: list[TurnSpan] = []
     cursor = 0
     turn = 0
+    tokens = _TokenOffsets(offsets)
     for index, message in enumerate(conversation):
         content = _rendered_content(message["content"], text, cursor)
         char_start = text.find(content, cursor) if content else -1
         if message["role"] != "assistant":
             if char_start >= 0:
                 cursor = char_start + len(content)
-                positions = _token_positions(offsets, char_start, cursor)
+                positions = tokens.overlapping(char_start, cursor)
                 if message["role"] == "user" and positions:
                     turn_spans.append(TurnSpan("user", positions[0], positions[-1] + 1))
             continue
@@ -133,7 +135,7 @@ def render_chat(
             raise ConversationError(f"assistant turn {turn} was not found in the rendered chat (template rewrote it?)")
         char_end = char_start + len(content)
         cursor = char_end
-        token_positions = _token_positions(offsets, char_start, char_end)
+        token_positions = tokens.overlapping(char_start, char_end)
         if not token_positions:
             raise ConversationError(f"assistant turn {turn} has no tokens")
         spans.append(ResponseSpan(turn=turn, message_index=index, start=token_positions[0], end=token_positions[-1] + 1))
@@ -144,9 +146,26 @@ def render_chat(
     return RenderedChat(text=text, input_ids=input_ids, spans=spans, turn_spans=turn_spans)
 
 
-def _token_positions(offsets: list[tuple[int, int]], char_start: int, char_end: int) -> list[int]:
-    """Every token that overlaps the characters ``[char_start, char_end)`` (a token shared with the markup included)."""
-    return [t for t, (s, e) in enumerate(offsets) if e > char_start and s < char_end and e > s]
+class _TokenOffsets:
+    """The character offsets of a chat's tokens, to find the tokens of a character range.
+
+    Offsets of a fast tokenizer run forward, so a range's tokens are found by bisection (linear in the chat, not
+    turns × tokens); offsets that do not (rare tokenizers) are scanned in full."""
+
+    def __init__(self, offsets: list[tuple[int, int]]) -> None:
+        self.starts = [o[0] for o in offsets]
+        self.ends = [o[1] for o in offsets]
+        self.monotone = all(
+            self.starts[i] <= self.starts[i + 1] and self.ends[i] <= self.ends[i + 1] for i in range(len(offsets) - 1)
+        )
+
+    def overlapping(self, char_start: int, char_end: int) -> list[int]:
+        """Every token that overlaps the characters ``[char_start, char_end)`` (a token shared with the markup
+        included; empty tokens excluded)."""
+        starts, ends = self.starts, self.ends
+        window = (range(bisect.bisect_right(ends, char_start), bisect.bisect_left(starts, char_end)) if self.monotone
+                  else range(len(starts)))
+        return [t for t in window if ends[t] > char_start and starts[t] < char_end and ends[t] > starts[t]]
 
 
 def _rendered_content(content: str, text: str, cursor: int) -> str:

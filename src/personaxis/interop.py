@@ -77,14 +77,17 @@ def safe_torch_load(path: str | Path, *, max_bytes: int = MAX_TORCH_FILE_BYTES) 
         raise InteropError(f"{path}: not a readable torch file ({type(exc).__name__}: {exc})") from None
 
 
+_UNSAFE_GLOBAL = re.compile(r"Unsupported (?:global|operand)[^.\n]*?(?:GLOBAL\s+)?([\w.]+)")
+
+
 def _refused(path: Path, exc: BaseException) -> InteropError:
-    message = str(exc)
-    detail = message.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0]
-    detail = " ".join(detail.split())
+    """The refusal of a file that holds non-tensor objects: names what was found, never PyTorch's own advice (which
+    suggests ``weights_only=False``, i.e. running the file's code)."""
+    found = _UNSAFE_GLOBAL.search(str(exc))
+    detail = f"it refers to {found.group(1)}" if found else "unsupported pickle content"
     return InteropError(
-        f"{path}: refused: the file holds non-tensor objects ({detail or 'unsupported pickle content'}), so it was not "
-        "loaded. Reference files must hold only tensors and plain containers; personaxis reads them with "
-        "torch.load(weights_only=True) and never runs code from a file."
+        f"{path}: refused: the file holds non-tensor objects ({detail}), so it was not loaded. Reference files must "
+        "hold only tensors and plain containers; personaxis never runs code from a file."
     )
 
 
@@ -304,8 +307,12 @@ def save_reference_capping(config: CappingConfig, path: str | Path) -> Path:
 def control_vectors(axis: Axis, layers: Sequence[int], *, scale: float = 1.0, raw: bool = False) -> dict[int, Tensor]:
     """What to add at each layer: ``scale · r_l · â_l`` (``scale`` in units of the layer's mean residual norm, like
     ``personaxis steer --alpha``), or ``scale · axis[l]`` as stored when ``raw``."""
-    if not math.isfinite(float(scale)):
-        raise InteropError(f"scale must be finite, got {scale}")
+    from personaxis.validate import check
+
+    try:
+        check("scale", scale)
+    except ValueError as exc:
+        raise InteropError(str(exc)) from None
     if not layers:
         raise InteropError("give at least one layer to export")
     if not raw and axis.residual_norms is None:
@@ -317,7 +324,10 @@ def control_vectors(axis: Axis, layers: Sequence[int], *, scale: float = 1.0, ra
         axis.layer(layer)
         if layer == 0:
             raise InteropError("llama.cpp control vectors cannot address layer 0 (the first block's output); pick layers ≥ 1")
-        out[layer] = steering_vector(axis, layer, float(scale), raw=raw).to(torch.float32).contiguous()
+        vector = steering_vector(axis, layer, float(scale), raw=raw).to(torch.float32).contiguous()
+        if not bool(torch.isfinite(vector).all()):
+            raise InteropError(f"layer {layer}: the control vector overflows float32 at --scale {scale:g}")
+        out[layer] = vector
     return out
 
 
@@ -377,6 +387,8 @@ def read_gguf_control_vector(path: str | Path, *, hidden: int | None = None) -> 
         vector = torch.from_numpy(tensor.data.copy()).to(torch.float32)
         if hidden is not None and vector.shape[0] != hidden:
             raise InteropError(f"{path}: {tensor.name} has size {vector.shape[0]}, expected {hidden}")
+        if not bool(torch.isfinite(vector).all()):
+            raise InteropError(f"{path}: {tensor.name} holds NaN or infinite values")
         vectors[int(match.group(1))] = vector
     if not vectors:
         raise InteropError(f"{path}: no direction tensors")

@@ -2,10 +2,12 @@
 
 A turn's projection is the mean, over its response tokens, of ``⟨h_l, â_l⟩`` (the block-``l`` output on the unit
 axis), read in one teacher-forced forward pass over the whole conversation (never one pass per turn). Conversations
-longer than the model's context are cut into *windows* that start at a user turn: each assistant turn is projected
-with as much preceding history as fits (the system prompt is kept while it fits), and turns that need the same
-history share one window, so the number of passes is the smallest that gives every turn its longest history. Turns
-that lost history are flagged ``truncated``.
+longer than the model's context are cut into *windows* that start at a user turn (the system prompt is kept while it
+fits). By default (``windows="chunked"``) a window opens with at most half a context and takes the turns that follow
+while they fit, so every turn keeps at least the longest history that fits in half the context and the tokens
+projected are at most about twice the conversation's: cost proportional to the transcript. ``windows="longest"`` gives every turn the
+longest history that fits, in the fewest passes that do so (up to a context of re-read history per turn). Planning
+is linear in the number of messages in both. Turns that lost history are flagged ``truncated``.
 
 Transcripts are JSON objects ``{"conversation": [{"role", "content"}, ...], ...}``; other keys (``model``,
 ``domain``, ``turns`` …) are kept as metadata.
@@ -26,6 +28,7 @@ from personaxis.chat import (
     ConversationError,
     RenderedChat,
     ResponseSpan,
+    normalize_conversation,
     render_chat,
     validate_conversation,
 )
@@ -151,25 +154,77 @@ def load_transcripts(paths: Iterable[str | Path]) -> list[Transcript]:
 
 
 # ------------------------------------------------------------------------------------------------ windows
-def _render(lm: LoadedModel, messages: Conversation) -> RenderedChat | None:
-    """Render a slice; ``None`` if the template refuses it (e.g. a slice that starts with an assistant turn)."""
+WindowMode = Literal["chunked", "longest"]
+
+
+def _response_end(lm: LoadedModel, messages: Conversation, *, strict: bool = False) -> int | None:
+    """Where the last assistant turn's content ends, in tokens, in the rendering of ``messages`` (which end with
+    that turn): ``render_chat(...).spans[-1].end`` for one template render and one tokenisation, without locating
+    every earlier turn. ``None`` when the template refuses the slice (``strict``: raise instead)."""
+    import bisect
+
+    tokenizer, profile = lm.tokenizer, lm.profile
     try:
-        return render_chat(lm.tokenizer, messages, lm.profile)
-    except Exception:  # templates raise their own error types (jinja2.TemplateError, …)
+        conversation = normalize_conversation(messages, profile)
+        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=False,
+                                             **profile.template_kwargs)
+        prefix = tokenizer.apply_chat_template(conversation[:-1], tokenize=False, add_generation_prompt=True,
+                                               **profile.template_kwargs) if len(conversation) > 1 else None
+    except ConversationError:
+        if strict:
+            raise
         return None
+    except Exception as exc:  # the template's own error
+        if strict:
+            raise MonitorError(f"the chat template refused the conversation: {exc}") from None
+        return None
+    content = conversation[-1]["content"].strip()
+    if isinstance(prefix, str) and text.startswith(prefix):
+        char_start = text.find(content, len(prefix))
+    else:  # as render_chat: every message's content in order, the last one after the others
+        cursor = 0
+        for message in conversation[:-1]:
+            found = text.find(message["content"].strip(), cursor) if message["content"].strip() else -1
+            if found >= 0:
+                cursor = found + len(message["content"].strip())
+        char_start = text.find(content, cursor)
+    if char_start < 0:
+        if strict:
+            raise ConversationError("the last assistant turn was not found in the rendered chat (template rewrote it?)")
+        return None
+    char_end = char_start + len(content)
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    last = bisect.bisect_left([o[0] for o in offsets], char_end) - 1
+    while last >= 0 and offsets[last][1] <= offsets[last][0]:  # zero-width tokens carry no content
+        last -= 1
+    return last + 1 if last >= 0 and offsets[last][1] > char_start else None
 
 
 def _fits(lm: LoadedModel, messages: Conversation, limit: int) -> bool:
-    chat = _render(lm, messages)
-    return chat is not None and bool(chat.spans) and chat.spans[-1].end <= limit
+    end = _response_end(lm, messages)
+    return end is not None and end <= limit
 
 
 def _cut(chat: RenderedChat, end: int) -> RenderedChat:
     return RenderedChat(text=chat.text, input_ids=chat.input_ids[:end], spans=chat.spans)
 
 
-def plan_windows(lm: LoadedModel, conversation: Conversation, max_tokens: int | None = None) -> list[Window]:
-    """Cut a validated conversation into windows of at most ``max_tokens`` tokens (default: the model's context)."""
+def plan_windows(lm: LoadedModel, conversation: Conversation, max_tokens: int | None = None, *,
+                 mode: WindowMode = "chunked") -> list[Window]:
+    """Cut a validated conversation into windows of at most ``max_tokens`` tokens (default: the model's context).
+
+    A conversation that fits is one window. Otherwise windows start at user turns (the system prompt kept while it
+    fits) and each turn is scored in a window that ends with it or a later turn:
+
+    - ``"longest"``: every turn gets the longest history that fits. Exact, but each window re-reads up to a whole
+      context of history for the turns after it, so projecting costs up to (turns × context) tokens.
+    - ``"chunked"`` (the default): a window's first turn gets the longest history with which it fits in half the
+      context, and the window is extended with the turns that follow while they fit; every turn keeps at least that
+      much history (or all of it), and projecting costs at most about twice the conversation's tokens.
+
+    Planning tokenises each message once and renders a few slices per window (each bounded by the context, found
+    by bisection), so it takes time linear in the conversation's length.
+    """
     limit = max_tokens if max_tokens is not None else lm.profile.max_context
     conv = list(conversation)
     system = conv[:1] if conv and conv[0]["role"] == "system" else []
@@ -177,33 +232,64 @@ def plan_windows(lm: LoadedModel, conversation: Conversation, max_tokens: int | 
     assistant_at = [i for i, m in enumerate(conv) if m["role"] == "assistant"]
     if not assistant_at:
         raise ConversationError("the conversation has no assistant turn")
-    try:
-        whole = render_chat(lm.tokenizer, conv[: assistant_at[-1] + 1], lm.profile)
-    except ConversationError:
-        raise
-    except Exception as exc:  # the template's own error
-        raise MonitorError(f"the chat template refused the conversation: {exc}") from None
-    if not limit or whole.spans[-1].end <= limit:
+    if not limit or (_response_end(lm, conv[: assistant_at[-1] + 1], strict=True) or 0) <= limit:
+        try:
+            whole = render_chat(lm.tokenizer, conv[: assistant_at[-1] + 1], lm.profile)
+        except ConversationError:
+            raise
+        except Exception as exc:  # the template's own error
+            raise MonitorError(f"the chat template refused the conversation: {exc}") from None
         return [Window(_cut(whole, whole.spans[-1].end), list(range(len(assistant_at))), first, 0, False, False)]
 
+    import bisect
+
     starts = sorted({first, *(i for i in range(first, len(conv)) if conv[i]["role"] == "user")})
+    # A lower bound on a slice's tokens (its contents, each tokenised alone, less a merge or two at the edges): a
+    # slice whose bound exceeds the budget cannot fit and is never rendered. Fitting is monotone (a slice that fits
+    # still fits without its first messages), so the earliest start that fits and the last turn a window can take
+    # are found by bisection: a few renders per window, each bounded by the context.
+    counts = [len(ids) for ids in lm.tokenizer([m["content"] for m in conv], add_special_tokens=False)["input_ids"]]
+    lower = [0]
+    for count in counts:
+        lower.append(lower[-1] + max(0, count - 2))
+
+    def bound(prefix: Conversation, start: int, stop: int) -> int:
+        return (lower[1] if prefix else 0) + lower[stop] - lower[start]
+
+    def earliest(prefix: Conversation, candidates: list[int], stop: int, budget: int) -> int | None:
+        """The first start in ``candidates`` (ascending) whose slice up to ``stop`` fits ``budget``, or None."""
+        lo = next((i for i, c in enumerate(candidates) if bound(prefix, c, stop) <= budget), len(candidates))
+        hi = len(candidates) - 1
+        if lo > hi or not _fits(lm, prefix + conv[candidates[hi] : stop], budget):
+            return None
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if _fits(lm, prefix + conv[candidates[mid] : stop], budget):
+                hi = mid
+            else:
+                lo = mid + 1
+        return candidates[lo]
+
     windows: list[Window] = []
     # Earliest start still possible, with and without the system prompt: a later turn never fits with more history
-    # than an earlier one did (its slice from the same start is longer), so no start before these needs rendering.
+    # than an earlier one did (its slice from the same start is longer), so no start before these is tried.
     lowest = {True: first, False: first}
+    opening = limit // 2 if mode == "chunked" else limit  # history budget of a window's first turn
     turn = 0
     while turn < len(assistant_at):
         end = assistant_at[turn] + 1
-        # Most history first: system + slice from each user turn, then without system, then the response alone.
-        candidates = [(system, s) for s in starts if lowest[True] <= s < end]
-        if system:
-            candidates += [([], s) for s in starts if lowest[False] <= s < end]
-        candidates.append(([], assistant_at[turn]))
-        chosen: tuple[Conversation, int, RenderedChat] | None = None
-        for prefix, start in candidates:
-            chat = _render(lm, prefix + conv[start:end])
-            if chat is not None and chat.spans and chat.spans[-1].end <= limit:
-                chosen = (prefix, start, chat)
+        chosen: tuple[Conversation, int] | None = None
+        for budget in dict.fromkeys((opening if windows else limit, limit)):
+            # Most history first: system + slice from a user turn, then without system, then the response alone.
+            for prefix, low in ([(system, lowest[True]), ([], lowest[False])] if system else [([], lowest[True])]):
+                candidates = [c for c in starts[bisect.bisect_left(starts, low):] if c < end]
+                found = earliest(prefix, candidates, end, budget)
+                if found is not None:
+                    chosen = (prefix, found)
+                    break
+            if chosen is None and _fits(lm, conv[assistant_at[turn] : end], budget):
+                chosen = ([], assistant_at[turn])
+            if chosen is not None:
                 break
         if chosen is None:  # one response longer than the context: keep the tokens that fit
             chat = render_chat(lm.tokenizer, conv[assistant_at[turn] : end], lm.profile)
@@ -215,20 +301,27 @@ def plan_windows(lm: LoadedModel, conversation: Conversation, max_tokens: int | 
             lowest = {True: end, False: end}
             turn += 1
             continue
-        prefix, start, chat = chosen
-        turns = [turn]
-        turn += 1
-        while turn < len(assistant_at):  # extend: later turns with the same start have their longest history here
-            longer = _render(lm, prefix + conv[start : assistant_at[turn] + 1])
-            if longer is None or longer.spans[-1].end > limit:
-                break
-            if system and not prefix:  # a turn that fits with the system prompt gets a window that keeps it
-                latest = max(s for s in starts if s <= assistant_at[turn])
-                if _fits(lm, system + conv[latest : assistant_at[turn] + 1], limit):
+        prefix, start = chosen
+        # Extend: the later turns that fit with the same start (their longest history here), found by bisection.
+        lo, hi = turn, turn
+        while hi + 1 < len(assistant_at) and bound(prefix, start, assistant_at[hi + 1] + 1) <= limit:
+            hi += 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if _fits(lm, prefix + conv[start : assistant_at[mid] + 1], limit):
+                lo = mid
+            else:
+                hi = mid - 1
+        last = lo
+        if system and not prefix:  # a turn that fits with the system prompt gets a window that keeps it
+            for later in range(turn + 1, last + 1):
+                latest = starts[bisect.bisect_right(starts, assistant_at[later]) - 1]
+                if _fits(lm, system + conv[latest : assistant_at[later] + 1], limit):
+                    last = later - 1
                     break
-            chat = longer
-            turns.append(turn)
-            turn += 1
+        turns = list(range(turn, last + 1))
+        turn = last + 1
+        chat = render_chat(lm.tokenizer, prefix + conv[start : assistant_at[turns[-1]] + 1], lm.profile)
         windows.append(Window(_cut(chat, chat.spans[-1].end), turns, start, start - first, bool(system) and not prefix, False))
         if prefix or not system:
             lowest[True] = start
@@ -259,12 +352,14 @@ def monitor_transcripts(
     max_tokens: int | None = None,
     interventions: Interventions | None = None,
     show_progress: bool = False,
+    windows: WindowMode = "chunked",
 ) -> list[TurnProjection]:
     """Project every assistant turn of every transcript at ``layers`` (default: the axis' target layer; ``"all"``).
 
     All windows of all transcripts go through :func:`extract_rendered` together (length-sorted batches, one forward
     per batch, stopped after the deepest requested layer). ``interventions`` (steering, capping) are applied during
-    the pass, so the projections show the stream the model actually had.
+    the pass, so the projections show the stream the model actually had. ``windows``: how conversations longer
+    than the context are cut (:func:`plan_windows`).
     """
     axis.check_fits(lm.profile.n_layers, lm.profile.hidden_size, lm.profile.name)
     layer_list = _layer_list(axis, layers)
@@ -272,19 +367,19 @@ def monitor_transcripts(
     for t in transcripts:
         try:
             conv = validate_conversation(t.conversation, require_assistant=True)
-            windows = plan_windows(lm, conv, max_tokens)
+            planned = plan_windows(lm, conv, max_tokens, mode=windows)
         except ConversationError as exc:
             raise MonitorError(f"{t.source or t.name}: {exc}") from None
-        plans.append((t, [i for i, m in enumerate(conv) if m["role"] == "assistant"], windows))
-    rendered = [w.rendered for _, _, windows in plans for w in windows]
+        plans.append((t, [i for i, m in enumerate(conv) if m["role"] == "assistant"], planned))
+    rendered = [w.rendered for _, _, planned in plans for w in planned]
     limit = max(max_tokens or 0, lm.profile.max_context or 0, 8192)
     with apply_interventions(lm, interventions):
         acts = extract_rendered(lm, rendered, layers=layer_list, max_batch_tokens=limit, show_progress=show_progress)
     units = axis.unit()[layer_list]  # [n_req, hidden]
     rows: list[TurnProjection] = []
     k = 0
-    for t, assistant_at, windows in plans:
-        for w_index, window in enumerate(windows):
+    for t, assistant_at, planned in plans:
+        for w_index, window in enumerate(planned):
             proj = (acts[k].means * units).sum(-1)  # [n_turns_in_window, n_req]
             k += 1
             offset = len(window.rendered.spans) - len(window.turns)  # earlier spans in a window are history only

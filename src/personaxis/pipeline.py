@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -24,6 +25,7 @@ from personaxis.settings import Condition, RunSettings, build_conditions, build_
 from personaxis.store import (
     RunDirError,
     RunStore,
+    all_or_nothing,
     atomic_save_tensors,
     atomic_write_json,
     load_tensors,
@@ -110,8 +112,13 @@ class Pipeline:
 
                 check_model_source(None if self.settings.model == "embedded" else self.settings.model,
                                    allow_download=bool(self.placement and self.placement.allow_download))
-        self._change_recipe()
-        self.store.open(self.manifest())
+        self.store.acquire_lock()
+        try:
+            self._change_recipe()
+            self.store.open(self.manifest())
+        except BaseException:
+            self.store.release_lock()
+            raise
         removed = self.store.clean_partials()
         if removed:
             self.log(f"removed {removed} partial file(s) left by an interrupted run")
@@ -213,7 +220,13 @@ class Pipeline:
                           eval_prompt=c.eval_prompt) for r in todo]
 
     def read_rollouts(self, unit: Unit) -> list[dict[str, Any]]:
-        return read_json(self.rollout_path(unit))["rollouts"]
+        path = self.rollout_path(unit)
+        with corrupted_unit(path):
+            rollouts = read_json(path)["rollouts"]
+            for r in rollouts:
+                if not all(isinstance(r.get(k), str) for k in ("id", "question", "answer")):
+                    raise ValueError("a rollout lacks its 'id', 'question' or 'answer' text")
+        return rollouts
 
     def _unscored(self, units: Iterable[Unit]) -> tuple[dict[str, dict[str, Any]], int]:
         """The judged units whose judgment file lacks a score for some non-empty answer, by key with the scores it
@@ -232,11 +245,15 @@ class Pipeline:
 
     # ---------------------------------------------------------------------------------------------- stages
     def run(self, stages: Sequence[str] = STAGES) -> dict[str, int]:
+        unknown = [stage for stage in stages if stage not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown stage {unknown[0]!r}; stages are: {', '.join(STAGES)}")
         self.open()
-        for stage in stages:
-            if stage not in STAGES:
-                raise ValueError(f"unknown stage {stage!r}; stages are: {', '.join(STAGES)}")
-            getattr(self, f"stage_{stage}")()
+        try:
+            for stage in stages:
+                getattr(self, f"stage_{stage}")()
+        finally:
+            self.store.release_lock()
         return self.work_done
 
     def _chunks(self, units: list[Unit], per_chunk: int) -> list[list[Unit]]:
@@ -321,10 +338,14 @@ class Pipeline:
         from safetensors import safe_open
 
         path = self.activation_path(unit)
-        with safe_open(str(path), framework="pt") as handle:
-            ids = json.loads((handle.metadata() or {})["ids"])
-        tensors = load_tensors(path)
-        return ids, tensors["means"].to(torch.float32), tensors["norms"].to(torch.float32)
+        with corrupted_unit(path):
+            with safe_open(str(path), framework="pt") as handle:
+                ids = json.loads((handle.metadata() or {})["ids"])
+            tensors = load_tensors(path)
+            means, norms = tensors["means"].to(torch.float32), tensors["norms"].to(torch.float32)
+            if means.shape[0] != len(ids) or norms.shape[0] != len(ids):
+                raise ValueError(f"{len(ids)} ids but {means.shape[0]} rows")
+        return ids, means, norms
 
     def stage_judge(self) -> None:
         self._require([self.rollout_path(u) for u in self.units], "generate")
@@ -380,7 +401,8 @@ class Pipeline:
         self._require([self.judgment_path(u) for u in self.units if self.is_judged(u.condition)], "judge")
         if (self.store.root / "vectors" / "index.json").is_file():
             return
-        compute_vectors(self)
+        with all_or_nothing():  # a damaged unit found halfway leaves no vector files behind
+            compute_vectors(self)
         self.work_done["vectors"] += 1
 
     def stage_axis(self) -> None:
@@ -398,8 +420,21 @@ class Pipeline:
         if (self.store.root / "summary.json").is_file() and (self.store.root / "report.html").is_file():
             return
         self._require([self.store.root / "axis.safetensors"], "axis")
-        write_space(self)
+        with all_or_nothing():
+            write_space(self)
         self.work_done["space"] += 1
+
+
+@contextmanager
+def corrupted_unit(path: Path) -> Iterator[None]:
+    """Turn any failure to read a unit's file into a ``RunDirError`` that says how to redo the unit."""
+    try:
+        yield
+    except RunDirError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - JSON, safetensors and shape errors all mean "this file is damaged"
+        raise RunDirError(f"{path}: damaged unit file ({type(exc).__name__}: {exc}); delete it and rerun "
+                          "`personaxis run` on the same --out to redo that unit") from None
 
 
 def open_existing(out: str | Path, **kwargs: Any) -> Pipeline:
@@ -408,4 +443,9 @@ def open_existing(out: str | Path, **kwargs: Any) -> Pipeline:
     manifest = store.read_manifest()
     if manifest is None:
         raise RunDirError(f"{out} is not a personaxis run directory (no manifest.json); start one with `personaxis run`")
-    return Pipeline(out, RunSettings.from_manifest(manifest["settings"]), **kwargs)
+    try:
+        settings = RunSettings.from_manifest(manifest["settings"])
+        settings.validate()
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RunDirError(f"{store.manifest_path}: the settings in the manifest are damaged ({exc})") from None
+    return Pipeline(out, settings, **kwargs)

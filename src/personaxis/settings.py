@@ -141,8 +141,11 @@ class RunSettings:
             raise ValueError("the catalogue has 5 system prompts per role and 5 pairs per trait")
         if self.store_dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"store dtype must be float32, float16 or bfloat16, got {self.store_dtype!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        from personaxis.validate import check, check_all
+
+        check_all(temperature=self.temperature, max_new_tokens=self.max_new_tokens, seed=self.seed)
+        check("layer", self.target_layer)
+        check("batch_size", self.extra.get("batch_size"))
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
         if self.vectors not in VECTOR_RECIPES:
@@ -251,9 +254,11 @@ def build_conditions(settings: RunSettings, model_name: str) -> list[Condition]:
                 conditions.append(Condition(f"trait-{trait.name}-{side}", f"trait_{side}", prompts, trait.category,
                                             rubric=trait.rubric or trait.description, trait=trait.name,
                                             eval_prompt=trait.eval_prompt))
-    names = [c.name for c in conditions]
-    if len(set(names)) != len(names):
-        raise ValueError("role names collide with the reserved names 'default' or 'trait-…'")
+    from personaxis.store import check_folder_names, check_role_name
+
+    for role in roles:
+        check_role_name(role.name)
+    check_folder_names([c.name for c in conditions], what="role and condition")
     return conditions
 
 

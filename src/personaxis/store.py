@@ -4,16 +4,25 @@ A file exists only once it is complete (written to a temporary name in the same 
 renamed), so a run killed at any instant leaves finished units intact and no partial file that could be read as
 complete. Resuming skips every unit whose file exists. The manifest pins the settings; resuming with other settings
 is refused.
+
+Role and condition names become folder names through :func:`slug`, which keeps distinct names distinct (plain
+lowercase names as they are, anything else with a short hash of the exact name). A run folder is locked while a
+process writes to it (:meth:`RunStore.lock`): a second writer is refused with the holder's pid and host; the lock of
+a killed process is released by the operating system, so the next run takes it over. Temporary files carry their
+writer's host and pid, and start-up removes only those of writers that are gone.
 """
 
 from __future__ import annotations
 
+import contextvars
 import errno
+import hashlib
 import json
 import os
 import re
+import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,7 +31,14 @@ import torch
 from torch import Tensor
 
 MANIFEST = "manifest.json"
-_SAFE_NAME = re.compile(r"[^a-z0-9_.-]+")
+LOCK = ".personaxis.lock"
+# Names kept as they are (spaces become hyphens): lowercase ASCII words joined by single spaces or hyphens.
+_PLAIN_NAME = re.compile(r"[a-z0-9]+(?:[ -][a-z0-9]+)*")
+_NOT_WORD = re.compile(r"[^a-z0-9]+")
+MAX_FOLDER_NAME = 64  # well under every file system's limit, with room for the unit's suffix
+_HASH_CHARS = 10
+RESERVED_NAMES = ("default",)
+RESERVED_PREFIXES = ("trait-",)
 
 
 class RunDirError(RuntimeError):
@@ -30,11 +46,47 @@ class RunDirError(RuntimeError):
 
 
 def slug(name: str) -> str:
-    """A file-system-safe name for a role or condition."""
-    cleaned = _SAFE_NAME.sub("-", name.strip().lower()).strip("-.")
-    if not cleaned:
-        raise ValueError(f"cannot make a file name from {name!r}")
-    return cleaned
+    """The folder (or file) name of a role or condition; distinct names give distinct folder names.
+
+    Plain names (lowercase ASCII words separated by single spaces or hyphens, at most 64 characters) keep their
+    form with spaces as hyphens: ``"opera singer"`` → ``opera-singer``. Any other name is its lowercase words (cut
+    to fit), ``--`` and a hash of the exact name: ``"Smith"`` → ``smith--<hash>``, so it cannot meet a plain name
+    (which never holds ``--``), another spelling or another case. Only ``"a b"`` and ``"a-b"`` share a folder:
+    :func:`check_folder_names` refuses such a pair.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"cannot make a file name from {name!r}: the name is empty")
+    if _PLAIN_NAME.fullmatch(name) and len(name) <= MAX_FOLDER_NAME:
+        return name.replace(" ", "-")
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_CHARS]
+    words = _NOT_WORD.sub("-", name.lower()).strip("-")[: MAX_FOLDER_NAME - _HASH_CHARS - 2].strip("-")
+    return f"{words or 'name'}--{digest}"
+
+
+def check_folder_names(names: Iterable[str], *, what: str = "role") -> None:
+    """Refuse names whose folders would clash (``"a b"`` and ``"a-b"``, or the same name twice), before anything
+    is written."""
+    seen: dict[str, str] = {}
+    for name in names:
+        folder = slug(name)
+        if folder in seen:
+            other = seen[folder]
+            why = "the same name twice" if other == name else f"{other!r} and {name!r} would share the folder {folder!r}"
+            raise ValueError(f"{what} names clash: {why}; rename one of them")
+        seen[folder] = name
+
+
+def check_role_name(name: str) -> None:
+    """Refuse a role name that is empty, reserved (``default``, ``trait-…``: the run's own conditions, in any case)
+    or holds control characters."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"role name {name!r} is empty")
+    folded = name.strip().casefold()
+    if folded in RESERVED_NAMES or folded.startswith(RESERVED_PREFIXES):
+        raise ValueError(f"role name {name!r} is reserved (the run's own conditions are named "
+                         f"{', '.join(repr(n) for n in RESERVED_NAMES)} and 'trait-…'); rename the role")
+    if any(ord(c) < 32 or 0xD800 <= ord(c) <= 0xDFFF for c in name):
+        raise ValueError(f"role name {name!r} holds control characters or lone surrogates")
 
 
 @contextmanager
@@ -49,21 +101,74 @@ def _io_errors(path: Path) -> Iterator[None]:
         raise
 
 
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+_TMP_OWNER = re.compile(r"\.(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)\.[^.]+\.tmp$")
+# Inside ``all_or_nothing()``: the files written, each with the backup of the file it replaced (or None), and the
+# folders created for them.
+_TRANSACTION: contextvars.ContextVar[tuple[list[tuple[Path, Path | None]], list[Path]] | None] = contextvars.ContextVar(
+    "_TRANSACTION", default=None)
+
+
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.name}.{_HOST}-{os.getpid()}."
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
+    transaction = _TRANSACTION.get()
     with _io_errors(path):
+        if transaction is not None:
+            transaction[1].extend(reversed([d for d in (path.parent, *path.parent.parents) if not d.exists()]))
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
+            if transaction is not None:
+                backup = None
+                if path.is_file():
+                    backup = Path(tempfile.mktemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent))
+                    os.link(path, backup)
+                transaction[0].append((path, backup))
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+
+
+@contextmanager
+def all_or_nothing() -> Iterator[None]:
+    """Files written with :func:`atomic_write_bytes` inside this block are all kept, or — when the block raises —
+    none: new files are removed and replaced files get their old content back."""
+    if _TRANSACTION.get() is not None:  # nested: the outer block decides
+        yield
+        return
+    written: list[tuple[Path, Path | None]] = []
+    created: list[Path] = []
+    token = _TRANSACTION.set((written, created))
+    try:
+        yield
+    except BaseException:
+        for path, backup in reversed(written):
+            if backup is not None:
+                os.replace(backup, path)
+            else:
+                path.unlink(missing_ok=True)
+        for folder in reversed(created):  # deepest first; only folders this block made, and only if empty
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+        raise
+    else:
+        for _, backup in written:
+            if backup is not None:
+                backup.unlink(missing_ok=True)
+    finally:
+        _TRANSACTION.reset(token)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -103,9 +208,70 @@ class RunStore:
         if not self.manifest_path.exists():
             return None
         try:
-            return read_json(self.manifest_path)
-        except json.JSONDecodeError as exc:
-            raise RunDirError(f"{self.manifest_path}: unreadable manifest ({exc.msg})") from None
+            manifest = read_json(self.manifest_path)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            why = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+            raise RunDirError(f"{self.manifest_path}: unreadable manifest ({why})") from None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("settings", {}), dict):
+            raise RunDirError(f"{self.manifest_path}: not a personaxis manifest (expected an object with a 'settings' "
+                              "object); use a new --out directory")
+        return manifest
+
+    # lock -----------------------------------------------------------------------------------------------
+    @property
+    def lock_path(self) -> Path:
+        return self.root / LOCK
+
+    def acquire_lock(self) -> None:
+        """Hold the run folder for this process (released by :meth:`release_lock`, or by the operating system when
+        the process ends). A second writer gets a ``RunDirError`` naming the holder."""
+        if getattr(self, "_lock_fd", None) is not None:
+            return
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no lock
+            self._lock_fd: int | None = None
+            return
+        if self.root.exists() and not self.root.is_dir():
+            raise RunDirError(f"{self.root} exists and is not a directory")
+        with _io_errors(self.root):
+            self.root.mkdir(parents=True, exist_ok=True)
+        while True:
+            with _io_errors(self.lock_path):
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "another process"
+                os.close(fd)
+                raise RunDirError(f"{self.root} is in use by {holder}; wait for it to finish, or use another --out "
+                                  "directory") from None
+            try:  # the holder before us may have removed the file after we opened it: lock the one on disk
+                same = os.fstat(fd).st_ino == os.stat(self.lock_path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}".encode())
+        self._lock_fd = fd
+
+    def release_lock(self) -> None:
+        fd = getattr(self, "_lock_fd", None)
+        if fd is None:
+            return
+        self._lock_fd = None
+        self.lock_path.unlink(missing_ok=True)
+        os.close(fd)
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        self.acquire_lock()
+        try:
+            yield
+        finally:
+            self.release_lock()
 
     def open(self, manifest: dict[str, Any]) -> None:
         """Create the run or check that an existing one was made with the same settings."""
@@ -140,16 +306,32 @@ class RunStore:
         atomic_save_tensors(path, tensors, metadata)
 
     def clean_partials(self) -> int:
-        """Remove temporary files left by a killed writer; return how many."""
+        """Remove temporary files that writers of this host left when they were killed (their pid is gone); keep
+        every other file, including a live writer's file in progress. Return how many were removed."""
         count = 0
         if self.root.exists():
             for tmp in self.root.rglob(".*.tmp"):
+                owner = _TMP_OWNER.search(tmp.name)
+                if owner is None or owner["host"] != _HOST or _alive(int(owner["pid"])):
+                    continue
                 try:
                     tmp.unlink()
                     count += 1
                 except OSError:
                     pass
         return count
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process has no write in progress while it starts up
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def stack_or_empty(rows: list[Tensor], shape: tuple[int, ...]) -> Tensor:

@@ -22,16 +22,26 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from personaxis.store import RunDirError
 
     return (AxisError, ConversationError, CatalogueError, VectorError, ModelLoadError, RunDirError, ValueError,
-            IndexError, FileNotFoundError, PermissionError, JudgeRequestError)
+            IndexError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError,
+            JudgeRequestError)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 2000 else text[:1999] + "…"
 
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn known input errors into ``error: …`` on stderr and exit code 2."""
+    """Turn known input errors into one ``error: …`` line on stderr and exit code 2."""
     try:
         yield
+    except RecursionError:
+        typer.echo("error: the input is nested too deeply to read (a JSON file or value nested thousands of levels)",
+                   err=True)
+        raise typer.Exit(2) from None
     except _user_errors() as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {_one_line(exc)}", err=True)
         raise typer.Exit(2) from None
 
 

@@ -97,15 +97,22 @@ def register(app: typer.Typer) -> None:
         Example: `personaxis calibrate --run runs/quick --reference-out runs/quick/capping.pt`, then `personaxis chat --cap layers_22:26-p0.25`.
         """
         from personaxis.capping import calibrate as run_calibration
+        from personaxis.store import all_or_nothing
+        from personaxis.validate import check, output_file
 
         with user_errors():
+            output_file(out, "--out")
+            output_file(reference_out, "--reference-out")
+            for value in _floats(percentiles):
+                check("percentile", value, option="--percentiles")
             config = run_calibration(run, axis, _floats(percentiles), _bands(bands))
-            target = config.save(out or run / "capping.safetensors")
-            written = [target]
-            if reference_out is not None:
-                from personaxis.interop import save_reference_capping
+            with all_or_nothing():  # both files, or neither
+                target = config.save(out or run / "capping.safetensors")
+                written = [target]
+                if reference_out is not None:
+                    from personaxis.interop import save_reference_capping
 
-                written.append(save_reference_capping(config, reference_out))
+                    written.append(save_reference_capping(config, reference_out))
         _print_thresholds(config)
         typer.echo(f"\n{len(config.experiment_ids)} experiments over {config.metadata['n_rollouts']} rollouts, e.g. "
                    f"{', '.join(config.experiment_ids[:3])}")
@@ -131,8 +138,11 @@ def register(app: typer.Typer) -> None:
         Examples: `personaxis export --axis runs/quick/axis.safetensors --format gguf --layers 12:18 --scale 0.3 --out toward.gguf`; `personaxis export --axis runs/quick/axis.safetensors --format reference --out assistant_axis.pt`.
         """
         from personaxis.axis import Axis
+        from personaxis.validate import check_all, output_file
 
         with user_errors():
+            check_all(scale=scale, layer=layer)
+            output_file(out, "--out")
             loaded = Axis.load(axis)
             if fmt == "reference":
                 if layer is not None or layers is not None:
@@ -173,10 +183,17 @@ def register(app: typer.Typer) -> None:
         Examples: `personaxis import --from qwen-3-32b/assistant_axis.pt --kind axis --out axis.safetensors`; `personaxis import --from qwen-3-32b/capping_config.pt --kind capping --out capping.safetensors`; `personaxis import --from qwen-3-32b/role_vectors --kind vectors --out vectors/`.
         """
         from personaxis import interop
+        from personaxis.store import all_or_nothing
+        from personaxis.validate import output_file, output_folder, output_suffix
 
         with user_errors():
             if measure_norms and kind != "axis":
                 raise ValueError("--measure-norms applies to --kind axis")
+            if kind in ("axis", "capping") or (kind == "vectors" and not source.is_dir()):
+                output_file(out, "--out")
+                output_suffix(out, (".safetensors",), "--out")
+            elif kind == "vectors":
+                output_folder(out, "--out")
             if kind == "axis":
                 loaded = interop.load_reference_axis(source, model=model)
                 if measure_norms:
@@ -194,9 +211,10 @@ def register(app: typer.Typer) -> None:
                 files = sorted(source.glob("*.pt")) if source.is_dir() else [source]
                 if not files:
                     raise FileNotFoundError(f"{source}: no .pt files")
-                for file in files:
-                    target = out / f"{file.stem}.safetensors" if source.is_dir() else out
-                    interop.import_vectors(file, target)
+                with all_or_nothing():  # every file of the folder, or none
+                    for file in files:
+                        target = out / f"{file.stem}.safetensors" if source.is_dir() else out
+                        interop.import_vectors(file, target)
                 typer.echo(f"wrote {len(files)} vector file(s) to {out}")
             elif kind == "reference-run":
                 from personaxis.reference_run import import_reference_run

@@ -29,7 +29,7 @@ def _settings(preset: str, model: str, roles: int | None, role: list[str] | None
     from personaxis.backends import backend_extra
     from personaxis.settings import RunSettings
 
-    extra = {"batch_size": batch_size} if batch_size else {}
+    extra = {"batch_size": batch_size} if batch_size is not None else {}
     extra.update(backend_extra(backend))
     return RunSettings.from_preset(
         preset, model=model, n_roles=roles, role_names=tuple(role) if role else None, prompts_per_role=prompts,

@@ -54,6 +54,8 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: int = typer.Option(512, "--max-new-tokens", help="Longest answer a request may ask for."),
         max_upload_mb: float = typer.Option(2.0, "--max-upload-mb", help="Largest request body (transcript upload)."),
         placement: ModelPlacement = DEFAULT_PLACEMENT,
+        max_request_tokens: int = typer.Option(32_768, "--max-request-tokens", help="Tokens one request may make the "
+                                               "model read and write (longer requests get 413)."),
     ) -> None:
         """Start the web app: chat with a live drift chart, capping switch and steering slider; the persona space;
         transcripts side by side; an OpenAI-compatible endpoint at /v1/chat/completions. API reference at /docs.
@@ -67,6 +69,10 @@ def register(app: typer.Typer) -> None:
         from personaxis.web.limits import Limits
 
         with user_errors():
+            from personaxis.validate import check, check_all
+
+            check_all(port=port, alpha=alpha, max_new_tokens=max_new_tokens, max_upload_mb=max_upload_mb, layer=layer)
+            check("max_tokens", max_request_tokens, option="--max-request-tokens")
             axis_path = axis or run / "axis.safetensors"
             if not axis_path.is_file():
                 raise FileNotFoundError(f"no axis at {axis_path}: run `personaxis run --out {run}` first, or give --axis")
@@ -75,11 +81,10 @@ def register(app: typer.Typer) -> None:
             config = load_capping(capping_path)
             if cap is not None and config is None:
                 raise ValueError(f"--cap {cap}: no capping config (run `personaxis calibrate --run {run}` or give --capping)")
-            if max_new_tokens < 1 or max_upload_mb <= 0:
-                raise ValueError("--max-new-tokens and --max-upload-mb must be positive")
             echo_err(f"loading model {model}…")
             lm = placement.load(None if model == "embedded" else model, target_layer=loaded_axis.target_layer)
-            limits = Limits(max_body_bytes=int(max_upload_mb * 1024 * 1024), max_new_tokens=max_new_tokens)
+            limits = Limits(max_body_bytes=int(max_upload_mb * 1024 * 1024), max_new_tokens=max_new_tokens,
+                            max_request_tokens=max_request_tokens)
             allowed = [*LOOPBACK, "[::1]"] if host in LOOPBACK else None
             web = create_app(lm, loaded_axis, config, run if run.is_dir() else None, transcripts_dir=transcripts,
                              layer=layer, default_cap=cap, default_alpha=alpha, raw_alpha=raw, limits=limits, allowed_hosts=allowed)

@@ -121,7 +121,10 @@ def _steer(prompts: list[str], axis_path: Path, layers: list[int] | None, alpha:
 
     from personaxis.generation import SamplingConfig
     from personaxis.steering import describe, resolve_layers, steer
+    from personaxis.validate import check_all, output_file
 
+    check_all(alpha=alpha, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+    output_file(json_out, "--json")
     setup = _setup(axis_path, model, placement)
     config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=16)
     label = describe(setup.axis, layers, alpha, raw=raw)
@@ -146,18 +149,24 @@ def _steer(prompts: list[str], axis_path: Path, layers: list[int] | None, alpha:
 
 # ------------------------------------------------------------------------------------------------ monitor
 def _monitor(paths: list[Path], axis_path: Path, layers: list[int] | None, all_layers: bool, capping: Path | None,
-             out: Path, model: str | None, max_tokens: int | None, placement: ModelPlacement) -> None:
+             out: Path, model: str | None, max_tokens: int | None, placement: ModelPlacement, windows: str = "chunked") -> None:
     from rich.table import Table
 
     from personaxis.monitor import load_transcripts, monitor_transcripts, plot_trajectories, write_table
+    from personaxis.validate import check, output_folder
 
     if layers and all_layers:
         raise ValueError("give --layer or --all-layers, not both")
+    check("max_tokens", max_tokens)
+    if windows not in ("chunked", "longest"):
+        raise ValueError(f"--windows {windows!r}: choose chunked or longest")
+    output_folder(out, "--out")
     transcripts = load_transcripts(paths)  # fail on bad input before loading the model
     setup = _setup(axis_path, model, placement)
     axis = setup.axis
     requested: Any = "all" if all_layers else (layers or None)
-    rows = monitor_transcripts(setup.lm, axis, transcripts, layers=requested, max_tokens=max_tokens, show_progress=True)
+    rows = monitor_transcripts(setup.lm, axis, transcripts, layers=requested, max_tokens=max_tokens, show_progress=True,
+                               windows=windows)  # type: ignore[arg-type]
     plotted = layers[0] if layers and len(layers) == 1 else axis.target_layer
     assert plotted is not None
     if plotted not in rows[0].projections:
@@ -169,7 +178,7 @@ def _monitor(paths: list[Path], axis_path: Path, layers: list[int] | None, all_l
     info = {
         "axis": str(axis_path), "model": setup.lm.profile.name, "target_layer": axis.target_layer,
         "layers": list(rows[0].projections), "plotted_layer": plotted, "floor": floor,
-        "context": max_tokens or setup.lm.profile.max_context,
+        "context": max_tokens or setup.lm.profile.max_context, "windows": windows,
         "transcripts": [{"name": t.name, "source": t.source, **t.meta} for t in transcripts],
     }
     json_path, csv_path = write_table(rows, out, info)
@@ -198,7 +207,9 @@ def _chat(axis_path: Path, model: str | None, layer: int | None, cap: str | None
     from personaxis.generation import SamplingConfig, generate
     from personaxis.interventions import merge_interventions
     from personaxis.monitor import monitor_conversation
+    from personaxis.validate import check_all
 
+    check_all(alpha=alpha, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
     setup = _setup(axis_path, model, placement)
     lm, axis = setup.lm, setup.axis
     monitored = layer if layer is not None else axis.target_layer
@@ -331,6 +342,10 @@ def register(app: typer.Typer) -> None:
         max_tokens: int | None = typer.Option(None, "--max-tokens", help="Context to fit each pass in (default: the "
                                               "model's)."),
         placement: ModelPlacement = DEFAULT_PLACEMENT,
+        windows: str = typer.Option("chunked", "--windows", help="Conversations longer than the context: 'chunked' "
+                                    "(each turn keeps at least half a context of history; cost proportional to the "
+                                    "transcript) or 'longest' (every turn its longest history; up to a context of "
+                                    "re-read history per turn)."),
     ) -> None:
         """Persona drift: project every assistant turn of each transcript onto the axis, in one pass per transcript.
 
@@ -341,7 +356,7 @@ def register(app: typer.Typer) -> None:
         and drift/trajectory.png.
         """
         with user_errors():
-            _monitor(transcripts, axis, layer, all_layers, capping, out, model, max_tokens, placement)
+            _monitor(transcripts, axis, layer, all_layers, capping, out, model, max_tokens, placement, windows)
 
     @app.command()
     @model_options

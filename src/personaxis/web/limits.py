@@ -1,5 +1,7 @@
 """Request limits: body size (enforced on the raw stream, before any parsing), message count and length, answer
-length, and the number of transcripts per request."""
+length, the number of transcripts per request, and a token budget per request (every route that runs the model
+counts the tokens it would read and write, and refuses the request with 413 past the budget, before it waits for
+the model)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Any
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from personaxis.validate import lone_surrogate
 from personaxis.web.errors import ApiError, error_body
 
 
@@ -21,6 +24,9 @@ class Limits:
     max_messages: int = 200  # messages in one conversation or transcript
     max_new_tokens: int = 512  # longest answer a request may ask for
     max_transcripts: int = 12  # transcripts projected in one request
+    # Tokens one request may make the model read (conversation, transcripts) plus write (the answer): a few
+    # seconds of the model on 2 cores for the embedded model, so one request cannot hold the model for minutes.
+    max_request_tokens: int = 32_768
 
     def check_messages(self, messages: Sequence[Any], *, param: str = "messages") -> None:
         """Refuse conversations that are too long before any tokenisation (422 with the offending message)."""
@@ -28,12 +34,49 @@ class Limits:
             raise ApiError(422, f"{param}: {len(messages)} messages, more than the limit of {self.max_messages}", param=param)
         for i, message in enumerate(messages):
             content = message.get("content") if isinstance(message, dict) else None
+            at = lone_surrogate(content) if isinstance(content, str) else None
+            if at is not None:
+                raise ApiError(422, f"{param}.{i}.content: a lone surrogate (\\u{ord(content[at]):04x}) at character "
+                                    f"{at} is not text; send valid Unicode", param=f"{param}.{i}.content")
             if isinstance(content, str) and len(content) > self.max_message_chars:
                 raise ApiError(
                     422,
                     f"{param}.{i}.content: {len(content)} characters, more than the limit of {self.max_message_chars}",
                     param=f"{param}.{i}.content",
                 )
+
+    @staticmethod
+    def check_text(value: Any, *, param: str) -> None:
+        """Refuse (422) any string inside ``value`` (lists and objects walked without recursion) that holds a lone
+        surrogate: it cannot be tokenised, nor sent back as JSON."""
+        stack: list[tuple[Any, str]] = [(value, param)]
+        while stack:
+            item, where = stack.pop()
+            if isinstance(item, str):
+                at = lone_surrogate(item)
+                if at is not None:
+                    raise ApiError(422, f"{where}: a lone surrogate (\\u{ord(item[at]):04x}) at character {at} is not "
+                                        "text; send valid Unicode", param=where)
+            elif isinstance(item, dict):
+                stack.extend((v, f"{where}.{k}") for k, v in item.items())
+                stack.extend((k, f"{where}.{k!r}") for k in item if isinstance(k, str))
+            elif isinstance(item, list):
+                stack.extend((v, f"{where}.{i}") for i, v in enumerate(item))
+
+    def check_token_budget(self, tokenizer: Any, conversations: Sequence[Sequence[Any]], *, new_tokens: int = 0,
+                           param: str = "messages") -> int:
+        """Count the tokens of every message's content (plus a few per message for the chat template) and
+        ``new_tokens``; refuse with 413 past ``max_request_tokens``. Returns the count."""
+        texts = [m["content"] for conv in conversations for m in conv
+                 if isinstance(m, dict) and isinstance(m.get("content"), str) and m["content"]]
+        total = new_tokens + 8 * sum(len(conv) for conv in conversations)
+        if texts:
+            total += sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+        if total > self.max_request_tokens:
+            raise ApiError(413, f"{param}: this request needs about {total} tokens, more than this server's budget of "
+                                f"{self.max_request_tokens} tokens per request (serve --max-request-tokens); send "
+                                "shorter or fewer conversations", param=param)
+        return total
 
     def check_new_tokens(self, n: int, *, param: str = "max_tokens") -> int:
         if n < 1:

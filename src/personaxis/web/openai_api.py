@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from personaxis.validate import field
 from personaxis.web.engine import Answer, StreamError, Treatment
 from personaxis.web.errors import ApiError
 from personaxis.web.schemas import ERROR_RESPONSES
@@ -39,7 +40,7 @@ class OpenAIMessage(BaseModel):
 
 class PersonaxisOptions(BaseModel):
     cap: str | None = Field(None, description="Capping experiment id, or null for none (omitted: the server default).")
-    alpha: float | None = Field(None, description="Steering coefficient (omitted: the server default).")
+    alpha: float | None = field("alpha", None, description="Steering coefficient (omitted: the server default).")
 
 
 class ChatCompletionRequest(BaseModel):
@@ -51,13 +52,13 @@ class ChatCompletionRequest(BaseModel):
     messages: list[OpenAIMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0, description="Default 0 (greedy).")
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    temperature: float | None = field("temperature", None, le=2.0, description="Default 0 (greedy).")
+    top_p: float | None = field("top_p", None)
     n: int | None = Field(None, ge=1, description="Only 1 is supported.")
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = field("seed", None)
     personaxis: PersonaxisOptions | None = None
 
 
@@ -186,6 +187,7 @@ async def chat_completions(body: ChatCompletionRequest, state: WebState = Depend
     settings = _settings(body, state)
     treatment = _treatment(body, state)
     service = state.service
+    state.limits.check_token_budget(service.lm.tokenizer, [messages], new_tokens=settings.max_new_tokens)
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if not body.stream:

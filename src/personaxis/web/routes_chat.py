@@ -76,6 +76,7 @@ def info(state: WebState = Depends(get_state)) -> dict[str, Any]:
 async def chat(body: schemas.ChatRequest, state: WebState = Depends(get_state)) -> dict[str, Any]:
     messages = _messages(body, state)
     settings = _settings(body, state)
+    state.limits.check_token_budget(state.service.lm.tokenizer, [messages], new_tokens=settings.max_new_tokens)
     treatment = state.service.treatment(body.cap, body.alpha)
     answer = await state.service.answer(messages, treatment, settings)
     return _chat_response(answer, state, body.cap, treatment.alpha)
@@ -89,6 +90,7 @@ async def chat_stream(body: schemas.ChatRequest, state: WebState = Depends(get_s
     messages = _messages(body, state)
     settings = _settings(body, state)
     service = state.service
+    state.limits.check_token_budget(service.lm.tokenizer, [messages], new_tokens=settings.max_new_tokens)
     treatment = service.treatment(body.cap, body.alpha)
     prepared = await service.prepare(messages, settings.max_new_tokens)
 
@@ -114,6 +116,7 @@ async def chat_stream(body: schemas.ChatRequest, state: WebState = Depends(get_s
 async def project(body: schemas.ProjectRequest, state: WebState = Depends(get_state)) -> dict[str, Any]:
     messages = _messages(body, state)
     service = state.service
+    state.limits.check_token_budget(service.lm.tokenizer, [messages])
     treatment = service.treatment(body.cap, body.alpha)
     from personaxis.chat import ConversationError, validate_conversation
 

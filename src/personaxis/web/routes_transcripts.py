@@ -56,6 +56,7 @@ async def project_transcripts(body: schemas.TranscriptProjectRequest, state: Web
     parsed = []
     for i, upload in enumerate(body.transcripts):
         data = upload.data
+        limits.check_text(data, param=f"transcripts.{i}.data")
         conversation = data.get("conversation") if isinstance(data, dict) else data
         if isinstance(conversation, list):
             limits.check_messages(conversation, param=f"transcripts.{i}.conversation")
@@ -63,6 +64,7 @@ async def project_transcripts(body: schemas.TranscriptProjectRequest, state: Web
             parsed.append(transcript_from_data(data, name=upload.name))
         except MonitorError as exc:
             raise ApiError(422, f"malformed transcript: {exc}", param=f"transcripts.{i}") from None
+    limits.check_token_budget(service.lm.tokenizer, [t.conversation for t in parsed], param="transcripts")
     try:
         rows = await service.call(service.project_many_locked, [t.conversation for t in parsed], treatment)
     except ValueError as exc:

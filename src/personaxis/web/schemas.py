@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from personaxis.validate import field
+
 
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
@@ -14,7 +16,8 @@ class Message(BaseModel):
 
 class Treatment(BaseModel):
     cap: str | None = Field(None, description="Capping experiment id (see /api/info), or null for no capping.")
-    alpha: float = Field(0.0, description="Steering coefficient in units of the layer's mean residual norm (0: none).")
+    alpha: float = field("alpha", 0.0, description="Steering coefficient in units of the layer's mean residual norm "
+                         "(0: none).")
 
 
 class ChatRequest(Treatment):
@@ -22,11 +25,11 @@ class ChatRequest(Treatment):
         "messages": [{"role": "user", "content": "Who are you?"}], "cap": None, "alpha": 0.0, "max_tokens": 64}})
 
     messages: list[Message] = Field(min_length=1, description="The conversation so far, ending with a user message.")
-    max_tokens: int | None = Field(None, ge=1, description="Longest answer, in tokens (default 128, or the server's "
-                                   "upper limit when lower).")
-    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(0, description="Seed for sampled answers.")
+    max_tokens: int | None = field("max_new_tokens", None, description="Longest answer, in tokens (default 128, or "
+                                   "the server's upper limit when lower).")
+    temperature: float = field("temperature", 0.0, le=2.0, description="0 = greedy.")
+    top_p: float = field("top_p", 1.0)
+    seed: int | None = field("seed", 0, description="Seed for sampled answers.")
 
 
 class ChatResponse(BaseModel):
@@ -75,6 +78,7 @@ class LimitsInfo(BaseModel):
     max_messages: int
     max_new_tokens: int
     max_transcripts: int
+    max_request_tokens: int
 
 
 class InfoResponse(BaseModel):
