@@ -140,7 +140,7 @@ def test_two_hundred_requests_from_fifty_clients(server):
         assert snapshot["cancelled"] >= 1  # clients that left mid-stream freed their rows
         # every greedy answer is the one the same request gets when served alone
         alone: dict[str, str] = {}
-        for i, kind, status, text in results:
+        for i, kind, _status, text in results:
             if text is None:
                 continue
             body = _request(i)
