@@ -1,4 +1,5 @@
-"""personaxis speed benchmark: the machine's limits, generation, extraction, interventions, monitoring, quick preset.
+"""personaxis speed benchmark: the machine's limits, generation, extraction, interventions, monitoring, serving,
+quick preset.
 
     python benchmarks/run.py                      # everything, on the embedded model (a few minutes on 2 cores)
     python benchmarks/run.py --quick --skip-quick # small sizes, a smoke run
@@ -37,7 +38,7 @@ MEASURE_RSS = (
     "import resource, subprocess, sys; code = subprocess.call(sys.argv[2:]); "
     "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); sys.exit(code)"
 )
-SECTIONS = ("limits", "gen", "extract", "interventions", "monitor", "quick")
+SECTIONS = ("limits", "gen", "extract", "interventions", "monitor", "serve", "quick")
 HERE = Path(__file__).resolve().parent
 
 QUESTIONS = [
@@ -566,6 +567,55 @@ class Bench:
         self.section(f"Monitoring a {turns}-turn conversation (layer {layer[0]})", rows_table(["way", "time"], rows),
                      [f"Per-turn means agree within {diff:.1e}."] + self.busy_note(before, after))
 
+    def serve(self) -> None:
+        """Concurrent streaming clients against the server, batched and one request at a time (``max_batch=1``)."""
+        args = self.args
+        try:
+            import asyncio
+
+            import fastapi  # noqa: F401
+            import httpx  # noqa: F401
+            import uvicorn  # noqa: F401
+        except ImportError as exc:
+            self.results["serving"] = {"skipped": f"{exc}"}
+            self.section("Serving", f"skipped: {exc} (install the web extra)")
+            return
+        sys.path.insert(0, str(HERE))
+        import serving
+
+        counts = args.serve_clients
+        before = load()
+        out = asyncio.run(serving.compare(counts, model=args.model, device=args.device, threads=args.threads,
+                                          max_tokens=args.serve_tokens, requests_per_client=1,
+                                          max_batch=max(counts)))
+        after = load()
+        old, new = out["one_at_a_time"], out["batched"]
+        single_tpot = new[0]["tpot_p50_s"]
+        rows = []
+        for a, b in zip(old, new, strict=True):
+            rows.append([b["clients"], f"{a['tokens_per_s']:.0f}", f"{b['tokens_per_s']:.0f}",
+                         f"{b['tokens_per_s'] / a['tokens_per_s']:.1f}×",
+                         f"{a['ttft_p50_s'] * 1e3:.0f} / {a['ttft_p95_s'] * 1e3:.0f}",
+                         f"{b['ttft_p50_s'] * 1e3:.0f} / {b['ttft_p95_s'] * 1e3:.0f}",
+                         f"{a['tpot_p50_s'] * 1e3:.0f} / {a['tpot_p95_s'] * 1e3:.0f}",
+                         f"{b['tpot_p50_s'] * 1e3:.0f} / {b['tpot_p95_s'] * 1e3:.0f}"])
+        self.results["serving"] = {"max_tokens": args.serve_tokens, "one_at_a_time": old, "batched": new,
+                                   "load_average": [round(before, 2), round(after, 2)]}
+        notes = [f"Each client streams one answer of at most {args.serve_tokens} tokens (greedy, `/v1/chat/"
+                 "completions`); both servers run the same app in their own process, one with `max_batch=1` (one "
+                 "request at a time, the server before batching) and one batching up to "
+                 f"{max(counts)} rows; the client counts alternate between them. TTFT: time to the first token; "
+                 "TPOT: time per output token after the first, per request."]
+        for a, b in zip(old, new, strict=True):
+            if b["clients"] == 32:
+                notes.append(f"At 32 clients: {b['tokens_per_s'] / a['tokens_per_s']:.1f}× the one-at-a-time "
+                             f"throughput (target 8×); TPOT p50 {b['tpot_p50_s'] / single_tpot:.1f}× the "
+                             "single-client figure (target at most 2×).")
+        self.section("Serving: concurrent streaming clients", rows_table(
+            ["clients", "tokens/s, one at a time", "tokens/s, batched", "speed-up", "TTFT p50/p95 ms, one at a time",
+             "TTFT p50/p95 ms, batched", "TPOT p50/p95 ms, one at a time", "TPOT p50/p95 ms, batched"], rows),
+            notes + self.busy_note(before, after))
+
     def quick(self) -> None:
         args = self.args
         cli = Path(sys.executable).parent / "personaxis"
@@ -630,6 +680,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--extract-words", type=int, default=None, help="answer length in words, +0..30 (default 60)")
     p.add_argument("--intervention-batch", type=int, default=None, help="batch for the intervention runs (default 64)")
     p.add_argument("--monitor-turns", type=int, default=15)
+    p.add_argument("--serve-clients", default=None, help="concurrent streaming clients (default 1,8,32,64)")
+    p.add_argument("--serve-tokens", type=int, default=None, help="max new tokens per served answer (default 64)")
     p.add_argument("--repeats", type=int, default=None, help="runs per measurement, best kept (default 3)")
     p.add_argument("--quick-timeout", type=float, default=1800.0, help="seconds before the quick preset is stopped")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -641,11 +693,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                 "min_prompts": 2 if small else 4, "natural_prompts": 8 if small else 128,
                 "natural_max_new": 16 if small else 128, "extract_n": 16 if small else 256,
                 "extract_words": 20 if small else 60, "intervention_batch": 4 if small else 64,
-                "repeats": 1 if small else 3}
+                "repeats": 1 if small else 3, "serve_clients": "1,4" if small else "1,8,32,64",
+                "serve_tokens": 8 if small else 64}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.batches = [int(b) for b in str(args.batches).split(",") if b.strip()]
+    args.serve_clients = [int(c) for c in str(args.serve_clients).split(",") if c.strip()]
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
