@@ -280,3 +280,19 @@ def test_rows_per_step_use_one_forward(service, tiny_llama):
     tokens = sum(e.new_tokens for e in ends)
     assert service.batcher.counters.steps <= max(e.new_tokens for e in ends) + 1 < tokens
     assert torch.is_grad_enabled()  # the scheduler's inference mode does not leak into the caller
+
+
+def test_guard_eval_runs_three_conditions_in_one_batch(tiny_llama, axis, capping):  # noqa: F811
+    from personaxis.evals.guard import GuardEvalSettings, guard_metrics, label_and_score, markdown_table, run_guard_eval
+
+    settings = GuardEvalSettings(EXPERIMENT, n_jailbreaks=2, n_arithmetic=1, n_instructions=1, max_new_tokens=6,
+                                 window=2)
+    records, guard = run_guard_eval(tiny_llama, axis, capping, settings)
+    assert guard["threshold"] == pytest.approx(HIGH_FLOOR) and guard["window"] == 2
+    metrics = guard_metrics(label_and_score(records))
+    assert [r["condition"] for r in records].count("guard") == 4
+    assert metrics["none"]["capped_share_jailbreak"] == 0 and metrics["always"]["capped_share_jailbreak"] == 1
+    # the tiny model's projections are all below the high floor: guard mode caps every answer after 2 tokens
+    guard_rows = [r for r in records if r["condition"] == "guard" and r["new_tokens"] > 2]
+    assert all(r["switches"][0]["capping"] and r["capped_tokens"] == r["new_tokens"] - 2 for r in guard_rows)
+    assert "guard mode" in markdown_table(metrics)
