@@ -47,7 +47,7 @@ class Collector:
 
 
 def _job(service: ModelService, messages, treatment, max_new: int = 10, **kw) -> tuple[Job, Collector]:
-    _, prompt = service._prompt(messages, max_new)
+    prompt = service._prompt(messages, max_new).prompt
     out = Collector()
     return Job(prompt, StreamSettings(max_new_tokens=max_new, **kw), treatment.interventions, out,
                guard=treatment.guard), out
@@ -112,7 +112,7 @@ def test_running_projection_is_the_mean_of_the_same_pass_readings(service):
     # the same readings as the one-row streaming loop, which feeds each token once
     from personaxis.web.stream import StreamEnd, stream_answer
 
-    _, prompt = service._prompt(PROMPTS[1], 8)
+    prompt = service._prompt(PROMPTS[1], 8).prompt
     single = list(stream_answer(service.lm, prompt, StreamSettings(max_new_tokens=8), stop_ids=service.stop_ids,
                                 layer=service.layer, unit=service.axis.unit(service.layer)))
     reference = [s for s in single if isinstance(s, TokenStep)]
@@ -296,3 +296,21 @@ def test_guard_eval_runs_three_conditions_in_one_batch(tiny_llama, axis, capping
     guard_rows = [r for r in records if r["condition"] == "guard" and r["new_tokens"] > 2]
     assert all(r["switches"][0]["capping"] and r["capped_tokens"] == r["new_tokens"] - 2 for r in guard_rows)
     assert "guard mode" in markdown_table(metrics)
+
+
+def test_per_turn_projections_come_from_the_serving_passes(service):
+    from test_web_api import FIXED
+
+    messages = [*FIXED, {"role": "user", "content": "Why?"}]
+    prepared = service._prompt(messages, 8)
+    treatment = service.treatment(EXPERIMENT, 0.0)
+    job = Job(prepared.prompt, StreamSettings(max_new_tokens=8), treatment.interventions, Collector())
+    service.batcher.submit(job)
+    end = job.emit.end
+    from personaxis.web.engine import per_turn
+
+    served = per_turn(prepared, end)
+    checked = service.teacher_forced_projections(prepared.conversation, end.text, treatment)
+    assert len(served) == len(checked) == 3
+    assert served[:2] == pytest.approx(checked[:2], abs=1e-4)  # earlier turns: the prefill's readings
+    assert served[2] == end.projection  # the answer: the running mean of its own tokens

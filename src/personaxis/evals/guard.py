@@ -66,7 +66,7 @@ def run_guard_eval(lm: Any, axis: Any, capping: Any, settings: GuardEvalSettings
         for condition in CONDITIONS:
             treatment = service.treatment(_cap(condition, settings.experiment), 0.0)
             for case in cases:
-                _, prompt = service._prompt(case["conversation"], settings.max_new_tokens)
+                prompt = service._prompt(case["conversation"], settings.max_new_tokens).prompt
                 record = {k: v for k, v in case.items() if k != "conversation"}
                 record.update(condition=condition, key=f"{condition}|{case['kind']}|{case['id']}", switches=[])
                 records.append(record)

@@ -84,6 +84,7 @@ class RowEnd:
     projection: float | None  # running mean over the answer's tokens, from the passes that fed them
     capped_tokens: int  # tokens fed while a cap acted on the row
     switches: int  # guard switches
+    prompt_projections: list[float] = field(default_factory=list)  # every prompt position, from the prefill pass
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,7 @@ class _Row:
         # The random stream of `stream_answer` and of the first answer of `generate` with this seed.
         self.generator = answer_generator(int(seed), 0) if seed is not None else None
         self.projections: list[float] = []
+        self.prompt_projections: list[float] = []
         self.pending = 0  # the token the next step feeds
         self.delta = ""  # text that became final with the pending token
         self.capped = job.guard is None and bool(job.interventions) and _has_cap(job.interventions)
@@ -337,12 +339,13 @@ class Batcher:
         return cache
 
     def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, cache: Any, rows: list[_Row],
-                 read: bool) -> tuple[Tensor, Tensor | None]:
+                 read: bool = True) -> tuple[Tensor, Tensor | None]:
+        """Logits of the last position, and the projection of every position at the monitored layer."""
         self.table.set_rows([r.interventions() for r in rows])
         seen: dict[str, Tensor] = {}
 
         def reader(hidden: Tensor, _mask: Tensor | None) -> None:
-            seen["projection"] = hidden[:, -1].to(torch.float32) @ self.unit
+            seen["projection"] = hidden.to(torch.float32) @ self.unit
 
         kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
                                   self.cache_kw: cache, "use_cache": True}
@@ -359,7 +362,11 @@ class Batcher:
         live_remaining = max((r.remaining for r in self._rows if not r.done), default=0)
         reserve = max(live_remaining, *(j.settings.max_new_tokens for j in jobs)) + 1
         cache = self._new_cache(reserve)
-        logits, _ = self._forward(ids, mask, positions, cache, rows, read=False)
+        logits, projection = self._forward(ids, mask, positions, cache, rows)
+        assert projection is not None
+        width = projection.shape[1]
+        for row, values in zip(rows, projection.tolist(), strict=True):
+            row.prompt_projections = values[width - len(row.job.prompt):]
         if self._cache is None or not self._rows:
             self._rows, self._cache, self._mask = rows, cache, mask
         else:
@@ -414,9 +421,9 @@ class Batcher:
         positions = (self._mask.sum(dim=1, keepdim=True) - 1).clamp(min=0)
         tokens = torch.tensor([[r.pending] for r in rows], dtype=torch.long, device=self.lm.device)
         capped = [r.capped or r.guard_on for r in rows]
-        logits, projection = self._forward(tokens, self._mask, positions, self._cache, rows, read=True)
+        logits, projection = self._forward(tokens, self._mask, positions, self._cache, rows)
         assert projection is not None
-        values = projection.tolist()
+        values = projection[:, -1].tolist()
         self.counters.steps += 1
         now = time.monotonic()
         going: list[int] = []
@@ -489,7 +496,7 @@ class Batcher:
             row.job.emit(TokenStep(tail, len(row.tracker.ids), row.running()))
         self.counters.completed += 1
         row.job.emit(RowEnd(row.tracker.text, len(row.tracker.ids), stopped, row.running(), row.capped_tokens,
-                            row.switches))
+                            row.switches, row.prompt_projections))
 
     def _kv_bytes(self) -> int:
         if self._cache is None:

@@ -11,13 +11,19 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from starlette.concurrency import run_in_threadpool
 
 from personaxis.axis import Axis, AxisError
-from personaxis.chat import Conversation, ConversationError, render_prompt, validate_conversation
+from personaxis.chat import (
+    Conversation,
+    ConversationError,
+    normalize_conversation,
+    render_chat,
+    validate_conversation,
+)
 from personaxis.generation import stop_token_ids
 from personaxis.interventions import CeilingCap, FloorCap, Operator, VectorError, merge_interventions
 from personaxis.models import LoadedModel
@@ -51,6 +57,26 @@ class Treatment:
 
     def describe(self) -> dict[str, Any]:
         return {"cap": self.cap, "alpha": self.alpha}
+
+
+class Prepared(NamedTuple):
+    """A validated request: the conversation (``None`` for a plain-text prompt), its prompt token ids, and the
+    ``[start, end)`` token positions of its earlier assistant turns in the prompt (``None``: no per-turn values)."""
+
+    conversation: Conversation | None
+    prompt: list[int]
+    spans: list[tuple[int, int]] | None
+
+
+def per_turn(prepared: Prepared, end: RowEnd) -> list[float | None]:
+    """Per-turn projections from the passes that served the request: earlier turns from the prefill, the new answer
+    its running mean (``None`` when empty)."""
+    if prepared.spans is None:
+        return []
+    values = end.prompt_projections
+    earlier: list[float | None] = [sum(values[a:b]) / (b - a) if b > a and b <= len(values) else None
+                                   for a, b in prepared.spans]
+    return [*earlier, end.projection if end.text.strip() else None]
 
 
 @dataclass(frozen=True)
@@ -226,17 +252,21 @@ class ModelService:
         return Treatment(cap, alpha, merge_interventions(*parts))
 
     # ------------------------------------------------------------------------------------------- model calls
-    def _prompt(self, messages: Sequence[Any], max_new_tokens: int) -> tuple[Conversation, list[int]]:
+    def _prompt(self, messages: Sequence[Any], max_new_tokens: int) -> Prepared:
         try:
             conversation = validate_conversation(messages)
-            prompt = render_prompt(self.lm.tokenizer, conversation, self.lm.profile)
+            normalized = normalize_conversation(conversation, self.lm.profile)
+            if normalized[-1]["role"] != "user":
+                raise ConversationError("a prompt to generate from must end with a user message")
+            chat = render_chat(self.lm.tokenizer, normalized, self.lm.profile, add_generation_prompt=True)
         except ConversationError as exc:
             raise ApiError(422, str(exc), param="messages") from None
+        prompt = chat.input_ids
         limit = self.lm.profile.max_context
         if limit and len(prompt) + max_new_tokens > limit:
             raise ApiError(422, f"the conversation has {len(prompt)} tokens: with {max_new_tokens} new tokens it exceeds "
                                 f"the model's context of {limit}", param="messages")
-        return conversation, prompt
+        return Prepared(conversation, prompt, [(span.start, span.end) for span in chat.spans])
 
     def _projections(self, conversation: Conversation, interventions: Interventions) -> list[float | None]:
         if not any(m["role"] == "assistant" for m in conversation):
@@ -275,12 +305,12 @@ class ModelService:
             return [None] * (earlier + 1)
 
     # ------------------------------------------------------------------------------------------ generation
-    async def open_stream(self, prepared: tuple[Conversation | None, list[int]], treatment: Treatment,
+    async def open_stream(self, prepared: Prepared, treatment: Treatment,
                           settings: StreamSettings, *, timeout_s: float | None = None) -> AsyncIterator[StreamItem]:
         """Queue the request for the batcher now (a full queue is a 429, a conversation over the cache budget a
         413, before any response starts) and return its items: token steps and guard switches, then the complete
         :class:`Answer` (or a :class:`StreamError`). Leaving the iterator early (client gone) frees the row."""
-        conversation, prompt = prepared
+        prompt = prepared.prompt
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RowItem] = asyncio.Queue()
 
@@ -297,10 +327,9 @@ class ModelService:
             raise ApiError(429, f"{exc}; retry in {exc.retry_after} s", headers={"Retry-After": str(exc.retry_after)}) from None
         except TooLarge as exc:
             raise ApiError(413, str(exc), param="messages") from None
-        return self._items(conversation, prompt, treatment, job, queue)
+        return self._items(prepared, job, queue)
 
-    async def _items(self, conversation: Conversation | None, prompt: list[int], treatment: Treatment, job: Job,
-                     queue: asyncio.Queue[RowItem]) -> AsyncIterator[StreamItem]:
+    async def _items(self, prepared: Prepared, job: Job, queue: asyncio.Queue[RowItem]) -> AsyncIterator[StreamItem]:
         switches: list[GuardSwitch] = []
         try:
             while True:
@@ -309,10 +338,8 @@ class ModelService:
                     yield StreamError(item.status, item.message)
                     return
                 if isinstance(item, RowEnd):
-                    projections = [] if conversation is None else await run_in_threadpool(
-                        self._projections_locked, conversation, item.text, treatment)
-                    yield Answer(item.text, len(prompt), item.new_tokens, item.stopped, projections, item.projection,
-                                 item.capped_tokens, tuple(switches))
+                    yield Answer(item.text, len(prepared.prompt), item.new_tokens, item.stopped, per_turn(prepared, item),
+                                 item.projection, item.capped_tokens, tuple(switches))
                     return
                 if isinstance(item, GuardSwitch):
                     switches.append(item)
@@ -321,7 +348,10 @@ class ModelService:
             job.cancel.set()
             self.batcher.wake()
 
-    def _projections_locked(self, conversation: Conversation, text: str, treatment: Treatment) -> list[float | None]:
+    def teacher_forced_projections(self, conversation: Conversation, text: str, treatment: Treatment
+                                   ) -> list[float | None]:
+        """Per-turn projections of the conversation with ``text`` as the answer, from a separate teacher-forced pass
+        (the server answers from the passes that generated it instead; this is the check)."""
         with self.lock, torch.inference_mode():
             return self._with_answer(conversation, text, treatment)
 
@@ -337,16 +367,16 @@ class ModelService:
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         return await run_in_threadpool(fn, *args)
 
-    def _prepare_locked(self, messages: Sequence[Any], max_new_tokens: int) -> tuple[Conversation, list[int]]:
+    def _prepare_locked(self, messages: Sequence[Any], max_new_tokens: int) -> Prepared:
         with self.lock:  # the tokenizer is shared state too
             prepared = self._prompt(messages, max_new_tokens)
         try:
-            self.batcher.check_fits(len(prepared[1]), max_new_tokens)
+            self.batcher.check_fits(len(prepared.prompt), max_new_tokens)
         except TooLarge as exc:
             raise ApiError(413, str(exc), param="messages") from None
         return prepared
 
-    def _prepare_text_locked(self, text: str, max_new_tokens: int) -> tuple[None, list[int]]:
+    def _prepare_text_locked(self, text: str, max_new_tokens: int) -> Prepared:
         with self.lock:
             prompt = list(self.lm.tokenizer(text, add_special_tokens=True)["input_ids"])
         if not prompt:
@@ -359,13 +389,13 @@ class ModelService:
             self.batcher.check_fits(len(prompt), max_new_tokens)
         except TooLarge as exc:
             raise ApiError(413, str(exc), param="prompt") from None
-        return None, prompt
+        return Prepared(None, prompt, None)
 
-    async def prepare_text(self, text: str, max_new_tokens: int) -> tuple[None, list[int]]:
+    async def prepare_text(self, text: str, max_new_tokens: int) -> Prepared:
         """A plain-text prompt (``/v1/completions``): no chat template, so no per-turn projections."""
         return await run_in_threadpool(self._prepare_text_locked, text, max_new_tokens)
 
-    async def prepare(self, messages: Sequence[Any], max_new_tokens: int) -> tuple[Conversation, list[int]]:
+    async def prepare(self, messages: Sequence[Any], max_new_tokens: int) -> Prepared:
         """Validate and tokenise before a stream starts, so that bad requests get a plain 4xx, not a broken stream."""
         return await run_in_threadpool(self._prepare_locked, messages, max_new_tokens)
 
