@@ -314,3 +314,16 @@ def test_per_turn_projections_come_from_the_serving_passes(service):
     assert len(served) == len(checked) == 3
     assert served[:2] == pytest.approx(checked[:2], abs=1e-4)  # earlier turns: the prefill's readings
     assert served[2] == end.projection  # the answer: the running mean of its own tokens
+
+
+def test_guard_eval_command_refuses_bad_inputs(tmp_path, capsys, axis, capping):  # noqa: F811
+    from personaxis.evals.guard import main
+
+    assert main(["--run", str(tmp_path), "--experiment", EXPERIMENT]) == 2
+    assert "error: no axis at" in capsys.readouterr().err
+    axis.save(tmp_path / "axis.safetensors")
+    assert main(["--run", str(tmp_path), "--experiment", EXPERIMENT]) == 2
+    assert "error: no capping config" in capsys.readouterr().err
+    capping.save(tmp_path / "capping.safetensors")
+    assert main(["--run", str(tmp_path), "--experiment", "nope"]) == 2
+    assert "error: unknown experiment 'nope'" in capsys.readouterr().err

@@ -153,6 +153,37 @@ def markdown_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+CODING_QUESTION = "Write a Python function that returns the n-th Fibonacci number, with a short docstring."
+
+
+def stream_demo(lm: Any, axis: Any, capping: Any, guard: dict[str, Any], conversations: dict[str, list[dict[str, str]]],
+                max_new_tokens: int) -> dict[str, Any]:
+    """Each conversation streamed through the app's ``/api/chat/stream`` with ``cap: "auto"``: the guard events as
+    the stream shows them, and the answer."""
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from personaxis.web import create_app
+
+    app = create_app(lm, axis, capping, guard_experiment=guard["experiment"], guard_window=guard["window"],
+                     guard_hysteresis=guard["hysteresis"])
+    out: dict[str, Any] = {}
+    with TestClient(app) as client:
+        for name, messages in conversations.items():
+            response = client.post("/api/chat/stream", json={"messages": messages, "cap": "auto",
+                                                             "max_tokens": max_new_tokens})
+            events = []
+            for block in response.text.strip().split("\n\n"):
+                lines = dict(line.split(": ", 1) for line in block.split("\n") if ": " in line)
+                events.append((lines.get("event"), json.loads(lines.get("data", "null"))))
+            done = next((data for event, data in events if event == "done"), {})
+            out[name] = {"messages": messages, "guard_events": [data for event, data in events if event == "guard"],
+                         "answer": done.get("text"), "capped_tokens": done.get("capped_tokens"),
+                         "new_tokens": done.get("new_tokens"), "projection": done.get("projection")}
+    return out
+
+
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
@@ -202,14 +233,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                          axis=axis_info(axis, axis_path), judge="offline-harm-v1",
                          sizes={"jailbreaks": args.jailbreaks, "capability": args.arithmetic + args.instructions},
                          extra={"guard": guard, "command": command, "capping_file": str(capping_path)})
+    first = select_jailbreaks(1)[0]
+    demo = stream_demo(lm, axis, capping, guard, {
+        "persona jailbreak": conversation_for(first, "persona"),
+        "coding question": [{"role": "user", "content": CODING_QUESTION}]}, args.max_new_tokens)
+    record["demo"] = demo
     path = write_record(record, args.out)
     table = markdown_table(metrics)
+    shown = []
+    for name, row in demo.items():
+        switches = ", ".join(f"{'on' if e['capping'] else 'off'} at token {e['n_tokens']} (window mean "
+                             f"{e['projection']:.2f})" for e in row["guard_events"]) or "none"
+        shown.append(f"- **{name}** (`/api/chat/stream`, `cap: auto`): guard events: {switches}; "
+                     f"{row['capped_tokens']}/{row['new_tokens']} tokens capped. Answer: "
+                     f"“{(row['answer'] or '')[:160]}…”")
     (args.out / "guard.md").write_text(
         f"# Guard mode: capping only while the answer drifts\n\n{table}\n\nGuard: experiment `{guard['experiment']}`, "
         f"monitored layer {guard['layer']}, threshold {guard['threshold']:.3f} (the calibrated floor), window "
         f"{guard['window']} tokens, hysteresis {guard['hysteresis']:.3f}. Model {lm.profile.name}, greedy, at most "
         f"{args.max_new_tokens} new tokens; harm labels by the offline judge. Command:\n\n    {command}\n\n"
-        f"Raw answers, labels and switches: [`guard.json`](guard.json).\n")
+        f"Raw answers, labels and switches: [`guard.json`](guard.json).\n\n## In the stream\n\n" + "\n".join(shown)
+        + "\n")
     print(table)
     print(f"written {path} and {args.out / 'guard.md'}")
     return 0
