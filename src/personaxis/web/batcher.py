@@ -278,12 +278,15 @@ class Batcher:
                     if any(not r.done for r in self._rows):
                         self._step()
                     self._note_peak()
+                    if not any(not r.done for r in self._rows):  # idle: hold no cache
+                        self._rows, self._cache, self._mask = [], None, None
             except Exception as exc:  # a failed forward ends every row in it; the server keeps serving
                 for row in self._rows:
                     if not row.done:
                         row.done = True
                         row.job.emit(RowError(500, f"generation failed: {type(exc).__name__}: {exc}"))
                 self._rows, self._cache, self._mask = [], None, None
+            time.sleep(0)  # let a thread waiting for the model lock (a tokeniser call, a projection) take its turn
 
     def _expire_waiting(self) -> None:
         now = time.monotonic()
