@@ -327,3 +327,14 @@ def test_guard_eval_command_refuses_bad_inputs(tmp_path, capsys, axis, capping):
     capping.save(tmp_path / "capping.safetensors")
     assert main(["--run", str(tmp_path), "--experiment", "nope"]) == 2
     assert "error: unknown experiment 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--max-batch", "--kv-budget-mb", "--timeout", "--guard-window"])
+def test_serve_refuses_bad_batching_options(tmp_path, axis, option):  # noqa: F811
+    from typer.testing import CliRunner
+
+    from personaxis.cli import app as cli
+
+    axis.save(tmp_path / "axis.safetensors")
+    result = CliRunner().invoke(cli, ["serve", "--run", str(tmp_path), option, "0"])
+    assert result.exit_code == 2 and "error:" in result.output and option in result.output
