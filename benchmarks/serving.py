@@ -137,8 +137,11 @@ async def run_clients(base: str, clients: int, requests_per_client: int, max_tok
 
 
 async def compare(client_counts: Sequence[int], *, model: str | None, device: str | None, threads: int | None,
-                  max_tokens: int, requests_per_client: int, max_batch: int) -> dict[str, Any]:
-    """Both servers up together; for each client count, the one-at-a-time server then the batched one."""
+                  max_tokens: int, requests_per_client: int, max_batch: int,
+                  one_at_a_time_up_to: int | None = None) -> dict[str, Any]:
+    """Both servers up together; for each client count, the one-at-a-time server then the batched one. The
+    one-at-a-time server is measured up to ``one_at_a_time_up_to`` clients (all when ``None``): it serves one
+    request after the other whatever the count, so that more clients only take longer."""
     servers = {"one_at_a_time": start_server(1, model, device, threads),
                "batched": start_server(max_batch, model, device, threads)}
     try:
@@ -149,6 +152,9 @@ async def compare(client_counts: Sequence[int], *, model: str | None, device: st
         out: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
         for n in client_counts:
             for name, (_, base) in servers.items():
+                if name == "one_at_a_time" and one_at_a_time_up_to is not None and n > one_at_a_time_up_to:
+                    out[name].append({"clients": n, "skipped": True})
+                    continue
                 out[name].append(await run_clients(base, n, requests_per_client, max_tokens))
         return out
     finally:
