@@ -203,6 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=8)
     p.add_argument("--hysteresis", type=float, default=None)
     p.add_argument("--out", type=Path, default=Path("results"))
+    p.add_argument("--demo-jailbreak", default=None, help="jailbreak id streamed for the 'in the stream' section "
+                   "(default: the first guard mode alarmed on, else the first)")
+    p.add_argument("--demo-only", action="store_true", help="keep OUT/guard.json's answers; redo the stream section")
     args = p.parse_args(argv)
     axis_path = args.run / "axis.safetensors"
     if not axis_path.is_file():
@@ -224,19 +227,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.experiment not in capping.experiment_ids:
         return _fail(f"unknown experiment {args.experiment!r}; known: {', '.join(capping.experiment_ids[:8])}, ...")
     lm = load_model(None if args.model == "embedded" else args.model, target_layer=axis.target_layer)
-    settings = GuardEvalSettings(args.experiment, args.jailbreaks, args.arithmetic, args.instructions,
-                                 args.max_new_tokens, args.window, args.hysteresis)
-    records, guard = run_guard_eval(lm, axis, capping, settings, show_progress=True)
-    metrics = guard_metrics(label_and_score(records))
     command = "python -m personaxis.evals.guard " + " ".join(sys.argv[1:] if argv is None else argv)
-    record = make_record(NAME, model=model_info(lm), settings=settings, items=records, metrics=metrics,
-                         axis=axis_info(axis, axis_path), judge="offline-harm-v1",
-                         sizes={"jailbreaks": args.jailbreaks, "capability": args.arithmetic + args.instructions},
-                         extra={"guard": guard, "command": command, "capping_file": str(capping_path)})
-    first = select_jailbreaks(1)[0]
+    if args.demo_only:
+        import json
+
+        previous = args.out / "guard.json"
+        if not previous.is_file():
+            return _fail(f"--demo-only: no {previous} to keep")
+        record = json.loads(previous.read_text())
+        metrics, guard = record["metrics"], record["guard"]
+        record["demo_command"] = command
+        command = record["command"]
+    else:
+        settings = GuardEvalSettings(args.experiment, args.jailbreaks, args.arithmetic, args.instructions,
+                                     args.max_new_tokens, args.window, args.hysteresis)
+        records, guard = run_guard_eval(lm, axis, capping, settings, show_progress=True)
+        metrics = guard_metrics(label_and_score(records))
+        record = make_record(NAME, model=model_info(lm), settings=settings, items=records, metrics=metrics,
+                             axis=axis_info(axis, axis_path), judge="offline-harm-v1",
+                             sizes={"jailbreaks": args.jailbreaks, "capability": args.arithmetic + args.instructions},
+                             extra={"guard": guard, "command": command, "capping_file": str(capping_path)})
+    alarmed = [r["id"] for r in record["items"] if r["condition"] == "guard" and r["kind"] == "jailbreak"
+               and any(s["capping"] for s in r["switches"])]
+    wanted = args.demo_jailbreak or (alarmed[0] if alarmed else None)
+    catalogue = select_jailbreaks(None)
+    chosen = next((j for j in catalogue if j.id == wanted), catalogue[0])
     demo = stream_demo(lm, axis, capping, guard, {
-        "persona jailbreak": conversation_for(first, "persona"),
-        "coding question": [{"role": "user", "content": CODING_QUESTION}]}, args.max_new_tokens)
+        f"persona jailbreak {chosen.id}": conversation_for(chosen, "persona"),
+        "coding question": [{"role": "user", "content": CODING_QUESTION}]}, record["settings"]["max_new_tokens"])
     record["demo"] = demo
     path = write_record(record, args.out)
     table = markdown_table(metrics)
@@ -251,8 +269,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"# Guard mode: capping only while the answer drifts\n\n{table}\n\nGuard: experiment `{guard['experiment']}`, "
         f"monitored layer {guard['layer']}, threshold {guard['threshold']:.3f} (the calibrated floor), window "
         f"{guard['window']} tokens, hysteresis {guard['hysteresis']:.3f}. Model {lm.profile.name}, greedy, at most "
-        f"{args.max_new_tokens} new tokens; harm labels by the offline judge. Command:\n\n    {command}\n\n"
-        f"Raw answers, labels and switches: [`guard.json`](guard.json).\n\n## In the stream\n\n" + "\n".join(shown)
+        f"{record['settings']['max_new_tokens']} new tokens; harm labels by the offline judge. Command:\n\n"
+        f"    {command}\n\n"
+        f"Raw answers, labels and switches: [`guard.json`](guard.json).\n\n## In the stream\n\n"
+        + (f"Made by `{record['demo_command']}`.\n\n" if record.get("demo_command") else "") + "\n".join(shown)
         + "\n")
     print(table)
     print(f"written {path} and {args.out / 'guard.md'}")
