@@ -338,3 +338,22 @@ def test_serve_refuses_bad_batching_options(tmp_path, axis, option):  # noqa: F8
     axis.save(tmp_path / "axis.safetensors")
     result = CliRunner().invoke(cli, ["serve", "--run", str(tmp_path), option, "0"])
     assert result.exit_code == 2 and "error:" in result.output and option in result.output
+
+
+def test_row_interventions_act_on_their_rows_only():
+    from personaxis.interventions import Add, FloorCap, RowInterventions
+
+    vector = torch.zeros(4)
+    vector[0] = 1.0
+    add, cap = Add(vector, alpha=2.0), FloorCap(vector, tau=10.0)
+    table = RowInterventions()
+    table.set_rows([{}, {1: [add]}, {1: [add, cap]}])
+    hidden = torch.zeros(3, 2, 4)
+    mask = torch.tensor([[True, True], [False, True], [True, True]])
+    out = table.writers()[1][0](hidden, mask)
+    assert out[0].abs().sum() == 0  # no treatment
+    assert out[1, 0, 0] == 0 and out[1, 1, 0] == 2  # padding untouched, the rest steered
+    assert (out[2, :, 0] == 10).all()  # steered, then floored
+    assert table.layers == [1]
+    table.set_rows([{}, {}, {}])
+    assert table.writers() == {}
