@@ -42,7 +42,10 @@ SECURITY_HEADERS = [
 DESCRIPTION = """Chat with a model while watching its projection on the Assistant Axis, cap or steer it, explore the
 persona space of a run, and compare transcripts' trajectories. Errors are JSON: `{"error": {"message", "type",
 "code", "param"}}`. `/v1/chat/completions` speaks the OpenAI protocol, with the extension field
-`personaxis: {"cap", "alpha"}` in requests and `personaxis: {"projections", "layer", ...}` in responses."""
+`personaxis: {"cap", "alpha"}` in requests and `personaxis: {"projections", "layer", ...}` in responses; `cap: "auto"`
+is guard mode (capping switched on only while the answer's projection drifts below the calibrated floor).
+Concurrent requests are batched (continuous batching, each request with its own treatment); a full queue answers 429
+with `Retry-After`. `/v1/completions` completes plain text; `/metrics` gives the counters in Prometheus' format."""
 
 
 class SecurityHeaders:
