@@ -1,4 +1,5 @@
-"""personaxis speed benchmark: the machine's limits, generation, extraction, interventions, monitoring, quick preset.
+"""personaxis speed benchmark: the machine's limits, generation, extraction, interventions, monitoring, serving,
+quick preset.
 
     python benchmarks/run.py                      # everything, on the embedded model (a few minutes on 2 cores)
     python benchmarks/run.py --quick --skip-quick # small sizes, a smoke run
@@ -37,7 +38,7 @@ MEASURE_RSS = (
     "import resource, subprocess, sys; code = subprocess.call(sys.argv[2:]); "
     "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); sys.exit(code)"
 )
-SECTIONS = ("limits", "gen", "extract", "interventions", "monitor", "transcripts", "quick")
+SECTIONS = ("limits", "gen", "extract", "interventions", "monitor", "transcripts", "serve", "quick")
 HERE = Path(__file__).resolve().parent
 
 QUESTIONS = [
@@ -648,6 +649,67 @@ class Bench:
                       "planned tokens at the measured rate (tokens/s of the windows that ran), not measured."]
                      + self.busy_note(before, after))
 
+    def serve(self) -> None:
+        """Concurrent streaming clients against the server, batched and one request at a time (``max_batch=1``)."""
+        args = self.args
+        try:
+            import asyncio
+
+            import fastapi  # noqa: F401
+            import httpx  # noqa: F401
+            import uvicorn  # noqa: F401
+        except ImportError as exc:
+            self.results["serving"] = {"skipped": f"{exc}"}
+            self.section("Serving", f"skipped: {exc} (install the web extra)")
+            return
+        sys.path.insert(0, str(HERE))
+        import serving
+
+        counts = args.serve_clients
+        before = load()
+        out = asyncio.run(serving.compare(counts, model=args.model, device=args.device, threads=args.threads,
+                                          max_tokens=args.serve_tokens, requests_per_client=1,
+                                          max_batch=max(counts), one_at_a_time_up_to=args.serve_old_max))
+        after = load()
+        old, new = out["one_at_a_time"], out["batched"]
+        single_tpot = new[0]["tpot_p50_s"]
+        measured = [a for a in old if not a.get("skipped")]
+        best_old = max(measured, key=lambda a: a["clients"])  # the one-at-a-time figure a skipped count is compared with
+        rows = []
+
+        def ms(r: dict[str, Any], key: str) -> str:
+            return "not run" if r.get("skipped") else f"{r[key + '_p50_s'] * 1e3:.0f} / {r[key + '_p95_s'] * 1e3:.0f}"
+
+        for a, b in zip(old, new, strict=True):
+            base = best_old if a.get("skipped") else a
+            rows.append([b["clients"], "not run" if a.get("skipped") else f"{a['tokens_per_s']:.0f}",
+                         f"{b['tokens_per_s']:.0f}", f"{b['tokens_per_s'] / base['tokens_per_s']:.1f}×"
+                         + ("*" if a.get("skipped") else ""), ms(a, "ttft"), ms(b, "ttft"), ms(a, "tpot"),
+                         ms(b, "tpot")])
+        old = [best_old if a.get("skipped") else a for a in old]
+        self.results["serving"] = {"max_tokens": args.serve_tokens, "one_at_a_time": out["one_at_a_time"],
+                                   "batched": new,
+                                   "load_average": [round(before, 2), round(after, 2)]}
+        notes = []
+        if any(a.get("skipped") for a in out["one_at_a_time"]):
+            notes.append(f"*One at a time, more than {args.serve_old_max} clients were not run: that server answers "
+                         "one request after the other whatever the count (its throughput is flat), so the speed-up "
+                         f"compares with its {best_old['clients']}-client figure.")
+        notes += [f"Each client streams one answer of at most {args.serve_tokens} tokens (greedy, `/v1/chat/"
+                 "completions`); both servers run the same app in their own process, one with `max_batch=1` (one "
+                 "request at a time, the server before batching) and one batching up to "
+                 f"{max(counts)} rows; the client counts alternate between them. TTFT: time to the first token; "
+                 "TPOT: time per output token after the first, per request."]
+        for a, b in zip(old, new, strict=True):
+            if b["clients"] == 32:
+                notes.append(f"At 32 clients: {b['tokens_per_s'] / a['tokens_per_s']:.1f}× the one-at-a-time "
+                             f"throughput (target 8×); TPOT p50 {b['tpot_p50_s'] / single_tpot:.1f}× the "
+                             "single-client figure (target at most 2×).")
+        self.section("Serving: concurrent streaming clients", rows_table(
+            ["clients", "tokens/s, one at a time", "tokens/s, batched", "speed-up", "TTFT p50/p95 ms, one at a time",
+             "TTFT p50/p95 ms, batched", "TPOT p50/p95 ms, one at a time", "TPOT p50/p95 ms, batched"], rows),
+            notes + self.busy_note(before, after))
+
     def quick(self) -> None:
         args = self.args
         cli = Path(sys.executable).parent / "personaxis"
@@ -716,6 +778,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="context for the transcripts section (default: the model's)")
     p.add_argument("--transcript-sample-windows", type=int, default=0,
                    help="transcripts section: project only this many windows of each set and extrapolate (0: all)")
+    p.add_argument("--serve-clients", default=None, help="concurrent streaming clients (default 1,8,32,64)")
+    p.add_argument("--serve-tokens", type=int, default=None, help="max new tokens per served answer (default 64)")
+    p.add_argument("--serve-old-max", type=int, default=None,
+                   help="measure the one-at-a-time server up to this many clients (default: every count)")
     p.add_argument("--repeats", type=int, default=None, help="runs per measurement, best kept (default 3)")
     p.add_argument("--quick-timeout", type=float, default=1800.0, help="seconds before the quick preset is stopped")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -727,11 +793,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                 "min_prompts": 2 if small else 4, "natural_prompts": 8 if small else 128,
                 "natural_max_new": 16 if small else 128, "extract_n": 16 if small else 256,
                 "extract_words": 20 if small else 60, "intervention_batch": 4 if small else 64,
-                "repeats": 1 if small else 3}
+                "repeats": 1 if small else 3, "serve_clients": "1,4" if small else "1,8,32,64",
+                "serve_tokens": 8 if small else 64}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.batches = [int(b) for b in str(args.batches).split(",") if b.strip()]
+    args.serve_clients = [int(c) for c in str(args.serve_clients).split(",") if c.strip()]
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:

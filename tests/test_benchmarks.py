@@ -42,6 +42,9 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     assert results["extraction"]["rollouts"] == 8 and results["extraction"]["max_abs_diff"] < 1e-4
     assert set(results["interventions"]["cost"]) == {"cap", "steer"}
     assert results["monitoring"]["turns"] == 4 and results["monitoring"]["max_abs_diff"] < 1e-4
+    serving = results["serving"]  # concurrent streaming clients, batched and one at a time, in one run
+    assert [r["clients"] for r in serving["batched"]] == [1, 4] and all(r["tokens_per_s"] > 0 for r in serving["batched"])
+    assert all(r["tokens_per_s"] > 0 for r in serving["one_at_a_time"])
     assert results["quick_preset"]["skipped"]  # stopped after half a second: reported as skipped, not a crash
-    for title in ("Machine limits", "Generation", "Extraction", "Interventions", "Monitoring", "Quick preset"):
+    for title in ("Machine limits", "Generation", "Extraction", "Interventions", "Monitoring", "Serving", "Quick preset"):
         assert title in proc.stdout

@@ -341,6 +341,11 @@ def _buffer_layer_class() -> type:
     return _BUFFER_LAYER
 
 
+def buffer_cache_layer_class() -> type:
+    """The fast engine's preallocated key/value cache layer, for other decode loops (the server's batcher)."""
+    return _buffer_layer_class()
+
+
 def forward_kwargs(model: torch.nn.Module) -> tuple[str, bool]:
     """The cache keyword of this model's forward (``cache`` in recent transformers) and whether it takes
     ``logits_to_keep``."""

@@ -168,3 +168,49 @@ def apply_interventions(lm: LoadedModel, interventions: Interventions | None) ->
                 )
     with residual_hooks(lm, writers={layer: [_writer(op) for op in ops] for layer, ops in interventions.items()}):
         yield
+
+
+class RowInterventions:
+    """Per-row operators for a batch whose rows each have their own treatment, applied in one forward pass.
+
+    ``set_rows([map_row_0, map_row_1, ...])`` says which operators act on which row; an operator shared by several
+    rows (the same object) runs once over the batch and is kept where its row mask is set. Rows can change between
+    forward passes (a batch that gains and loses rows, a cap switched on for one row): call ``set_rows`` again.
+    :meth:`writers` gives the hook functions for :func:`personaxis.hooks.residual_hooks`.
+    """
+
+    def __init__(self) -> None:
+        self._layers: dict[int, list[tuple[Operator, Tensor | None]]] = {}
+
+    def set_rows(self, per_row: Sequence[Interventions | None]) -> None:
+        groups: dict[int, dict[int, tuple[Operator, list[bool]]]] = {}
+        n = len(per_row)
+        for row, mapping in enumerate(per_row):
+            for layer, ops in (mapping or {}).items():
+                for op in ops:
+                    entry = groups.setdefault(layer, {}).setdefault(id(op), (op, [False] * n))
+                    entry[1][row] = True
+        self._layers = {
+            layer: [(op, None if all(rows) else torch.tensor(rows, dtype=torch.bool)) for op, rows in ops.values()]
+            for layer, ops in groups.items()
+        }
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self._layers)
+
+    def writers(self) -> dict[int, list]:
+        return {layer: [self._writer(layer)] for layer in self._layers}
+
+    def _writer(self, layer: int):
+        def write(hidden: Tensor, mask: Tensor | None) -> Tensor:
+            for op, rows in self._layers.get(layer, []):
+                keep = mask if mask is not None else None
+                if rows is not None:
+                    row_mask = rows.to(hidden.device).unsqueeze(1).expand(hidden.shape[0], hidden.shape[1])
+                    keep = row_mask if keep is None else keep & row_mask
+                new = op(hidden)
+                hidden = new if keep is None or bool(keep.all()) else torch.where(keep.unsqueeze(-1), new, hidden)
+            return hidden
+
+        return write

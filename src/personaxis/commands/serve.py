@@ -41,7 +41,17 @@ def register(app: typer.Typer) -> None:
         capping: Path | None = typer.Option(None, "--capping", help="Capping config (default: RUN/capping.safetensors "
                                             "if present)."),
         cap: str | None = typer.Option(None, "--cap", help="Capping experiment applied by default on /v1 (e.g. "
-                                       "layers_22:26-p0.25)."),
+                                       "layers_22:26-p0.25), or 'auto': guard mode, capping only while drifting."),
+        guard_experiment: str | None = typer.Option(None, "--guard-experiment", help="Experiment guard mode switches "
+                                                    "on (default: --cap if an experiment, else the first one capping "
+                                                    "the monitored layer)."),
+        guard_window: int = typer.Option(8, "--guard-window", help="Tokens whose mean projection guard mode watches."),
+        guard_hysteresis: float | None = typer.Option(None, "--guard-hysteresis", help="Margin above the floor that "
+                                                      "switches capping off again (default: 5 percent of the residual norm)."),
+        max_batch: int = typer.Option(32, "--max-batch", help="Requests decoded side by side (1: one at a time)."),
+        max_queue: int = typer.Option(64, "--max-queue", help="Requests waiting for a row; more get 429."),
+        kv_budget_mb: float = typer.Option(1024.0, "--kv-budget-mb", help="Key/value cache of the running batch."),
+        timeout: float = typer.Option(300.0, "--timeout", help="Seconds a request may take, waiting included."),
         alpha: float = typer.Option(0.0, "--alpha", help="Steering coefficient applied by default on /v1 (fraction of "
                                     "the residual norm)."),
         raw: bool = typer.Option(False, "--raw", help="Take every α (--alpha and per request) in the reference's units: "
@@ -81,13 +91,22 @@ def register(app: typer.Typer) -> None:
             config = load_capping(capping_path)
             if cap is not None and config is None:
                 raise ValueError(f"--cap {cap}: no capping config (run `personaxis calibrate --run {run}` or give --capping)")
+            if max_batch < 1 or max_queue < 0 or kv_budget_mb <= 0 or timeout <= 0 or guard_window < 1:
+                raise ValueError("--max-batch, --kv-budget-mb, --timeout and --guard-window must be positive, "
+                                 "--max-queue at least 0")
+            from personaxis.web.batcher import BatcherConfig
+
+            batcher = BatcherConfig(max_batch=max_batch, max_queue=max_queue,
+                                    kv_budget_bytes=int(kv_budget_mb * 1024 * 1024), timeout_s=timeout)
             echo_err(f"loading model {model}…")
             lm = placement.load(None if model == "embedded" else model, target_layer=loaded_axis.target_layer)
             limits = Limits(max_body_bytes=int(max_upload_mb * 1024 * 1024), max_new_tokens=max_new_tokens,
                             max_request_tokens=max_request_tokens)
             allowed = [*LOOPBACK, "[::1]"] if host in LOOPBACK else None
             web = create_app(lm, loaded_axis, config, run if run.is_dir() else None, transcripts_dir=transcripts,
-                             layer=layer, default_cap=cap, default_alpha=alpha, raw_alpha=raw, limits=limits, allowed_hosts=allowed)
+                             layer=layer, default_cap=cap, default_alpha=alpha, raw_alpha=raw, limits=limits,
+                             allowed_hosts=allowed, batcher=batcher, guard_experiment=guard_experiment, guard_window=guard_window,
+                             guard_hysteresis=guard_hysteresis)
         if host not in LOOPBACK:
             echo_err(f"warning: serving on {host}: anyone who can reach this address can use the model")
         shown = f"[{host}]" if ":" in host else host

@@ -21,7 +21,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from personaxis.axis import Axis
 from personaxis.models import LoadedModel
-from personaxis.web import openai_api, routes_chat, routes_space, routes_transcripts
+from personaxis.web import openai_api, routes_chat, routes_metrics, routes_space, routes_transcripts
+from personaxis.web.batcher import BatcherConfig
 from personaxis.web.engine import ModelService
 from personaxis.web.errors import install_error_handlers
 from personaxis.web.limits import BodySizeLimit, Limits
@@ -41,7 +42,10 @@ SECURITY_HEADERS = [
 DESCRIPTION = """Chat with a model while watching its projection on the Assistant Axis, cap or steer it, explore the
 persona space of a run, and compare transcripts' trajectories. Errors are JSON: `{"error": {"message", "type",
 "code", "param"}}`. `/v1/chat/completions` speaks the OpenAI protocol, with the extension field
-`personaxis: {"cap", "alpha"}` in requests and `personaxis: {"projections", "layer", ...}` in responses."""
+`personaxis: {"cap", "alpha"}` in requests and `personaxis: {"projections", "layer", ...}` in responses; `cap: "auto"`
+is guard mode (capping switched on only while the answer's projection drifts below the calibrated floor).
+Concurrent requests are batched (continuous batching, each request with its own treatment); a full queue answers 429
+with `Retry-After`. `/v1/completions` completes plain text; `/metrics` gives the counters in Prometheus' format."""
 
 
 class SecurityHeaders:
@@ -87,6 +91,10 @@ def create_app(
     limits: Limits | None = None,
     allowed_hosts: list[str] | None = None,
     model_id: str | None = None,
+    batcher: BatcherConfig | None = None,
+    guard_experiment: str | None = None,
+    guard_window: int = 8,
+    guard_hysteresis: float | None = None,
 ) -> FastAPI:
     """A FastAPI app over one model and axis.
 
@@ -95,17 +103,23 @@ def create_app(
     rollouts the persona-space page shows; ``transcripts_dir`` (default ``RUN/transcripts``) the transcripts the
     transcripts page offers. ``layer`` is the monitored (and steered) layer, the axis' target layer by default.
     ``raw_alpha`` takes every α (the default and per request) as the reference's coefficient of the stored axis row.
-    ``allowed_hosts`` restricts the Host header (against DNS rebinding when bound to 127.0.0.1).
+    ``allowed_hosts`` restricts the Host header (against DNS rebinding when bound to 127.0.0.1). ``batcher`` sets
+    the continuous batching (rows, queue, cache budget, timeout; ``max_batch=1`` serves one request at a time);
+    ``guard_*`` set guard mode (``cap: "auto"``): the experiment switched on, the window of tokens whose mean
+    projection is compared with the calibrated floor, and the margin above it that switches capping off again.
     """
     limits = limits or Limits()
     service = ModelService(lm, axis, capping, layer=layer, default_cap=default_cap, default_alpha=default_alpha,
-                           raw_alpha=raw_alpha)
+                           batcher=batcher, guard_experiment=guard_experiment, guard_window=guard_window,
+                           guard_hysteresis=guard_hysteresis, raw_alpha=raw_alpha)
     app = FastAPI(title="personaxis", version=_version(), description=DESCRIPTION, docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json")
     app.state.px = WebState(service=service, run=RunData(run_dir, transcripts_dir), limits=limits,
                             model_id=model_id or lm.profile.name, created=int(time.time()))
     install_error_handlers(app)
-    for router in (routes_chat.router, routes_space.router, routes_transcripts.router, openai_api.router):
+    app.router.on_shutdown.append(service.close)
+    for router in (routes_chat.router, routes_space.router, routes_transcripts.router, openai_api.router,
+                   routes_metrics.router):
         app.include_router(router)
     for route, name in PAGES.items():
         app.add_api_route(route, _page(name), methods=["GET"], include_in_schema=False)

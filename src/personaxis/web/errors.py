@@ -19,16 +19,20 @@ _TYPES = {
     413: "request_too_large",
     415: "invalid_request_error",
     422: "invalid_request_error",
+    429: "rate_limit_error",
     500: "server_error",
     503: "server_busy",
+    504: "timeout",
 }
 
 
 class ApiError(Exception):
     """A request the app refuses, with the HTTP status and a message meant for the user."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, type: str | None = None) -> None:
+    def __init__(self, status: int, message: str, *, param: str | None = None, type: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
+        self.headers = headers
         self.status = status
         self.message = message
         self.param = param
@@ -39,8 +43,9 @@ def error_body(status: int, message: str, *, param: str | None = None, type: str
     return {"error": {"message": message, "type": type or _TYPES.get(status, "error"), "code": status, "param": param}}
 
 
-def error_response(status: int, message: str, *, param: str | None = None, type: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param=param, type=type), status_code=status)
+def error_response(status: int, message: str, *, param: str | None = None, type: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param=param, type=type), status_code=status, headers=headers)
 
 
 def _location(loc: tuple[Any, ...] | list[Any]) -> str:
@@ -69,7 +74,7 @@ def describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.message, param=exc.param, type=exc.type)
+        return error_response(exc.status, exc.message, param=exc.param, type=exc.type, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

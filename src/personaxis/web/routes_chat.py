@@ -10,8 +10,9 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
 from personaxis.web import schemas
+from personaxis.web.batcher import GuardSwitch
 from personaxis.web.engine import Answer, StreamError
-from personaxis.web.errors import ApiError
+from personaxis.web.errors import ApiError, error_body
 from personaxis.web.state import WebState, get_state
 from personaxis.web.stream import StreamSettings, TokenStep
 
@@ -23,7 +24,10 @@ STREAM_DOC = """Stream an answer as server-sent events (`text/event-stream`), on
 Events, each `event: NAME` then `data: JSON`:
 
 - `start`: `{"layer", "cap", "alpha", "floor", "prompt_tokens"}`
-- `token`: `{"delta", "n_tokens", "projection"}` — `projection` is the running mean projection of the answer so far
+- `token`: `{"delta", "n_tokens", "projection"}` — `projection` is the running mean projection of the answer so far,
+  read from the forward pass that fed the token
+- `guard`: `{"capping", "n_tokens", "projection"}` — guard mode (`cap: "auto"`) switched capping on or off after
+  `n_tokens` tokens; `projection` is the mean over its window
 - `done`: the same object as `POST /api/chat` returns
 - `error`: `{"error": {"message", "code", ...}}` if generation failed after the stream began
 """
@@ -47,8 +51,13 @@ def _chat_response(answer: Answer, state: WebState, cap: str | None, alpha: floa
         "text": answer.text, "prompt_tokens": answer.prompt_tokens, "new_tokens": answer.new_tokens,
         "stopped": answer.stopped, "projection": answer.projections[-1] if answer.projections else None,
         "projections": answer.projections, "layer": service.layer, "cap": cap, "alpha": alpha,
-        "floor": service.floor(cap) if cap else service.floor(),
+        "floor": service.floor(cap) if cap else service.floor(), "capped_tokens": answer.capped_tokens,
+        "guard_switches": [guard_event(s) for s in answer.switches],
     }
+
+
+def guard_event(switch: GuardSwitch) -> dict[str, Any]:
+    return {"capping": switch.on, "n_tokens": switch.n_tokens, "projection": switch.projection}
 
 
 def sse(event: str, data: Any) -> str:
@@ -93,19 +102,22 @@ async def chat_stream(body: schemas.ChatRequest, state: WebState = Depends(get_s
     state.limits.check_token_budget(service.lm.tokenizer, [messages], new_tokens=settings.max_new_tokens)
     treatment = service.treatment(body.cap, body.alpha)
     prepared = await service.prepare(messages, settings.max_new_tokens)
+    items = await service.open_stream(prepared, treatment, settings)
 
     async def events() -> AsyncIterator[str]:
         floor = service.floor(body.cap) if body.cap else service.floor()
         yield sse("start", {"layer": service.layer, "cap": body.cap, "alpha": treatment.alpha, "floor": floor,
                             "prompt_tokens": len(prepared[1])})
-        async for item in service.stream(prepared, treatment, settings):
+        async for item in items:
             if isinstance(item, TokenStep):
                 yield sse("token", {"delta": item.delta, "n_tokens": item.n_tokens, "projection": item.projection})
+            elif isinstance(item, GuardSwitch):
+                yield sse("guard", guard_event(item))
             elif isinstance(item, Answer):
                 yield sse("done", {**_chat_response(item, state, body.cap, treatment.alpha),
                                    "running_projection": item.running_projection})
             elif isinstance(item, StreamError):
-                yield sse("error", {"error": {"message": item.message, "code": item.status}})
+                yield sse("error", error_body(item.status, item.message))
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -15,7 +15,8 @@ class Message(BaseModel):
 
 
 class Treatment(BaseModel):
-    cap: str | None = Field(None, description="Capping experiment id (see /api/info), or null for no capping.")
+    cap: str | None = Field(None, description="Capping experiment id (see /api/info), \"auto\" for guard mode (capping "
+                            "only while the projection drifts below the calibrated floor), or null for no capping.")
     alpha: float = field("alpha", 0.0, description="Steering coefficient in units of the layer's mean residual norm "
                          "(0: none).")
 
@@ -43,6 +44,9 @@ class ChatResponse(BaseModel):
     cap: str | None
     alpha: float
     floor: float | None = Field(description="The calibrated floor at `layer` for the capping experiment, if any.")
+    capped_tokens: int = Field(0, description="Tokens generated while a cap acted on this answer.")
+    guard_switches: list[dict[str, Any]] = Field(default_factory=list, description="Guard mode's switches: "
+                                                 "{capping, n_tokens, projection}.")
 
 
 class ProjectRequest(Treatment):

@@ -49,7 +49,7 @@ class StreamEnd:
     projection: float | None  # running mean at the end
 
 
-class _TextTracker:
+class TextTracker:
     """Incremental detokenisation: emits only text that no later token can change, holding back a possible start of a
     stop string and incomplete UTF-8 characters."""
 
@@ -115,7 +115,7 @@ def stream_answer(
         uniform = torch.rand(1, generator=generator).to(device) if settings.temperature > 0 else torch.zeros(1)
         return int(sample_tokens(logits.unsqueeze(0), settings.temperature, settings.top_p, uniform)[0])
     stops = {int(s) for s in stop_ids}
-    tracker = _TextTracker(lm.tokenizer, settings.stop)
+    tracker = TextTracker(lm.tokenizer, settings.stop)
     cache = DynamicCache(config=model.config)
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     mask = torch.ones_like(ids)
