@@ -212,10 +212,21 @@ class Pipeline:
         bar.close()
         self.release_backend()
 
+    def _capture(self) -> Any:
+        """A capture for the backend's next call, when it records activations and the run extracts that way."""
+        from personaxis.capture import extract_mode
+
+        if extract_mode(self.settings) != "capture" or not getattr(self.backend, "captures", False):
+            return None
+        return self.backend.new_capture()
+
     def generate_units(self, units: Sequence[Unit]) -> int:
-        """Generate the rollouts of ``units`` in one batched call and write each unit's file; return units written."""
+        """Generate the rollouts of ``units`` in one batched call and write each unit's file; return units written.
+        A backend that captures activations while generating also writes their activation files."""
         conversations = [build_conversation(u.system_prompt, q.question) for u in units for q in self.questions]
-        answers = iter(self.backend.generate(conversations, self._sampling_config()))
+        capture = self._capture()
+        kwargs = {"capture": capture} if capture is not None else {}
+        answers = iter(self.backend.generate(conversations, self._sampling_config(), **kwargs))
         for unit in units:
             rollouts = []
             for q in self.questions:
@@ -226,7 +237,32 @@ class Pipeline:
                 "condition": unit.condition.name, "kind": unit.condition.kind, "prompt_index": unit.prompt_index,
                 "system_prompt": unit.system_prompt, "rollouts": rollouts,
             })
+        if capture is not None:
+            self._write_captured(units, capture)
         return len(units)
+
+    def _write_captured(self, units: Sequence[Unit], capture: Any) -> None:
+        """Activation files from a capture; rollouts it cannot give (see :mod:`personaxis.capture`) are extracted
+        teacher-forced."""
+        per_unit = [[r for r in self.read_rollouts(u) if r["answer"].strip()] for u in units]
+        index = {r["id"]: i for i, r in enumerate(r for u in units for r in self.read_rollouts(u))}
+        acts: dict[str, Any] = {}
+        missing: list[tuple[str, Any]] = []
+        for unit, rollouts in zip(units, per_unit, strict=True):
+            for r in rollouts:
+                conversation = build_conversation(unit.system_prompt, r["question"], r["answer"])
+                captured = capture.turn_activations(index[r["id"]], conversation)
+                if captured is None:
+                    missing.append((r["id"], conversation))
+                else:
+                    acts[r["id"]] = captured
+        if missing:
+            from personaxis.activations import extract_turn_means
+
+            acts.update(zip([key for key, _ in missing], extract_turn_means(self.lm, [c for _, c in missing]),
+                            strict=True))
+        for unit, rollouts in zip(units, per_unit, strict=True):
+            self._write_activations(unit, rollouts, [acts[r["id"]] for r in rollouts])
 
     def stage_extract(self) -> None:
         self._require([self.rollout_path(u) for u in self.units], "generate")
@@ -242,19 +278,22 @@ class Pipeline:
         """Extract the activations of ``units``' rollouts in one batched call and write each unit's file."""
         from personaxis.activations import extract_turn_means
 
-        dtype = getattr(torch, self.settings.store_dtype)
-        n_layers, hidden = self.lm.profile.n_layers, self.lm.profile.hidden_size
         per_unit = [[r for r in self.read_rollouts(u) if r["answer"].strip()] for u in units]
         conversations = [build_conversation(u.system_prompt, r["question"], r["answer"])
                          for u, rollouts in zip(units, per_unit, strict=True) for r in rollouts]
         acts = iter(extract_turn_means(self.lm, conversations) if conversations else [])
         for unit, rollouts in zip(units, per_unit, strict=True):
-            unit_acts = [next(acts) for _ in rollouts]
-            means = torch.stack([a.means[0] for a in unit_acts]) if unit_acts else torch.zeros((0, n_layers, hidden))
-            norms = torch.stack([a.norms[0] for a in unit_acts]) if unit_acts else torch.zeros((0, n_layers))
-            atomic_save_tensors(self.activation_path(unit), {"means": means.to(dtype), "norms": norms},
-                                {"ids": json.dumps([r["id"] for r in rollouts])})
+            self._write_activations(unit, rollouts, [next(acts) for _ in rollouts])
         return len(units)
+
+    def _write_activations(self, unit: Unit, rollouts: Sequence[dict[str, Any]], unit_acts: Sequence[Any]) -> None:
+        """One unit's activation file: the means and norms of its rollouts' answers, in order."""
+        dtype = getattr(torch, self.settings.store_dtype)
+        n_layers, hidden = self.lm.profile.n_layers, self.lm.profile.hidden_size
+        means = torch.stack([a.means[0] for a in unit_acts]) if unit_acts else torch.zeros((0, n_layers, hidden))
+        norms = torch.stack([a.norms[0] for a in unit_acts]) if unit_acts else torch.zeros((0, n_layers))
+        atomic_save_tensors(self.activation_path(unit), {"means": means.to(dtype), "norms": norms},
+                            {"ids": json.dumps([r["id"] for r in rollouts])})
 
     def read_activations(self, unit: Unit) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         from safetensors import safe_open
