@@ -5,9 +5,13 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-import typer
+from personaxis.threads import prefer_passive_waiting
 
-import personaxis.commands
+prefer_passive_waiting()  # before torch loads its OpenMP runtime (personaxis.threads)
+
+import typer  # noqa: E402
+
+import personaxis.commands  # noqa: E402
 
 app = typer.Typer(
     name="personaxis",

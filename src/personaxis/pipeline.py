@@ -33,6 +33,7 @@ from personaxis.store import (
 
 if TYPE_CHECKING:
     from personaxis.backends import GenerationBackend
+    from personaxis.threads import ThreadBudget
 
 STAGES = ("generate", "extract", "judge", "vectors", "axis", "space")
 Log = Callable[[str], None]
@@ -72,6 +73,7 @@ class Pipeline:
         self.executor = executor
         self.log = log or (lambda message: None)
         self.show_progress = show_progress
+        self._threads: ThreadBudget | None = None
         self.work_done: dict[str, int] = {stage: 0 for stage in STAGES}
         model_name = lm.profile.name if lm is not None else self._model_display_name()
         self.conditions = build_conditions(settings, model_name)
@@ -193,8 +195,14 @@ class Pipeline:
         if self.executor is not None:
             return self.executor.run_chunks(self, stage, chunks, on_done)
         work = self.generate_units if stage == "generate" else self.extract_units
+        if self._threads is None:
+            from personaxis.threads import ThreadBudget
+
+            self._threads = ThreadBudget(self.log)
+            self._threads.settle()
         done = 0
         for chunk in chunks:
+            self._threads.update()  # fewer threads while other processes hold CPUs (see personaxis.threads)
             n = work(chunk)
             done += n
             on_done(n)
