@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -132,3 +133,48 @@ def test_pipeline_writes_activations_while_generating(tmp_path, embedded_lm):
     assert forced.run(["generate", "extract"])["extract"] == len(forced.units)
     manifest = json.loads((tmp_path / "forced" / "manifest.json").read_text())
     assert manifest["settings"]["extra"] == {"extract": "teacher-forced"}
+
+
+def _numbers(value, prefix: str = "") -> dict[str, float]:
+    """Every number in a JSON value, by path."""
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _numbers(item, f"{prefix}/{key}").items()}
+    if isinstance(value, list):
+        return {k: v for i, item in enumerate(value) for k, v in _numbers(item, f"{prefix}/{i}").items()}
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return {prefix: float(value)}
+    return {}
+
+
+def two_pass_agrees(one_dir, two_dir, lm) -> tuple[float, float]:
+    """Recompute a finished one-pass run's activations teacher-forced on the same rollouts (and judgments) in
+    ``two_dir``; return the largest relative difference of the axis vectors and of the summary's numbers."""
+    from personaxis.axis import Axis
+    from personaxis.pipeline import open_existing
+
+    one = open_existing(one_dir, lm=lm, show_progress=False)
+    two = Pipeline(two_dir, one.settings, lm=lm, show_progress=False)
+    two.open()
+    for folder in ("rollouts", "judgments"):
+        shutil.copytree(one_dir / folder, two_dir / folder)
+    assert two.run(["extract", "vectors", "axis", "space"])["extract"] == len(two.units)
+    a, b = Axis.load(one_dir / "axis.safetensors").vectors, Axis.load(two_dir / "axis.safetensors").vectors
+    axis_diff = float(((a - b).norm(dim=-1) / b.norm(dim=-1)).max())
+    s1, s2 = (_numbers(json.loads((d / "summary.json").read_text())) for d in (one_dir, two_dir))
+    assert s1.keys() == s2.keys()
+    # Each number against the scale of its kind (every role's projection, every layer's cosine, ...), at least 1.
+    kinds: dict[str, float] = {}
+    for key, value in s2.items():
+        kind = re.sub(r"/\d+", "/#", key)
+        kinds[kind] = max(kinds.get(kind, 1.0), abs(value))
+    return axis_diff, max(abs(s1[k] - s2[k]) / kinds[re.sub(r"/\d+", "/#", k)] for k in s1)
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_quick_preset_in_one_pass_equals_two_passes(tmp_path, embedded_lm):
+    """The quick preset's axis and summary from captured activations agree to five digits with teacher-forced
+    extraction of the same rollouts (the whole preset: about 2 minutes on a quiet 2-core machine, more when busy)."""
+    Pipeline(tmp_path / "one", RunSettings.from_preset("quick"), lm=embedded_lm, show_progress=False).run()
+    axis_diff, summary_diff = two_pass_agrees(tmp_path / "one", tmp_path / "two", embedded_lm)
+    assert axis_diff < 1e-5 and summary_diff < 1e-5
