@@ -13,6 +13,10 @@ benchmark's comparisons):
   masked gaps (between a shared prefix and the rest of a prompt, or left padding).
 - ``"hf"``: transformers' ``model.generate`` on length-sorted static batches (kept for comparison).
 
+With a :class:`personaxis.capture.ResponseCapture`, the fast engine records the block outputs of the generated tokens
+as it feeds them back (one more step, the blocks only, for last tokens generation never feeds back), so that response
+activations need no second pass.
+
 Interventions (steering, capping) are active at every position, prompt and generated alike, never at padding: every
 forward call passes ``attention_mask=`` of shape ``[batch, past + current]``, which the hooks of
 :mod:`personaxis.hooks` read. Sampling (``temperature > 0``) draws each answer from its own generator seeded from

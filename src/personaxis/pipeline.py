@@ -4,11 +4,16 @@ Units of work are (condition, system prompt): ``rollouts/<condition>/p<k>.json``
 ``activations/<condition>/p<k>.safetensors`` and ``judgments/<condition>/p<k>.json``. A unit's file is written
 atomically once the unit is complete, so a run killed at any instant resumes with ``personaxis run`` on the same
 directory, redoing nothing finished and losing nothing written.
+
+With the transformers backend the generate stage also writes the activation files, from activations captured while
+generating (:mod:`personaxis.capture`); the extract stage then extracts teacher-forced only what is left (rollouts of
+other backends, imported ones, a run with ``extra["extract"] = "teacher-forced"``).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -195,18 +200,29 @@ class Pipeline:
         if self.executor is not None:
             return self.executor.run_chunks(self, stage, chunks, on_done)
         work = self.generate_units if stage == "generate" else self.extract_units
-        if self._threads is None:
-            from personaxis.threads import ThreadBudget
-
-            self._threads = ThreadBudget(self.log)
-            self._threads.settle()
+        threads = self._thread_budget()
         done = 0
         for chunk in chunks:
-            self._threads.update()  # fewer threads while other processes hold CPUs (see personaxis.threads)
+            threads.update()  # fewer threads while other processes hold CPUs (see personaxis.threads)
             n = work(chunk)
             done += n
             on_done(n)
         return done
+
+    def _thread_budget(self) -> ThreadBudget:
+        """The thread budget of this run, measured once before its first chunk of work."""
+        if self._threads is None:
+            from personaxis.threads import ThreadBudget
+
+            self._threads = ThreadBudget(self._log_over_bars)
+            self._threads.settle()
+        return self._threads
+
+    def _log_over_bars(self, message: str) -> None:
+        from tqdm.auto import tqdm
+
+        with tqdm.external_write_mode(file=sys.stderr):
+            self.log(message)
 
     def stage_generate(self) -> None:
         todo = [u for u in self.units if not self.rollout_path(u).is_file()]
