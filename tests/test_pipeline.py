@@ -91,6 +91,16 @@ def test_resume_with_other_settings_is_refused(tmp_path, tiny_model_dir):
         Pipeline(out, _settings(str(tiny_model_dir), max_new_tokens=7), show_progress=False).open()
 
 
+def test_the_pipeline_frees_the_model_it_loaded_after_extraction(tmp_path, tiny_model_dir):
+    own = Pipeline(tmp_path / "own", _settings(str(tiny_model_dir)), show_progress=False)
+    own.run(["generate", "extract"])
+    assert own._lm is None  # the judge and later stages run without it
+    lm = tiny_model("llama")
+    given = Pipeline(tmp_path / "given", _settings(str(tiny_model_dir)), lm=lm, show_progress=False)
+    given.run(["generate", "extract"])
+    assert given._lm is lm  # the caller's model is the caller's
+
+
 def test_stage_order_is_enforced(tmp_path, tiny_model_dir):
     out = tmp_path / "run"
     forced = _settings(str(tiny_model_dir), extra=extract_extra("teacher-forced"))  # generate writes no activations

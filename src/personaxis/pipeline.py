@@ -74,6 +74,7 @@ class Pipeline:
         self.store = RunStore(out)
         self.settings = settings
         self._lm = lm
+        self._owns_lm = lm is None  # loaded by the pipeline itself: freed once the stages that use it are done
         self._backend: GenerationBackend | None = None
         self.executor = executor
         self.log = log or (lambda message: None)
@@ -292,11 +293,23 @@ class Pipeline:
         self._require([self.rollout_path(u) for u in self.units], "generate")
         todo = [u for u in self.units if not self.activation_path(u).is_file()]
         self.log(f"extract: {len(self.units) - len(todo)} of {len(self.units)} units done, {len(todo)} to go")
-        if not todo:
+        if todo:
+            bar = progress_bar(total=len(todo), desc="extract activations", unit="unit", disable=not self.show_progress)
+            self.work_done["extract"] += self._run_chunks("extract", self._chunks(todo, 128), bar.update)
+            bar.close()
+        self.release_model()
+
+    def release_model(self) -> None:
+        """Free the run's model if the pipeline loaded it (the later stages read activation files only): the judge
+        stage then runs without the model's memory."""
+        if not self._owns_lm or self._lm is None:
             return
-        bar = progress_bar(total=len(todo), desc="extract activations", unit="unit", disable=not self.show_progress)
-        self.work_done["extract"] += self._run_chunks("extract", self._chunks(todo, 128), bar.update)
-        bar.close()
+        import gc
+
+        self.release_backend()
+        self._lm = None
+        gc.collect()
+        _return_free_memory()
 
     def extract_units(self, units: Sequence[Unit]) -> int:
         """Extract the activations of ``units``' rollouts in one batched call and write each unit's file."""
@@ -400,6 +413,16 @@ class Pipeline:
         self._require([self.store.root / "axis.safetensors"], "axis")
         write_space(self)
         self.work_done["space"] += 1
+
+
+def _return_free_memory() -> None:
+    """Hand memory freed by the process back to the system (glibc keeps freed small blocks for reuse)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def open_existing(out: str | Path, **kwargs: Any) -> Pipeline:
