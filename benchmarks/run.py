@@ -38,7 +38,7 @@ MEASURE_RSS = (
     "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); sys.exit(code)"
 )
 SECTIONS = ("limits", "gen", "extract", "interventions", "monitor", "quick", "onepass")
-# Generation rate of a fresh process (personaxis.cli first, as the command does, so OpenMP threads wait passively).
+# Generation rate of a fresh process, threads chosen by personaxis.threads (as the pipeline does) or torch's default.
 GEN_RATE = """
 import json, os, time
 if {adapt}:

@@ -5,13 +5,9 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from personaxis.threads import prefer_passive_waiting
+import typer
 
-prefer_passive_waiting()  # before torch loads its OpenMP runtime (personaxis.threads)
-
-import typer  # noqa: E402
-
-import personaxis.commands  # noqa: E402
+import personaxis.commands
 
 app = typer.Typer(
     name="personaxis",

@@ -5,9 +5,10 @@ every operation. When another process holds one of those cores, every barrier wa
 parked, and a 2-thread decode step takes several scheduler time slices instead of a few milliseconds: generation
 on a 2-core machine with one other CPU-bound process ran at a small fraction of its speed. So:
 
-- :func:`prefer_passive_waiting` (called by the ``personaxis`` command before it imports torch) makes idle OpenMP
-  threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``, ``KMP_BLOCKTIME=0`` for Intel's runtime) unless the
-  environment already says otherwise;
+- :func:`prefer_passive_waiting` makes idle OpenMP threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``,
+  ``KMP_BLOCKTIME=0``; only before torch is imported). It is not the default: measured on the 2-core VM it cost
+  35-60 % of quiet generation throughput (every operation's barrier then waits for a thread to wake up), while
+  giving up the contended thread (below) recovers the busy case without it;
 - :class:`ThreadBudget` gives torch as many threads as there are CPUs this process may run on
   (``os.sched_getaffinity``) that other processes leave idle, measured from ``/proc/stat`` between two calls (no
   sleeping), and says when the machine is oversubscribed.
