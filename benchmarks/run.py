@@ -38,7 +38,31 @@ MEASURE_RSS = (
     "import resource, subprocess, sys; code = subprocess.call(sys.argv[2:]); "
     "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); sys.exit(code)"
 )
-SECTIONS = ("limits", "gen", "extract", "interventions", "monitor", "transcripts", "serve", "quick")
+SECTIONS = ("limits", "gen", "extract", "interventions", "monitor", "transcripts", "serve", "quick", "onepass")
+# Generation rate of a fresh process, threads chosen by personaxis.threads (as the pipeline does) or torch's default.
+GEN_RATE = """
+import json, os, time
+if {adapt}:
+    import personaxis.cli
+import torch
+from personaxis.chat import build_conversation
+from personaxis.generation import SamplingConfig, generate
+from personaxis.models import load_model
+from personaxis.threads import ThreadBudget
+lm = load_model({model})
+roles = ["You are a pirate.", "You are a helpful librarian.", "You are an ancient ghost.", "You are a poet."]
+questions = ["Who are you?", "What do you do all day?", "Describe yourself.", "What matters most to you?"]
+convos = [build_conversation(roles[i % 4], questions[i // 4 % 4] + " " * (i // 16)) for i in range({n})]
+if {adapt}:
+    ThreadBudget().settle()
+config = SamplingConfig(max_new_tokens={new}, batch_size=32)
+generate(lm, convos[:8], config)
+start = time.perf_counter()
+generate(lm, convos, config)
+wall = time.perf_counter() - start
+print(json.dumps({{"rollouts_per_s": {n} / wall, "threads": torch.get_num_threads()}}))
+"""
+HOG = "while True: pass"
 HERE = Path(__file__).resolve().parent
 
 QUESTIONS = [
@@ -67,6 +91,17 @@ FILLER = (
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------------
+
+
+def start_hogs(n: int) -> list[subprocess.Popen]:
+    """``n`` CPU-bound processes (a busy loop each), for the busy-machine figures."""
+    return [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(n)]
+
+
+def stop_hogs(hogs: list[subprocess.Popen]) -> None:
+    for hog in hogs:
+        hog.kill()
+        hog.wait()
 
 
 def sync() -> None:
@@ -710,41 +745,114 @@ class Bench:
              "TTFT p50/p95 ms, batched", "TPOT p50/p95 ms, one at a time", "TPOT p50/p95 ms, batched"], rows),
             notes + self.busy_note(before, after))
 
-    def quick(self) -> None:
+    def _run_quick(self, extra: Sequence[str] = (), *, hog: bool = False) -> dict[str, Any]:
+        """``personaxis run --preset quick`` in a fresh process: wall time, peak RSS, exit code, its summary."""
         args = self.args
         cli = Path(sys.executable).parent / "personaxis"
         command = [str(cli)] if cli.exists() else [sys.executable, "-m", "personaxis.cli"]
         out = Path(tempfile.mkdtemp(prefix="personaxis-bench-quick-"))
-        command += ["run", "--preset", "quick", "--out", str(out / "run")]
+        command += ["run", "--preset", "quick", "--out", str(out / "run"), *extra]
         log, rss_file = out / "log.txt", out / "maxrss.txt"
         # A small launcher runs the command and reports its children's peak RSS: the benchmark's own process is
         # large, and a child forked from it would count the parent's pages in its peak until it execs.
         launcher = [sys.executable, "-c", MEASURE_RSS, str(rss_file)]
         before = load()
+        hogs = start_hogs(1 if hog else 0)
         start = time.perf_counter()
-        with open(log, "w") as handle:
-            proc = subprocess.Popen(launcher + command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-            try:
-                status = proc.wait(timeout=args.quick_timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)
-                status = proc.wait()
-        wall = time.perf_counter() - start
+        try:
+            with open(log, "w") as handle:
+                proc = subprocess.Popen(launcher + command, stdout=handle, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+                try:
+                    status = proc.wait(timeout=args.quick_timeout)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, 9)
+                    status = proc.wait()
+            wall = time.perf_counter() - start
+        finally:
+            stop_hogs(hogs)
         after = load()
         code = status if status >= 0 else 128 - status
-        tail = log.read_text(errors="replace").strip().splitlines()[-5:]
-        if code != 0:
-            self.results["quick_preset"] = {"skipped": True, "exit_code": code, "wall_s": round(wall, 1), "log": tail}
-            self.section("Quick preset", "skipped: `" + " ".join(command[-5:]) + f"` exited with {code}",
-                         ["    " + line for line in tail])
-        else:
-            peak_mib = int(rss_file.read_text()) / 1024 if rss_file.exists() else float("nan")  # KiB on Linux
-            self.results["quick_preset"] = {"wall_s": round(wall, 1), "peak_rss_mib": round(peak_mib),
-                                            "load_average": [round(before, 2), round(after, 2)]}
-            rows = [["wall time", f"{wall / 60:.1f} min ({wall:.0f} s)"], ["peak memory (RSS)", f"{peak_mib:,.0f} MiB"]]
-            self.section("Quick preset (`personaxis run --preset quick`)", rows_table(["", ""], rows),
-                         self.busy_note(before, after))
+        text = log.read_text(errors="replace")
+        result: dict[str, Any] = {"command": " ".join(command[1:]), "exit_code": code, "wall_s": round(wall, 1),
+                                  "load_average": [round(before, 2), round(after, 2)],
+                                  "log": text.strip().splitlines()[-5:],
+                                  "said_busy": "the machine is busy" in text}
+        if code == 0:
+            result["peak_rss_mib"] = round(int(rss_file.read_text()) / 1024) if rss_file.exists() else None
+            summary = json.loads((out / "run" / "summary.json").read_text())
+            result["cos_pc1_axis"] = summary["target"]["cos_pc1_axis"]
+            result["default_pc1_fraction"] = summary["default_position"]["pc1_fraction"]
         shutil.rmtree(out, ignore_errors=True)
+        return result
+
+    def quick(self) -> None:
+        result = self._run_quick()
+        if result["exit_code"] != 0:
+            self.results["quick_preset"] = {"skipped": True, **result}
+            self.section("Quick preset", f"skipped: `{result['command']}` exited with {result['exit_code']}",
+                         ["    " + line for line in result["log"]])
+            return
+        self.results["quick_preset"] = result
+        wall, peak = result["wall_s"], result["peak_rss_mib"]
+        rows = [["wall time", f"{wall / 60:.1f} min ({wall:.0f} s)"], ["peak memory (RSS)", f"{peak:,} MiB"]]
+        self.section("Quick preset (`personaxis run --preset quick`)", rows_table(["", ""], rows),
+                     self.busy_note(*result["load_average"]))
+
+    def _gen_rate(self, *, hog: bool, adapt: bool) -> dict[str, Any]:
+        """Rollouts per second of a fresh process generating quick-preset-sized answers, with or without one other
+        CPU-bound process, with the thread choice of :mod:`personaxis.threads` or torch's default (all CPUs, spinning
+        OpenMP threads)."""
+        n, new = (16, 4) if self.args.quick else (128, 8)
+        code = GEN_RATE.format(model=repr(self.args.model), n=n, new=new, adapt=adapt)
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "KMP_BLOCKTIME", "OMP_NUM_THREADS")}
+        hogs = start_hogs(1 if hog else 0)
+        try:
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                                  timeout=600)
+        except subprocess.TimeoutExpired:
+            return {"hog": hog, "adapt": adapt, "rollouts_per_s": None, "timed_out": True}
+        finally:
+            stop_hogs(hogs)
+        if proc.returncode != 0:
+            return {"hog": hog, "adapt": adapt, "rollouts_per_s": None, "error": proc.stderr.strip()[-500:]}
+        return {"hog": hog, "adapt": adapt, **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+    def onepass(self) -> None:
+        """The quick preset in one pass (activations captured while generating) and in two (teacher-forced), and
+        generation and the quick preset with one other CPU-bound process running."""
+        before = load()
+        rates = {(hog, adapt): self._gen_rate(hog=hog, adapt=adapt)
+                 for hog, adapt in ((False, True), (True, True), (True, False))}
+        one = self._run_quick()
+        two = self._run_quick(["--extract", "teacher-forced"])
+        busy = self._run_quick(hog=True)
+        after = load()
+        quiet_rate = rates[(False, True)].get("rollouts_per_s")
+        self.results["one_pass"] = {"generation": list(rates.values()), "one_pass": one, "two_pass": two,
+                                    "busy": busy}
+
+        def ratio(a: Any, b: Any) -> str:
+            return f"{a / b:.0%}" if a and b else "n/a"
+
+        rows = []
+        for label, r in (("one pass (captured)", one), ("two passes (teacher-forced)", two),
+                         ("one pass, one other CPU-bound process", busy)):
+            ok = r["exit_code"] == 0
+            rows.append([label, f"{r['wall_s']:.0f} s" if ok else f"exit {r['exit_code']}",
+                         f"{r.get('peak_rss_mib') or 0:,} MiB" if ok else "", f"{r.get('cos_pc1_axis', float('nan')):.5f}",
+                         f"{r.get('default_pc1_fraction', float('nan')):.5f}"])
+        notes = [f"Two passes / one pass: {ratio(two['wall_s'], one['wall_s'])} of the wall time; busy / quiet "
+                 f"throughput of the quick preset: {ratio(one['wall_s'], busy['wall_s'])}"
+                 + (" (it said the machine was busy)." if busy.get("said_busy") else ".")]
+        gen_rows = [[("one other CPU-bound process" if r["hog"] else "quiet"),
+                     "personaxis.threads" if r["adapt"] else "torch's default (all CPUs, spinning waits)",
+                     r.get("threads", ""), f"{r['rollouts_per_s']:.1f}" if r.get("rollouts_per_s") else "n/a",
+                     ratio(r.get("rollouts_per_s"), quiet_rate)] for r in rates.values()]
+        self.section("Quick preset in one pass, and on a busy machine",
+                     rows_table(["run", "wall", "peak RSS", "cos(PC1, axis)", "default on PC1"], rows) + "\n\n"
+                     + rows_table(["machine", "threads chosen by", "threads", "rollouts/s", "of quiet"], gen_rows),
+                     notes + self.busy_note(before, after))
 
     def run(self) -> None:
         for name in self.args.sections:
@@ -763,7 +871,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="model folder or id (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {','.join(SECTIONS)}")
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run in about a minute")
-    p.add_argument("--skip-quick", action="store_true", help="skip the quick-preset run (minutes)")
+    p.add_argument("--skip-quick", action="store_true", help="skip the quick-preset runs (minutes)")
     p.add_argument("--batches", default=None, help="generation batch sizes (default 1,16,64)")
     p.add_argument("--new-tokens", type=int, default=None, help="new tokens per answer (default 64)")
     p.add_argument("--min-prompts", type=int, default=None, help="answers per batch size at least (default 4)")
@@ -804,8 +912,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         p.error(f"unknown sections {unknown}; choose from {','.join(SECTIONS)}")
-    if args.skip_quick and "quick" in sections:
-        sections.remove("quick")
+    if args.skip_quick:
+        sections = [s for s in sections if s not in ("quick", "onepass")]
     args.sections = [s for s in SECTIONS if s in sections]
     if small:
         args.monitor_turns = min(args.monitor_turns, 4)

@@ -188,6 +188,7 @@ def _run(c: Ctx, *extra: str, out: str | Path | None = None) -> list[str]:
 
 CLI_CASES: list[CliCase] = [
     CliCase("run-unknown-preset", lambda c: _run(c, "--preset", "huge"), r"unknown preset 'huge'; choose one of"),
+    CliCase("run-unknown-extract", lambda c: _run(c, "--extract", "twice"), r"unknown extraction mode 'twice'; choose one of"),
     CliCase("run-one-role", lambda c: _run(c, "--roles", "1"), r"at least 2 roles, got 1"),
     CliCase("run-six-prompts", lambda c: _run(c, "--prompts", "6"), r"5 system prompts per role"),
     CliCase("run-unknown-role", lambda c: _run(c, "--role", "no-such-role", "--role", "pirate"),

@@ -46,5 +46,11 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     assert [r["clients"] for r in serving["batched"]] == [1, 4] and all(r["tokens_per_s"] > 0 for r in serving["batched"])
     assert all(r["tokens_per_s"] > 0 for r in serving["one_at_a_time"])
     assert results["quick_preset"]["skipped"]  # stopped after half a second: reported as skipped, not a crash
-    for title in ("Machine limits", "Generation", "Extraction", "Interventions", "Monitoring", "Serving", "Quick preset"):
+    one_pass = results["one_pass"]
+    assert [(r["hog"], r["adapt"]) for r in one_pass["generation"]] == [(False, True), (True, True), (True, False)]
+    assert all(r["rollouts_per_s"] > 0 for r in one_pass["generation"])
+    assert {"one_pass", "two_pass", "busy"} <= set(one_pass)
+    assert "--extract teacher-forced" in one_pass["two_pass"]["command"]
+    for title in ("Machine limits", "Generation", "Extraction", "Interventions", "Monitoring", "Serving", "Quick preset",
+                  "Quick preset in one pass, and on a busy machine"):
         assert title in proc.stdout

@@ -53,7 +53,7 @@ def test_ray_run_equals_local_run_and_resumes(tmp_path, tiny_model_dir, executor
     Pipeline(local, settings, show_progress=False).run()
     pipeline = Pipeline(distributed, settings, show_progress=False, executor=executor)
     done = pipeline.run()
-    assert done["generate"] == done["extract"] == len(pipeline.units) == 12
+    assert done["generate"] == len(pipeline.units) == 12 and done["extract"] == 0  # captured while generating
     assert pipeline._lm is None, "the driver must not load the model: the workers do"
     assert len(executor._workers) == 2
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -150,3 +152,43 @@ def test_embedded_model_gives_the_same_text_and_activations(embedded_lm):
         plain_means = torch.stack([t.means for t in extract_turn_means(embedded_lm, rollouts)])
     assert [g.text for g in ours] == [g.text for g in plain]
     assert _relative_error(means, plain_means) < 1e-4
+
+
+def _resident_kb(path) -> int:
+    """Resident kB of this process's mappings of ``path``."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as handle:
+        for line in handle:
+            head = line.split()
+            if "-" in head[0] and not head[0].endswith(":"):
+                inside = line.rstrip().endswith(str(path))
+            elif inside and head[0] == "Rss:":
+                total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc/self/smaps are Linux's")
+def test_released_pages_leave_memory_and_keep_their_values(tmp_path):
+    """A weight mapped from its file (as transformers maps safetensors) leaves the resident set once packed and reads
+    the same afterwards; a weight changed in memory keeps its change."""
+    values = torch.randn(1024, 512)
+    path = tmp_path / "weights.bin"
+    values.numpy().tofile(path)
+    mapped = torch.from_file(str(path), shared=False, size=values.numel()).view(1024, 512)
+    assert torch.equal(mapped, values) and _resident_kb(path) >= 1024 * 512 * 4 // 1024 - 8
+    assert kernels.release_pages(mapped)
+    assert _resident_kb(path) < 64
+    assert torch.equal(mapped, values)  # read again from the file
+    mapped[0, 0] = 42.0  # a written (copy-on-write) page: never dropped
+    assert kernels.release_pages(mapped)
+    assert float(mapped[0, 0]) == 42.0 and torch.equal(mapped[1:], values[1:])
+    del mapped
+    layer = nn.Linear(512, 1024, bias=False)
+    layer.weight = nn.Parameter(torch.from_file(str(path), shared=False, size=values.numel()).view(1024, 512),
+                                requires_grad=False)
+    use_onednn_linears(layer, pack=True)
+    x = torch.randn(3, 512)
+    with torch.inference_mode():
+        got = layer(x)
+    assert _resident_kb(path) < 64  # packing released the original
+    torch.testing.assert_close(got, x @ values.t(), rtol=1e-5, atol=1e-4)

@@ -15,6 +15,7 @@ import torch
 from tiny import tiny_model
 
 from personaxis.axis import Axis
+from personaxis.capture import extract_extra
 from personaxis.pipeline import STAGES, Pipeline, open_existing
 from personaxis.settings import RunSettings
 from personaxis.store import RunDirError
@@ -45,7 +46,9 @@ def test_run_outputs_and_resume_does_no_work(tmp_path, tiny_model_dir):
     settings = _settings(str(tiny_model_dir))
     done = Pipeline(out, settings, show_progress=False).run()
     n_units = 5 + 5 + 2  # roles x 1 prompt, default x 5 prompts, 1 trait x 2 sides
-    assert done["generate"] == n_units and done["extract"] == n_units and done["judge"] == 5
+    # The generate stage wrote the activation files too (captured while generating): extract has nothing left.
+    assert done["generate"] == n_units and done["extract"] == 0 and done["judge"] == 5
+    assert len(list((out / "activations").rglob("*.safetensors"))) == n_units
     summary = json.loads((out / "summary.json").read_text())
     for key in ("model", "n_layers", "target_layer", "layers", "roles", "default_position"):
         assert key in summary
@@ -88,9 +91,20 @@ def test_resume_with_other_settings_is_refused(tmp_path, tiny_model_dir):
         Pipeline(out, _settings(str(tiny_model_dir), max_new_tokens=7), show_progress=False).open()
 
 
+def test_the_pipeline_frees_the_model_it_loaded_after_extraction(tmp_path, tiny_model_dir):
+    own = Pipeline(tmp_path / "own", _settings(str(tiny_model_dir)), show_progress=False)
+    own.run(["generate", "extract"])
+    assert own._lm is None  # the judge and later stages run without it
+    lm = tiny_model("llama")
+    given = Pipeline(tmp_path / "given", _settings(str(tiny_model_dir)), lm=lm, show_progress=False)
+    given.run(["generate", "extract"])
+    assert given._lm is lm  # the caller's model is the caller's
+
+
 def test_stage_order_is_enforced(tmp_path, tiny_model_dir):
     out = tmp_path / "run"
-    Pipeline(out, _settings(str(tiny_model_dir)), show_progress=False).run(["generate"])
+    forced = _settings(str(tiny_model_dir), extra=extract_extra("teacher-forced"))  # generate writes no activations
+    Pipeline(out, forced, show_progress=False).run(["generate"])
     with pytest.raises(RunDirError, match="'extract' stage are not done"):
         open_existing(out, show_progress=False).run(["vectors"])
 

@@ -13,6 +13,10 @@ benchmark's comparisons):
   masked gaps (between a shared prefix and the rest of a prompt, or left padding).
 - ``"hf"``: transformers' ``model.generate`` on length-sorted static batches (kept for comparison).
 
+With a :class:`personaxis.capture.ResponseCapture`, the fast engine records the block outputs of the generated tokens
+as it feeds them back (one more step, the blocks only, for last tokens generation never feeds back), so that response
+activations need no second pass.
+
 Interventions (steering, capping) are active at every position, prompt and generated alike, never at padding: every
 forward call passes ``attention_mask=`` of shape ``[batch, past + current]``, which the hooks of
 :mod:`personaxis.hooks` read. Sampling (``temperature > 0``) draws each answer from its own generator seeded from
@@ -24,17 +28,22 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
 
 from personaxis.activations import length_batches, pad_batch
 from personaxis.chat import Conversation, render_prompt
+from personaxis.hooks import residual_hooks
 from personaxis.interventions import Interventions, apply_interventions
 from personaxis.models import LoadedModel
 from personaxis.progress import progress_bar
+
+if TYPE_CHECKING:
+    from personaxis.capture import ResponseCapture
 
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
 
@@ -127,8 +136,10 @@ def generate(
     show_progress: bool = False,
     desc: str = "generate",
     engine: Engine = "fast",
+    capture: ResponseCapture | None = None,
 ) -> list[Generation]:
-    """Generate one assistant answer for each conversation (each must end with a user turn)."""
+    """Generate one assistant answer for each conversation (each must end with a user turn). ``capture`` records the
+    answers' block outputs as they are generated (fast engine only; see :mod:`personaxis.capture`)."""
     config = config or SamplingConfig()
     prompts = [render_prompt(lm.tokenizer, c, lm.profile) for c in conversations]
     limit = lm.profile.max_context
@@ -142,7 +153,8 @@ def generate(
     bar = progress_bar(total=len(prompts), desc=desc, unit="answer", disable=not show_progress)
     try:
         new = generate_ids(
-            lm, prompts, config, interventions=interventions, stop_ids=stops, engine=engine, on_done=bar.update
+            lm, prompts, config, interventions=interventions, stop_ids=stops, engine=engine, on_done=bar.update,
+            capture=capture,
         )
     finally:
         bar.close()
@@ -164,12 +176,14 @@ def generate_ids(
     min_new_tokens: int = 0,
     engine: Engine = "fast",
     on_done: Callable[[int], Any] | None = None,
+    capture: ResponseCapture | None = None,
 ) -> list[list[int]]:
     """New token ids for each tokenised prompt, up to and including the stop token that ended it.
 
     ``stop_ids`` defaults to the tokenizer's end-of-turn tokens; ``min_new_tokens`` forbids them until that many
     tokens were generated (``min_new_tokens = max_new_tokens`` gives answers of equal length, for benchmarks).
-    ``on_done(n)`` is called as answers finish.
+    ``on_done(n)`` is called as answers finish. ``capture`` (fast engine only) records the block outputs of the
+    generated tokens (see :mod:`personaxis.capture`).
     """
     config = config or SamplingConfig()
     if engine not in ENGINES:
@@ -178,12 +192,14 @@ def generate_ids(
         return []
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    if capture is not None and engine != "fast":
+        raise ValueError("capturing activations needs the fast generation engine")
     stops = stop_token_ids(lm.tokenizer) if stop_ids is None else [int(s) for s in stop_ids]
     min_new = min(max(0, min_new_tokens), config.max_new_tokens)
     with apply_interventions(lm, interventions):
         if engine == "hf":
             return _generate_hf(lm, prompts, config, stops, min_new, on_done)
-        return _FastGenerator(lm, prompts, config, stops, min_new, on_done).run()
+        return _FastGenerator(lm, prompts, config, stops, min_new, on_done, capture).run()
 
 
 # --- the transformers engine ----------------------------------------------------------------------------------------
@@ -472,8 +488,10 @@ class _FastGenerator:
         stops: list[int],
         min_new: int,
         on_done: Callable[[int], Any] | None,
+        capture: ResponseCapture | None = None,
     ) -> None:
         self.lm = lm
+        self.capture = capture
         self.model = lm.model
         self.prompts = [list(p) for p in prompts]
         self.config = config
@@ -666,6 +684,7 @@ class _FastGenerator:
             batch.next_tokens.index_select(0, index),
             [batch.outputs[i] for i in keep],
         )
+        out.finished = [batch.finished[i] for i in keep]
         if self.buffered:
             self._trim(out)
         return out
@@ -724,27 +743,70 @@ class _FastGenerator:
         can_admit = bool(self.queue) and (self.buffered or live == 0)
         wants_admit = can_admit and free >= min(threshold, len(self.queue))
         if live == 0:
+            if self._unfed(batch):
+                self._step(batch, sample=False)  # the blocks only, for the capture of the last tokens
             return self._admit(None, self.max_rows) if self.queue else None
         if wants_admit or batch.n_finished >= max(1, math.ceil(len(batch) * REFILL_FRACTION)):
-            batch = self._select(batch, [i for i, done in enumerate(batch.finished) if not done])
+            unfed = self._unfed(batch)  # they stay until the next step has fed their last token
+            batch = self._select(batch, [i for i, done in enumerate(batch.finished) if not done or i in unfed])
         if wants_admit:
             batch = self._admit(batch, free)
         return batch
 
-    def _step(self, batch: _Batch) -> None:
+    def _step(self, batch: _Batch, *, sample: bool = True) -> None:
+        """Feed each row its last token; with ``sample``, choose and record the next one (else run the blocks only,
+        for a capture of tokens that generation itself would not feed back)."""
         ones = batch.mask.new_ones((len(batch), 1))
         batch.mask = torch.cat([batch.mask, ones], dim=1)
         positions = (batch.mask.sum(dim=1, keepdim=True) - 1).clamp(min=0)
-        logits = self._forward(batch.next_tokens.unsqueeze(1), batch.mask, positions, batch.cache)
+        self._plan_capture(batch)
+        try:
+            if not sample:
+                self.lm.base_model(input_ids=batch.next_tokens.unsqueeze(1), attention_mask=batch.mask,
+                                   position_ids=positions, use_cache=True, **{self.base_cache_kw: batch.cache})
+                return
+            logits = self._forward(batch.next_tokens.unsqueeze(1), batch.mask, positions, batch.cache)
+        finally:
+            if self.capture is not None:
+                self.capture.end_step()
         tokens = self._choose(logits, batch.rows, [len(o) for o in batch.outputs])
         batch.next_tokens = tokens
         self._record(batch, tokens)
 
+    # -- capture of the generated tokens' block outputs -----------------------------------------------------------
+
+    def _capture_rows(self, batch: _Batch) -> list[int]:
+        """Rows whose input token of the next step is still to be recorded: every running row, and finished rows
+        whose last token (not an end-of-turn token) was not fed back yet."""
+        assert self.capture is not None
+        stops = set(self.stops)
+        return [
+            i for i, (row, out) in enumerate(zip(batch.rows, batch.outputs, strict=True))
+            if self.capture.wants(row, len(out) - 1) and not (batch.finished[i] and out[-1] in stops)
+        ]
+
+    def _plan_capture(self, batch: _Batch) -> None:
+        if self.capture is not None:
+            rows = self._capture_rows(batch)
+            self.capture.begin_step(rows, [batch.rows[i] for i in rows], [len(batch.outputs[i]) - 1 for i in rows])
+
+    def _unfed(self, batch: _Batch) -> set[int]:
+        """Finished rows whose last token a capture still needs fed back."""
+        if self.capture is None:
+            return set()
+        return {i for i in self._capture_rows(batch) if batch.finished[i]}
+
     def run(self) -> list[list[int]]:
-        batch = self._refill(None)
-        while batch is not None:
-            if batch.n_finished < len(batch):
-                self._step(batch)
-            batch = self._refill(batch)
+        with residual_hooks(self.lm, readers=self.capture.readers()) if self.capture is not None else nullcontext():
+            if self.capture is not None:
+                self.capture.start(self.prompts, self.config.max_new_tokens)
+            batch = self._refill(None)
+            while batch is not None:
+                if batch.n_finished < len(batch):
+                    self._step(batch)
+                batch = self._refill(batch)
         assert all(r is not None for r in self.results)
-        return [r for r in self.results if r is not None]
+        results = [r for r in self.results if r is not None]
+        if self.capture is not None:
+            self.capture.finish(results)
+        return results

@@ -22,6 +22,7 @@ import os
 import platform
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -74,6 +75,88 @@ def pack_weight(weight: Tensor) -> Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
 
+_MADV_DONTNEED = 4
+_MADV_PAGEOUT = 21  # Linux 5.4+
+
+
+def _madvise() -> Any:
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    libc.madvise.restype = ctypes.c_int
+    return libc.madvise
+
+
+# File mappings checked for written pages: (start, end, inode, path) → never written. /proc/self/smaps takes ~0.1 s
+# to read, so each mapping is checked once (a model's weights file is one mapping; weights are not written after
+# loading, and a written tensor has a version above 0, see ``release_pages``).
+_CLEAN_MAPPINGS: dict[tuple[int, int, str, str], bool] = {}
+
+
+def _mapping_of(address: int, end: int) -> tuple[int, int, str, str] | None:
+    """The file mapping holding ``[address, end)`` (from /proc/self/maps), or None (anonymous memory, unknown)."""
+    with open("/proc/self/maps", encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            head = line.split(maxsplit=5)
+            low, high = (int(x, 16) for x in head[0].split("-"))
+            if low <= address and end <= high:
+                path = head[5].strip() if len(head) == 6 else ""
+                return (low, high, head[4], path) if path.startswith("/") and head[4] != "0" else None
+    return None
+
+
+def _clean_file_mapping(address: int, end: int) -> bool:
+    """Whether ``[address, end)`` lies in one private mapping of a file none of whose pages was written (no
+    anonymous copy-on-write pages): dropping such pages loses nothing, they are read again from the file."""
+    try:
+        mapping = _mapping_of(address, end)
+        if mapping is None:
+            return False
+        if mapping not in _CLEAN_MAPPINGS:
+            header = f"{mapping[0]:x}-{mapping[1]:x} "
+            with open("/proc/self/smaps", encoding="utf-8", errors="replace") as handle:
+                inside = False
+                for line in handle:
+                    if line.startswith(header):
+                        inside = True
+                    elif inside and line.startswith("Anonymous:"):
+                        _CLEAN_MAPPINGS[mapping] = int(line.split()[1]) == 0
+                        break
+        return _CLEAN_MAPPINGS.get(mapping, False)
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def release_pages(tensor: Tensor) -> bool:
+    """Take the memory pages of a CPU tensor no longer read in the hot path (an original weight once packed) out of
+    this process's resident set. transformers maps safetensors weights from the file: such pages, never written, are
+    dropped and read again from the file if the tensor is used again; other pages are only offered to the kernel
+    for reclaim (``MADV_PAGEOUT``: kept, or swapped out). The tensor's values never change. Returns whether the
+    kernel accepted the request (Linux only)."""
+    if not tensor.is_cpu or tensor.numel() == 0 or platform.system() != "Linux":
+        return False
+    global _MADVISE
+    try:
+        if _MADVISE is None:
+            _MADVISE = _madvise()
+        page = os.sysconf("SC_PAGE_SIZE")
+        first = tensor.data_ptr()
+        last = first + tensor.numel() * tensor.element_size()
+        start, end = -(-first // page) * page, last // page * page  # whole pages inside the tensor only
+        if end <= start:
+            return False
+        clean = _version(tensor) == 0 and _clean_file_mapping(first, last)
+        advice = _MADV_DONTNEED if clean else _MADV_PAGEOUT
+        return _MADVISE(start, end - start, advice) == 0
+    except (OSError, AttributeError, ValueError):  # pragma: no cover - no libc, or an unusual platform
+        return False
+
+
+_MADVISE: Any = None
+
+
 def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)`` through oneDNN; ``weight`` plain or from :func:`pack_weight`."""
     # ``.default``: the overload itself, skipping the per-call overload resolution (2 µs of ~15 µs per call).
@@ -94,6 +177,7 @@ class OneDNNLinear(nn.Linear):
         if self._onednn_key != key or self._onednn_weight is None:
             self._onednn_weight = pack_weight(weight)
             self._onednn_key = key
+            release_pages(weight)  # the packed copy serves the forward: the original need not stay resident
         return self._onednn_weight
 
     def forward(self, x: Tensor) -> Tensor:

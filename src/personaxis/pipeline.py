@@ -4,11 +4,16 @@ Units of work are (condition, system prompt): ``rollouts/<condition>/p<k>.json``
 ``activations/<condition>/p<k>.safetensors`` and ``judgments/<condition>/p<k>.json``. A unit's file is written
 atomically once the unit is complete, so a run killed at any instant resumes with ``personaxis run`` on the same
 directory, redoing nothing finished and losing nothing written.
+
+With the transformers backend the generate stage also writes the activation files, from activations captured while
+generating (:mod:`personaxis.capture`); the extract stage then extracts teacher-forced only what is left (rollouts of
+other backends, imported ones, a run with ``extra["extract"] = "teacher-forced"``).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -35,6 +40,7 @@ from personaxis.store import (
 
 if TYPE_CHECKING:
     from personaxis.backends import GenerationBackend
+    from personaxis.threads import ThreadBudget
 
 STAGES = ("generate", "extract", "judge", "vectors", "axis", "space")
 # Settings that only change how vectors are made from judged rollouts: a run may be asked again with others.
@@ -75,10 +81,12 @@ class Pipeline:
         self.settings = settings
         self._lm = lm
         self.placement = placement  # where the model is loaded (device, dtype, …), when it is
+        self._owns_lm = lm is None  # loaded by the pipeline itself: freed once the stages that use it are done
         self._backend: GenerationBackend | None = None
         self.executor = executor
         self.log = log or (lambda message: None)
         self.show_progress = show_progress
+        self._threads: ThreadBudget | None = None
         self.work_done: dict[str, int] = {stage: 0 for stage in STAGES}
         model_name = lm.profile.name if lm is not None else self._model_display_name()
         self.conditions = build_conditions(settings, model_name)
@@ -271,12 +279,29 @@ class Pipeline:
         if self.executor is not None:
             return self.executor.run_chunks(self, stage, chunks, on_done)
         work = self.generate_units if stage == "generate" else self.extract_units
+        threads = self._thread_budget()
         done = 0
         for chunk in chunks:
+            threads.update()  # fewer threads while other processes hold CPUs (see personaxis.threads)
             n = work(chunk)
             done += n
             on_done(n)
         return done
+
+    def _thread_budget(self) -> ThreadBudget:
+        """The thread budget of this run, measured once before its first chunk of work."""
+        if self._threads is None:
+            from personaxis.threads import ThreadBudget
+
+            self._threads = ThreadBudget(self._log_over_bars)
+            self._threads.settle()
+        return self._threads
+
+    def _log_over_bars(self, message: str) -> None:
+        from tqdm.auto import tqdm
+
+        with tqdm.external_write_mode(file=sys.stderr):
+            self.log(message)
 
     def stage_generate(self) -> None:
         todo = [u for u in self.units if not self.rollout_path(u).is_file()]
@@ -290,10 +315,21 @@ class Pipeline:
         bar.close()
         self.release_backend()
 
+    def _capture(self) -> Any:
+        """A capture for the backend's next call, when it records activations and the run extracts that way."""
+        from personaxis.capture import extract_mode
+
+        if extract_mode(self.settings) != "capture" or not getattr(self.backend, "captures", False):
+            return None
+        return self.backend.new_capture()
+
     def generate_units(self, units: Sequence[Unit]) -> int:
-        """Generate the rollouts of ``units`` in one batched call and write each unit's file; return units written."""
+        """Generate the rollouts of ``units`` in one batched call and write each unit's file; return units written.
+        A backend that captures activations while generating also writes their activation files."""
         conversations = [build_conversation(u.system_prompt, q.question) for u in units for q in self.questions]
-        answers = iter(self.backend.generate(conversations, self._sampling_config()))
+        capture = self._capture()
+        kwargs = {"capture": capture} if capture is not None else {}
+        answers = iter(self.backend.generate(conversations, self._sampling_config(), **kwargs))
         for unit in units:
             rollouts = []
             for q in self.questions:
@@ -304,35 +340,75 @@ class Pipeline:
                 "condition": unit.condition.name, "kind": unit.condition.kind, "prompt_index": unit.prompt_index,
                 "system_prompt": unit.system_prompt, "rollouts": rollouts,
             })
+        if capture is not None:
+            self._write_captured(units, capture)
         return len(units)
+
+    def _write_captured(self, units: Sequence[Unit], capture: Any) -> None:
+        """Activation files from a capture; rollouts it cannot give (see :mod:`personaxis.capture`) are extracted
+        teacher-forced."""
+        per_unit = [[r for r in self.read_rollouts(u) if r["answer"].strip()] for u in units]
+        index = {r["id"]: i for i, r in enumerate(r for u in units for r in self.read_rollouts(u))}
+        acts: dict[str, Any] = {}
+        missing: list[tuple[str, Any]] = []
+        for unit, rollouts in zip(units, per_unit, strict=True):
+            for r in rollouts:
+                conversation = build_conversation(unit.system_prompt, r["question"], r["answer"])
+                captured = capture.turn_activations(index[r["id"]], conversation)
+                if captured is None:
+                    missing.append((r["id"], conversation))
+                else:
+                    acts[r["id"]] = captured
+        if missing:
+            from personaxis.activations import extract_turn_means
+
+            acts.update(zip([key for key, _ in missing], extract_turn_means(self.lm, [c for _, c in missing]),
+                            strict=True))
+        for unit, rollouts in zip(units, per_unit, strict=True):
+            self._write_activations(unit, rollouts, [acts[r["id"]] for r in rollouts])
 
     def stage_extract(self) -> None:
         self._require([self.rollout_path(u) for u in self.units], "generate")
         todo = [u for u in self.units if not self.activation_path(u).is_file()]
         self.log(f"extract: {len(self.units) - len(todo)} of {len(self.units)} units done, {len(todo)} to go")
-        if not todo:
+        if todo:
+            bar = progress_bar(total=len(todo), desc="extract activations", unit="unit", disable=not self.show_progress)
+            self.work_done["extract"] += self._run_chunks("extract", self._chunks(todo, 128), bar.update)
+            bar.close()
+        self.release_model()
+
+    def release_model(self) -> None:
+        """Free the run's model if the pipeline loaded it (the later stages read activation files only): the judge
+        stage then runs without the model's memory."""
+        if not self._owns_lm or self._lm is None:
             return
-        bar = progress_bar(total=len(todo), desc="extract activations", unit="unit", disable=not self.show_progress)
-        self.work_done["extract"] += self._run_chunks("extract", self._chunks(todo, 128), bar.update)
-        bar.close()
+        import gc
+
+        self.release_backend()
+        self._lm = None
+        gc.collect()
+        _return_free_memory()
 
     def extract_units(self, units: Sequence[Unit]) -> int:
         """Extract the activations of ``units``' rollouts in one batched call and write each unit's file."""
         from personaxis.activations import extract_turn_means
 
-        dtype = getattr(torch, self.settings.store_dtype)
-        n_layers, hidden = self.lm.profile.n_layers, self.lm.profile.hidden_size
         per_unit = [[r for r in self.read_rollouts(u) if r["answer"].strip()] for u in units]
         conversations = [build_conversation(u.system_prompt, r["question"], r["answer"])
                          for u, rollouts in zip(units, per_unit, strict=True) for r in rollouts]
         acts = iter(extract_turn_means(self.lm, conversations) if conversations else [])
         for unit, rollouts in zip(units, per_unit, strict=True):
-            unit_acts = [next(acts) for _ in rollouts]
-            means = torch.stack([a.means[0] for a in unit_acts]) if unit_acts else torch.zeros((0, n_layers, hidden))
-            norms = torch.stack([a.norms[0] for a in unit_acts]) if unit_acts else torch.zeros((0, n_layers))
-            atomic_save_tensors(self.activation_path(unit), {"means": means.to(dtype), "norms": norms},
-                                {"ids": json.dumps([r["id"] for r in rollouts])})
+            self._write_activations(unit, rollouts, [next(acts) for _ in rollouts])
         return len(units)
+
+    def _write_activations(self, unit: Unit, rollouts: Sequence[dict[str, Any]], unit_acts: Sequence[Any]) -> None:
+        """One unit's activation file: the means and norms of its rollouts' answers, in order."""
+        dtype = getattr(torch, self.settings.store_dtype)
+        n_layers, hidden = self.lm.profile.n_layers, self.lm.profile.hidden_size
+        means = torch.stack([a.means[0] for a in unit_acts]) if unit_acts else torch.zeros((0, n_layers, hidden))
+        norms = torch.stack([a.norms[0] for a in unit_acts]) if unit_acts else torch.zeros((0, n_layers))
+        atomic_save_tensors(self.activation_path(unit), {"means": means.to(dtype), "norms": norms},
+                            {"ids": json.dumps([r["id"] for r in rollouts])})
 
     def read_activations(self, unit: Unit) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         from safetensors import safe_open
@@ -435,6 +511,16 @@ def corrupted_unit(path: Path) -> Iterator[None]:
     except Exception as exc:  # noqa: BLE001 - JSON, safetensors and shape errors all mean "this file is damaged"
         raise RunDirError(f"{path}: damaged unit file ({type(exc).__name__}: {exc}); delete it and rerun "
                           "`personaxis run` on the same --out to redo that unit") from None
+
+
+def _return_free_memory() -> None:
+    """Hand memory freed by the process back to the system (glibc keeps freed small blocks for reuse)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def open_existing(out: str | Path, **kwargs: Any) -> Pipeline:

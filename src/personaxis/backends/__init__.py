@@ -9,8 +9,9 @@ Two backends write the same rollout format (:class:`personaxis.generation.Genera
 The backend is recorded in the run's settings (``settings.extra["backend"]``, only when it is not the default)
 because greedy text from another engine differs in the last bits of its arithmetic, hence sometimes in its tokens.
 
-Activations are always extracted teacher-forced through transformers, on the model placed as by every other command
-(``--device``/``--dtype``, :class:`personaxis.models.ModelPlacement`): on a machine with CUDA in bfloat16 (or
+The transformers backend records the answers' activations while it generates them (:mod:`personaxis.capture`);
+rollouts of other backends are extracted teacher-forced through transformers, on the model placed as by every other
+command (``--device``/``--dtype``, :class:`personaxis.models.ModelPlacement`): on a machine with CUDA in bfloat16 (or
 ``settings.extra["dtype"]``) with ``device_map="auto"``: one GPU when the model fits, else sharded across every
 visible GPU (and offloaded to CPU memory beyond that).
 """
@@ -21,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from personaxis.capture import ResponseCapture
     from personaxis.chat import Conversation
     from personaxis.generation import Generation, SamplingConfig
     from personaxis.models import LoadedModel, ModelPlacement
@@ -47,14 +49,23 @@ class TransformersBackend:
     """personaxis's own batched generation on a transformers model (loaded on first use)."""
 
     name = "transformers"
+    # Records the answers' block outputs while generating (the pipeline then skips their teacher-forced extraction).
+    captures = True
 
     def __init__(self, lm: Callable[[], LoadedModel]) -> None:
         self._lm = lm
 
-    def generate(self, conversations: Sequence[Conversation], config: SamplingConfig) -> list[Generation]:
+    def generate(self, conversations: Sequence[Conversation], config: SamplingConfig, *,
+                 capture: ResponseCapture | None = None) -> list[Generation]:
         from personaxis.generation import generate
 
-        return generate(self._lm(), conversations, config)
+        return generate(self._lm(), conversations, config, capture=capture)
+
+    def new_capture(self) -> ResponseCapture:
+        """A capture of every layer for :meth:`generate`."""
+        from personaxis.capture import ResponseCapture
+
+        return ResponseCapture(self._lm())
 
     def close(self) -> None:
         """Nothing to free: the model stays loaded for the extraction stage."""

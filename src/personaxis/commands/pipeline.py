@@ -25,12 +25,14 @@ def _settings(preset: str, model: str, roles: int | None, role: list[str] | None
               min_count: int | None, layer: int | None, roles_dir: Path | None, questions_file: Path | None,
               temperature: float | None, seed: int | None, batch_size: int | None, backend: str = "transformers",
               data: Path | None = None, vectors: str | None = None, top_p: float | None = None,
-              judge_traits: bool | None = None):
+              judge_traits: bool | None = None, extract: str = "capture"):
     from personaxis.backends import backend_extra
+    from personaxis.capture import extract_extra
     from personaxis.settings import RunSettings
 
     extra = {"batch_size": batch_size} if batch_size is not None else {}
     extra.update(backend_extra(backend))
+    extra.update(extract_extra(extract))
     return RunSettings.from_preset(
         preset, model=model, n_roles=roles, role_names=tuple(role) if role else None, prompts_per_role=prompts,
         n_questions=questions, n_traits=traits, max_new_tokens=max_new_tokens, judge=judge, min_count=min_count,
@@ -72,6 +74,7 @@ def register(app: typer.Typer) -> None:
         seed: int | None = typer.Option(None),
         batch_size: int | None = typer.Option(None, help="Generation batch size."),
         backend: str = typer.Option("transformers", help="Generation backend: transformers, or vllm (CUDA GPUs; needs the vllm extra of personaxis)."),
+        extract: str = typer.Option("capture", help="Activations: 'capture' them while generating (transformers backend; other backends' rollouts are extracted afterwards), or 'teacher-forced' (a second pass over every rollout)."),
         ray: str | None = typer.Option(None, "--ray", help="Shard generation and extraction over a Ray cluster: its ADDRESS, or 'local' (needs the ray extra of personaxis)."),
         gpus_per_worker: float | None = typer.Option(None, help="GPUs per Ray worker (default 1 when the cluster has GPUs; more for models that need several)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
@@ -87,7 +90,7 @@ def register(app: typer.Typer) -> None:
         with user_errors():
             settings = _settings(preset, model, roles, role, prompts, questions, traits, max_new_tokens, judge,
                                  min_count, layer, roles_dir, questions_file, temperature, seed, batch_size, backend,
-                                 data, vectors, top_p, judge_traits)
+                                 data, vectors, top_p, judge_traits, extract)
             executor = None
             if ray is not None:
                 from personaxis.distributed import RayExecutor
