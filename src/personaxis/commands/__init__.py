@@ -31,16 +31,26 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) <= 2000 else text[:1999] + "…"
 
 
+def _close_progress_bars() -> None:
+    """Close the progress bars an error left open, so that the error starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn known input errors into one ``error: …`` line on stderr and exit code 2."""
     try:
         yield
     except RecursionError:
+        _close_progress_bars()
         typer.echo("error: the input is nested too deeply to read (a JSON file or value nested thousands of levels)",
                    err=True)
         raise typer.Exit(2) from None
     except _user_errors() as exc:
+        _close_progress_bars()
         typer.echo(f"error: {_one_line(exc)}", err=True)
         raise typer.Exit(2) from None
 
