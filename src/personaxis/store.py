@@ -27,7 +27,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 MANIFEST = "manifest.json"
@@ -332,7 +331,3 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def stack_or_empty(rows: list[Tensor], shape: tuple[int, ...]) -> Tensor:
-    return torch.stack(rows) if rows else torch.zeros((0, *shape), dtype=torch.float32)

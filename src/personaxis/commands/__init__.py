@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TypeVar
 
 import typer
 
-T = TypeVar("T")
 
 # Errors that mean "bad input or state", shown as one clear line instead of a traceback.
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -58,7 +56,3 @@ def user_errors() -> Iterator[None]:
 def echo_err(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
-
-def run_guarded(fn: Callable[[], T]) -> T:
-    with user_errors():
-        return fn()

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -30,7 +30,6 @@ ROLE_CATEGORIES = (
     "fantastical_spiritual",
     "nonhuman_collective",
 )
-QUESTION_KINDS = ("opinion", "values", "personal_history", "advice", "self_description", "task")
 
 
 class CatalogueError(ValueError):
@@ -495,9 +494,6 @@ def load_jailbreaks(categories: Sequence[str] | None = None, limit: int | None =
     if categories is not None:
         items = [j for j in items if j.category in categories]
     return items[:limit] if limit is not None else items
-
-
-DriftDomainName = Literal["coding", "writing", "therapy", "philosophy"]
 
 
 def load_drift_domains() -> dict[str, DriftDomain]:
