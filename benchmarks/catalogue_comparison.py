@@ -31,6 +31,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(REPO / "src"))
 # Our quick preset's role list before this comparison (the "role set" factor's first value).
 OLD_QUICK_ROLES = (
     "analyst", "librarian", "consultant", "tutor", "reviewer", "accountant", "researcher", "editor", "translator",
@@ -53,7 +54,7 @@ class Cell:
     name: str
     roles: str  # "quick" (our old quick list) or "common"
     prompts: str  # "ours" or "ref"
-    questions: str  # "ours" (self-descriptive), "general" (the quick preset's shared-topic ones) or "ref"
+    questions: str  # "ours" (self-descriptive), a key of OUR_QUESTION_SETS, or "ref"
     tokens: int
     preset: str = "quick-openings"  # its question ids are "our questions" (self-descriptive); sizes are overridden
     note: str = ""
@@ -67,9 +68,13 @@ CELLS = (
     Cell("E-common-ourprompts-refq", "common", "ours", "ref", 64, note="B with their questions"),
     Cell("F-ours-8tok", "quick", "ours", "ours", 8, note="A with 8-token answers"),
     Cell("G-ref-8tok", "common", "ref", "ref", 8, note="D with 8-token answers"),
-    Cell("H-ours-generalq", "quick", "ours", "general", 64, preset="quick",
-         note="A with our questions of the new quick preset (shared topics)"),
+    Cell("H-ours-generalq", "quick", "ours", "general", 64,
+         note="A with 6 of our catalogue's opinion, values, advice and task questions"),
+    Cell("I-common-ourprompts-newq", "common", "ours", "new", 64,
+         note="B with 6 questions added to our catalogue for this comparison"),
 )
+# Questions of cells H and I: ids in our catalogue, written to JSONL files under --runs (our data, not the reference's).
+OUR_QUESTION_SETS = {"general": (54, 7, 228, 139, 4, 151), "new": (262, 263, 264, 265, 266, 267)}
 
 
 def reference_paths(ref: Path, runs: Path) -> tuple[Path, Path]:
@@ -91,6 +96,16 @@ def reference_paths(ref: Path, runs: Path) -> tuple[Path, Path]:
     return roles, questions
 
 
+def our_questions_file(runs: Path, name: str) -> Path:
+    """One of OUR_QUESTION_SETS from our catalogue, as a JSONL of ``{question, id}``."""
+    from personaxis.data import load_questions
+
+    path = runs / f"our-{name}-q.jsonl"
+    by_id = {q.id: q for q in load_questions()}
+    path.write_text("".join(json.dumps({"question": by_id[i].question, "id": i}) + "\n" for i in OUR_QUESTION_SETS[name]))
+    return path
+
+
 def cell_command(cell: Cell, out: Path, ref_roles: Path, ref_questions: Path, judge: str) -> list[str]:
     names = OLD_QUICK_ROLES if cell.roles == "quick" else COMMON_ROLES
     command = ["personaxis", "run", "--out", str(out), "--preset", cell.preset, *SIZES, "-q"]
@@ -101,6 +116,8 @@ def cell_command(cell: Cell, out: Path, ref_roles: Path, ref_questions: Path, ju
         command += ["--role", name]
     if cell.questions == "ref":
         command += ["--questions-file", str(ref_questions)]
+    elif cell.questions in OUR_QUESTION_SETS:
+        command += ["--questions-file", str(our_questions_file(out.parent, cell.questions))]
     return command + ["--max-new-tokens", str(cell.tokens), "--judge", judge]
 
 
@@ -178,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="cells to run and tabulate, by letter or name (default: all)")
     p.add_argument("--judges", default="none,offline", help="none, offline or both")
     p.add_argument("--table-only", action="store_true", help="tabulate runs already made; run nothing")
+    p.add_argument("--preset-run", type=Path, help="a run of `personaxis run --preset quick` to add below the table "
+                   "(with its timing.json of stage times, when there is one)")
     p.add_argument("--md", type=Path, default=REPO / "results" / "catalogue_comparison.md")
     p.add_argument("--json", type=Path, default=REPO / "results" / "catalogue_comparison.json")
     args = p.parse_args(argv)
@@ -206,11 +225,30 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("error: no cell has a summary.json yet")
     n_layers = len(rows[0]["figures"]["cos_pc1_axis"])
     layers = sorted({*range(0, n_layers, 3), rows[0]["figures"]["target_layer"]})
-    args.json.write_text(json.dumps({"layers_shown": layers, "rows": rows}, indent=1) + "\n")
+    preset = None
+    if args.preset_run is not None:
+        timing = args.preset_run / "timing.json"
+        preset = {"run": str(args.preset_run), "figures": cell_figures(args.preset_run),
+                  "settings": json.loads((args.preset_run / "manifest.json").read_text())["settings"],
+                  "timing_s": json.loads(timing.read_text()) if timing.is_file() else None}
+        rows_preset = [{"cell": "quick preset", "roles": "quick", "prompts": "ours", "questions": "quick",
+                        "tokens": preset["settings"]["max_new_tokens"], "judge": preset["settings"]["judge"],
+                        "figures": preset["figures"]}]
+    args.json.write_text(json.dumps({"layers_shown": layers, "rows": rows, "quick_preset": preset}, indent=1) + "\n")
+    findings = ""
+    if args.md.is_file() and "## Findings" in (old := args.md.read_text()):  # hand-written; kept across reruns
+        findings = "## Findings" + old.split("## Findings", 1)[1].split("\n## ", 1)[0].rstrip() + "\n\n"
     parts = ["# Catalogue comparison: our catalogue against the reference's data, one factor at a time", "",
              "cos(PC1, axis) per layer (every third layer and the target), PC1's share of variance and the default's "
-             "position at the target layer, on SmolLM2-135M-Instruct, greedy. Made by `benchmarks/catalogue_comparison.py`.",
-             "", table(rows, layers), "", "## Ends of PC1 (target layer)", ""]
+             "position at the target layer (0..1 of the role range along PC1, and the percentile of roles it is "
+             "beyond), on SmolLM2-135M-Instruct, greedy. 31 roles x 2 prompts x 6 questions, no traits; the "
+             "default is our 5 prompts in every cell (the reference's default.json is left out). Made by "
+             "`benchmarks/catalogue_comparison.py`.", "", findings + table(rows, layers), ""]
+    if preset is not None:
+        parts += ["## The quick preset", "", table(rows_preset, layers), ""]
+        if preset["timing_s"]:
+            parts += ["Stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in preset["timing_s"].items()), ""]
+    parts += ["## Ends of PC1 (target layer)", ""]
     for row in rows:
         f = row["figures"]
         parts.append(f"- {row['cell']} / {row['judge']}: Assistant end {', '.join(f['assistant_end'])}; "

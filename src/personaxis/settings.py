@@ -11,19 +11,40 @@ from personaxis.data import DATA_VERSION, Question, load_default, load_questions
 # with a few human roles and temperaments between them.
 QUICK_ROLES = (
     "analyst", "librarian", "consultant", "tutor", "reviewer", "accountant", "researcher", "editor", "translator",
+    "parent", "exile", "smuggler", "detective", "cynic", "optimist", "zealot",
+    "bard", "jester", "poet", "playwright", "novelist", "comedian",
+    "ghost", "oracle", "demon", "angel", "guru", "witch", "golem", "coral reef", "leviathan",
+)
+# The former quick preset's roles (kept by the quick-openings preset).
+OPENINGS_ROLES = (
+    "analyst", "librarian", "consultant", "tutor", "reviewer", "accountant", "researcher", "editor", "translator",
     "parent", "exile", "gambler", "sailor", "cynic", "optimist", "zealot",
     "bard", "jester", "poet", "playwright", "opera singer", "mime",
     "ghost", "oracle", "demon", "angel", "guru", "wizard", "hive mind", "coral reef", "leviathan",
 )
+# Questions every role can answer in its own way, the topic shared across roles: values, opinions, advice and one
+# explanation (ids in data/questions.jsonl).
+QUICK_QUESTION_IDS = (264, 228, 54, 265, 263, 267, 232, 244)
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # A stable axis for the embedded model in about 2.5 minutes on 2 cores. Self-descriptive questions: role prompts
-    # show in the answers while the default still answers as an assistant. Answers are their first 8 tokens: in
-    # SmolLM2-135M who is speaking shows in the opening of an answer ("As an AI…", "I am a ghost…"), and the later
-    # tokens add topic that blurs it (cos(PC1, axis) at layer 15: 0.71 with 8 tokens, 0.53 with 64; README).
+    # The paper's method at CPU scale (about 5 minutes on a quiet 2-core machine): whole answers (64 new tokens, every
+    # answer token averaged) to questions every role answers alike (opinions, values, advice, an explanation). With the
+    # topic the same for every role, what differs between role vectors is how much each answer plays its role, and
+    # PC1 lines up with the axis (cos(PC1, axis) 0.8+ at layer 15; results/catalogue_comparison.md). Questions
+    # about the speaker ("Tell me about yourself") make each role talk about its own world instead, and that topic
+    # spreads the roles over many directions. No judge: in whole answers to such questions SmolLM2-135M plays a
+    # role in its tone more than in what it says, which the offline judge does not see (it scores most answers of
+    # the assistant-like roles 1 and keeps 11-25 of 31 roles; with it cos(PC1, axis) falls to 0.03-0.16).
     "quick": dict(
+        n_roles=31, prompts_per_role=2, n_questions=8, persona_questions_only=False, n_traits=4, pairs_per_trait=1,
+        max_new_tokens=64, min_count=3, role_names=QUICK_ROLES, question_ids=QUICK_QUESTION_IDS, judge="none",
+    ),
+    # The former quick preset: the first 8 tokens of answers to 12 self-descriptive questions. In SmolLM2-135M who
+    # is speaking shows in the opening of such an answer ("As an AI…", "I am a ghost…") and the later tokens add each
+    # role's own topic (cos(PC1, axis) at layer 15: 0.71 with 8 tokens, 0.53 with 64). The offline judge sees little.
+    "quick-openings": dict(
         n_roles=31, prompts_per_role=5, n_questions=12, persona_questions_only=True, n_traits=4, pairs_per_trait=1,
-        max_new_tokens=8, min_count=3, role_names=QUICK_ROLES,
+        max_new_tokens=8, min_count=3, role_names=OPENINGS_ROLES,
         question_ids=(178, 179, 180, 182, 192, 219, 181, 183, 184, 187, 198, 215),
     ),
     # The paper's scale: every role, 5 prompts, 240 questions (for GPUs).
