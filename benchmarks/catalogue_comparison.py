@@ -237,13 +237,13 @@ def main(argv: list[str] | None = None) -> None:
     args.json.write_text(json.dumps({"layers_shown": layers, "rows": rows, "quick_preset": preset}, indent=1) + "\n")
     findings = ""
     if args.md.is_file() and "## Findings" in (old := args.md.read_text()):  # hand-written; kept across reruns
-        findings = "## Findings" + old.split("## Findings", 1)[1].split("\n## ", 1)[0].rstrip() + "\n\n"
+        findings = "## Findings" + old.split("## Findings", 1)[1].split("\n## ", 1)[0].split("\n| cell |")[0].rstrip() + "\n\n"
     parts = ["# Catalogue comparison: our catalogue against the reference's data, one factor at a time", "",
              "cos(PC1, axis) per layer (every third layer and the target), PC1's share of variance and the default's "
              "position at the target layer (0..1 of the role range along PC1, and the percentile of roles it is "
              "beyond), on SmolLM2-135M-Instruct, greedy. 31 roles x 2 prompts x 6 questions, no traits; the "
              "default is our 5 prompts in every cell (the reference's default.json is left out). Made by "
-             "`benchmarks/catalogue_comparison.py`.", "", findings + table(rows, layers), ""]
+             "`benchmarks/catalogue_comparison.py`.", "", findings + "## Cells", "", table(rows, layers), ""]
     if preset is not None:
         parts += ["## The quick preset", "", table(rows_preset, layers), ""]
         if preset["timing_s"]:

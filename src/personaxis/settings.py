@@ -22,21 +22,22 @@ OPENINGS_ROLES = (
     "bard", "jester", "poet", "playwright", "opera singer", "mime",
     "ghost", "oracle", "demon", "angel", "guru", "wizard", "hive mind", "coral reef", "leviathan",
 )
-# Questions every role can answer in its own way, the topic shared across roles: values, opinions, advice and one
-# explanation (ids in data/questions.jsonl).
-QUICK_QUESTION_IDS = (264, 228, 54, 265, 263, 267, 232, 244)
+# Questions every role answers on the same topic: three explanations (search engines, compound interest, inflation),
+# two on principles and one request for help (ids in data/questions.jsonl). Chosen by how well each one alone lines
+# PC1 up with the axis (explanations and principles best, opinions about people worst); the 6 were picked from 8
+# on the same run, so the figures below are in-sample (results/catalogue_comparison.md).
+QUICK_QUESTION_IDS = (264, 54, 244, 263, 232, 267)
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's method at CPU scale (about 5 minutes on a quiet 2-core machine): whole answers (64 new tokens, every
-    # answer token averaged) to questions every role answers alike (opinions, values, advice, an explanation). With the
-    # topic the same for every role, what differs between role vectors is how much each answer plays its role, and
-    # PC1 lines up with the axis (cos(PC1, axis) 0.8+ at layer 15; results/catalogue_comparison.md). Questions
-    # about the speaker ("Tell me about yourself") make each role talk about its own world instead, and that topic
-    # spreads the roles over many directions. No judge: in whole answers to such questions SmolLM2-135M plays a
-    # role in its tone more than in what it says, which the offline judge does not see (it scores most answers of
-    # the assistant-like roles 1 and keeps 11-25 of 31 roles; with it cos(PC1, axis) falls to 0.03-0.16).
+    # The paper's method at CPU scale: whole answers (64 new tokens, every answer token averaged) to questions whose
+    # topic is the same for every role, so that what differs between role vectors is how much each answer plays its
+    # role. cos(PC1, axis) 0.81 at layer 15 (0.76-0.93 every third layer), the default beyond every role along PC1
+    # (results/catalogue_comparison.md). Questions about the speaker ("Tell me about yourself") make each role talk
+    # about its own world instead, and that topic spreads the roles over many directions (0.61 with 64 tokens).
+    # No judge: in whole answers to such questions SmolLM2-135M plays a role in its tone more than in what it says,
+    # which the offline judge does not see (it scores most answers 1, keeps 11-28 of 31 roles, cos falls to 0.03-0.34).
     "quick": dict(
-        n_roles=31, prompts_per_role=2, n_questions=8, persona_questions_only=False, n_traits=4, pairs_per_trait=1,
+        n_roles=31, prompts_per_role=2, n_questions=6, persona_questions_only=False, n_traits=4, pairs_per_trait=1,
         max_new_tokens=64, min_count=3, role_names=QUICK_ROLES, question_ids=QUICK_QUESTION_IDS, judge="none",
     ),
     # The former quick preset: the first 8 tokens of answers to 12 self-descriptive questions. In SmolLM2-135M who
