@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
         """Run the whole method: generate → extract → judge → vectors → axis → space.
 
         Stopped at any point (Ctrl-C, kill -9, a crash), the same command on the same --out resumes where it stopped.
-        Example: `personaxis run --out runs/quick` (about 2.5 minutes on 2 CPU cores).
+        Example: `personaxis run --out runs/quick` (about 4 minutes on 2 busy CPU cores).
         """
         from personaxis.pipeline import Pipeline
 
