@@ -33,19 +33,41 @@ TRAIT_MIN_PAIRS = 10
 # with a few human roles and temperaments between them.
 QUICK_ROLES = (
     "analyst", "librarian", "consultant", "tutor", "reviewer", "accountant", "researcher", "editor", "translator",
+    "parent", "exile", "smuggler", "detective", "cynic", "optimist", "zealot",
+    "bard", "jester", "poet", "playwright", "novelist", "comedian",
+    "ghost", "oracle", "demon", "angel", "guru", "witch", "golem", "coral reef", "leviathan",
+)
+# The former quick preset's roles (kept by the quick-openings preset).
+OPENINGS_ROLES = (
+    "analyst", "librarian", "consultant", "tutor", "reviewer", "accountant", "researcher", "editor", "translator",
     "parent", "exile", "gambler", "sailor", "cynic", "optimist", "zealot",
     "bard", "jester", "poet", "playwright", "opera singer", "mime",
     "ghost", "oracle", "demon", "angel", "guru", "wizard", "hive mind", "coral reef", "leviathan",
 )
+# Questions every role answers on the same topic: three explanations (search engines, compound interest, inflation),
+# two on principles and one request for help (ids in data/questions.jsonl). Chosen by how well each one alone lines
+# PC1 up with the axis (explanations and principles best, opinions about people worst); the 6 were picked from 8
+# on the same run, so the figures below are in-sample (results/catalogue_comparison.md).
+QUICK_QUESTION_IDS = (264, 54, 244, 263, 232, 267)
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # A stable axis for the embedded model in about 2.5 minutes on 2 cores. Self-descriptive questions: role prompts
-    # show in the answers while the default still answers as an assistant. Answers are their first 8 tokens: in
-    # SmolLM2-135M who is speaking shows in the opening of an answer ("As an AI…", "I am a ghost…"), and the later
-    # tokens add topic that blurs it (cos(PC1, axis) at layer 15: 0.71 with 8 tokens, 0.53 with 64; README).
+    # The paper's method at CPU scale: whole answers (64 new tokens, every answer token averaged) to questions whose
+    # topic is the same for every role, so that what differs between role vectors is how much each answer plays its
+    # role. cos(PC1, axis) 0.81 at layer 15 (0.76-0.93 every third layer), the default beyond every role along PC1
+    # (results/catalogue_comparison.md). Questions about the speaker ("Tell me about yourself") make each role talk
+    # about its own world instead, and that topic spreads the roles over many directions (0.61 with 64 tokens).
+    # No judge: in whole answers to such questions SmolLM2-135M plays a role in its tone more than in what it says,
+    # which the offline judge does not see (it scores most answers 1, keeps 11-28 of 31 roles, cos falls to 0.03-0.34).
     "quick": dict(
+        n_roles=31, prompts_per_role=2, n_questions=6, persona_questions_only=False, n_traits=4, pairs_per_trait=1,
+        max_new_tokens=64, min_count=3, role_names=QUICK_ROLES, question_ids=QUICK_QUESTION_IDS, judge="none",
+    ),
+    # The former quick preset: the first 8 tokens of answers to 12 self-descriptive questions. In SmolLM2-135M who
+    # is speaking shows in the opening of such an answer ("As an AI…", "I am a ghost…") and the later tokens add each
+    # role's own topic (cos(PC1, axis) at layer 15: 0.71 with 8 tokens, 0.53 with 64). The offline judge sees little.
+    "quick-openings": dict(
         n_roles=31, prompts_per_role=5, n_questions=12, persona_questions_only=True, n_traits=4, pairs_per_trait=1,
-        max_new_tokens=8, min_count=3, role_names=QUICK_ROLES,
+        max_new_tokens=8, min_count=3, role_names=OPENINGS_ROLES,
         question_ids=(178, 179, 180, 182, 192, 219, 181, 183, 184, 187, 198, 215),
         # The reference's rule (fully played rollouts only) at this preset's scale: at least 3 of a role's 60. Every
         # role of the preset has them (20-55 each), so no role falls back and the results are those of the pooled

@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
     @model_options
     def run(
         out: Path = typer.Option(Path("runs/quick"), "--out", "-o", help="Run directory (created, or resumed)."),
-        preset: str = typer.Option("quick", help="quick (CPU, minutes), paper (275+ roles x 5 prompts x 240 questions), tiny."),
+        preset: str = typer.Option("quick", help="quick (CPU, minutes; whole 64-token answers), quick-openings (8-token openings), paper (275+ roles x 5 prompts x 240 questions), tiny."),
         model: str = typer.Option("embedded", help="'embedded' (SmolLM2-135M-Instruct) or a local model folder / cached id."),
         roles: int | None = typer.Option(None, help="Number of roles (spread over categories)."),
         role: list[str] | None = typer.Option(None, help="Use these roles by name (repeat the flag)."),
@@ -83,7 +83,7 @@ def register(app: typer.Typer) -> None:
         """Run the whole method: generate → extract → judge → vectors → axis → space.
 
         Stopped at any point (Ctrl-C, kill -9, a crash), the same command on the same --out resumes where it stopped.
-        Example: `personaxis run --out runs/quick` (about 2.5 minutes on 2 CPU cores).
+        Example: `personaxis run --out runs/quick` (about 4 minutes on 2 busy CPU cores).
         """
         from personaxis.pipeline import Pipeline
 
