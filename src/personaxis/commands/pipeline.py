@@ -109,9 +109,13 @@ def register(app: typer.Typer) -> None:
         traits = summary.get("trait_space")
         trait_line = (f"; traits at the Assistant end: {', '.join(traits['assistant_end'][:3]) or '—'}, "
                       f"at the far end: {', '.join(traits['far_end'][:3]) or '—'}") if traits else ""
+        if settings.judge == "none":
+            kept = f"{summary['n_roles_kept']} roles kept (no judge: every rollout counts; {summary['n_roles_dropped']} dropped)"
+        else:
+            kept = (f"{summary['n_roles_kept']} roles kept ({summary.get('n_roles_fell_back', 0)} fell back to scores "
+                    f"2+3, {summary['n_roles_dropped']} dropped; recipe {summary.get('vector_recipe', 'pooled')})")
         typer.echo(
-            f"{summary['model']}: {summary['n_roles_kept']} roles kept ({summary.get('n_roles_fell_back', 0)} fell back "
-            f"to scores 2+3, {summary['n_roles_dropped']} dropped; recipe {summary.get('vector_recipe', 'pooled')}); "
+            f"{summary['model']}: {kept}; "
             f"layer {summary['target_layer']}: cos(PC1, axis) = {target['cos_pc1_axis']:.3f}, "
             f"PC1 explains {target['pc1_explained_variance']:.1%}; default at {summary['default_position']['pc1_fraction']:.2f} "
             f"of the role range along PC1{trait_line}"
