@@ -28,17 +28,19 @@ browser:
 demo: install
 	$(VENV)/bin/personaxis run --out $(RUN)
 
-# The CI suite: everything but the slow tests, plus the representative slow sample marked `ci_sample`.
+# The CI suite: lint (`make lint`), then everything but the slow tests, plus the representative slow sample marked
+# `ci_sample`.
 test: install browser
-	$(PY) -m ruff check src tests
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
 	$(PY) -m pytest -m "not slow or ci_sample" $(PYTEST_ARGS)
 
 test-all: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(PY) -m ruff check src tests
-	$(PY) -m ruff format --check src tests
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
 
 bench: install
 	$(PY) benchmarks/run.py

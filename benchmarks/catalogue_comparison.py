@@ -34,17 +34,71 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO / "src"))
 # Our quick preset's role list before this comparison (the "role set" factor's first value).
 OLD_QUICK_ROLES = (
-    "analyst", "librarian", "consultant", "tutor", "reviewer", "accountant", "researcher", "editor", "translator",
-    "parent", "exile", "gambler", "sailor", "cynic", "optimist", "zealot",
-    "bard", "jester", "poet", "playwright", "opera singer", "mime",
-    "ghost", "oracle", "demon", "angel", "guru", "wizard", "hive mind", "coral reef", "leviathan",
+    "analyst",
+    "librarian",
+    "consultant",
+    "tutor",
+    "reviewer",
+    "accountant",
+    "researcher",
+    "editor",
+    "translator",
+    "parent",
+    "exile",
+    "gambler",
+    "sailor",
+    "cynic",
+    "optimist",
+    "zealot",
+    "bard",
+    "jester",
+    "poet",
+    "playwright",
+    "opera singer",
+    "mime",
+    "ghost",
+    "oracle",
+    "demon",
+    "angel",
+    "guru",
+    "wizard",
+    "hive mind",
+    "coral reef",
+    "leviathan",
 )
 # The same mix of categories, with the 6 roles the reference lacks replaced by ones both catalogues have.
 COMMON_ROLES = (
-    "analyst", "librarian", "consultant", "tutor", "reviewer", "accountant", "researcher", "editor", "translator",
-    "parent", "exile", "smuggler", "detective", "cynic", "optimist", "zealot",
-    "bard", "jester", "poet", "playwright", "novelist", "comedian",
-    "ghost", "oracle", "demon", "angel", "guru", "witch", "golem", "coral reef", "leviathan",
+    "analyst",
+    "librarian",
+    "consultant",
+    "tutor",
+    "reviewer",
+    "accountant",
+    "researcher",
+    "editor",
+    "translator",
+    "parent",
+    "exile",
+    "smuggler",
+    "detective",
+    "cynic",
+    "optimist",
+    "zealot",
+    "bard",
+    "jester",
+    "poet",
+    "playwright",
+    "novelist",
+    "comedian",
+    "ghost",
+    "oracle",
+    "demon",
+    "angel",
+    "guru",
+    "witch",
+    "golem",
+    "coral reef",
+    "leviathan",
 )
 SIZES = ["--prompts", "2", "--questions", "6", "--traits", "0"]
 
@@ -68,10 +122,22 @@ CELLS = (
     Cell("E-common-ourprompts-refq", "common", "ours", "ref", 64, note="B with their questions"),
     Cell("F-ours-8tok", "quick", "ours", "ours", 8, note="A with 8-token answers"),
     Cell("G-ref-8tok", "common", "ref", "ref", 8, note="D with 8-token answers"),
-    Cell("H-ours-generalq", "quick", "ours", "general", 64,
-         note="A with 6 of our catalogue's opinion, values, advice and task questions"),
-    Cell("I-common-ourprompts-newq", "common", "ours", "new", 64,
-         note="B with 6 questions added to our catalogue for this comparison"),
+    Cell(
+        "H-ours-generalq",
+        "quick",
+        "ours",
+        "general",
+        64,
+        note="A with 6 of our catalogue's opinion, values, advice and task questions",
+    ),
+    Cell(
+        "I-common-ourprompts-newq",
+        "common",
+        "ours",
+        "new",
+        64,
+        note="B with 6 questions added to our catalogue for this comparison",
+    ),
 )
 # Questions of cells H and I: ids in our catalogue, written to JSONL files under --runs (our data, not the reference's).
 OUR_QUESTION_SETS = {"general": (54, 7, 228, 139, 4, 151), "new": (262, 263, 264, 265, 266, 267)}
@@ -84,7 +150,9 @@ def reference_paths(ref: Path, runs: Path) -> tuple[Path, Path]:
     if not questions.is_file():
         questions = ref / "questions.jsonl"
     if not roles.is_dir() or not questions.is_file():
-        sys.exit(f"error: {ref} is not the reference's data folder (roles/instructions/*.json, extraction_questions.jsonl)")
+        sys.exit(
+            f"error: {ref} is not the reference's data folder (roles/instructions/*.json, extraction_questions.jsonl)"
+        )
     if (roles / "default.json").exists():
         copy = runs / "ref-roles"
         if not copy.is_dir():
@@ -102,7 +170,9 @@ def our_questions_file(runs: Path, name: str) -> Path:
 
     path = runs / f"our-{name}-q.jsonl"
     by_id = {q.id: q for q in load_questions()}
-    path.write_text("".join(json.dumps({"question": by_id[i].question, "id": i}) + "\n" for i in OUR_QUESTION_SETS[name]))
+    path.write_text(
+        "".join(json.dumps({"question": by_id[i].question, "id": i}) + "\n" for i in OUR_QUESTION_SETS[name])
+    )
     return path
 
 
@@ -127,8 +197,9 @@ def run_cell(command: list[str], out: Path, log: Path) -> float | None:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     start = time.perf_counter()
     with log.open("w") as handle:
-        code = subprocess.call([sys.executable, "-m", "personaxis.cli", *command[1:]], stdout=handle, stderr=subprocess.STDOUT,
-                               env=env)
+        code = subprocess.call(
+            [sys.executable, "-m", "personaxis.cli", *command[1:]], stdout=handle, stderr=subprocess.STDOUT, env=env
+        )
     if code != 0:
         sys.exit(f"error: {' '.join(command)} failed (exit {code}); see {log}")
     return time.perf_counter() - start
@@ -173,16 +244,39 @@ def cell_figures(run: Path) -> dict[str, Any]:
 
 
 def table(rows: list[dict[str, Any]], layers: list[int]) -> str:
-    head = ["cell", "roles", "prompts", "questions", "tokens", "judge", *[f"L{layer}" for layer in layers],
-            "PC1 share", "default on PC1 (0..1)", "default pct", "roles kept", "judge 0/1/2/3"]
+    head = [
+        "cell",
+        "roles",
+        "prompts",
+        "questions",
+        "tokens",
+        "judge",
+        *[f"L{layer}" for layer in layers],
+        "PC1 share",
+        "default on PC1 (0..1)",
+        "default pct",
+        "roles kept",
+        "judge 0/1/2/3",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         f = row["figures"]
         counts = f["judge_counts"]
         scored = "/".join(str(counts.get(str(s), 0)) for s in range(4)) if row["judge"] != "none" else "—"
-        cells = [row["cell"], row["roles"], row["prompts"], row["questions"], str(row["tokens"]), row["judge"],
-                 *[f"{f['cos_pc1_axis'][layer]:.2f}" for layer in layers], f"{f['pc1_share']:.2f}",
-                 f"{f['default_pc1_fraction']:.2f}", f"{f['default_pc1_percentile']:.0f}", str(f["roles_kept"]), scored]
+        cells = [
+            row["cell"],
+            row["roles"],
+            row["prompts"],
+            row["questions"],
+            str(row["tokens"]),
+            row["judge"],
+            *[f"{f['cos_pc1_axis'][layer]:.2f}" for layer in layers],
+            f"{f['pc1_share']:.2f}",
+            f"{f['default_pc1_fraction']:.2f}",
+            f"{f['default_pc1_percentile']:.0f}",
+            str(f["roles_kept"]),
+            scored,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -191,12 +285,19 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ref-data", type=Path, required=True, help="the reference repository's data/ folder")
     p.add_argument("--runs", type=Path, required=True, help="folder for the run directories (outside the repo)")
-    p.add_argument("--cells", default=",".join(c.name.split("-")[0] for c in CELLS),
-                   help="cells to run and tabulate, by letter or name (default: all)")
+    p.add_argument(
+        "--cells",
+        default=",".join(c.name.split("-")[0] for c in CELLS),
+        help="cells to run and tabulate, by letter or name (default: all)",
+    )
     p.add_argument("--judges", default="none,offline", help="none, offline or both")
     p.add_argument("--table-only", action="store_true", help="tabulate runs already made; run nothing")
-    p.add_argument("--preset-run", type=Path, help="a run of `personaxis run --preset quick` to add below the table "
-                   "(with its timing.json of stage times, when there is one)")
+    p.add_argument(
+        "--preset-run",
+        type=Path,
+        help="a run of `personaxis run --preset quick` to add below the table "
+        "(with its timing.json of stage times, when there is one)",
+    )
     p.add_argument("--md", type=Path, default=REPO / "results" / "catalogue_comparison.md")
     p.add_argument("--json", type=Path, default=REPO / "results" / "catalogue_comparison.json")
     args = p.parse_args(argv)
@@ -217,10 +318,20 @@ def main(argv: list[str] | None = None) -> None:
             if not (out / "summary.json").is_file():
                 print(f"skipped {out.name}: no summary.json", file=sys.stderr)
                 continue
-            rows.append({"cell": cell.name, "roles": cell.roles, "prompts": cell.prompts, "questions": cell.questions,
-                         "tokens": cell.tokens, "judge": judge, "note": cell.note, "command": " ".join(
-                             f"'{a}'" if " " in a else a for a in command),
-                         "wall_s": None if wall is None else round(wall, 1), "figures": cell_figures(out)})
+            rows.append(
+                {
+                    "cell": cell.name,
+                    "roles": cell.roles,
+                    "prompts": cell.prompts,
+                    "questions": cell.questions,
+                    "tokens": cell.tokens,
+                    "judge": judge,
+                    "note": cell.note,
+                    "command": " ".join(f"'{a}'" if " " in a else a for a in command),
+                    "wall_s": None if wall is None else round(wall, 1),
+                    "figures": cell_figures(out),
+                }
+            )
     if not rows:
         sys.exit("error: no cell has a summary.json yet")
     n_layers = len(rows[0]["figures"]["cos_pc1_axis"])
@@ -228,22 +339,43 @@ def main(argv: list[str] | None = None) -> None:
     preset = None
     if args.preset_run is not None:
         timing = args.preset_run / "timing.json"
-        preset = {"run": str(args.preset_run), "figures": cell_figures(args.preset_run),
-                  "settings": json.loads((args.preset_run / "manifest.json").read_text())["settings"],
-                  "timing_s": json.loads(timing.read_text()) if timing.is_file() else None}
-        rows_preset = [{"cell": "quick preset", "roles": "quick", "prompts": "ours", "questions": "quick",
-                        "tokens": preset["settings"]["max_new_tokens"], "judge": preset["settings"]["judge"],
-                        "figures": preset["figures"]}]
+        preset = {
+            "run": str(args.preset_run),
+            "figures": cell_figures(args.preset_run),
+            "settings": json.loads((args.preset_run / "manifest.json").read_text())["settings"],
+            "timing_s": json.loads(timing.read_text()) if timing.is_file() else None,
+        }
+        rows_preset = [
+            {
+                "cell": "quick preset",
+                "roles": "quick",
+                "prompts": "ours",
+                "questions": "quick",
+                "tokens": preset["settings"]["max_new_tokens"],
+                "judge": preset["settings"]["judge"],
+                "figures": preset["figures"],
+            }
+        ]
     args.json.write_text(json.dumps({"layers_shown": layers, "rows": rows, "quick_preset": preset}, indent=1) + "\n")
     findings = ""
     if args.md.is_file() and "## Findings" in (old := args.md.read_text()):  # hand-written; kept across reruns
-        findings = "## Findings" + old.split("## Findings", 1)[1].split("\n## ", 1)[0].split("\n| cell |")[0].rstrip() + "\n\n"
-    parts = ["# Catalogue comparison: our catalogue against the reference's data, one factor at a time", "",
-             "cos(PC1, axis) per layer (every third layer and the target), PC1's share of variance and the default's "
-             "position at the target layer (0..1 of the role range along PC1, and the percentile of roles it is "
-             "beyond), on SmolLM2-135M-Instruct, greedy. 31 roles x 2 prompts x 6 questions, no traits; the "
-             "default is our 5 prompts in every cell (the reference's default.json is left out). Made by "
-             "`benchmarks/catalogue_comparison.py`.", "", findings + "## Cells", "", table(rows, layers), ""]
+        findings = (
+            "## Findings" + old.split("## Findings", 1)[1].split("\n## ", 1)[0].split("\n| cell |")[0].rstrip() + "\n\n"
+        )
+    parts = [
+        "# Catalogue comparison: our catalogue against the reference's data, one factor at a time",
+        "",
+        "cos(PC1, axis) per layer (every third layer and the target), PC1's share of variance and the default's "
+        "position at the target layer (0..1 of the role range along PC1, and the percentile of roles it is "
+        "beyond), on SmolLM2-135M-Instruct, greedy. 31 roles x 2 prompts x 6 questions, no traits; the "
+        "default is our 5 prompts in every cell (the reference's default.json is left out). Made by "
+        "`benchmarks/catalogue_comparison.py`.",
+        "",
+        findings + "## Cells",
+        "",
+        table(rows, layers),
+        "",
+    ]
     if preset is not None:
         parts += ["## The quick preset", "", table(rows_preset, layers), ""]
         if preset["timing_s"]:
@@ -251,8 +383,10 @@ def main(argv: list[str] | None = None) -> None:
     parts += ["## Ends of PC1 (target layer)", ""]
     for row in rows:
         f = row["figures"]
-        parts.append(f"- {row['cell']} / {row['judge']}: Assistant end {', '.join(f['assistant_end'])}; "
-                     f"role-playing end {', '.join(f['role_end'])}")
+        parts.append(
+            f"- {row['cell']} / {row['judge']}: Assistant end {', '.join(f['assistant_end'])}; "
+            f"role-playing end {', '.join(f['role_end'])}"
+        )
     parts += ["", "## Commands", ""] + [f"- `{row['command']}`" for row in rows]
     args.md.write_text("\n".join(parts) + "\n")
     print(f"wrote {args.md} and {args.json}")

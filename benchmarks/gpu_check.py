@@ -38,26 +38,59 @@ import torch
 
 ARCHS: dict[str, dict[str, Any]] = {
     "smollm2-135m": dict(
-        kind="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0,
-        tie_word_embeddings=True, rms_norm_eps=1e-5,
+        kind="llama",
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
     ),
     "llama-3-8b": dict(
-        kind="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
-        tie_word_embeddings=False, rms_norm_eps=1e-5,
+        kind="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
     ),
     "qwen3-32b": dict(
-        kind="qwen3", hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64,
-        num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0,
-        tie_word_embeddings=False, rms_norm_eps=1e-6,
+        kind="qwen3",
+        hidden_size=5120,
+        intermediate_size=25600,
+        num_hidden_layers=64,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        max_position_embeddings=40960,
+        rope_theta=1000000.0,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-6,
     ),
 }
 
 
 # ``--cpu-smoke``: the same code on CPU with shrunken architectures and the tiny preset (to check the script itself).
-SMOKE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-             head_dim=32)
+SMOKE = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+)
 DEVICE = "cuda"
 DTYPE = torch.bfloat16
 
@@ -86,8 +119,12 @@ def load_tokenizer(folder: Path) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - older transformers may not know the saved tokenizer class
         log(f"AutoTokenizer failed ({type(exc).__name__}: {exc}); using PreTrainedTokenizerFast")
-        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), eos_token="<|im_end|>",
-                                            bos_token="<|im_start|>", unk_token="<|endoftext|>")
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_file=str(folder / "tokenizer.json"),
+            eos_token="<|im_end|>",
+            bos_token="<|im_start|>",
+            unk_token="<|endoftext|>",
+        )
         template = folder / "chat_template.jinja"
         if template.is_file():
             tokenizer.chat_template = template.read_text()
@@ -194,11 +231,20 @@ def section_commands(args: argparse.Namespace, tokenizer_dir: Path, work: Path) 
     free_memory()
     axis_path = work / "commands-axis.safetensors"
     g = torch.Generator().manual_seed(0)
-    Axis(torch.randn(n_layers, hidden, generator=g), model="check",
-         residual_norms=torch.full((n_layers,), 10.0)).save(axis_path)
+    Axis(torch.randn(n_layers, hidden, generator=g), model="check", residual_norms=torch.full((n_layers,), 10.0)).save(
+        axis_path
+    )
     transcript = work / "commands-transcript.json"
-    transcript.write_text(json.dumps({"conversation": [{"role": "user", "content": "Who are you?"},
-                                                       {"role": "assistant", "content": "I am an AI assistant."}]}))
+    transcript.write_text(
+        json.dumps(
+            {
+                "conversation": [
+                    {"role": "user", "content": "Who are you?"},
+                    {"role": "assistant", "content": "I am an AI assistant."},
+                ]
+            }
+        )
+    )
     placed: list[tuple[str, str]] = []
     original_load = ModelPlacement.load
 
@@ -211,18 +257,33 @@ def section_commands(args: argparse.Namespace, tokenizer_dir: Path, work: Path) 
 
     def serve_once(web: Any, **_: Any) -> None:
         with TestClient(web, base_url="http://127.0.0.1") as client:  # serve allows loopback hosts only
-            reply = client.post("/v1/chat/completions", json={
-                "model": "x", "max_tokens": 8, "messages": [{"role": "user", "content": "Who are you?"}],
-                "personaxis": {"alpha": -0.2}})
-            served.update(status=reply.status_code, text=reply.json()["choices"][0]["message"]["content"]
-                          if reply.status_code == 200 else reply.text)
+            reply = client.post(
+                "/v1/chat/completions",
+                json={
+                    "model": "x",
+                    "max_tokens": 8,
+                    "messages": [{"role": "user", "content": "Who are you?"}],
+                    "personaxis": {"alpha": -0.2},
+                },
+            )
+            served.update(
+                status=reply.status_code,
+                text=reply.json()["choices"][0]["message"]["content"] if reply.status_code == 200 else reply.text,
+            )
 
     runner = CliRunner()
     device_args = ["--device", DEVICE, "--model", model]
     commands = {
         "steer": ["steer", "--axis", str(axis_path), "--alpha", "-0.3", "-n", "16", "Who are you?", *device_args],
-        "monitor": ["monitor", "--axis", str(axis_path), "--out", str(work / "commands-monitor"), str(transcript),
-                    *device_args],
+        "monitor": [
+            "monitor",
+            "--axis",
+            str(axis_path),
+            "--out",
+            str(work / "commands-monitor"),
+            str(transcript),
+            *device_args,
+        ],
         "serve": ["serve", "--run", str(work), "--axis", str(axis_path), *device_args],
     }
     results: dict[str, Any] = {"weights": weights, "device": DEVICE}
@@ -234,16 +295,22 @@ def section_commands(args: argparse.Namespace, tokenizer_dir: Path, work: Path) 
             placed.clear()
             t0 = time.perf_counter()
             outcome = runner.invoke(app, argv)
-            results[command] = {"exit_code": outcome.exit_code, "placed": list(placed),
-                                "seconds": time.perf_counter() - t0, "tail": outcome.output[-300:]}
+            results[command] = {
+                "exit_code": outcome.exit_code,
+                "placed": list(placed),
+                "seconds": time.perf_counter() - t0,
+                "tail": outcome.output[-300:],
+            }
             free_memory()
     finally:
         ModelPlacement.load = original_load  # type: ignore[method-assign]
         uvicorn.run = real_run
     results["serve"]["request"] = served
     want = (DEVICE, "torch.bfloat16" if DEVICE == "cuda" else "torch.float32")
-    results["ok"] = (all(results[c]["exit_code"] == 0 and results[c]["placed"] == [want] for c in commands)
-                     and served.get("status") == 200)
+    results["ok"] = (
+        all(results[c]["exit_code"] == 0 and results[c]["placed"] == [want] for c in commands)
+        and served.get("status") == 200
+    )
     return results
 
 
@@ -273,19 +340,35 @@ def section_quick(args: argparse.Namespace, tokenizer_dir: Path, work: Path) -> 
     sync()
     ext_s = time.perf_counter() - t0
     ext_tokens = sum(
-        len(render_chat(lm.tokenizer, build_conversation(u.system_prompt, r["question"], r["answer"]), lm.profile).input_ids)
-        for u in pipeline.units for r in pipeline.read_rollouts(u) if r["answer"].strip()
+        len(
+            render_chat(
+                lm.tokenizer, build_conversation(u.system_prompt, r["question"], r["answer"]), lm.profile
+            ).input_ids
+        )
+        for u in pipeline.units
+        for r in pipeline.read_rollouts(u)
+        if r["answer"].strip()
     )
     t0 = time.perf_counter()
     pipeline.run(["judge", "vectors", "axis", "space"])
     rest_s = time.perf_counter() - t0
     summary = json.loads((pipeline.store.root / "summary.json").read_text())
     return {
-        "weights": weights, "device": str(lm.device), "units": len(pipeline.units), "rollouts": len(rollouts),
-        "batch_size": int(settings.extra.get("batch_size", 32)), "max_new_tokens": settings.max_new_tokens,
-        "new_tokens": new_tokens, "generate_s": gen_s, "rollouts_per_s": len(rollouts) / gen_s,
-        "new_tokens_per_s": new_tokens / gen_s, "extract_s": ext_s, "extract_tokens": ext_tokens,
-        "extract_tokens_per_s": ext_tokens / ext_s, "other_stages_s": rest_s, "model_load_s": load_s,
+        "weights": weights,
+        "device": str(lm.device),
+        "units": len(pipeline.units),
+        "rollouts": len(rollouts),
+        "batch_size": int(settings.extra.get("batch_size", 32)),
+        "max_new_tokens": settings.max_new_tokens,
+        "new_tokens": new_tokens,
+        "generate_s": gen_s,
+        "rollouts_per_s": len(rollouts) / gen_s,
+        "new_tokens_per_s": new_tokens / gen_s,
+        "extract_s": ext_s,
+        "extract_tokens": ext_tokens,
+        "extract_tokens_per_s": ext_tokens / ext_s,
+        "other_stages_s": rest_s,
+        "model_load_s": load_s,
         "cos_pc1_axis_target": summary["target"]["cos_pc1_axis"],
     }
 
@@ -301,11 +384,17 @@ def section_split(args: argparse.Namespace, tokenizer_dir: Path, work: Path) -> 
         save_random_model("smollm2-135m", load_tokenizer(tokenizer_dir), folder)
     n = build_config("smollm2-135m").num_hidden_layers
     first: int | str = 0 if DEVICE == "cuda" else "cpu"
-    device_map: dict[str, Any] = {"model.embed_tokens": first, "model.rotary_emb": first, "model.norm": "cpu",
-                                  "lm_head": "cpu"}
+    device_map: dict[str, Any] = {
+        "model.embed_tokens": first,
+        "model.rotary_emb": first,
+        "model.norm": "cpu",
+        "lm_head": "cpu",
+    }
     device_map.update({f"model.layers.{i}": (first if i < n // 2 else "cpu") for i in range(n)})
-    conversations = [build_conversation("You are a pirate.", "Tell me about yourself.", "Arr, I sail the seas " * k)
-                     for k in (1, 5, 17)]
+    conversations = [
+        build_conversation("You are a pirate.", "Tell me about yourself.", "Arr, I sail the seas " * k)
+        for k in (1, 5, 17)
+    ]
     single = load_model(str(folder), device=DEVICE, dtype="float32")
     want = extract_turn_means(single, conversations)
     del single
@@ -323,8 +412,10 @@ def _conversations(n: int) -> list[list[dict[str, str]]]:
 
     roles = load_roles(limit=None)
     questions = load_questions(persona_only=False, limit=None)
-    return [build_conversation(roles[i % len(roles)].system_prompts[i % 5], questions[(7 * i) % len(questions)].question)
-            for i in range(n)]
+    return [
+        build_conversation(roles[i % len(roles)].system_prompts[i % 5], questions[(7 * i) % len(questions)].question)
+        for i in range(n)
+    ]
 
 
 def section_arch(arch: str, args: argparse.Namespace, tokenizer_dir: Path, budget_s: float) -> dict[str, Any]:
@@ -336,8 +427,10 @@ def section_arch(arch: str, args: argparse.Namespace, tokenizer_dir: Path, budge
     started = time.perf_counter()
     tokenizer = load_tokenizer(tokenizer_dir)
     lm = random_model(arch, tokenizer)
-    out: dict[str, Any] = {"params_b": sum(p.numel() for p in lm.model.parameters()) / 1e9,
-                           "weights": "random bf16 (from_config on the GPU)"}
+    out: dict[str, Any] = {
+        "params_b": sum(p.numel() for p in lm.model.parameters()) / 1e9,
+        "weights": "random bf16 (from_config on the GPU)",
+    }
     conversations = _conversations(args.gen_prompts)
     prompts = [render_prompt(tokenizer, c, lm.profile) for c in conversations]
     out["mean_prompt_tokens"] = sum(map(len, prompts)) / len(prompts)
@@ -375,11 +468,17 @@ def section_arch(arch: str, args: argparse.Namespace, tokenizer_dir: Path, budge
             seconds = time.perf_counter() - t0
             total = sum(map(len, ids))
             out[f"generate_{label}"] = {
-                "prompts": len(batch), "new_tokens_each": new_tokens, "running_rows": rows, "seconds": seconds,
-                "new_tokens_per_s": total / seconds, "rollouts_per_s": len(batch) / seconds,
+                "prompts": len(batch),
+                "new_tokens_each": new_tokens,
+                "running_rows": rows,
+                "seconds": seconds,
+                "new_tokens_per_s": total / seconds,
+                "rollouts_per_s": len(batch) / seconds,
                 "peak_gib": torch.cuda.max_memory_allocated() / 1024**3 if DEVICE == "cuda" else None,
             }
-            log(f"{arch} generate [{label}]: {rows} rows, {total} tokens in {seconds:.1f} s = {total / seconds:.0f} tok/s")
+            log(
+                f"{arch} generate [{label}]: {rows} rows, {total} tokens in {seconds:.1f} s = {total / seconds:.0f} tok/s"
+            )
         finally:
             generation.KV_CACHE_BYTES = default_cap
         free_memory()
@@ -401,10 +500,16 @@ def section_arch(arch: str, args: argparse.Namespace, tokenizer_dir: Path, budge
         from personaxis.chat import render_chat
 
         tokens = sum(len(render_chat(tokenizer, c, lm.profile).input_ids) for c in ext_conversations)
-        out[f"extract_{budget_tokens}"] = {"chats": len(acts), "tokens": tokens, "seconds": seconds,
-                                           "tokens_per_s": tokens / seconds,
-                                           "response_tokens_mean": sum(a.n_tokens[0] for a in acts) / len(acts)}
-        log(f"{arch} extract [batch tokens {budget_tokens}]: {tokens} tokens in {seconds:.1f} s = {tokens / seconds:.0f} tok/s")
+        out[f"extract_{budget_tokens}"] = {
+            "chats": len(acts),
+            "tokens": tokens,
+            "seconds": seconds,
+            "tokens_per_s": tokens / seconds,
+            "response_tokens_mean": sum(a.n_tokens[0] for a in acts) / len(acts),
+        }
+        log(
+            f"{arch} extract [batch tokens {budget_tokens}]: {tokens} tokens in {seconds:.1f} s = {tokens / seconds:.0f} tok/s"
+        )
         free_memory()
     del lm
     free_memory()
@@ -428,7 +533,9 @@ def guarded(name: str, results: dict[str, Any], json_path: Path | None, fn: Call
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="model folder for the quick preset (default: embedded, else random)")
+    parser.add_argument(
+        "--model", default=None, help="model folder for the quick preset (default: embedded, else random)"
+    )
     parser.add_argument("--tokenizer", default=None, help="folder with the SmolLM2 tokenizer.json")
     parser.add_argument("--sections", default="quick,commands,split,llama-3-8b,qwen3-32b")
     parser.add_argument("--json", type=Path, default=None, help="write the results here as they come")
@@ -452,8 +559,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     results: dict[str, Any] = {"torch": torch.__version__}
     if DEVICE == "cuda":
-        results.update(gpu=torch.cuda.get_device_name(0),
-                       gpu_memory_gib=torch.cuda.get_device_properties(0).total_memory / 1024**3)
+        results.update(
+            gpu=torch.cuda.get_device_name(0), gpu_memory_gib=torch.cuda.get_device_properties(0).total_memory / 1024**3
+        )
     else:
         results.update(gpu="none (--cpu-smoke)")
     import transformers
@@ -481,7 +589,9 @@ def main(argv: list[str] | None = None) -> int:
         elif name in ARCHS:
             share = left / max(1, len(remaining_arch))
             remaining_arch.remove(name)
-            guarded(name, results, args.json, lambda name=name, share=share: section_arch(name, args, tokenizer_dir, share))
+            guarded(
+                name, results, args.json, lambda name=name, share=share: section_arch(name, args, tokenizer_dir, share)
+            )
         else:
             raise SystemExit(f"unknown section {name!r}")
     results["total_s"] = time.perf_counter() - start
@@ -489,8 +599,10 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(results, indent=1))
     quick = results.get("quick")
     if isinstance(quick, dict) and "rollouts_per_s" in quick:
-        print(f"quick preset on {results['gpu']}: {quick['rollouts_per_s']:.1f} rollouts/s, "
-              f"{quick['extract_tokens_per_s']:.0f} extraction tokens/s ({quick['weights']})")
+        print(
+            f"quick preset on {results['gpu']}: {quick['rollouts_per_s']:.1f} rollouts/s, "
+            f"{quick['extract_tokens_per_s']:.0f} extraction tokens/s ({quick['weights']})"
+        )
     log(f"done in {results['total_s']:.0f} s")
     return 0
 

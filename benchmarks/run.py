@@ -185,8 +185,14 @@ def model_flops(lm: Any) -> dict[str, int]:
     tied = head_weight is embed or head_weight.data_ptr() == embed.data_ptr()
     params = sum(p.numel() for p in model.parameters())  # unique parameters: a tied head counts once
     body = params - embed.numel() - (0 if tied else head_weight.numel())
-    return {"params": params, "body": body, "head": head_weight.numel(), "tied": tied,
-            "forward": 2 * (body + head_weight.numel()), "forward_no_head": 2 * body}
+    return {
+        "params": params,
+        "body": body,
+        "head": head_weight.numel(),
+        "tied": tied,
+        "forward": 2 * (body + head_weight.numel()),
+        "forward_no_head": 2 * body,
+    }
 
 
 def measure_matmul(n: int, reps: int, device: Any) -> float:
@@ -258,11 +264,17 @@ class Bench:
             name = self._lm.profile.name
             flops = model_flops(self._lm)
             self.results["model"] = {
-                "name": name, "layers": self._lm.profile.n_layers, "hidden": self._lm.profile.hidden_size,
-                "dtype": str(self._lm.model.dtype), "load_s": round(time.perf_counter() - start, 2), **flops,
+                "name": name,
+                "layers": self._lm.profile.n_layers,
+                "hidden": self._lm.profile.hidden_size,
+                "dtype": str(self._lm.model.dtype),
+                "load_s": round(time.perf_counter() - start, 2),
+                **flops,
             }
-            self.say(f"model {name}: {flops['params'] / 1e6:.1f} M parameters, "
-                     f"{flops['forward'] / 1e6:.0f} MFLOP/token with the LM head, {flops['forward_no_head'] / 1e6:.0f} without")
+            self.say(
+                f"model {name}: {flops['params'] / 1e6:.1f} M parameters, "
+                f"{flops['forward'] / 1e6:.0f} MFLOP/token with the LM head, {flops['forward_no_head'] / 1e6:.0f} without"
+            )
         return self._lm
 
     def say(self, text: str) -> None:
@@ -276,8 +288,10 @@ class Bench:
     def busy_note(self, before: float, after: float) -> list[str]:
         cores = os.cpu_count() or 1
         if max(before, after) > cores + 0.5:
-            return [f"Load average {before:.1f} → {after:.1f} on {cores} cores: other work shared the machine, "
-                    "figures are low and noisy."]
+            return [
+                f"Load average {before:.1f} → {after:.1f} on {cores} cores: other work shared the machine, "
+                "figures are low and noisy."
+            ]
         return []
 
     # --- sections -------------------------------------------------------------------------------------------------
@@ -301,36 +315,60 @@ class Bench:
         onednn_mv = measure_matvec(rows_mv, device, onednn=True) if onednn else float("nan")
         mv_gbs = max(torch_mv, onednn_mv) if onednn else torch_mv
         self.peak_gflops = gflops
-        self.results["limits"] = {"matmul_gflops": round(gflops, 1), "matmul_torch_gflops": round(torch_gflops, 1),
-                                  "matmul_onednn_gflops": round(onednn_gflops, 1), "matmul_n": n,
-                                  "read_gbs": round(read_gbs, 1), "copy_gbs": round(copy_gbs, 1),
-                                  "matvec_gbs": round(mv_gbs, 1), "matvec_torch_gbs": round(torch_mv, 1),
-                                  "matvec_onednn_gbs": round(onednn_mv, 1), "buffer_mib": size * 4 // 2**20}
+        self.results["limits"] = {
+            "matmul_gflops": round(gflops, 1),
+            "matmul_torch_gflops": round(torch_gflops, 1),
+            "matmul_onednn_gflops": round(onednn_gflops, 1),
+            "matmul_n": n,
+            "read_gbs": round(read_gbs, 1),
+            "copy_gbs": round(copy_gbs, 1),
+            "matvec_gbs": round(mv_gbs, 1),
+            "matvec_torch_gbs": round(torch_mv, 1),
+            "matvec_onednn_gbs": round(onednn_mv, 1),
+            "buffer_mib": size * 4 // 2**20,
+        }
         where = torch.cuda.get_device_name(device) if gpu else f"{torch.get_num_threads()} threads"
         rows = [["fp32 matmul, `torch.mm`", f"{torch_gflops:.0f} GFLOP/s", f"{n}×{n} @ {n}×{n}, {where}"]]
         if onednn:
-            rows.append(["fp32 matmul, oneDNN (packed)", f"{onednn_gflops:.0f} GFLOP/s",
-                         "the same product through the kernels personaxis uses"])
-        rows += [["memory read", f"{read_gbs:.1f} GB/s", f"sum over {size * 4 // 2**20} MiB"],
-                 ["memory copy", f"{copy_gbs:.1f} GB/s", "bytes read + written"],
-                 ["fp32 matrix × vector, torch", f"{torch_mv:.1f} GB/s",
-                  f"matrix bytes read, {rows_mv}×576 (batch-1 decoding)"]]
+            rows.append(
+                [
+                    "fp32 matmul, oneDNN (packed)",
+                    f"{onednn_gflops:.0f} GFLOP/s",
+                    "the same product through the kernels personaxis uses",
+                ]
+            )
+        rows += [
+            ["memory read", f"{read_gbs:.1f} GB/s", f"sum over {size * 4 // 2**20} MiB"],
+            ["memory copy", f"{copy_gbs:.1f} GB/s", "bytes read + written"],
+            [
+                "fp32 matrix × vector, torch",
+                f"{torch_mv:.1f} GB/s",
+                f"matrix bytes read, {rows_mv}×576 (batch-1 decoding)",
+            ],
+        ]
         if onednn:
             rows.append(["fp32 matrix × vector, oneDNN", f"{onednn_mv:.1f} GB/s", "the same, packed"])
-        notes = [f"The compute limit below is the faster of the matmul rates ({gflops:.0f} GFLOP/s): it is what the "
-                 "hardware gives, whichever library reaches it."]
+        notes = [
+            f"The compute limit below is the faster of the matmul rates ({gflops:.0f} GFLOP/s): it is what the "
+            "hardware gives, whichever library reaches it."
+        ]
         if self._lm is not None or "gen" in self.args.sections or "extract" in self.args.sections:
             flops = model_flops(self.lm)
             fwd = gflops * 1e9 / flops["forward"]
             body = gflops * 1e9 / flops["forward_no_head"]
             weights = sum(p.numel() * p.element_size() for p in self.lm.model.parameters())
             step, step_mv = weights / (read_gbs * 1e9), weights / (mv_gbs * 1e9)
-            self.results["limits"].update(tokens_per_s_forward=round(fwd), tokens_per_s_no_head=round(body),
-                                          batch1_tokens_per_s_memory=round(1 / step),
-                                          batch1_tokens_per_s_matvec=round(1 / step_mv))
-            notes.append(f"Model limits at this matmul rate: {fwd:.0f} tokens/s for a forward pass with the LM head, "
-                         f"{body:.0f} without it. Batch-1 decoding reads all weights per token: {1 / step:.0f} tokens/s "
-                         f"at the memory read rate, {1 / step_mv:.0f} at the best matrix × vector rate.")
+            self.results["limits"].update(
+                tokens_per_s_forward=round(fwd),
+                tokens_per_s_no_head=round(body),
+                batch1_tokens_per_s_memory=round(1 / step),
+                batch1_tokens_per_s_matvec=round(1 / step_mv),
+            )
+            notes.append(
+                f"Model limits at this matmul rate: {fwd:.0f} tokens/s for a forward pass with the LM head, "
+                f"{body:.0f} without it. Batch-1 decoding reads all weights per token: {1 / step:.0f} tokens/s "
+                f"at the memory read rate, {1 / step_mv:.0f} at the best matrix × vector rate."
+            )
         self.section("Machine limits", rows_table(["limit", "measured", "how"], rows), notes)
 
     def _peak(self) -> float:
@@ -381,14 +419,22 @@ class Bench:
             return (prompt_tokens * flops["forward_no_head"] + new * flops["forward"]) / seconds / (peak * 1e9)
 
         record = {
-            "case": label, "batch": config.batch_size, "prompts": len(prompts), "prompt_tokens": prompt_tokens,
-            "max_new_tokens": config.max_new_tokens, "temperature": config.temperature, "top_p": config.top_p,
-            "mean_new_tokens": round(new_fast / len(prompts), 1), "hf_tokens_per_s": round(hf_tps, 1),
+            "case": label,
+            "batch": config.batch_size,
+            "prompts": len(prompts),
+            "prompt_tokens": prompt_tokens,
+            "max_new_tokens": config.max_new_tokens,
+            "temperature": config.temperature,
+            "top_p": config.top_p,
+            "mean_new_tokens": round(new_fast / len(prompts), 1),
+            "hf_tokens_per_s": round(hf_tps, 1),
             "hf_onednn_tokens_per_s": None if hf_onednn_tps is None else round(hf_onednn_tps, 1),
-            "fast_tokens_per_s": round(fast_tps, 1), "speedup": round(fast_tps / hf_tps, 2),
+            "fast_tokens_per_s": round(fast_tps, 1),
+            "speedup": round(fast_tps / hf_tps, 2),
             "fraction_of_compute_limit": round(fraction(fast_tps), 3),
             "hf_fraction_of_compute_limit": round(fraction(hf_tps), 3),
-            "mfu": round(mfu(timed["fast"][0], new_fast), 3), "hf_mfu": round(mfu(timed["hf"][0], new_hf), 3),
+            "mfu": round(mfu(timed["fast"][0], new_fast), 3),
+            "hf_mfu": round(mfu(timed["hf"][0], new_hf), 3),
             "same_tokens": round(sum(a == b for a, b in zip(hf_out, fast_out, strict=True)) / len(prompts), 3),
         }
         extra = "" if hf_onednn_tps is None else f", hf on oneDNN {hf_onednn_tps:.1f} tok/s"
@@ -404,40 +450,70 @@ class Bench:
         records = []
         for batch in args.batches:
             prompts = self._prompts(max(batch, args.min_prompts))
-            records.append(self._gen_case(f"batch {batch}", prompts, SamplingConfig(max_new_tokens=n_new, batch_size=batch),
-                                          n_new))
+            records.append(
+                self._gen_case(f"batch {batch}", prompts, SamplingConfig(max_new_tokens=n_new, batch_size=batch), n_new)
+            )
         batch = max(args.batches)
         prompts = self._prompts(max(batch, args.min_prompts))
         sampled = SamplingConfig(max_new_tokens=n_new, batch_size=batch, temperature=0.7, top_p=0.9, seed=0)
         records.append(self._gen_case(f"batch {batch}, sampled", prompts, sampled, n_new))
         if args.natural_prompts > 0:
             natural = SamplingConfig(max_new_tokens=args.natural_max_new, batch_size=batch)
-            records.append(self._gen_case(f"batch {batch}, natural stops", self._prompts(args.natural_prompts),
-                                          natural, 0))
+            records.append(
+                self._gen_case(f"batch {batch}, natural stops", self._prompts(args.natural_prompts), natural, 0)
+            )
         after = load()
         self.results["generation"] = {"cases": records, "load_average": [round(before, 2), round(after, 2)]}
-        rows = [[r["case"], r["prompts"], r["hf_tokens_per_s"],
-                 "—" if r["hf_onednn_tokens_per_s"] is None else r["hf_onednn_tokens_per_s"], r["fast_tokens_per_s"],
-                 f"{r['speedup']:.2f}×", f"{r['fraction_of_compute_limit']:.0%}",
-                 f"{r['mfu']:.0%} ({r['hf_mfu']:.0%})", "—" if r["temperature"] > 0 else f"{r['same_tokens']:.0%}"]
-                for r in records]
-        notes = [f"Equal lengths: {n_new} new tokens per answer for every engine (end-of-turn tokens suppressed until "
-                 "then); wall time includes the prefill. *HF generate* is transformers' `generate` on PyTorch's own "
-                 "linear layers, as a user gets it; *+ oneDNN* is the same `generate` on personaxis' linear layers "
-                 "(how much of the gain is the kernels); *speed-up* = personaxis ÷ plain HF generate. *Of compute "
-                 "limit* = new tokens/s × FLOPs per token (with the LM head) ÷ the best measured matmul rate; *MFU* "
-                 "also counts the prompt tokens (plain HF generate's in brackets); *same* = answers whose tokens are "
-                 "identical to plain HF generate's. Sampled: temperature 0.7, top-p 0.9 (each engine draws its own "
-                 "random numbers)."]
+        rows = [
+            [
+                r["case"],
+                r["prompts"],
+                r["hf_tokens_per_s"],
+                "—" if r["hf_onednn_tokens_per_s"] is None else r["hf_onednn_tokens_per_s"],
+                r["fast_tokens_per_s"],
+                f"{r['speedup']:.2f}×",
+                f"{r['fraction_of_compute_limit']:.0%}",
+                f"{r['mfu']:.0%} ({r['hf_mfu']:.0%})",
+                "—" if r["temperature"] > 0 else f"{r['same_tokens']:.0%}",
+            ]
+            for r in records
+        ]
+        notes = [
+            f"Equal lengths: {n_new} new tokens per answer for every engine (end-of-turn tokens suppressed until "
+            "then); wall time includes the prefill. *HF generate* is transformers' `generate` on PyTorch's own "
+            "linear layers, as a user gets it; *+ oneDNN* is the same `generate` on personaxis' linear layers "
+            "(how much of the gain is the kernels); *speed-up* = personaxis ÷ plain HF generate. *Of compute "
+            "limit* = new tokens/s × FLOPs per token (with the LM head) ÷ the best measured matmul rate; *MFU* "
+            "also counts the prompt tokens (plain HF generate's in brackets); *same* = answers whose tokens are "
+            "identical to plain HF generate's. Sampled: temperature 0.7, top-p 0.9 (each engine draws its own "
+            "random numbers)."
+        ]
         if args.natural_prompts > 0:
             natural_record = records[-1]
-            notes.append(f"Natural stops: answers end at the end-of-turn token or {args.natural_max_new} tokens, as in "
-                         f"the pipeline (mean {natural_record['mean_new_tokens']:.0f} new tokens); personaxis drops "
-                         "finished answers and refills the batch, `generate` computes them until its batch ends.")
+            notes.append(
+                f"Natural stops: answers end at the end-of-turn token or {args.natural_max_new} tokens, as in "
+                f"the pipeline (mean {natural_record['mean_new_tokens']:.0f} new tokens); personaxis drops "
+                "finished answers and refills the batch, `generate` computes them until its batch ends."
+            )
         notes += self.busy_note(before, after)
-        self.section("Generation (new tokens/s)",
-                     rows_table(["case", "answers", "HF generate", "+ oneDNN", "personaxis", "speed-up",
-                                 "of compute limit", "MFU", "same"], rows), notes)
+        self.section(
+            "Generation (new tokens/s)",
+            rows_table(
+                [
+                    "case",
+                    "answers",
+                    "HF generate",
+                    "+ oneDNN",
+                    "personaxis",
+                    "speed-up",
+                    "of compute limit",
+                    "MFU",
+                    "same",
+                ],
+                rows,
+            ),
+            notes,
+        )
 
     def _rollouts(self, n: int, words: tuple[int, int], seed: int = 0) -> list[list[dict[str, str]]]:
         rng = random.Random(seed)
@@ -445,7 +521,10 @@ class Bench:
         for i in range(n):
             start = rng.randrange(len(FILLER))
             answer = " ".join(FILLER[(start + j) % len(FILLER)] for j in range(rng.randint(*words)))
-            convo = [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}, {"role": "assistant", "content": answer}]
+            convo = [
+                {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]},
+                {"role": "assistant", "content": answer},
+            ]
             out.append(convo)
         return out
 
@@ -479,8 +558,11 @@ class Bench:
                     hidden = list(lm.model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states)
                     hidden[n_layers] = last.pop()
                     span = chat.spans[0]
-                    out.append(torch.stack([hidden[layer + 1][0, span.start : span.end].float().mean(0)
-                                            for layer in range(n_layers)]))
+                    out.append(
+                        torch.stack(
+                            [hidden[layer + 1][0, span.start : span.end].float().mean(0) for layer in range(n_layers)]
+                        )
+                    )
             finally:
                 handle.remove()
             return out
@@ -506,25 +588,44 @@ class Bench:
         mfu_naive_all = naive_tps * flops["forward"] / (peak * 1e9)
         naive_onednn_tps = tokens / timed["naive_onednn"][0] if "naive_onednn" in timed else None
         self.results["extraction"] = {
-            "rollouts": len(convs), "tokens": tokens, "mean_tokens": tokens / len(convs),
-            "naive_tokens_per_s": round(naive_tps, 1), "ours_tokens_per_s": round(ours_tps, 1),
+            "rollouts": len(convs),
+            "tokens": tokens,
+            "mean_tokens": tokens / len(convs),
+            "naive_tokens_per_s": round(naive_tps, 1),
+            "ours_tokens_per_s": round(ours_tps, 1),
             "naive_onednn_tokens_per_s": None if naive_onednn_tps is None else round(naive_onednn_tps, 1),
-            "speedup": round(ours_tps / naive_tps, 2), "mfu_ours": round(mfu_ours, 3),
-            "mfu_naive_useful": round(mfu_naive, 3), "mfu_naive_incl_head": round(mfu_naive_all, 3),
-            "max_abs_diff": diff, "max_abs_value": scale, "load_average": [round(before, 2), round(after, 2)],
+            "speedup": round(ours_tps / naive_tps, 2),
+            "mfu_ours": round(mfu_ours, 3),
+            "mfu_naive_useful": round(mfu_naive, 3),
+            "mfu_naive_incl_head": round(mfu_naive_all, 3),
+            "max_abs_diff": diff,
+            "max_abs_value": scale,
+            "load_average": [round(before, 2), round(after, 2)],
         }
-        rows = [["naive (one per forward, all hidden states, logits)", naive_tps, f"{mfu_naive:.0%} ({mfu_naive_all:.0%})"]]
+        rows = [
+            ["naive (one per forward, all hidden states, logits)", naive_tps, f"{mfu_naive:.0%} ({mfu_naive_all:.0%})"]
+        ]
         if naive_onednn_tps is not None:
-            rows.append(["the same naive way on personaxis' oneDNN linear layers", naive_onednn_tps,
-                         f"{naive_onednn_tps * flops['forward_no_head'] / (peak * 1e9):.0%}"])
-        rows += [["personaxis `extract_turn_means`", ours_tps, f"{mfu_ours:.0%}"],
-                 ["speed-up over the naive way", f"{ours_tps / naive_tps:.2f}×", ""]]
-        notes = [f"{len(convs)} single-turn rollouts, {tokens / len(convs):.0f} tokens each on average, all "
-                 f"{n_layers} layers; MFU = tokens/s × FLOPs per token without the LM head ÷ measured matmul rate "
-                 f"(in brackets: counting the LM head the naive way computes). Largest difference between the two "
-                 f"means: {diff:.2e} (values up to {scale:.3g})."]
-        self.section("Extraction (tokens/s)", rows_table(["way", "tokens/s", "MFU"], rows),
-                     notes + self.busy_note(before, after))
+            rows.append(
+                [
+                    "the same naive way on personaxis' oneDNN linear layers",
+                    naive_onednn_tps,
+                    f"{naive_onednn_tps * flops['forward_no_head'] / (peak * 1e9):.0%}",
+                ]
+            )
+        rows += [
+            ["personaxis `extract_turn_means`", ours_tps, f"{mfu_ours:.0%}"],
+            ["speed-up over the naive way", f"{ours_tps / naive_tps:.2f}×", ""],
+        ]
+        notes = [
+            f"{len(convs)} single-turn rollouts, {tokens / len(convs):.0f} tokens each on average, all "
+            f"{n_layers} layers; MFU = tokens/s × FLOPs per token without the LM head ÷ measured matmul rate "
+            f"(in brackets: counting the LM head the naive way computes). Largest difference between the two "
+            f"means: {diff:.2e} (values up to {scale:.3g})."
+        ]
+        self.section(
+            "Extraction (tokens/s)", rows_table(["way", "tokens/s", "MFU"], rows), notes + self.busy_note(before, after)
+        )
 
     def interventions(self) -> None:
         from personaxis.generation import SamplingConfig, generate_ids
@@ -548,24 +649,32 @@ class Bench:
             return generate_ids(lm, prompts, config, interventions=interventions, min_new_tokens=n_new)
 
         before = load()
-        timed = interleaved(args.repeats, {"none": lambda: run(None), "cap": lambda: run(cap),
-                                           "steer": lambda: run(steer)})
+        timed = interleaved(
+            args.repeats, {"none": lambda: run(None), "cap": lambda: run(cap), "steer": lambda: run(steer)}
+        )
         after = load()
         tokens = len(prompts) * n_new
         tps = {name: tokens / t for name, (t, _) in timed.items()}
         cost = {name: 1 - tps[name] / tps["none"] for name in ("cap", "steer")}
         self.results["interventions"] = {
-            "batch": batch, "new_tokens": n_new, "cap_layers": band, "steer_layer": target,
+            "batch": batch,
+            "new_tokens": n_new,
+            "cap_layers": band,
+            "steer_layer": target,
             "tokens_per_s": {k: round(x, 1) for k, x in tps.items()},
-            "cost": {k: round(x, 3) for k, x in cost.items()}, "load_average": [round(before, 2), round(after, 2)],
+            "cost": {k: round(x, 3) for k, x in cost.items()},
+            "load_average": [round(before, 2), round(after, 2)],
         }
-        rows = [["none", tps["none"], ""],
-                [f"floor cap on {width} layers ({band[0]}–{band[-1]})", tps["cap"], f"{cost['cap']:+.1%}"],
-                [f"steering on layer {target}", tps["steer"], f"{cost['steer']:+.1%}"]]
-        self.section(f"Interventions (fast engine, batch {batch}, {n_new} new tokens)",
-                     rows_table(["intervention", "new tokens/s", "cost"], rows),
-                     ["Cost = 1 − tokens/s with ÷ tokens/s without (negative: within noise)."]
-                     + self.busy_note(before, after))
+        rows = [
+            ["none", tps["none"], ""],
+            [f"floor cap on {width} layers ({band[0]}–{band[-1]})", tps["cap"], f"{cost['cap']:+.1%}"],
+            [f"steering on layer {target}", tps["steer"], f"{cost['steer']:+.1%}"],
+        ]
+        self.section(
+            f"Interventions (fast engine, batch {batch}, {n_new} new tokens)",
+            rows_table(["intervention", "new tokens/s", "cost"], rows),
+            ["Cost = 1 − tokens/s with ÷ tokens/s without (negative: within noise)."] + self.busy_note(before, after),
+        )
 
     def monitor(self) -> None:
         from personaxis.activations import extract_turn_means
@@ -578,32 +687,49 @@ class Bench:
         for t in range(turns):
             convo.append({"role": "user", "content": QUESTIONS[t % len(QUESTIONS)]})
             start = rng.randrange(len(FILLER))
-            convo.append({"role": "assistant",
-                          "content": " ".join(FILLER[(start + j) % len(FILLER)] for j in range(rng.randint(*words)))})
+            convo.append(
+                {
+                    "role": "assistant",
+                    "content": " ".join(FILLER[(start + j) % len(FILLER)] for j in range(rng.randint(*words))),
+                }
+            )
         layer = [lm.profile.target_layer]
 
         def one_pass() -> torch.Tensor:
             return extract_turn_means(lm, [convo], layers=layer)[0].means[:, 0]
 
         def per_turn() -> torch.Tensor:
-            return torch.stack([extract_turn_means(lm, [convo[: 2 * (t + 1)]], layers=layer)[0].means[-1, 0]
-                                for t in range(turns)])
+            return torch.stack(
+                [extract_turn_means(lm, [convo[: 2 * (t + 1)]], layers=layer)[0].means[-1, 0] for t in range(turns)]
+            )
 
         before = load()
         timed = interleaved(args.repeats, {"per_turn": per_turn, "one_pass": one_pass})
         after = load()
         diff = float((timed["one_pass"][1] - timed["per_turn"][1]).abs().max())
         one, each = timed["one_pass"][0], timed["per_turn"][0]
-        self.results["monitoring"] = {"turns": turns, "one_pass_s": round(one, 4), "per_turn_s": round(each, 4),
-                                      "speedup": round(each / one, 2), "max_abs_diff": diff,
-                                      "load_average": [round(before, 2), round(after, 2)]}
-        rows = [["one pass over the whole conversation", f"{one * 1e3:.0f} ms"],
-                ["one pass per turn (each prefix)", f"{each * 1e3:.0f} ms"], ["speed-up", f"{each / one:.1f}×"]]
-        self.section(f"Monitoring a {turns}-turn conversation (layer {layer[0]})", rows_table(["way", "time"], rows),
-                     [f"Per-turn means agree within {diff:.1e}."] + self.busy_note(before, after))
+        self.results["monitoring"] = {
+            "turns": turns,
+            "one_pass_s": round(one, 4),
+            "per_turn_s": round(each, 4),
+            "speedup": round(each / one, 2),
+            "max_abs_diff": diff,
+            "load_average": [round(before, 2), round(after, 2)],
+        }
+        rows = [
+            ["one pass over the whole conversation", f"{one * 1e3:.0f} ms"],
+            ["one pass per turn (each prefix)", f"{each * 1e3:.0f} ms"],
+            ["speed-up", f"{each / one:.1f}×"],
+        ]
+        self.section(
+            f"Monitoring a {turns}-turn conversation (layer {layer[0]})",
+            rows_table(["way", "time"], rows),
+            [f"Per-turn means agree within {diff:.1e}."] + self.busy_note(before, after),
+        )
 
-    def _long_conversation(self, turns: int, user_words: tuple[int, int], answer_words: tuple[int, int],
-                           seed: int) -> list[dict[str, str]]:
+    def _long_conversation(
+        self, turns: int, user_words: tuple[int, int], answer_words: tuple[int, int], seed: int
+    ) -> list[dict[str, str]]:
         rng = random.Random(seed)
         convo: list[dict[str, str]] = [{"role": "system", "content": "You are a helpful assistant."}]
         for t in range(turns):
@@ -611,8 +737,12 @@ class Bench:
             ask = " ".join(FILLER[(start + j) % len(FILLER)] for j in range(rng.randint(*user_words)))
             convo.append({"role": "user", "content": f"{QUESTIONS[t % len(QUESTIONS)]} {ask}"})
             start = rng.randrange(len(FILLER))
-            convo.append({"role": "assistant",
-                          "content": " ".join(FILLER[(start + j) % len(FILLER)] for j in range(rng.randint(*answer_words)))})
+            convo.append(
+                {
+                    "role": "assistant",
+                    "content": " ".join(FILLER[(start + j) % len(FILLER)] for j in range(rng.randint(*answer_words))),
+                }
+            )
         return convo
 
     def transcripts(self) -> None:
@@ -627,15 +757,23 @@ class Bench:
         lm, args = self.lm, self.args
         context = args.transcript_context or lm.profile.max_context
         if args.quick:
-            sets = {"1 transcript of 40 messages": [self._long_conversation(20, (4, 8), (10, 20), 7)],
-                    "2 conversations of 6 turns": [self._long_conversation(6, (5, 10), (30, 50), 8 + i) for i in range(2)]}
+            sets = {
+                "1 transcript of 40 messages": [self._long_conversation(20, (4, 8), (10, 20), 7)],
+                "2 conversations of 6 turns": [self._long_conversation(6, (5, 10), (30, 50), 8 + i) for i in range(2)],
+            }
         else:
-            sets = {"1 transcript of 1,000 messages": [self._long_conversation(500, (8, 20), (30, 70), 7)],
-                    "6 case-study-sized conversations": [self._long_conversation(30, (30, 60), (250, 400), 8 + i)
-                                                          for i in range(6)]}
+            sets = {
+                "1 transcript of 1,000 messages": [self._long_conversation(500, (8, 20), (30, 70), 7)],
+                "6 case-study-sized conversations": [
+                    self._long_conversation(30, (30, 60), (250, 400), 8 + i) for i in range(6)
+                ],
+            }
         g = torch.Generator().manual_seed(0)
-        axis = Axis(torch.randn(lm.profile.n_layers, lm.profile.hidden_size, generator=g), model=lm.profile.name,
-                    target_layer=lm.profile.target_layer)
+        axis = Axis(
+            torch.randn(lm.profile.n_layers, lm.profile.hidden_size, generator=g),
+            model=lm.profile.name,
+            target_layer=lm.profile.target_layer,
+        )
         rows, record = [], {}
         before = load()
         for label, convs in sets.items():
@@ -643,9 +781,13 @@ class Bench:
             start = time.perf_counter()
             plans = {"chunked": [plan_windows(lm, c, context) for c in convs]}
             plan_s = time.perf_counter() - start
-            if max(len(c) for c in convs) <= 200:  # the longest histories materialise a context per turn: shorter ones only
+            if (
+                max(len(c) for c in convs) <= 200
+            ):  # the longest histories materialise a context per turn: shorter ones only
                 plans["longest"] = [plan_windows(lm, c, context, mode="longest") for c in convs]
-            projected = {mode: sum(len(w.rendered.input_ids) for ws in plan for w in ws) for mode, plan in plans.items()}
+            projected = {
+                mode: sum(len(w.rendered.input_ids) for ws in plan for w in ws) for mode, plan in plans.items()
+            }
             windows = [w for ws in plans["chunked"] for w in ws]
             sample = windows if not args.transcript_sample_windows else windows[: args.transcript_sample_windows]
             sampled = sum(len(w.rendered.input_ids) for w in sample)
@@ -654,35 +796,72 @@ class Bench:
                 transcripts = [Transcript(name=f"t{i}", conversation=c) for i, c in enumerate(convs)]
                 monitor_transcripts(lm, axis, transcripts, max_tokens=context)
             else:  # the first windows only; the rest at the same rate (cost is linear in the tokens projected)
-                extract_rendered(lm, [w.rendered for w in sample], layers=[lm.profile.target_layer],
-                                 max_batch_tokens=max(context, 8192))
+                extract_rendered(
+                    lm,
+                    [w.rendered for w in sample],
+                    layers=[lm.profile.target_layer],
+                    max_batch_tokens=max(context, 8192),
+                )
             sample_s = time.perf_counter() - start
             rate = sampled / sample_s
             chunked_s = projected["chunked"] / rate
             longest_s = projected["longest"] / rate if "longest" in projected else None
             measured = len(sample) == len(windows)
-            record[label] = {"messages": sum(len(c) for c in convs), "turns": sum(len(w.turns) for w in windows),
-                             "tokens": n_tokens,
-                             "context": context, "plan_s": round(plan_s, 2), "windows": len(windows),
-                             "chunked_tokens": projected["chunked"], "sampled_windows": len(sample),
-                             "sampled_tokens": sampled, "sampled_s": round(sample_s, 1),
-                             "tokens_per_s": round(rate, 1), "chunked_s": round(chunked_s, 1),
-                             "chunked_s_measured": measured, "longest_tokens": projected.get("longest"),
-                             "longest_s_extrapolated": round(longest_s, 1) if longest_s is not None else None}
-            rows.append([label, f"{n_tokens:,}", f"{plan_s:.1f} s", f"{projected['chunked']:,}",
-                         (f"{chunked_s:.0f} s" if measured else f"≈ {chunked_s:.0f} s ({len(sample)} of {len(windows)} "
-                          f"windows measured)"),
-                         f"{projected['longest']:,}" if longest_s is not None else "not planned",
-                         f"≈ {longest_s:.0f} s" if longest_s is not None else "–"])
+            record[label] = {
+                "messages": sum(len(c) for c in convs),
+                "turns": sum(len(w.turns) for w in windows),
+                "tokens": n_tokens,
+                "context": context,
+                "plan_s": round(plan_s, 2),
+                "windows": len(windows),
+                "chunked_tokens": projected["chunked"],
+                "sampled_windows": len(sample),
+                "sampled_tokens": sampled,
+                "sampled_s": round(sample_s, 1),
+                "tokens_per_s": round(rate, 1),
+                "chunked_s": round(chunked_s, 1),
+                "chunked_s_measured": measured,
+                "longest_tokens": projected.get("longest"),
+                "longest_s_extrapolated": round(longest_s, 1) if longest_s is not None else None,
+            }
+            rows.append(
+                [
+                    label,
+                    f"{n_tokens:,}",
+                    f"{plan_s:.1f} s",
+                    f"{projected['chunked']:,}",
+                    (
+                        f"{chunked_s:.0f} s"
+                        if measured
+                        else f"≈ {chunked_s:.0f} s ({len(sample)} of {len(windows)} windows measured)"
+                    ),
+                    f"{projected['longest']:,}" if longest_s is not None else "not planned",
+                    f"≈ {longest_s:.0f} s" if longest_s is not None else "–",
+                ]
+            )
         after = load()
         self.results["transcripts"] = {**record, "load_average": [round(before, 2), round(after, 2)]}
-        self.section(f"Projecting long transcripts (context {context} tokens, layer {lm.profile.target_layer})",
-                     rows_table(["transcripts", "tokens", "planning", "tokens projected (chunked)", "time (chunked)",
-                                 "tokens re-read (longest)", "time (longest, extrapolated)"], rows),
-                     ["Chunked (the default): every turn keeps at least the history that fits in half the context; "
-                      "longest: every turn its longest history (`monitor --windows longest`). Times marked ≈ are the "
-                      "planned tokens at the measured rate (tokens/s of the windows that ran), not measured."]
-                     + self.busy_note(before, after))
+        self.section(
+            f"Projecting long transcripts (context {context} tokens, layer {lm.profile.target_layer})",
+            rows_table(
+                [
+                    "transcripts",
+                    "tokens",
+                    "planning",
+                    "tokens projected (chunked)",
+                    "time (chunked)",
+                    "tokens re-read (longest)",
+                    "time (longest, extrapolated)",
+                ],
+                rows,
+            ),
+            [
+                "Chunked (the default): every turn keeps at least the history that fits in half the context; "
+                "longest: every turn its longest history (`monitor --windows longest`). Times marked ≈ are the "
+                "planned tokens at the measured rate (tokens/s of the windows that ran), not measured."
+            ]
+            + self.busy_note(before, after),
+        )
 
     def serve(self) -> None:
         """Concurrent streaming clients against the server, batched and one request at a time (``max_batch=1``)."""
@@ -702,14 +881,25 @@ class Bench:
 
         counts = args.serve_clients
         before = load()
-        out = asyncio.run(serving.compare(counts, model=args.model, device=args.device, threads=args.threads,
-                                          max_tokens=args.serve_tokens, requests_per_client=1,
-                                          max_batch=max(counts), one_at_a_time_up_to=args.serve_old_max))
+        out = asyncio.run(
+            serving.compare(
+                counts,
+                model=args.model,
+                device=args.device,
+                threads=args.threads,
+                max_tokens=args.serve_tokens,
+                requests_per_client=1,
+                max_batch=max(counts),
+                one_at_a_time_up_to=args.serve_old_max,
+            )
+        )
         after = load()
         old, new = out["one_at_a_time"], out["batched"]
         single_tpot = new[0]["tpot_p50_s"]
         measured = [a for a in old if not a.get("skipped")]
-        best_old = max(measured, key=lambda a: a["clients"])  # the one-at-a-time figure a skipped count is compared with
+        best_old = max(
+            measured, key=lambda a: a["clients"]
+        )  # the one-at-a-time figure a skipped count is compared with
         rows = []
 
         def ms(r: dict[str, Any], key: str) -> str:
@@ -717,33 +907,63 @@ class Bench:
 
         for a, b in zip(old, new, strict=True):
             base = best_old if a.get("skipped") else a
-            rows.append([b["clients"], "not run" if a.get("skipped") else f"{a['tokens_per_s']:.0f}",
-                         f"{b['tokens_per_s']:.0f}", f"{b['tokens_per_s'] / base['tokens_per_s']:.1f}×"
-                         + ("*" if a.get("skipped") else ""), ms(a, "ttft"), ms(b, "ttft"), ms(a, "tpot"),
-                         ms(b, "tpot")])
+            rows.append(
+                [
+                    b["clients"],
+                    "not run" if a.get("skipped") else f"{a['tokens_per_s']:.0f}",
+                    f"{b['tokens_per_s']:.0f}",
+                    f"{b['tokens_per_s'] / base['tokens_per_s']:.1f}×" + ("*" if a.get("skipped") else ""),
+                    ms(a, "ttft"),
+                    ms(b, "ttft"),
+                    ms(a, "tpot"),
+                    ms(b, "tpot"),
+                ]
+            )
         old = [best_old if a.get("skipped") else a for a in old]
-        self.results["serving"] = {"max_tokens": args.serve_tokens, "one_at_a_time": out["one_at_a_time"],
-                                   "batched": new,
-                                   "load_average": [round(before, 2), round(after, 2)]}
+        self.results["serving"] = {
+            "max_tokens": args.serve_tokens,
+            "one_at_a_time": out["one_at_a_time"],
+            "batched": new,
+            "load_average": [round(before, 2), round(after, 2)],
+        }
         notes = []
         if any(a.get("skipped") for a in out["one_at_a_time"]):
-            notes.append(f"*One at a time, more than {args.serve_old_max} clients were not run: that server answers "
-                         "one request after the other whatever the count (its throughput is flat), so the speed-up "
-                         f"compares with its {best_old['clients']}-client figure.")
-        notes += [f"Each client streams one answer of at most {args.serve_tokens} tokens (greedy, `/v1/chat/"
-                 "completions`); both servers run the same app in their own process, one with `max_batch=1` (one "
-                 "request at a time, the server before batching) and one batching up to "
-                 f"{max(counts)} rows; the client counts alternate between them. TTFT: time to the first token; "
-                 "TPOT: time per output token after the first, per request."]
+            notes.append(
+                f"*One at a time, more than {args.serve_old_max} clients were not run: that server answers "
+                "one request after the other whatever the count (its throughput is flat), so the speed-up "
+                f"compares with its {best_old['clients']}-client figure."
+            )
+        notes += [
+            f"Each client streams one answer of at most {args.serve_tokens} tokens (greedy, `/v1/chat/"
+            "completions`); both servers run the same app in their own process, one with `max_batch=1` (one "
+            "request at a time, the server before batching) and one batching up to "
+            f"{max(counts)} rows; the client counts alternate between them. TTFT: time to the first token; "
+            "TPOT: time per output token after the first, per request."
+        ]
         for a, b in zip(old, new, strict=True):
             if b["clients"] == 32:
-                notes.append(f"At 32 clients: {b['tokens_per_s'] / a['tokens_per_s']:.1f}× the one-at-a-time "
-                             f"throughput (target 8×); TPOT p50 {b['tpot_p50_s'] / single_tpot:.1f}× the "
-                             "single-client figure (target at most 2×).")
-        self.section("Serving: concurrent streaming clients", rows_table(
-            ["clients", "tokens/s, one at a time", "tokens/s, batched", "speed-up", "TTFT p50/p95 ms, one at a time",
-             "TTFT p50/p95 ms, batched", "TPOT p50/p95 ms, one at a time", "TPOT p50/p95 ms, batched"], rows),
-            notes + self.busy_note(before, after))
+                notes.append(
+                    f"At 32 clients: {b['tokens_per_s'] / a['tokens_per_s']:.1f}× the one-at-a-time "
+                    f"throughput (target 8×); TPOT p50 {b['tpot_p50_s'] / single_tpot:.1f}× the "
+                    "single-client figure (target at most 2×)."
+                )
+        self.section(
+            "Serving: concurrent streaming clients",
+            rows_table(
+                [
+                    "clients",
+                    "tokens/s, one at a time",
+                    "tokens/s, batched",
+                    "speed-up",
+                    "TTFT p50/p95 ms, one at a time",
+                    "TTFT p50/p95 ms, batched",
+                    "TPOT p50/p95 ms, one at a time",
+                    "TPOT p50/p95 ms, batched",
+                ],
+                rows,
+            ),
+            notes + self.busy_note(before, after),
+        )
 
     def _run_quick(self, extra: Sequence[str] = (), *, hog: bool = False) -> dict[str, Any]:
         """``personaxis run --preset quick`` in a fresh process: wall time, peak RSS, exit code, its summary."""
@@ -761,8 +981,9 @@ class Bench:
         start = time.perf_counter()
         try:
             with open(log, "w") as handle:
-                proc = subprocess.Popen(launcher + command, stdout=handle, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                proc = subprocess.Popen(
+                    launcher + command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+                )
                 try:
                     status = proc.wait(timeout=args.quick_timeout)
                 except subprocess.TimeoutExpired:
@@ -774,10 +995,14 @@ class Bench:
         after = load()
         code = status if status >= 0 else 128 - status
         text = log.read_text(errors="replace")
-        result: dict[str, Any] = {"command": " ".join(command[1:]), "exit_code": code, "wall_s": round(wall, 1),
-                                  "load_average": [round(before, 2), round(after, 2)],
-                                  "log": text.strip().splitlines()[-5:],
-                                  "said_busy": "the machine is busy" in text}
+        result: dict[str, Any] = {
+            "command": " ".join(command[1:]),
+            "exit_code": code,
+            "wall_s": round(wall, 1),
+            "load_average": [round(before, 2), round(after, 2)],
+            "log": text.strip().splitlines()[-5:],
+            "said_busy": "the machine is busy" in text,
+        }
         if code == 0:
             result["peak_rss_mib"] = round(int(rss_file.read_text()) / 1024) if rss_file.exists() else None
             summary = json.loads((out / "run" / "summary.json").read_text())
@@ -790,14 +1015,20 @@ class Bench:
         result = self._run_quick()
         if result["exit_code"] != 0:
             self.results["quick_preset"] = {"skipped": True, **result}
-            self.section("Quick preset", f"skipped: `{result['command']}` exited with {result['exit_code']}",
-                         ["    " + line for line in result["log"]])
+            self.section(
+                "Quick preset",
+                f"skipped: `{result['command']}` exited with {result['exit_code']}",
+                ["    " + line for line in result["log"]],
+            )
             return
         self.results["quick_preset"] = result
         wall, peak = result["wall_s"], result["peak_rss_mib"]
         rows = [["wall time", f"{wall / 60:.1f} min ({wall:.0f} s)"], ["peak memory (RSS)", f"{peak:,} MiB"]]
-        self.section("Quick preset (`personaxis run --preset quick`)", rows_table(["", ""], rows),
-                     self.busy_note(*result["load_average"]))
+        self.section(
+            "Quick preset (`personaxis run --preset quick`)",
+            rows_table(["", ""], rows),
+            self.busy_note(*result["load_average"]),
+        )
 
     def _gen_rate(self, *, hog: bool, adapt: bool) -> dict[str, Any]:
         """Rollouts per second of a fresh process generating quick-preset-sized answers, with or without one other
@@ -808,8 +1039,7 @@ class Bench:
         env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "KMP_BLOCKTIME", "OMP_NUM_THREADS")}
         hogs = start_hogs(1 if hog else 0)
         try:
-            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                                  timeout=600)
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
         except subprocess.TimeoutExpired:
             return {"hog": hog, "adapt": adapt, "rollouts_per_s": None, "timed_out": True}
         finally:
@@ -822,37 +1052,58 @@ class Bench:
         """The quick preset in one pass (activations captured while generating) and in two (teacher-forced), and
         generation and the quick preset with one other CPU-bound process running."""
         before = load()
-        rates = {(hog, adapt): self._gen_rate(hog=hog, adapt=adapt)
-                 for hog, adapt in ((False, True), (True, True), (True, False))}
+        rates = {
+            (hog, adapt): self._gen_rate(hog=hog, adapt=adapt)
+            for hog, adapt in ((False, True), (True, True), (True, False))
+        }
         one = self._run_quick()
         two = self._run_quick(["--extract", "teacher-forced"])
         busy = self._run_quick(hog=True)
         after = load()
         quiet_rate = rates[(False, True)].get("rollouts_per_s")
-        self.results["one_pass"] = {"generation": list(rates.values()), "one_pass": one, "two_pass": two,
-                                    "busy": busy}
+        self.results["one_pass"] = {"generation": list(rates.values()), "one_pass": one, "two_pass": two, "busy": busy}
 
         def ratio(a: Any, b: Any) -> str:
             return f"{a / b:.0%}" if a and b else "n/a"
 
         rows = []
-        for label, r in (("one pass (captured)", one), ("two passes (teacher-forced)", two),
-                         ("one pass, one other CPU-bound process", busy)):
+        for label, r in (
+            ("one pass (captured)", one),
+            ("two passes (teacher-forced)", two),
+            ("one pass, one other CPU-bound process", busy),
+        ):
             ok = r["exit_code"] == 0
-            rows.append([label, f"{r['wall_s']:.0f} s" if ok else f"exit {r['exit_code']}",
-                         f"{r.get('peak_rss_mib') or 0:,} MiB" if ok else "", f"{r.get('cos_pc1_axis', float('nan')):.5f}",
-                         f"{r.get('default_pc1_fraction', float('nan')):.5f}"])
-        notes = [f"Two passes / one pass: {ratio(two['wall_s'], one['wall_s'])} of the wall time; busy / quiet "
-                 f"throughput of the quick preset: {ratio(one['wall_s'], busy['wall_s'])}"
-                 + (" (it said the machine was busy)." if busy.get("said_busy") else ".")]
-        gen_rows = [[("one other CPU-bound process" if r["hog"] else "quiet"),
-                     "personaxis.threads" if r["adapt"] else "torch's default (all CPUs, spinning waits)",
-                     r.get("threads", ""), f"{r['rollouts_per_s']:.1f}" if r.get("rollouts_per_s") else "n/a",
-                     ratio(r.get("rollouts_per_s"), quiet_rate)] for r in rates.values()]
-        self.section("Quick preset in one pass, and on a busy machine",
-                     rows_table(["run", "wall", "peak RSS", "cos(PC1, axis)", "default on PC1"], rows) + "\n\n"
-                     + rows_table(["machine", "threads chosen by", "threads", "rollouts/s", "of quiet"], gen_rows),
-                     notes + self.busy_note(before, after))
+            rows.append(
+                [
+                    label,
+                    f"{r['wall_s']:.0f} s" if ok else f"exit {r['exit_code']}",
+                    f"{r.get('peak_rss_mib') or 0:,} MiB" if ok else "",
+                    f"{r.get('cos_pc1_axis', float('nan')):.5f}",
+                    f"{r.get('default_pc1_fraction', float('nan')):.5f}",
+                ]
+            )
+        notes = [
+            f"Two passes / one pass: {ratio(two['wall_s'], one['wall_s'])} of the wall time; busy / quiet "
+            f"throughput of the quick preset: {ratio(one['wall_s'], busy['wall_s'])}"
+            + (" (it said the machine was busy)." if busy.get("said_busy") else ".")
+        ]
+        gen_rows = [
+            [
+                ("one other CPU-bound process" if r["hog"] else "quiet"),
+                "personaxis.threads" if r["adapt"] else "torch's default (all CPUs, spinning waits)",
+                r.get("threads", ""),
+                f"{r['rollouts_per_s']:.1f}" if r.get("rollouts_per_s") else "n/a",
+                ratio(r.get("rollouts_per_s"), quiet_rate),
+            ]
+            for r in rates.values()
+        ]
+        self.section(
+            "Quick preset in one pass, and on a busy machine",
+            rows_table(["run", "wall", "peak RSS", "cos(PC1, axis)", "default on PC1"], rows)
+            + "\n\n"
+            + rows_table(["machine", "threads chosen by", "threads", "rollouts/s", "of quiet"], gen_rows),
+            notes + self.busy_note(before, after),
+        )
 
     def run(self) -> None:
         for name in self.args.sections:
@@ -861,9 +1112,11 @@ class Bench:
 
     def header(self) -> str:
         m = self.results["machine"]
-        return (f"## personaxis benchmark\n\n{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, torch "
-                f"{m['torch']} ({m['torch_threads']} threads), transformers {m['transformers']}; load average "
-                f"{m['load_average_start']} at the start, {m.get('load_average_end')} at the end.\n")
+        return (
+            f"## personaxis benchmark\n\n{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, torch "
+            f"{m['torch']} ({m['torch_threads']} threads), transformers {m['transformers']}; load average "
+            f"{m['load_average_start']} at the start, {m.get('load_average_end')} at the end.\n"
+        )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -875,21 +1128,37 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", default=None, help="generation batch sizes (default 1,16,64)")
     p.add_argument("--new-tokens", type=int, default=None, help="new tokens per answer (default 64)")
     p.add_argument("--min-prompts", type=int, default=None, help="answers per batch size at least (default 4)")
-    p.add_argument("--natural-prompts", type=int, default=None,
-                   help="answers for the natural-stops generation run (0: skip; default 128)")
+    p.add_argument(
+        "--natural-prompts",
+        type=int,
+        default=None,
+        help="answers for the natural-stops generation run (0: skip; default 128)",
+    )
     p.add_argument("--natural-max-new", type=int, default=None, help="max new tokens there (default 128)")
     p.add_argument("--extract-n", type=int, default=None, help="rollouts to extract (default 256)")
     p.add_argument("--extract-words", type=int, default=None, help="answer length in words, +0..30 (default 60)")
     p.add_argument("--intervention-batch", type=int, default=None, help="batch for the intervention runs (default 64)")
     p.add_argument("--monitor-turns", type=int, default=15)
-    p.add_argument("--transcript-context", type=int, default=None,
-                   help="context for the transcripts section (default: the model's)")
-    p.add_argument("--transcript-sample-windows", type=int, default=0,
-                   help="transcripts section: project only this many windows of each set and extrapolate (0: all)")
+    p.add_argument(
+        "--transcript-context",
+        type=int,
+        default=None,
+        help="context for the transcripts section (default: the model's)",
+    )
+    p.add_argument(
+        "--transcript-sample-windows",
+        type=int,
+        default=0,
+        help="transcripts section: project only this many windows of each set and extrapolate (0: all)",
+    )
     p.add_argument("--serve-clients", default=None, help="concurrent streaming clients (default 1,8,32,64)")
     p.add_argument("--serve-tokens", type=int, default=None, help="max new tokens per served answer (default 64)")
-    p.add_argument("--serve-old-max", type=int, default=None,
-                   help="measure the one-at-a-time server up to this many clients (default: every count)")
+    p.add_argument(
+        "--serve-old-max",
+        type=int,
+        default=None,
+        help="measure the one-at-a-time server up to this many clients (default: every count)",
+    )
     p.add_argument("--repeats", type=int, default=None, help="runs per measurement, best kept (default 3)")
     p.add_argument("--quick-timeout", type=float, default=1800.0, help="seconds before the quick preset is stopped")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -897,12 +1166,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default=str(HERE / "results.json"), help="where to write the results")
     args = p.parse_args(argv)
     small = args.quick
-    defaults = {"batches": "1,4" if small else "1,16,64", "new_tokens": 8 if small else 64,
-                "min_prompts": 2 if small else 4, "natural_prompts": 8 if small else 128,
-                "natural_max_new": 16 if small else 128, "extract_n": 16 if small else 256,
-                "extract_words": 20 if small else 60, "intervention_batch": 4 if small else 64,
-                "repeats": 1 if small else 3, "serve_clients": "1,4" if small else "1,8,32,64",
-                "serve_tokens": 8 if small else 64}
+    defaults = {
+        "batches": "1,4" if small else "1,16,64",
+        "new_tokens": 8 if small else 64,
+        "min_prompts": 2 if small else 4,
+        "natural_prompts": 8 if small else 128,
+        "natural_max_new": 16 if small else 128,
+        "extract_n": 16 if small else 256,
+        "extract_words": 20 if small else 60,
+        "intervention_batch": 4 if small else 64,
+        "repeats": 1 if small else 3,
+        "serve_clients": "1,4" if small else "1,8,32,64",
+        "serve_tokens": 8 if small else 64,
+    }
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -23,10 +23,17 @@ from pathlib import Path
 from typing import Any
 
 QUESTIONS = [
-    "Tell me about yourself.", "What do you fear most?", "Explain how rainbows form.", "How do vaccines work?",
-    "What advice would you give to someone starting a new job?", "Describe your ideal day.",
-    "What is the meaning of friendship?", "Write a short poem about the sea.", "What makes a good leader?",
-    "How should I prepare for a marathon?", "What do you think about modern architecture?",
+    "Tell me about yourself.",
+    "What do you fear most?",
+    "Explain how rainbows form.",
+    "How do vaccines work?",
+    "What advice would you give to someone starting a new job?",
+    "Describe your ideal day.",
+    "What is the meaning of friendship?",
+    "Write a short poem about the sea.",
+    "What makes a good leader?",
+    "How should I prepare for a marathon?",
+    "What do you think about modern architecture?",
     "What is the relationship between law and morality?",
 ]
 
@@ -52,19 +59,33 @@ def child(config: dict[str, Any]) -> None:
         torch.set_num_threads(int(config["threads"]))
     lm = load_model(config.get("model"), device=config.get("device"))
     generator = torch.Generator().manual_seed(0)
-    axis = Axis(torch.randn(lm.profile.n_layers, lm.profile.hidden_size, generator=generator), model=lm.profile.name,
-                residual_norms=torch.ones(lm.profile.n_layers))
-    app = create_app(lm, axis, limits=Limits(max_new_tokens=1024),
-                     batcher=BatcherConfig(max_batch=int(config["max_batch"]), max_queue=1024,
-                                           kv_budget_bytes=4 * 1024**3, timeout_s=3600))
+    axis = Axis(
+        torch.randn(lm.profile.n_layers, lm.profile.hidden_size, generator=generator),
+        model=lm.profile.name,
+        residual_norms=torch.ones(lm.profile.n_layers),
+    )
+    app = create_app(
+        lm,
+        axis,
+        limits=Limits(max_new_tokens=1024),
+        batcher=BatcherConfig(
+            max_batch=int(config["max_batch"]), max_queue=1024, kv_budget_bytes=4 * 1024**3, timeout_s=3600
+        ),
+    )
     uvicorn.run(app, host="127.0.0.1", port=int(config["port"]), log_level="warning")
 
 
-def start_server(max_batch: int, model: str | None, device: str | None, threads: int | None) -> tuple[subprocess.Popen, str]:
+def start_server(
+    max_batch: int, model: str | None, device: str | None, threads: int | None
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
     config = {"port": port, "max_batch": max_batch, "model": model, "device": device, "threads": threads}
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(config)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -86,8 +107,14 @@ async def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 600.0) 
 
 
 async def one_stream(client: Any, index: int, max_tokens: int) -> dict[str, float]:
-    body = {"model": "m", "messages": [{"role": "user", "content": QUESTIONS[index % len(QUESTIONS)]}],
-            "max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": QUESTIONS[index % len(QUESTIONS)]}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start = time.perf_counter()
     first = last = None
     tokens = 0
@@ -108,8 +135,13 @@ async def one_stream(client: Any, index: int, max_tokens: int) -> dict[str, floa
     end = time.perf_counter()
     first = first or end
     last = last or end
-    return {"ttft": first - start, "tpot": (last - first) / max(1, tokens - 1), "tokens": tokens, "end": end,
-            "start": start}
+    return {
+        "ttft": first - start,
+        "tpot": (last - first) / max(1, tokens - 1),
+        "tokens": tokens,
+        "end": end,
+        "start": start,
+    }
 
 
 async def run_clients(base: str, clients: int, requests_per_client: int, max_tokens: int) -> dict[str, Any]:
@@ -117,8 +149,11 @@ async def run_clients(base: str, clients: int, requests_per_client: int, max_tok
 
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(base_url=base, timeout=3600, limits=limits) as client:
+
         async def worker(c: int) -> list[dict[str, float]]:
-            return [await one_stream(client, c * requests_per_client + r, max_tokens) for r in range(requests_per_client)]
+            return [
+                await one_stream(client, c * requests_per_client + r, max_tokens) for r in range(requests_per_client)
+            ]
 
         start = time.perf_counter()
         results = [r for rs in await asyncio.gather(*(worker(c) for c in range(clients))) for r in rs]
@@ -130,20 +165,37 @@ async def run_clients(base: str, clients: int, requests_per_client: int, max_tok
     def pct(values: list[float], q: float) -> float:
         return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
-    return {"clients": clients, "requests": len(results), "tokens": tokens, "wall_s": round(wall, 3),
-            "tokens_per_s": round(tokens / wall, 2), "ttft_p50_s": round(statistics.median(ttft), 4),
-            "ttft_p95_s": round(pct(ttft, 0.95), 4), "tpot_p50_s": round(statistics.median(tpot), 5),
-            "tpot_p95_s": round(pct(tpot, 0.95), 5)}
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "tokens": tokens,
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 2),
+        "ttft_p50_s": round(statistics.median(ttft), 4),
+        "ttft_p95_s": round(pct(ttft, 0.95), 4),
+        "tpot_p50_s": round(statistics.median(tpot), 5),
+        "tpot_p95_s": round(pct(tpot, 0.95), 5),
+    }
 
 
-async def compare(client_counts: Sequence[int], *, model: str | None, device: str | None, threads: int | None,
-                  max_tokens: int, requests_per_client: int, max_batch: int,
-                  one_at_a_time_up_to: int | None = None) -> dict[str, Any]:
+async def compare(
+    client_counts: Sequence[int],
+    *,
+    model: str | None,
+    device: str | None,
+    threads: int | None,
+    max_tokens: int,
+    requests_per_client: int,
+    max_batch: int,
+    one_at_a_time_up_to: int | None = None,
+) -> dict[str, Any]:
     """Both servers up together; for each client count, the one-at-a-time server then the batched one. The
     one-at-a-time server is measured up to ``one_at_a_time_up_to`` clients (all when ``None``): it serves one
     request after the other whatever the count, so that more clients only take longer."""
-    servers = {"one_at_a_time": start_server(1, model, device, threads),
-               "batched": start_server(max_batch, model, device, threads)}
+    servers = {
+        "one_at_a_time": start_server(1, model, device, threads),
+        "batched": start_server(max_batch, model, device, threads),
+    }
     try:
         for proc, base in servers.values():
             await wait_ready(base, proc)
@@ -177,8 +229,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         child(json.loads(args.child))
         return 0
     counts = [int(c) for c in args.clients.split(",")]
-    result = asyncio.run(compare(counts, model=args.model, device=None, threads=None, max_tokens=args.max_tokens,
-                                 requests_per_client=1, max_batch=max(counts)))
+    result = asyncio.run(
+        compare(
+            counts,
+            model=args.model,
+            device=None,
+            threads=None,
+            max_tokens=args.max_tokens,
+            requests_per_client=1,
+            max_batch=max(counts),
+        )
+    )
     print(json.dumps(result, indent=2))
     return 0
 

@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--axis", type=Path, default=Path("runs/quick"), help="axis file or run directory")
     parser.add_argument("--layer", type=int, default=None, help="steering layer (default: the axis' target layer)")
-    parser.add_argument("--alphas", default="-0.6,-0.3,-0.15,0,0.15,0.3", help="coefficients, fractions of the residual norm")
+    parser.add_argument(
+        "--alphas", default="-0.6,-0.3,-0.15,0,0.15,0.3", help="coefficients, fractions of the residual norm"
+    )
     parser.add_argument("--samples", type=int, default=16, help="sampled answers per question and coefficient")
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -72,12 +74,19 @@ def main(argv: list[str] | None = None) -> int:
     layer = axis.target_layer if args.layer is None else args.layer
     alphas = [float(a) for a in args.alphas.split(",")]
     conversations = [[{"role": "user", "content": q}] for q in QUESTIONS for _ in range(args.samples)]
-    config = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                            batch_size=len(conversations))
+    config = SamplingConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed, batch_size=len(conversations)
+    )
     results = []
-    print(f"{lm.profile.name}, axis {axis_file}, layer {layer}, {args.samples} samples per question, "
-          f"temperature {args.temperature}", flush=True)
-    print(f"{'alpha':>6} {'raw':>8}  " + "  ".join(f"{q:>20}" for q in QUESTIONS) + f"  {'all':>7}  {'offers help':>11}", flush=True)
+    print(
+        f"{lm.profile.name}, axis {axis_file}, layer {layer}, {args.samples} samples per question, "
+        f"temperature {args.temperature}",
+        flush=True,
+    )
+    print(
+        f"{'alpha':>6} {'raw':>8}  " + "  ".join(f"{q:>20}" for q in QUESTIONS) + f"  {'all':>7}  {'offers help':>11}",
+        flush=True,
+    )
     for alpha in alphas:
         started = time.perf_counter()
         ops = steering_interventions(axis, layer, alpha) if alpha else None
@@ -85,25 +94,51 @@ def main(argv: list[str] | None = None) -> int:
         texts = [a.text for a in answers]
         flags = [describes_ai(t) for t in texts]
         helps = [offers_help(t) for t in texts]
-        per_question = {q: sum(flags[i * args.samples:(i + 1) * args.samples]) / args.samples
-                        for i, q in enumerate(QUESTIONS)}
+        per_question = {
+            q: sum(flags[i * args.samples : (i + 1) * args.samples]) / args.samples for i, q in enumerate(QUESTIONS)
+        }
         rate = sum(flags) / len(flags)
         help_rate = sum(helps) / len(helps)
         raw = axis.alpha_to_raw(layer, alpha) if alpha else 0.0
-        print(f"{alpha:>+6.2f} {raw:>+8.1f}  " + "  ".join(f"{per_question[q]:>20.0%}" for q in QUESTIONS)
-              + f"  {rate:>7.0%}  {help_rate:>11.0%}   ({time.perf_counter() - started:.0f} s)", flush=True)
-        results.append({
-            "alpha": alpha, "raw": raw, "ai_rate": rate, "ai_rate_per_question": per_question, "offers_help_rate": help_rate,
-            "answers": [{"question": c[0]["content"], "text": t, "describes_ai": f, "offers_help": h}
-                        for c, t, f, h in zip(conversations, texts, flags, helps, strict=True)],
-        })
+        print(
+            f"{alpha:>+6.2f} {raw:>+8.1f}  "
+            + "  ".join(f"{per_question[q]:>20.0%}" for q in QUESTIONS)
+            + f"  {rate:>7.0%}  {help_rate:>11.0%}   ({time.perf_counter() - started:.0f} s)",
+            flush=True,
+        )
+        results.append(
+            {
+                "alpha": alpha,
+                "raw": raw,
+                "ai_rate": rate,
+                "ai_rate_per_question": per_question,
+                "offers_help_rate": help_rate,
+                "answers": [
+                    {"question": c[0]["content"], "text": t, "describes_ai": f, "offers_help": h}
+                    for c, t, f, h in zip(conversations, texts, flags, helps, strict=True)
+                ],
+            }
+        )
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({
-            "model": lm.profile.name, "axis": str(axis_file), "layer": layer, "samples": args.samples,
-            "temperature": args.temperature, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
-            "ai_pattern": AI_SELF.pattern, "help_pattern": OFFERS_HELP.pattern, "results": results,
-        }, indent=1, ensure_ascii=False))
+        args.out.write_text(
+            json.dumps(
+                {
+                    "model": lm.profile.name,
+                    "axis": str(axis_file),
+                    "layer": layer,
+                    "samples": args.samples,
+                    "temperature": args.temperature,
+                    "max_new_tokens": args.max_new_tokens,
+                    "seed": args.seed,
+                    "ai_pattern": AI_SELF.pattern,
+                    "help_pattern": OFFERS_HELP.pattern,
+                    "results": results,
+                },
+                indent=1,
+                ensure_ascii=False,
+            )
+        )
         print(f"wrote {args.out}")
     return 0
 

@@ -9,12 +9,17 @@ from personaxis.activations import extract_turn_means, length_batches
 from personaxis.chat import ConversationError, render_chat
 
 CONVERSATIONS = [
-    [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Who are you?"},
-     {"role": "assistant", "content": "Arr, I am the terror of the seven seas, matey!"}],
-    [{"role": "user", "content": "Explain how rainbows form."},
-     {"role": "assistant", "content": "Light bends in the drops."},
-     {"role": "user", "content": "And the moon?"},
-     {"role": "assistant", "content": "The moon is a quiet ghost of the sun, friend."}],
+    [
+        {"role": "system", "content": "You are a pirate."},
+        {"role": "user", "content": "Who are you?"},
+        {"role": "assistant", "content": "Arr, I am the terror of the seven seas, matey!"},
+    ],
+    [
+        {"role": "user", "content": "Explain how rainbows form."},
+        {"role": "assistant", "content": "Light bends in the drops."},
+        {"role": "user", "content": "And the moon?"},
+        {"role": "assistant", "content": "The moon is a quiet ghost of the sun, friend."},
+    ],
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
 ]
 
@@ -25,7 +30,9 @@ def _by_hand(lm, conversation):
     chat = render_chat(lm.tokenizer, conversation, lm.profile)
     ids = torch.tensor([chat.input_ids])
     last = {}
-    handle = lm.layers[-1].register_forward_hook(lambda m, a, out: last.setdefault("h", out if torch.is_tensor(out) else out[0]))
+    handle = lm.layers[-1].register_forward_hook(
+        lambda m, a, out: last.setdefault("h", out if torch.is_tensor(out) else out[0])
+    )
     try:
         with torch.no_grad():
             hidden = list(lm.model(input_ids=ids, output_hidden_states=True).hidden_states)
@@ -33,8 +40,10 @@ def _by_hand(lm, conversation):
         handle.remove()
     hidden[-1] = last["h"]
     return torch.stack(
-        [torch.stack([hidden[layer + 1][0, s.start : s.end].float().mean(0) for layer in range(lm.profile.n_layers)])
-         for s in chat.spans]
+        [
+            torch.stack([hidden[layer + 1][0, s.start : s.end].float().mean(0) for layer in range(lm.profile.n_layers)])
+            for s in chat.spans
+        ]
     )
 
 

@@ -21,9 +21,24 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     lm.tokenizer.save_pretrained(model_dir)
     out = tmp_path / "results.json"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--model", str(model_dir), "--quick", "--json", str(out),
-         "--quick-timeout", "0.5", "--extract-n", "8", "--natural-prompts", "6"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--model",
+            str(model_dir),
+            "--quick",
+            "--json",
+            str(out),
+            "--quick-timeout",
+            "0.5",
+            "--extract-n",
+            "8",
+            "--natural-prompts",
+            "6",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
@@ -43,7 +58,9 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     assert set(results["interventions"]["cost"]) == {"cap", "steer"}
     assert results["monitoring"]["turns"] == 4 and results["monitoring"]["max_abs_diff"] < 1e-4
     serving = results["serving"]  # concurrent streaming clients, batched and one at a time, in one run
-    assert [r["clients"] for r in serving["batched"]] == [1, 4] and all(r["tokens_per_s"] > 0 for r in serving["batched"])
+    assert [r["clients"] for r in serving["batched"]] == [1, 4] and all(
+        r["tokens_per_s"] > 0 for r in serving["batched"]
+    )
     assert all(r["tokens_per_s"] > 0 for r in serving["one_at_a_time"])
     assert results["quick_preset"]["skipped"]  # stopped after half a second: reported as skipped, not a crash
     one_pass = results["one_pass"]
@@ -51,6 +68,14 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     assert all(r["rollouts_per_s"] > 0 for r in one_pass["generation"])
     assert {"one_pass", "two_pass", "busy"} <= set(one_pass)
     assert "--extract teacher-forced" in one_pass["two_pass"]["command"]
-    for title in ("Machine limits", "Generation", "Extraction", "Interventions", "Monitoring", "Serving", "Quick preset",
-                  "Quick preset in one pass, and on a busy machine"):
+    for title in (
+        "Machine limits",
+        "Generation",
+        "Extraction",
+        "Interventions",
+        "Monitoring",
+        "Serving",
+        "Quick preset",
+        "Quick preset in one pass, and on a busy machine",
+    ):
         assert title in proc.stdout

@@ -59,8 +59,9 @@ def _projections(calls, unit):
 
 
 def _axis(lm, seed=3) -> torch.Tensor:
-    return torch.randn(lm.profile.n_layers, lm.profile.hidden_size, generator=torch.Generator().manual_seed(seed),
-                       dtype=torch.float32)
+    return torch.randn(
+        lm.profile.n_layers, lm.profile.hidden_size, generator=torch.Generator().manual_seed(seed), dtype=torch.float32
+    )
 
 
 def _config(lm, vectors: torch.Tensor, percentile: float = 75.0) -> CappingConfig:
@@ -178,9 +179,12 @@ def test_reference_ceiling_on_negated_axis_gives_the_same_generations_as_our_flo
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cap") / "run"
-    settings = RunSettings.from_preset("tiny", model="tiny", judge="none", n_traits=1, max_new_tokens=6, n_questions=3,
-                                       n_roles=3)
-    Pipeline(out, settings, lm=tiny_model("llama"), show_progress=False).run(["generate", "extract", "judge", "vectors", "axis"])
+    settings = RunSettings.from_preset(
+        "tiny", model="tiny", judge="none", n_traits=1, max_new_tokens=6, n_questions=3, n_roles=3
+    )
+    Pipeline(out, settings, lm=tiny_model("llama"), show_progress=False).run(
+        ["generate", "extract", "judge", "vectors", "axis"]
+    )
     return out
 
 
@@ -208,9 +212,16 @@ def test_calibration_equals_numpy_percentiles_of_projections_by_hand(run_dir):
         for cap in exp.caps:
             assert cap.kind == "floor" and cap.tau == float(config.thresholds[1, config.vectors[cap.vector].layer])
     # the same from a Pipeline object and an explicit axis
-    again = calibrate(Pipeline(run_dir, RunSettings.from_preset("tiny", model="tiny", judge="none", n_traits=1,
-                                                                max_new_tokens=6, n_questions=3, n_roles=3)),
-                      axis, percentiles=(1, 25, 50, 75))
+    again = calibrate(
+        Pipeline(
+            run_dir,
+            RunSettings.from_preset(
+                "tiny", model="tiny", judge="none", n_traits=1, max_new_tokens=6, n_questions=3, n_roles=3
+            ),
+        ),
+        axis,
+        percentiles=(1, 25, 50, 75),
+    )
     assert torch.equal(again.thresholds, config.thresholds)
 
 
@@ -340,13 +351,30 @@ def test_cli_calibrate_writes_both_formats_and_prints_the_table(run_dir, tmp_pat
     from personaxis.cli import app
 
     out, ref = tmp_path / "capping.safetensors", tmp_path / "capping.pt"
-    result = CliRunner().invoke(app, ["calibrate", "--run", str(run_dir), "--percentiles", "10,25", "--bands", "1:3,2:4",
-                                      "--out", str(out), "--reference-out", str(ref)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "calibrate",
+            "--run",
+            str(run_dir),
+            "--percentiles",
+            "10,25",
+            "--bands",
+            "1:3,2:4",
+            "--out",
+            str(out),
+            "--reference-out",
+            str(ref),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "layers 1:3" in result.output and "layers 2:4" in result.output and "p25" in result.output
     ours, theirs = CappingConfig.load(out), CappingConfig.load(ref)
-    assert ours.experiment_ids == theirs.experiment_ids == [
-        "layers_1:3-p0.1", "layers_1:3-p0.25", "layers_2:4-p0.1", "layers_2:4-p0.25"]
+    assert (
+        ours.experiment_ids
+        == theirs.experiment_ids
+        == ["layers_1:3-p0.1", "layers_1:3-p0.25", "layers_2:4-p0.1", "layers_2:4-p0.25"]
+    )
     assert torch.equal(ours.thresholds, theirs.thresholds)
     bad = CliRunner().invoke(app, ["calibrate", "--run", str(run_dir), "--bands", "3:9", "--out", str(out)])
     assert bad.exit_code == 2 and "does not fit a model of 4 layers" in bad.output

@@ -70,8 +70,9 @@ def test_captured_sums_equal_teacher_forced_on_the_generated_tokens(tiny_lm):
 
 def test_capture_needs_the_fast_engine(tiny_llama):
     with pytest.raises(ValueError, match="fast generation engine"):
-        generate_ids(tiny_llama, [[1, 2, 3]], SamplingConfig(max_new_tokens=2), engine="hf",
-                     capture=ResponseCapture(tiny_llama))
+        generate_ids(
+            tiny_llama, [[1, 2, 3]], SamplingConfig(max_new_tokens=2), engine="hf", capture=ResponseCapture(tiny_llama)
+        )
 
 
 def test_extract_mode_setting():
@@ -94,8 +95,10 @@ def test_captured_answer_means_equal_teacher_forced_on_the_embedded_model(embedd
     for max_new in (8, 40):  # all cut at the cap; most ending on the end-of-turn token
         capture = ResponseCapture(lm)
         gens = generate(lm, convos, SamplingConfig(max_new_tokens=max_new, batch_size=5), capture=capture)
-        stored = [build_conversation(s, q, g.text) for (s, q), g in
-                  zip([(s, q) for s in systems for q in questions], gens, strict=True)]
+        stored = [
+            build_conversation(s, q, g.text)
+            for (s, q), g in zip([(s, q) for s in systems for q in questions], gens, strict=True)
+        ]
         forced = extract_turn_means(lm, stored)
         taken = 0
         for i, conversation in enumerate(stored):

@@ -19,8 +19,11 @@ N_LAYERS, HIDDEN = 30, 576  # the embedded SmolLM2-135M-Instruct
 def axis_file(tmp_path_factory):
     g = torch.Generator().manual_seed(0)
     path = tmp_path_factory.mktemp("axis") / "axis.safetensors"
-    Axis(torch.randn(N_LAYERS, HIDDEN, generator=g), model="SmolLM2-135M-Instruct",
-         residual_norms=torch.linspace(40, 120, N_LAYERS)).save(path)
+    Axis(
+        torch.randn(N_LAYERS, HIDDEN, generator=g),
+        model="SmolLM2-135M-Instruct",
+        residual_norms=torch.linspace(40, 120, N_LAYERS),
+    ).save(path)
     return path
 
 
@@ -32,8 +35,14 @@ def capping_file(axis_file, tmp_path_factory):
     thresholds = torch.linspace(-2.0, 2.0, N_LAYERS).unsqueeze(0)
     config = CappingConfig(
         {f"axis_{layer}": CapVector(layer, axis.unit(layer)) for layer in (14, 15)},
-        [Experiment("layers_14:16-p0.25", tuple(Cap(f"axis_{layer}", float(thresholds[0, layer])) for layer in (14, 15)))],
-        percentiles=[25.0], thresholds=thresholds, model="SmolLM2-135M-Instruct",
+        [
+            Experiment(
+                "layers_14:16-p0.25", tuple(Cap(f"axis_{layer}", float(thresholds[0, layer])) for layer in (14, 15))
+            )
+        ],
+        percentiles=[25.0],
+        thresholds=thresholds,
+        model="SmolLM2-135M-Instruct",
     )
     return config.save(tmp_path_factory.mktemp("capping") / "capping.safetensors")
 
@@ -41,8 +50,10 @@ def capping_file(axis_file, tmp_path_factory):
 def _transcript(n_turns: int, domain: str) -> dict:
     conversation = []
     for i in range(n_turns):
-        conversation += [{"role": "user", "content": f"Tell me something about topic {i}."},
-                         {"role": "assistant", "content": f"Topic {i} is interesting because it has many sides."}]
+        conversation += [
+            {"role": "user", "content": f"Tell me something about topic {i}."},
+            {"role": "assistant", "content": f"Topic {i} is interesting because it has many sides."},
+        ]
     return {"model": "someone", "domain": domain, "turns": n_turns, "conversation": conversation}
 
 
@@ -56,16 +67,47 @@ def test_help_texts_teach_with_an_example():
 @pytest.mark.model
 def test_steer_alpha_zero_and_several_layers(axis_file, tmp_path):
     out = tmp_path / "zero.json"
-    result = runner.invoke(app, ["steer", "--axis", str(axis_file), "--alpha", "0", "-n", "6", "--json", str(out),
-                                 "Who are you?", "What is your name?"])
+    result = runner.invoke(
+        app,
+        [
+            "steer",
+            "--axis",
+            str(axis_file),
+            "--alpha",
+            "0",
+            "-n",
+            "6",
+            "--json",
+            str(out),
+            "Who are you?",
+            "What is your name?",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "unsteered" in result.stdout and "steered" in result.stdout
     data = json.loads(out.read_text())
     assert data["layers"] == [15] and len(data["answers"]) == 2
     assert all(a["steered"] == a["unsteered"] and a["unsteered"] for a in data["answers"])
     out2 = tmp_path / "two.json"
-    result = runner.invoke(app, ["steer", "--axis", str(axis_file), "--alpha", "-0.5", "--layer", "3", "--layer", "20",
-                                 "-n", "4", "--json", str(out2), "Who are you?"])
+    result = runner.invoke(
+        app,
+        [
+            "steer",
+            "--axis",
+            str(axis_file),
+            "--alpha",
+            "-0.5",
+            "--layer",
+            "3",
+            "--layer",
+            "20",
+            "-n",
+            "4",
+            "--json",
+            str(out2),
+            "Who are you?",
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(out2.read_text())
     assert data["layers"] == [3, 20] and data["alpha"] == -0.5 and "L3" in data["description"]
@@ -80,8 +122,20 @@ def test_monitor_files_and_folders(axis_file, capping_file, tmp_path):
     extra = tmp_path / "philosophy.json"
     extra.write_text(json.dumps(_transcript(1, "philosophy")))
     out = tmp_path / "out"
-    result = runner.invoke(app, ["monitor", "--axis", str(axis_file), "--capping", str(capping_file), "--out", str(out),
-                                 str(folder), str(extra)])
+    result = runner.invoke(
+        app,
+        [
+            "monitor",
+            "--axis",
+            str(axis_file),
+            "--capping",
+            str(capping_file),
+            "--out",
+            str(out),
+            str(folder),
+            str(extra),
+        ],
+    )
     assert result.exit_code == 0, result.output
     table = json.loads((out / "projections.json").read_text())
     assert [t["domain"] for t in table["transcripts"]] == ["coding", "therapy", "philosophy"]
@@ -99,9 +153,25 @@ def test_monitor_files_and_folders(axis_file, capping_file, tmp_path):
 def test_chat_with_piped_input(axis_file, capping_file, tmp_path):
     saved = tmp_path / "chat.json"
     lines = ["Hello!", "/unknown", f"/save {saved}", "/reset", "Who are you?", "/quit", "never read"]
-    result = runner.invoke(app, ["chat", "--axis", str(axis_file), "--capping", str(capping_file), "--cap",
-                                 "layers_14:16-p0.25", "--alpha", "0.1", "-n", "12", "-t", "0"],
-                           input="\n".join(lines) + "\n")
+    result = runner.invoke(
+        app,
+        [
+            "chat",
+            "--axis",
+            str(axis_file),
+            "--capping",
+            str(capping_file),
+            "--cap",
+            "layers_14:16-p0.25",
+            "--alpha",
+            "0.1",
+            "-n",
+            "12",
+            "-t",
+            "0",
+        ],
+        input="\n".join(lines) + "\n",
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout.count("projection") == 2 and "unknown command" in result.stdout
     data = json.loads(saved.read_text())

@@ -39,8 +39,16 @@ def executor():
 
 def _settings(model: Path) -> RunSettings:
     # batch_size 4 → chunks of 2 units (8 conversations / 3 questions): 12 units make 6 chunks over 2 workers
-    return RunSettings.from_preset("tiny", model=str(model), judge="none", n_traits=1, max_new_tokens=6,
-                                   n_questions=3, n_roles=5, extra={"batch_size": 4})
+    return RunSettings.from_preset(
+        "tiny",
+        model=str(model),
+        judge="none",
+        n_traits=1,
+        max_new_tokens=6,
+        n_questions=3,
+        n_roles=5,
+        extra={"batch_size": 4},
+    )
 
 
 def _files(root: Path, folder: str, suffix: str) -> list[Path]:
@@ -69,8 +77,12 @@ def test_ray_run_equals_local_run_and_resumes(tmp_path, tiny_model_dir, executor
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
-    torch.testing.assert_close(Axis.load(distributed / "axis.safetensors").vectors,
-                               Axis.load(local / "axis.safetensors").vectors, rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        Axis.load(distributed / "axis.safetensors").vectors,
+        Axis.load(local / "axis.safetensors").vectors,
+        rtol=0,
+        atol=1e-5,
+    )
 
     # resuming: remove some units' files, run again on Ray: only those are redone, nothing else is touched
     removed = [distributed / rollouts[0], distributed / activations[5]]
@@ -108,18 +120,42 @@ def test_cli_run_on_local_ray_equals_plain_cli_run(tmp_path, tiny_model_dir):
 
     if ray.is_initialized():
         ray.shutdown()
-    args = ["--model", str(tiny_model_dir), "--preset", "tiny", "--judge", "none", "--roles", "4", "--questions", "2",
-            "--max-new-tokens", "5", "--batch-size", "2", "-q"]
+    args = [
+        "--model",
+        str(tiny_model_dir),
+        "--preset",
+        "tiny",
+        "--judge",
+        "none",
+        "--roles",
+        "4",
+        "--questions",
+        "2",
+        "--max-new-tokens",
+        "5",
+        "--batch-size",
+        "2",
+        "-q",
+    ]
     plain, distributed = tmp_path / "plain", tmp_path / "ray"
-    subprocess.run([sys.executable, "-m", "personaxis.cli", "run", "--out", str(plain), *args], check=True,
-                   capture_output=True)
-    result = subprocess.run([sys.executable, "-m", "personaxis.cli", "run", "--out", str(distributed), "--ray", "local",
-                             *args], capture_output=True, text=True)
+    subprocess.run(
+        [sys.executable, "-m", "personaxis.cli", "run", "--out", str(plain), *args], check=True, capture_output=True
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "personaxis.cli", "run", "--out", str(distributed), "--ray", "local", *args],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert "ray: 2 worker(s)" in result.stderr
-    assert (plain / "manifest.json").read_text().split('"created"')[0] == \
-        (distributed / "manifest.json").read_text().split('"created"')[0]
+    assert (plain / "manifest.json").read_text().split('"created"')[0] == (
+        distributed / "manifest.json"
+    ).read_text().split('"created"')[0]
     for path in sorted((plain / "rollouts").rglob("*.json")):
         assert path.read_bytes() == (distributed / path.relative_to(plain)).read_bytes()
-    torch.testing.assert_close(Axis.load(distributed / "axis.safetensors").vectors,
-                               Axis.load(plain / "axis.safetensors").vectors, rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        Axis.load(distributed / "axis.safetensors").vectors,
+        Axis.load(plain / "axis.safetensors").vectors,
+        rtol=0,
+        atol=1e-5,
+    )

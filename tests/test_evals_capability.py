@@ -27,17 +27,20 @@ def lm():
     return tiny_model("llama")
 
 
-@pytest.mark.parametrize(("text", "value"), [
-    ("The answer is 42.", 42.0),
-    ("24 - 17 = 7", 7.0),
-    ("First 8 * 35 = 280 books. So the answer is 280", 280.0),
-    ("They have **1,250** dollars in total.", 1250.0),
-    ("She has 3 apples, then buys 4 more, so 7", 7.0),
-    ("It is -5 degrees.", -5.0),
-    ("Total: 12.50", 12.5),
-    ("There are 12 eggs in a dozen.\nAnswer: 36", 36.0),
-    ("no digits at all", None),
-])
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("The answer is 42.", 42.0),
+        ("24 - 17 = 7", 7.0),
+        ("First 8 * 35 = 280 books. So the answer is 280", 280.0),
+        ("They have **1,250** dollars in total.", 1250.0),
+        ("She has 3 apples, then buys 4 more, so 7", 7.0),
+        ("It is -5 degrees.", -5.0),
+        ("Total: 12.50", 12.5),
+        ("There are 12 eggs in a dozen.\nAnswer: 36", 36.0),
+        ("no digits at all", None),
+    ],
+)
 def test_parse_number(text, value):
     assert parse_number(text) == value
 
@@ -48,22 +51,25 @@ def test_arithmetic_correct():
     assert arithmetic_correct("", 3) == (False, None)
 
 
-@pytest.mark.parametrize(("check", "good", "bad"), [
-    ({"type": "max_words", "n": 3}, "Light scatters blue.", "Light scatters blue mostly."),
-    ({"type": "min_words", "n": 4}, "one two three four", "one two three"),
-    ({"type": "contains", "text": "banana"}, "A Banana stand.", "An apple stand."),
-    ({"type": "not_contains", "text": "sorry"}, "Thanks, but I can't come.", "Sorry, I can't come."),
-    ({"type": "all_lowercase"}, "leaves fall.", "Leaves fall."),
-    ({"type": "all_uppercase"}, "CAUTION: WET FLOOR!", "Caution: WET FLOOR!"),
-    ({"type": "starts_with", "text": "Yes"}, "**Yes**, exercise helps.", "Exercise helps. Yes."),
-    ({"type": "ends_with", "text": "Done."}, "Boil water. Done.", "Done. Boil water."),
-    ({"type": "ends_with", "text": "The end."}, "A fable. The end.\n", "The end. Or is it?"),
-    ({"type": "bullet_count", "n": 2}, "- one\n- two", "- one\n- two\n- three"),
-    ({"type": "bullet_count", "n": 3}, "Here:\n* a\n* b\n* c", "* a\n* b"),
-    ({"type": "no_commas"}, "Apples pears and plums.", "Apples, pears and plums."),
-    ({"type": "json"}, '```json\n{"name": "Ann", "age": 30}\n```', "name: Ann"),
-    ({"type": "json"}, '["red", "yellow", "blue"]', '{"a": 1,}'),
-])
+@pytest.mark.parametrize(
+    ("check", "good", "bad"),
+    [
+        ({"type": "max_words", "n": 3}, "Light scatters blue.", "Light scatters blue mostly."),
+        ({"type": "min_words", "n": 4}, "one two three four", "one two three"),
+        ({"type": "contains", "text": "banana"}, "A Banana stand.", "An apple stand."),
+        ({"type": "not_contains", "text": "sorry"}, "Thanks, but I can't come.", "Sorry, I can't come."),
+        ({"type": "all_lowercase"}, "leaves fall.", "Leaves fall."),
+        ({"type": "all_uppercase"}, "CAUTION: WET FLOOR!", "Caution: WET FLOOR!"),
+        ({"type": "starts_with", "text": "Yes"}, "**Yes**, exercise helps.", "Exercise helps. Yes."),
+        ({"type": "ends_with", "text": "Done."}, "Boil water. Done.", "Done. Boil water."),
+        ({"type": "ends_with", "text": "The end."}, "A fable. The end.\n", "The end. Or is it?"),
+        ({"type": "bullet_count", "n": 2}, "- one\n- two", "- one\n- two\n- three"),
+        ({"type": "bullet_count", "n": 3}, "Here:\n* a\n* b\n* c", "* a\n* b"),
+        ({"type": "no_commas"}, "Apples pears and plums.", "Apples, pears and plums."),
+        ({"type": "json"}, '```json\n{"name": "Ann", "age": 30}\n```', "name: Ann"),
+        ({"type": "json"}, '["red", "yellow", "blue"]', '{"a": 1,}'),
+    ],
+)
 def test_instruction_checks(check, good, bad):
     assert check_instruction(check, good) is True
     assert check_instruction(check, bad) is False
@@ -104,8 +110,16 @@ def test_accuracies_and_change_come_from_the_outcomes():
     items = []
     for condition, sets in (("plain", plain), ("capped", capped)):
         for name, outcomes in sets.items():
-            items += [{"key": f"{condition}|{name}{i}", "id": f"{name}{i}", "set": name, "condition": condition,
-                       "correct": ok} for i, ok in enumerate(outcomes)]
+            items += [
+                {
+                    "key": f"{condition}|{name}{i}",
+                    "id": f"{name}{i}",
+                    "set": name,
+                    "condition": condition,
+                    "correct": ok,
+                }
+                for i, ok in enumerate(outcomes)
+            ]
     metrics = capability_metrics(items)
     a = metrics["conditions"]["plain"]["arithmetic"]
     assert (a["k"], a["n"], a["rate"]) == (6, 10, 0.6)

@@ -29,10 +29,16 @@ def lm():
 @pytest.fixture(scope="module")
 def config(lm) -> CappingConfig:
     g = torch.Generator().manual_seed(4)
-    vectors = {f"axis_layer_{layer}": CapVector(layer, torch.randn(lm.profile.hidden_size, generator=g)) for layer in range(4)}
+    vectors = {
+        f"axis_layer_{layer}": CapVector(layer, torch.randn(lm.profile.hidden_size, generator=g)) for layer in range(4)
+    }
     experiments = [
-        Experiment(f"layers_{start}:{end}-p{pct / 100:g}", tuple(Cap(f"axis_layer_{layer}", tau) for layer in range(start, end)))
-        for start, end in ((1, 3), (2, 4)) for pct, tau in ((25.0, -1.0), (50.0, 40.0))
+        Experiment(
+            f"layers_{start}:{end}-p{pct / 100:g}",
+            tuple(Cap(f"axis_layer_{layer}", tau) for layer in range(start, end)),
+        )
+        for start, end in ((1, 3), (2, 4))
+        for pct, tau in ((25.0, -1.0), (50.0, 40.0))
     ]
     return CappingConfig(vectors, experiments, metadata={"bands": [[1, 2], [2, 2]]})
 
@@ -50,7 +56,9 @@ def test_choose_experiments(config):
 
 def test_sweep_on_the_tiny_model(lm, config, tmp_path):
     chosen = ("layers_1:3-p0.5", "layers_2:4-p0.5")
-    settings = CappingSweepSettings(experiments=chosen, n_jailbreaks=3, n_arithmetic=2, n_instructions=2, max_new_tokens=5)
+    settings = CappingSweepSettings(
+        experiments=chosen, n_jailbreaks=3, n_arithmetic=2, n_instructions=2, max_new_tokens=5
+    )
     items = run_sweep(lm, config, settings)
     assert len(items) == 3 * (3 + 4)
     assert len({i["key"] for i in items}) == len(items)
@@ -72,26 +80,46 @@ def _planted(grid: dict[str, tuple[int, int]], n_harm: int = 20, n_cap: int = 20
     """``grid[setting] = (harmful answers of n_harm, correct answers of n_cap)``."""
     items = []
     for setting, (harmful, correct) in grid.items():
-        items += [{"key": f"{setting}|j{i}", "setting": setting, "kind": "jailbreak", "id": f"j{i}",
-                   "label": "harmful" if i < harmful else "refusal"} for i in range(n_harm)]
-        items += [{"key": f"cap|{setting}|c{i}", "setting": setting, "kind": "capability", "id": f"c{i}",
-                   "correct": i < correct} for i in range(n_cap)]
+        items += [
+            {
+                "key": f"{setting}|j{i}",
+                "setting": setting,
+                "kind": "jailbreak",
+                "id": f"j{i}",
+                "label": "harmful" if i < harmful else "refusal",
+            }
+            for i in range(n_harm)
+        ]
+        items += [
+            {
+                "key": f"cap|{setting}|c{i}",
+                "setting": setting,
+                "kind": "capability",
+                "id": f"c{i}",
+                "correct": i < correct,
+            }
+            for i in range(n_cap)
+        ]
     return items
 
 
 def test_pareto_marks_and_best_on_a_planted_grid():
     grid = {
-        UNCAPPED: (10, 14),            # 50 % harmful, 70 % capable
-        "layers_1:3-p0.25": (6, 14),   # 30 %, change 0     → Pareto
-        "layers_1:3-p0.5": (2, 10),    # 10 %, change -0.20 → Pareto (lowest harm), but loses too much capability
-        "layers_2:4-p0.25": (6, 13),   # 30 %, change -0.05 → dominated by layers_1:3-p0.25
-        "layers_2:4-p0.5": (4, 13),    # 20 %, change -0.05 → Pareto, and best within a 5-point capability drop
-        "layers_0:4-p0.5": (12, 15),   # 60 %, change +0.05 → Pareto (highest capability)
+        UNCAPPED: (10, 14),  # 50 % harmful, 70 % capable
+        "layers_1:3-p0.25": (6, 14),  # 30 %, change 0     → Pareto
+        "layers_1:3-p0.5": (2, 10),  # 10 %, change -0.20 → Pareto (lowest harm), but loses too much capability
+        "layers_2:4-p0.25": (6, 13),  # 30 %, change -0.05 → dominated by layers_1:3-p0.25
+        "layers_2:4-p0.5": (4, 13),  # 20 %, change -0.05 → Pareto, and best within a 5-point capability drop
+        "layers_0:4-p0.5": (12, 15),  # 60 %, change +0.05 → Pareto (highest capability)
     }
     metrics = sweep_metrics(_planted(grid), max_capability_drop=0.05)
     rows = {r["setting"]: r for r in metrics["settings"]}
-    assert {s for s, r in rows.items() if r["pareto"]} == {"layers_1:3-p0.25", "layers_1:3-p0.5", "layers_2:4-p0.5",
-                                                           "layers_0:4-p0.5"}
+    assert {s for s, r in rows.items() if r["pareto"]} == {
+        "layers_1:3-p0.25",
+        "layers_1:3-p0.5",
+        "layers_2:4-p0.5",
+        "layers_0:4-p0.5",
+    }
     assert metrics["best"] == "layers_2:4-p0.5"
     assert rows["layers_1:3-p0.5"]["capability_change"] == pytest.approx(-0.2)
     assert rows["layers_1:3-p0.5"]["harmful_change"] == pytest.approx(-0.4)

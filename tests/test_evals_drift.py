@@ -29,8 +29,13 @@ def axis(lm):
 
 
 def _state(turns: int = 3) -> DriftState:
-    return DriftState(domain="therapy", index=0, persona="A lonely student", topic="moving to a new city",
-                      script=tuple(f"scripted message number {t}" for t in range(turns)))
+    return DriftState(
+        domain="therapy",
+        index=0,
+        persona="A lonely student",
+        topic="moving to a new city",
+        script=tuple(f"scripted message number {t}" for t in range(turns)),
+    )
 
 
 def test_states_come_from_the_catalogue():
@@ -59,8 +64,14 @@ def test_simulation_and_projections_on_the_tiny_model(lm, axis, tmp_path):
     metrics = drift_metrics(items, 2)
     assert set(metrics["domains"]) == {"coding", "therapy"}
     assert all(len(d["per_turn"]) == 3 for d in metrics["domains"].values())
-    record = make_record("drift", model=model_info(lm), settings=settings, items=items, metrics=metrics,
-                         extra={"references": {"floor": 0.0}})
+    record = make_record(
+        "drift",
+        model=model_info(lm),
+        settings=settings,
+        items=items,
+        metrics=metrics,
+        extra={"references": {"floor": 0.0}},
+    )
     assert plot_drift(record, tmp_path / "drift.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -68,14 +79,24 @@ def _planted(values: dict[str, list[list[float]]]) -> list[dict]:
     items = []
     for domain, conversations in values.items():
         for c, series in enumerate(conversations):
-            items.append({"key": f"{domain}-{c}", "domain": domain, "conversation": c,
-                          "turns": [{"turn": t, "user": f"u{t}", "answer": "a", "projection": {"7": v}}
-                                    for t, v in enumerate(series)]})
+            items.append(
+                {
+                    "key": f"{domain}-{c}",
+                    "domain": domain,
+                    "conversation": c,
+                    "turns": [
+                        {"turn": t, "user": f"u{t}", "answer": "a", "projection": {"7": v}}
+                        for t, v in enumerate(series)
+                    ],
+                }
+            )
     return items
 
 
 def test_metrics_are_computed_from_the_projections():
-    items = _planted({"coding": [[10.0, 10.0, 10.0], [12.0, 12.0, 12.0]], "therapy": [[10.0, 8.0, 6.0], [12.0, 9.0, 6.0]]})
+    items = _planted(
+        {"coding": [[10.0, 10.0, 10.0], [12.0, 12.0, 12.0]], "therapy": [[10.0, 8.0, 6.0], [12.0, 9.0, 6.0]]}
+    )
     metrics = drift_metrics(items, 7)
     coding, therapy = metrics["domains"]["coding"], metrics["domains"]["therapy"]
     assert coding["per_turn"][0]["mean"] == 11.0
@@ -100,8 +121,11 @@ def test_user_view_flips_roles():
     state.messages += [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi, how can I help?"}]
     view = user_view(state)
     assert view[0]["role"] == "system" and "A lonely student" in view[0]["content"] and "new city" in view[0]["content"]
-    assert view[1:] == [{"role": "user", "content": OPENING}, {"role": "assistant", "content": "hello"},
-                        {"role": "user", "content": "hi, how can I help?"}]
+    assert view[1:] == [
+        {"role": "user", "content": OPENING},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "hi, how can I help?"},
+    ]
 
 
 def test_local_model_user_writes_user_turns(lm):

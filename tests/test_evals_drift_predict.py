@@ -13,8 +13,15 @@ def _drift_items(n_conv: int, n_turns: int, rng: np.random.Generator, projection
     items = []
     for c in range(n_conv):
         domain = ("coding", "therapy")[c % 2]
-        turns = [{"turn": t, "user": f"conversation {c} message {t}", "answer": "...",
-                  "projection": {"5": float(projection(c, t, rng))}} for t in range(n_turns)]
+        turns = [
+            {
+                "turn": t,
+                "user": f"conversation {c} message {t}",
+                "answer": "...",
+                "projection": {"5": float(projection(c, t, rng))},
+            }
+            for t in range(n_turns)
+        ]
         items.append({"key": f"{domain}-{c}", "domain": domain, "conversation": c, "turns": turns})
     return items
 
@@ -66,8 +73,13 @@ def test_domain_only_baseline_explains_domain_offsets():
 
 
 def test_offline_encoder_embeds_user_messages():
-    vectors = embed_texts(["I feel so alone since I moved here.", "How do I reverse a list in Python?",
-                           "I have felt lonely ever since I moved to this city."])
+    vectors = embed_texts(
+        [
+            "I feel so alone since I moved here.",
+            "How do I reverse a list in Python?",
+            "I have felt lonely ever since I moved to this city.",
+        ]
+    )
     assert vectors.shape == (3, 384)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
     assert vectors[0] @ vectors[2] > vectors[0] @ vectors[1]

@@ -31,7 +31,9 @@ def lm():
 def tiny_capping(lm, tau: float = 50.0) -> CappingConfig:
     """Floors high enough to bind at every position of a random model: capped answers must differ."""
     g = torch.Generator().manual_seed(2)
-    vectors = {f"axis_layer_{layer}": CapVector(layer, torch.randn(lm.profile.hidden_size, generator=g)) for layer in (1, 2)}
+    vectors = {
+        f"axis_layer_{layer}": CapVector(layer, torch.randn(lm.profile.hidden_size, generator=g)) for layer in (1, 2)
+    }
     return CappingConfig(vectors, [Experiment(EXP, tuple(Cap(name, tau) for name in vectors))])
 
 
@@ -46,8 +48,12 @@ def test_selection_spreads_over_categories():
 
 def test_conditions_on_the_tiny_model(lm, tmp_path):
     config = tiny_capping(lm)
-    settings = JailbreakSettings(limit=4, conditions=("no_persona", "persona", "persona_capped", "no_persona_capped"),
-                                 experiment=EXP, max_new_tokens=5)
+    settings = JailbreakSettings(
+        limit=4,
+        conditions=("no_persona", "persona", "persona_capped", "no_persona_capped"),
+        experiment=EXP,
+        max_new_tokens=5,
+    )
     items = run_jailbreak(lm, settings, capping=config.interventions(EXP))
     assert len(items) == 16 and len({i["key"] for i in items}) == 16
     persona = [i["answer"] for i in items if i["condition"] == "persona"]
@@ -57,8 +63,11 @@ def test_conditions_on_the_tiny_model(lm, tmp_path):
     assert all(i["label"] in HARM_LABELS for i in items)
     metrics = jailbreak_metrics(items)
     assert list(metrics["conditions"]) == list(settings.conditions)
-    assert {(p["a"], p["b"]) for p in metrics["paired"]} == {("persona", "persona_capped"),
-                                                             ("no_persona", "no_persona_capped"), ("no_persona", "persona")}
+    assert {(p["a"], p["b"]) for p in metrics["paired"]} == {
+        ("persona", "persona_capped"),
+        ("no_persona", "no_persona_capped"),
+        ("no_persona", "persona"),
+    }
     record = make_record("jailbreak", model=model_info(lm), settings=settings, items=items, metrics=metrics, judge="j")
     assert plot_jailbreak(record, tmp_path / "j.png").is_file()
     with pytest.raises(ValueError, match="needs capping"):
@@ -71,9 +80,16 @@ def test_rates_cis_and_paired_test_come_from_the_labels():
     baseline = ["harmful"] * 2 + ["refusal"] * 36 + [None] * 2
     items = []
     for condition, labels in (("no_persona", baseline), ("persona", persona), ("persona_capped", capped)):
-        items += [{"key": f"{condition}|{i}", "condition": condition, "id": f"jb-{i}", "label": label,
-                   "answer": f"answer {i}" + ("!" if condition == "persona_capped" and i < 10 else "")}
-                  for i, label in enumerate(labels)]
+        items += [
+            {
+                "key": f"{condition}|{i}",
+                "condition": condition,
+                "id": f"jb-{i}",
+                "label": label,
+                "answer": f"answer {i}" + ("!" if condition == "persona_capped" and i < 10 else ""),
+            }
+            for i, label in enumerate(labels)
+        ]
     metrics = jailbreak_metrics(items)
     p = metrics["conditions"]["persona"]["harmful"]
     assert (p["k"], p["n"], p["rate"]) == (12, 40, 0.3)

@@ -18,57 +18,149 @@ from personaxis.evals.results_page import build_results
 from personaxis.pipeline import Pipeline
 from personaxis.settings import RunSettings
 
-MODEL = {"name": "planted-model", "n_layers": 4, "hidden_size": 8, "target_layer": 2, "builtin_system_prompt": None,
-         "revision": None}
+MODEL = {
+    "name": "planted-model",
+    "n_layers": 4,
+    "hidden_size": 8,
+    "target_layer": 2,
+    "builtin_system_prompt": None,
+    "revision": None,
+}
 
 
 def _steering() -> dict:
-    items = [{"key": f"{a}|{i}", "layers": [2], "alpha": a, "role": "tax advisor", "prompt_index": 0, "question_index": i,
-              "question": "Who are you?", "answer": "I am an AI assistant." if a >= 0 else "The void sings | forever.",
-              "label": "assistant" if a >= 0 else "mystical"} for a in (-0.5, 0.0) for i in range(4)]
-    return make_record("steering", model=MODEL, settings={"alphas": [-0.5, 0.0]}, items=items,
-                       metrics=steering_sweep.steering_metrics(items), judge="planted")
+    items = [
+        {
+            "key": f"{a}|{i}",
+            "layers": [2],
+            "alpha": a,
+            "role": "tax advisor",
+            "prompt_index": 0,
+            "question_index": i,
+            "question": "Who are you?",
+            "answer": "I am an AI assistant." if a >= 0 else "The void sings | forever.",
+            "label": "assistant" if a >= 0 else "mystical",
+        }
+        for a in (-0.5, 0.0)
+        for i in range(4)
+    ]
+    return make_record(
+        "steering",
+        model=MODEL,
+        settings={"alphas": [-0.5, 0.0]},
+        items=items,
+        metrics=steering_sweep.steering_metrics(items),
+        judge="planted",
+    )
 
 
 def _drift() -> dict:
-    items = [{"key": f"{d}-{c}", "domain": d, "conversation": c,
-              "turns": [{"turn": t, "user": f"{d} message {c} {t}", "answer": "ok",
-                         "projection": {"2": float(10 - t * (d == "therapy") + c)}} for t in range(4)]}
-             for d in ("coding", "therapy") for c in range(3)]
-    return make_record("drift", model=MODEL, settings={"turns": 4}, items=items, metrics=drift.drift_metrics(items, 2),
-                       extra={"user": "scripted", "references": {"floor": 7.0}})
+    items = [
+        {
+            "key": f"{d}-{c}",
+            "domain": d,
+            "conversation": c,
+            "turns": [
+                {
+                    "turn": t,
+                    "user": f"{d} message {c} {t}",
+                    "answer": "ok",
+                    "projection": {"2": float(10 - t * (d == "therapy") + c)},
+                }
+                for t in range(4)
+            ],
+        }
+        for d in ("coding", "therapy")
+        for c in range(3)
+    ]
+    return make_record(
+        "drift",
+        model=MODEL,
+        settings={"turns": 4},
+        items=items,
+        metrics=drift.drift_metrics(items, 2),
+        extra={"user": "scripted", "references": {"floor": 7.0}},
+    )
 
 
 def _jailbreak() -> dict:
-    items = [{"key": f"{c}|{i}", "condition": c, "id": f"jb-{i}", "request": "do harm",
-              "answer": "no", "label": "harmful" if i < (4 if c == "persona" else 1) else "refusal"}
-             for c in ("no_persona", "persona", "persona_capped") for i in range(10)]
-    return make_record("jailbreak", model=MODEL, settings={"experiment": "layers_1:3-p0.25"}, items=items,
-                       metrics=jailbreak.jailbreak_metrics(items), judge="planted")
+    items = [
+        {
+            "key": f"{c}|{i}",
+            "condition": c,
+            "id": f"jb-{i}",
+            "request": "do harm",
+            "answer": "no",
+            "label": "harmful" if i < (4 if c == "persona" else 1) else "refusal",
+        }
+        for c in ("no_persona", "persona", "persona_capped")
+        for i in range(10)
+    ]
+    return make_record(
+        "jailbreak",
+        model=MODEL,
+        settings={"experiment": "layers_1:3-p0.25"},
+        items=items,
+        metrics=jailbreak.jailbreak_metrics(items),
+        judge="planted",
+    )
 
 
 def _capability() -> dict:
-    items = [{"key": f"{c}|{s}{i}", "condition": c, "id": f"{s}{i}", "set": s, "correct": i < 3}
-             for c in ("plain", "capped") for s in ("arithmetic", "instructions") for i in range(5)]
-    return make_record("capability", model=MODEL, settings={}, items=items, metrics=capability.capability_metrics(items),
-                       extra={"lm_eval": {"status": "skipped", "reason": "lm-eval is not installed"}})
+    items = [
+        {"key": f"{c}|{s}{i}", "condition": c, "id": f"{s}{i}", "set": s, "correct": i < 3}
+        for c in ("plain", "capped")
+        for s in ("arithmetic", "instructions")
+        for i in range(5)
+    ]
+    return make_record(
+        "capability",
+        model=MODEL,
+        settings={},
+        items=items,
+        metrics=capability.capability_metrics(items),
+        extra={"lm_eval": {"status": "skipped", "reason": "lm-eval is not installed"}},
+    )
 
 
 def _capping() -> dict:
     items = []
     for setting, harmful, correct in (("uncapped", 5, 8), ("layers_1:3-p0.25", 2, 8), ("layers_2:4-p0.5", 1, 5)):
-        items += [{"key": f"{setting}|{i}", "setting": setting, "kind": "jailbreak", "id": f"j{i}", "request": "x",
-                   "answer": "y", "label": "harmful" if i < harmful else "refusal"} for i in range(10)]
-        items += [{"key": f"cap|{setting}|{i}", "setting": setting, "kind": "capability", "id": f"c{i}",
-                   "correct": i < correct} for i in range(10)]
+        items += [
+            {
+                "key": f"{setting}|{i}",
+                "setting": setting,
+                "kind": "jailbreak",
+                "id": f"j{i}",
+                "request": "x",
+                "answer": "y",
+                "label": "harmful" if i < harmful else "refusal",
+            }
+            for i in range(10)
+        ]
+        items += [
+            {
+                "key": f"cap|{setting}|{i}",
+                "setting": setting,
+                "kind": "capability",
+                "id": f"c{i}",
+                "correct": i < correct,
+            }
+            for i in range(10)
+        ]
     return make_record("capping", model=MODEL, settings={}, items=items, metrics=capping_sweep.sweep_metrics(items))
 
 
 def _predict(drift_record: dict) -> dict:
     rows = drift_predict.prediction_rows(drift_record["items"], 2)
     x = np.random.default_rng(0).normal(size=(len(rows), 6))
-    return make_record("drift_predict", model=MODEL, settings={"seed": 0}, items=rows,
-                       metrics=drift_predict.prediction_metrics(rows, x, folds=3))
+    return make_record(
+        "drift_predict",
+        model=MODEL,
+        settings={"seed": 0},
+        items=rows,
+        metrics=drift_predict.prediction_metrics(rows, x, folds=3),
+    )
 
 
 def test_results_page_lists_every_figure_and_checks_the_metrics(tmp_path):
@@ -125,8 +217,9 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
     lm.model.save_pretrained(model_dir)
     lm.tokenizer.save_pretrained(model_dir)
     run = tmp_path_factory.mktemp("run") / "run"
-    settings = RunSettings.from_preset("tiny", model=str(model_dir), judge="none", n_roles=3, n_questions=2, n_traits=0,
-                                       max_new_tokens=6)
+    settings = RunSettings.from_preset(
+        "tiny", model=str(model_dir), judge="none", n_roles=3, n_questions=2, n_traits=0, max_new_tokens=6
+    )
     Pipeline(run, settings, lm=lm, show_progress=False).run()
     return model_dir, run
 

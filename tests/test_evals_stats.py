@@ -22,13 +22,16 @@ from personaxis.evals.stats import (
 )
 
 
-@pytest.mark.parametrize(("k", "n", "low", "high"), [
-    (0, 10, 0.0, 0.27753),  # published Wilson values (e.g. statsmodels proportion_confint(method="wilson"))
-    (5, 10, 0.23659, 0.76341),
-    (10, 10, 0.72247, 1.0),
-    (1, 40, 0.00443, 0.12882),
-    (12, 40, 0.18075, 0.45430),
-])
+@pytest.mark.parametrize(
+    ("k", "n", "low", "high"),
+    [
+        (0, 10, 0.0, 0.27753),  # published Wilson values (e.g. statsmodels proportion_confint(method="wilson"))
+        (5, 10, 0.23659, 0.76341),
+        (10, 10, 0.72247, 1.0),
+        (1, 40, 0.00443, 0.12882),
+        (12, 40, 0.18075, 0.45430),
+    ],
+)
 def test_wilson_interval_matches_known_values(k, n, low, high):
     lo, hi = wilson_interval(k, n)
     assert lo == pytest.approx(low, abs=2e-5)
@@ -87,11 +90,11 @@ def test_mcnemar_exact():
 def test_pareto_front_on_a_planted_grid():
     # (harm, gain): lower harm and higher gain are better.
     points = [
-        (0.50, 0.00),   # reference: dominated by (0.30, 0.00)
-        (0.30, 0.00),   # front
+        (0.50, 0.00),  # reference: dominated by (0.30, 0.00)
+        (0.30, 0.00),  # front
         (0.10, -0.20),  # front (lowest harm)
         (0.30, -0.05),  # dominated by (0.30, 0.00)
-        (0.40, 0.05),   # front (highest gain)
+        (0.40, 0.05),  # front (highest gain)
         (0.20, -0.10),  # front
         (0.20, -0.15),  # dominated by (0.20, -0.10)
     ]

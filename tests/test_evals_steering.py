@@ -28,8 +28,11 @@ def lm():
 @pytest.fixture(scope="module")
 def axis(lm):
     g = torch.Generator().manual_seed(0)
-    return Axis(torch.randn(lm.profile.n_layers, lm.profile.hidden_size, generator=g), model=lm.profile.name,
-                residual_norms=torch.full((lm.profile.n_layers,), 4.0))
+    return Axis(
+        torch.randn(lm.profile.n_layers, lm.profile.hidden_size, generator=g),
+        model=lm.profile.name,
+        residual_norms=torch.full((lm.profile.n_layers,), 4.0),
+    )
 
 
 def test_prompts_spread_roles_and_questions():
@@ -41,8 +44,9 @@ def test_prompts_spread_roles_and_questions():
 
 
 def test_sweep_on_the_tiny_model(lm, axis, tmp_path):
-    settings = SteeringSettings(alphas=(-8.0, 0.0, 8.0), layer_sets=((1,), (1, 2)), n_roles=2, n_questions=2,
-                                max_new_tokens=5)
+    settings = SteeringSettings(
+        alphas=(-8.0, 0.0, 8.0), layer_sets=((1,), (1, 2)), n_roles=2, n_questions=2, max_new_tokens=5
+    )
     items = generate_sweep(lm, axis, settings)
     assert len(items) == 2 * 3 * 4
     assert len({i["key"] for i in items}) == len(items)
@@ -54,7 +58,13 @@ def test_sweep_on_the_tiny_model(lm, axis, tmp_path):
     assert all(i["label"] in IDENTITY_LABELS for i in items)
     metrics = steering_metrics(items)
     assert [(r["layers"], r["alpha"]) for r in metrics["by_setting"]] == [
-        ([1], -8.0), ([1], 0.0), ([1], 8.0), ([1, 2], -8.0), ([1, 2], 0.0), ([1, 2], 8.0)]
+        ([1], -8.0),
+        ([1], 0.0),
+        ([1], 8.0),
+        ([1, 2], -8.0),
+        ([1, 2], 0.0),
+        ([1, 2], 8.0),
+    ]
     assert all(r["n"] == 4 for r in metrics["by_setting"])
     record = make_record("steering", model=model_info(lm), settings=settings, items=items, metrics=metrics, judge="x")
     png = plot_steering(record, tmp_path / "steering.png")
@@ -67,8 +77,11 @@ def test_metrics_are_computed_from_the_labels():
         0.0: ["assistant"] * 8 + ["human_role"] * 2,
         0.5: ["assistant"] * 10,
     }
-    items = [{"key": f"{a}-{i}", "layers": [15], "alpha": a, "label": label}
-             for a, labels in planted.items() for i, label in enumerate(labels)]
+    items = [
+        {"key": f"{a}-{i}", "layers": [15], "alpha": a, "label": label}
+        for a, labels in planted.items()
+        for i, label in enumerate(labels)
+    ]
     rows = {r["alpha"]: r for r in steering_metrics(items)["by_setting"]}
     away = rows[-0.5]
     assert away["n"] == 6 and away["unjudged"] == 2

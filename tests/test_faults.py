@@ -47,15 +47,37 @@ from personaxis.store import RunDirError
 N_ROLES = 6
 N_QUESTIONS = 2
 N_UNITS = N_ROLES + 5 + 2  # roles x 1 prompt, default x 5 prompts, 1 trait x 2 sides
-CLI_OPTIONS = ["--preset", "tiny", "--judge", "none", "--roles", str(N_ROLES), "--questions", str(N_QUESTIONS),
-               "--traits", "1", "--max-new-tokens", "8", "--batch-size", "4", "-q"]
+CLI_OPTIONS = [
+    "--preset",
+    "tiny",
+    "--judge",
+    "none",
+    "--roles",
+    str(N_ROLES),
+    "--questions",
+    str(N_QUESTIONS),
+    "--traits",
+    "1",
+    "--max-new-tokens",
+    "8",
+    "--batch-size",
+    "4",
+    "-q",
+]
 RUN_TIMEOUT_S = 600
 PNG_END = b"IEND\xaeB`\x82"
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -166,8 +188,15 @@ def check_equals_reference(out: Path, reference: Path) -> None:
     a, b = Axis.load(out / "axis.safetensors"), Axis.load(reference / "axis.safetensors")
     torch.testing.assert_close(a.vectors, b.vectors, atol=1e-6, rtol=0)
     assert a.target_layer == b.target_layer and a.model == b.model and a.metadata == b.metadata
-    _close(json.loads((out / "vectors" / "index.json").read_text()), json.loads((reference / "vectors" / "index.json").read_text()))
-    _close(json.loads((out / "summary.json").read_text()), json.loads((reference / "summary.json").read_text()), where="summary")
+    _close(
+        json.loads((out / "vectors" / "index.json").read_text()),
+        json.loads((reference / "vectors" / "index.json").read_text()),
+    )
+    _close(
+        json.loads((out / "summary.json").read_text()),
+        json.loads((reference / "summary.json").read_text()),
+        where="summary",
+    )
     manifest, ref_manifest = (json.loads((d / "manifest.json").read_text()) for d in (out, reference))
     manifest.pop("created")
     ref_manifest.pop("created")
@@ -259,12 +288,16 @@ def _kill_case(case: int, out: Path, model_dir: Path, reference: Path) -> None:
     assert kills == len(points), f"only {kills} of {points} found the run still running"
 
 
-def test_sigkill_three_times_then_resume_equals_uninterrupted(tmp_path: Path, tiny_model_dir: Path, reference_run: Path) -> None:
+def test_sigkill_three_times_then_resume_equals_uninterrupted(
+    tmp_path: Path, tiny_model_dir: Path, reference_run: Path
+) -> None:
     _kill_case(0, tmp_path / "run", tiny_model_dir, reference_run)
 
 
 @pytest.mark.parametrize("case", range(1, len(CASES)))
-def test_sigkill_at_random_points_of_every_stage(tmp_path: Path, tiny_model_dir: Path, reference_run: Path, case: int) -> None:
+def test_sigkill_at_random_points_of_every_stage(
+    tmp_path: Path, tiny_model_dir: Path, reference_run: Path, case: int
+) -> None:
     _kill_case(case, tmp_path / "run", tiny_model_dir, reference_run)
 
 
@@ -277,7 +310,8 @@ def test_kill_plan_covers_every_stage_at_least_20_times() -> None:
 
 # ------------------------------------------------------------------------------------------------ concurrent writers
 def test_a_second_writer_is_refused_while_the_first_runs_and_the_first_finishes_intact(
-        tmp_path: Path, tiny_model_dir: Path, reference_run: Path) -> None:
+    tmp_path: Path, tiny_model_dir: Path, reference_run: Path
+) -> None:
     out = tmp_path / "run"
     cmd = _cli(out, tiny_model_dir)
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env())
@@ -315,7 +349,9 @@ def test_run_folder_lock_in_process_names_the_holder_and_is_released(tmp_path: P
     assert not (out / ".personaxis.lock").exists()
 
 
-def test_stale_lock_and_temporary_files_of_a_killed_writer_are_taken_over(tmp_path: Path, tiny_llama: LoadedModel) -> None:
+def test_stale_lock_and_temporary_files_of_a_killed_writer_are_taken_over(
+    tmp_path: Path, tiny_llama: LoadedModel
+) -> None:
     """A writer killed while holding the folder leaves its lock file and temporary files: the next run takes the
     lock (the operating system released it) and removes the dead writer's temporary files, but never a live
     writer's file in progress or a file that is not one of ours."""
@@ -351,8 +387,16 @@ INPROC_UNITS = 3 + 5 + 2  # 3 roles, default x 5, 1 trait x 2
 
 
 def _inproc_settings() -> RunSettings:
-    return RunSettings.from_preset("tiny", model="tiny", judge="none", n_roles=3, n_questions=2, n_traits=1,
-                                   max_new_tokens=6, extra={"batch_size": 4})
+    return RunSettings.from_preset(
+        "tiny",
+        model="tiny",
+        judge="none",
+        n_roles=3,
+        n_questions=2,
+        n_traits=1,
+        max_new_tokens=6,
+        extra={"batch_size": 4},
+    )
 
 
 class FailingCall:
@@ -396,10 +440,15 @@ def check_inproc_equals_reference(out: Path, reference: Path) -> None:
     assert sorted(_snapshot(out)) == sorted(_snapshot(reference))
     assert _rollouts(out) == _rollouts(reference)
     for path in sorted((reference / "activations").rglob("*.safetensors")):
-        torch.testing.assert_close(load_file(str(out / path.relative_to(reference)))["means"], load_file(str(path))["means"],
-                                   atol=1e-6, rtol=0)
-    torch.testing.assert_close(Axis.load(out / "axis.safetensors").vectors, Axis.load(reference / "axis.safetensors").vectors,
-                               atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            load_file(str(out / path.relative_to(reference)))["means"], load_file(str(path))["means"], atol=1e-6, rtol=0
+        )
+    torch.testing.assert_close(
+        Axis.load(out / "axis.safetensors").vectors,
+        Axis.load(reference / "axis.safetensors").vectors,
+        atol=1e-6,
+        rtol=0,
+    )
     _close(json.loads((out / "summary.json").read_text()), json.loads((reference / "summary.json").read_text()))
 
 
@@ -418,19 +467,28 @@ def _kept_before(calls: list[str], fail_at: int) -> list[str]:
     return earlier
 
 
-@pytest.mark.parametrize(("where", "offset", "err", "message"), [
-    ("manifest.json", 0, errno.EACCES, "no permission"),
-    ("rollouts/", 5, errno.ENOSPC, "disk full"),
-    ("activations/", 3, errno.ENOSPC, "disk full"),
-    ("judgments/", 1, errno.EACCES, "no permission"),
-    ("vectors/", 2, errno.ENOSPC, "disk full"),
-    ("axis.safetensors", 0, errno.EROFS, "no permission"),
-    ("figures/", 1, errno.ENOSPC, "disk full"),
-    ("report.html", 0, errno.ENOSPC, "disk full"),
-])
+@pytest.mark.parametrize(
+    ("where", "offset", "err", "message"),
+    [
+        ("manifest.json", 0, errno.EACCES, "no permission"),
+        ("rollouts/", 5, errno.ENOSPC, "disk full"),
+        ("activations/", 3, errno.ENOSPC, "disk full"),
+        ("judgments/", 1, errno.EACCES, "no permission"),
+        ("vectors/", 2, errno.ENOSPC, "disk full"),
+        ("axis.safetensors", 0, errno.EROFS, "no permission"),
+        ("figures/", 1, errno.ENOSPC, "disk full"),
+        ("report.html", 0, errno.ENOSPC, "disk full"),
+    ],
+)
 def test_disk_full_or_no_permission_stops_clearly_and_loses_nothing(
-    tmp_path: Path, tiny_llama: LoadedModel, inproc_reference: tuple[Path, list[str]], monkeypatch: pytest.MonkeyPatch,
-    where: str, offset: int, err: int, message: str,
+    tmp_path: Path,
+    tiny_llama: LoadedModel,
+    inproc_reference: tuple[Path, list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+    offset: int,
+    err: int,
+    message: str,
 ) -> None:
     reference, calls = inproc_reference
     out = tmp_path / "run"
@@ -452,8 +510,9 @@ def test_disk_full_or_no_permission_stops_clearly_and_loses_nothing(
     check_inproc_equals_reference(out, reference)
 
 
-def test_disk_full_on_the_write_itself_keeps_no_partial_file(tmp_path: Path, tiny_llama: LoadedModel,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_full_on_the_write_itself_keeps_no_partial_file(
+    tmp_path: Path, tiny_llama: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "run"
     failing = FailingCall(os.fsync, out, 4, errno.ENOSPC)  # the 4th file's data never reaches the disk
     monkeypatch.setattr(os, "fsync", failing)
@@ -466,8 +525,9 @@ def test_disk_full_on_the_write_itself_keeps_no_partial_file(tmp_path: Path, tin
     assert open_existing(out, lm=tiny_llama, show_progress=False).run(["generate"])["generate"] == INPROC_UNITS - 2
 
 
-def test_run_dir_that_cannot_be_created_is_a_clear_error(tmp_path: Path, tiny_llama: LoadedModel,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_dir_that_cannot_be_created_is_a_clear_error(
+    tmp_path: Path, tiny_llama: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real_mkdir = Path.mkdir
 
     def no_permission(self: Path, *args: Any, **kwargs: Any) -> None:
@@ -481,8 +541,9 @@ def test_run_dir_that_cannot_be_created_is_a_clear_error(tmp_path: Path, tiny_ll
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_disk_full_exits_2_with_an_error_line_and_resumes(tmp_path: Path, tiny_model_dir: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_disk_full_exits_2_with_an_error_line_and_resumes(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "run"
     args = ["run", "--out", str(out), "--model", str(tiny_model_dir), *CLI_OPTIONS]
     failing = FailingCall(os.replace, out, 9, errno.ENOSPC)
@@ -490,8 +551,11 @@ def test_cli_disk_full_exits_2_with_an_error_line_and_resumes(tmp_path: Path, ti
     result = CliRunner().invoke(app, args)
     monkeypatch.setattr(os, "replace", failing.real)
     assert result.exit_code == 2, result.output
-    assert re.search(r"^error: disk full while writing .*; finished work is kept, free space and rerun to resume$",
-                     result.output, re.M), result.output
+    assert re.search(
+        r"^error: disk full while writing .*; finished work is kept, free space and rerun to resume$",
+        result.output,
+        re.M,
+    ), result.output
     assert "Traceback" not in result.output
     written = _snapshot(out)
     assert len(written) == 8 and not _hidden(out)
@@ -593,8 +657,11 @@ def _no_secret_anywhere(root: Path, *texts: str) -> None:
 
 
 def test_pipeline_with_a_faulty_judge_endpoint_judges_each_rollout_once_or_reports_it_unjudged(
-    tmp_path: Path, tiny_model_dir: Path, judge_server: Callable[..., RoleScriptedOpenAI],
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    judge_server: Callable[..., RoleScriptedOpenAI],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     from personaxis.data import load_roles
 
@@ -666,8 +733,11 @@ def test_pipeline_with_a_faulty_judge_endpoint_judges_each_rollout_once_or_repor
 
 
 def test_rejected_key_stops_the_judge_stage_without_leaking_it(
-    tmp_path: Path, tiny_model_dir: Path, judge_server: Callable[..., RoleScriptedOpenAI],
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    judge_server: Callable[..., RoleScriptedOpenAI],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     import traceback
 
@@ -710,7 +780,9 @@ class ExtraFaults(FakeOpenAI):
             self.stamps.setdefault(match.group(1) if match else "?", []).append(time.monotonic())
 
         def reply(content: Any) -> None:
-            self.send(h, 200, json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode())
+            self.send(
+                h, 200, json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+            )
 
         if action == "429forever":
             self.send(h, 429, b'{"error": "slow down"}')
@@ -745,8 +817,9 @@ def extra_server() -> Iterator[Callable[..., ExtraFaults]]:
     yield from serving(ExtraFaults)
 
 
-def test_judge_faults_not_scripted_elsewhere(extra_server: Callable[..., ExtraFaults], tmp_path: Path,
-                                             caplog: pytest.LogCaptureFixture) -> None:
+def test_judge_faults_not_scripted_elsewhere(
+    extra_server: Callable[..., ExtraFaults], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     scripts = {
         "k0": ["429forever"] * 10,  # retries exhausted: unjudged
@@ -770,4 +843,3 @@ def test_judge_faults_not_scripted_elsewhere(extra_server: Callable[..., ExtraFa
     before = fake.requests
     assert judge_for(fake, tmp_path, max_retries=0, max_parse_retries=0).score(judge_items(7))["k5"] == 2
     assert fake.requests == before + 3  # only the three unjudged items are asked again
-

@@ -76,7 +76,9 @@ def test_generate_text_matches_hf(lm):
     interventions = interventions_for(lm)
     for iv in (None, interventions):
         config = SamplingConfig(max_new_tokens=16, batch_size=4)
-        assert generate(lm, convs, config, interventions=iv) == generate(lm, convs, config, interventions=iv, engine="hf")
+        assert generate(lm, convs, config, interventions=iv) == generate(
+            lm, convs, config, interventions=iv, engine="hf"
+        )
 
 
 def test_min_new_tokens_and_equal_lengths(lm):
@@ -184,9 +186,21 @@ def test_shared_prefixes_are_computed_once(lm, steered, monkeypatch):
         "You are a pirate who sails the seven seas and sings to the moon about the ghost of the sea.",
         "You are the quick brown fox who jumps over the lazy dog and explains how rainbows form.",
     ]
-    convs = [[{"role": "system", "content": systems[i % 2]}, {"role": "user", "content": q}]
-             for i, q in enumerate(["Who are you?", "Tell me about yourself.", "What do you fear most?", "Arr!",
-                                    "Explain how rainbows form.", "Who?", "What is the sea?", "abc"])]
+    convs = [
+        [{"role": "system", "content": systems[i % 2]}, {"role": "user", "content": q}]
+        for i, q in enumerate(
+            [
+                "Who are you?",
+                "Tell me about yourself.",
+                "What do you fear most?",
+                "Arr!",
+                "Explain how rainbows form.",
+                "Who?",
+                "What is the sea?",
+                "abc",
+            ]
+        )
+    ]
     convs += conversations(3, seed=4)  # prompts with no shared prefix join the same batch
     prompts = [render_prompt(lm.tokenizer, c, lm.profile) for c in convs]
     interventions = interventions_for(lm) if steered else None

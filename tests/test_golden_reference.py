@@ -64,8 +64,9 @@ def imported_capping(tmp_path_factory):
     from personaxis.cli import app
 
     out = tmp_path_factory.mktemp("capping") / "capping.safetensors"
-    result = CliRunner().invoke(app, ["import", "--from", str(GOLDEN / "capping_reference_format.pt"), "--kind",
-                                      "capping", "--out", str(out)])
+    result = CliRunner().invoke(
+        app, ["import", "--from", str(GOLDEN / "capping_reference_format.pt"), "--kind", "capping", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     return CappingConfig.load(out)
 
@@ -73,7 +74,9 @@ def imported_capping(tmp_path_factory):
 def test_token_ids_and_spans_of_all_conversations(embedded_lm):
     from personaxis.chat import render_chat
 
-    for i, (conversation, ref) in enumerate(zip(_json("conversations.json"), _json("reference_spans.json"), strict=True)):
+    for i, (conversation, ref) in enumerate(
+        zip(_json("conversations.json"), _json("reference_spans.json"), strict=True)
+    ):
         chat = render_chat(embedded_lm.tokenizer, conversation, embedded_lm.profile, require_assistant=True)
         assert chat.input_ids == ref["ids"], f"conversation {i}: token ids"
         assert [[s.start, s.end] for s in chat.spans] == ref["spans"], f"conversation {i}: response spans"
@@ -90,7 +93,9 @@ def test_response_means_at_every_layer(lm):
     diff = np.abs(ours - reference).max(axis=2)  # [conversation, layer]
     scale = np.abs(reference).max(axis=2)
     worst = np.unravel_index(np.argmax(diff - 1e-5 * scale), diff.shape)
-    assert (diff <= 2e-4 + 1e-5 * scale).all(), f"conversation/layer {worst}: {diff[worst]:.3g} (scale {scale[worst]:.3g})"
+    assert (diff <= 2e-4 + 1e-5 * scale).all(), (
+        f"conversation/layer {worst}: {diff[worst]:.3g} (scale {scale[worst]:.3g})"
+    )
     cosine = (ours * reference).sum(2) / np.linalg.norm(ours, axis=2) / np.linalg.norm(reference, axis=2)
     assert cosine.min() > 1 - 1e-6
 
@@ -141,10 +146,17 @@ def test_capped_projections(lm, axis, imported_capping):
     for i, prompt in enumerate(setup["prompts"]):
         ids = render_prompt(lm.tokenizer, prompt, lm.profile) + generations["cap_config"]["ids"][i]
         seen: dict[int, torch.Tensor] = {}
-        readers = {layer: [lambda h, m, layer=layer, seen=seen: seen.__setitem__(
-            layer, h[0].double() @ axis.unit(layer).double())] for layer in band}
-        with torch.inference_mode(), apply_interventions(lm, imported_capping.interventions(EXPERIMENT)), \
-                residual_hooks(lm, readers=readers):
+        readers = {
+            layer: [
+                lambda h, m, layer=layer, seen=seen: seen.__setitem__(layer, h[0].double() @ axis.unit(layer).double())
+            ]
+            for layer in band
+        }
+        with (
+            torch.inference_mode(),
+            apply_interventions(lm, imported_capping.interventions(EXPERIMENT)),
+            residual_hooks(lm, readers=readers),
+        ):
             lm.model(torch.tensor([ids]))
         ours = np.stack([seen[layer].numpy() - taus[layer] for layer in band])
         assert ours.shape == reference[f"arr_{i}"].shape
@@ -167,10 +179,28 @@ def test_steer_raw_on_the_command_line_gives_the_reference_tokens(embedded_lm, a
     setup, generations = _json("steer_setup.json"), _json("reference_generations.json")
     chosen = [i for i, p in enumerate(setup["prompts"]) if len(p) == 1]
     out = tmp_path / "steer.json"
-    result = CliRunner().invoke(app, ["steer", "--axis", str(tmp_path / "axis.safetensors"), "--raw", "--alpha",
-                                      str(setup["coef_rawaxis"]), "--layer", str(setup["steer_layer"]), "-n", "40",
-                                      "--json", str(out), "--device", "cpu", "--dtype", "float32",
-                                      *[setup["prompts"][i][0]["content"] for i in chosen]])
+    result = CliRunner().invoke(
+        app,
+        [
+            "steer",
+            "--axis",
+            str(tmp_path / "axis.safetensors"),
+            "--raw",
+            "--alpha",
+            str(setup["coef_rawaxis"]),
+            "--layer",
+            str(setup["steer_layer"]),
+            "-n",
+            "40",
+            "--json",
+            str(out),
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            *[setup["prompts"][i][0]["content"] for i in chosen],
+        ],
+    )
     assert result.exit_code == 0, result.output
     tokenizer = embedded_lm.tokenizer
     for i, answer in zip(chosen, json.loads(out.read_text())["answers"], strict=True):

@@ -31,8 +31,13 @@ from personaxis.interop import (
 
 def _axis(n_layers: int = 6, hidden: int = 16) -> Axis:
     g = torch.Generator().manual_seed(0)
-    return Axis(torch.randn(n_layers, hidden, generator=g), model="tiny-test", target_layer=3,
-                residual_norms=torch.rand(n_layers, generator=g) + 1.0, metadata={"made_by": "test", "n_roles": 7})
+    return Axis(
+        torch.randn(n_layers, hidden, generator=g),
+        model="tiny-test",
+        target_layer=3,
+        residual_norms=torch.rand(n_layers, generator=g) + 1.0,
+        metadata={"made_by": "test", "n_roles": 7},
+    )
 
 
 def _config(axis: Axis) -> CappingConfig:
@@ -40,11 +45,20 @@ def _config(axis: Axis) -> CappingConfig:
     thresholds = torch.randn(2, axis.n_layers, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     vectors = {f"axis_layer_{layer}": CapVector(layer, axis.vectors[layer].clone()) for layer in layers}
     experiments = [
-        Experiment(f"layers_2:5-p{p / 100:g}", tuple(Cap(f"axis_layer_{layer}", float(thresholds[i, layer])) for layer in layers))
+        Experiment(
+            f"layers_2:5-p{p / 100:g}",
+            tuple(Cap(f"axis_layer_{layer}", float(thresholds[i, layer])) for layer in layers),
+        )
         for i, p in enumerate((25.0, 50.0))
     ]
-    return CappingConfig(vectors, experiments, percentiles=(25.0, 50.0), thresholds=thresholds, model=axis.model,
-                         metadata={"made_by": "test"})
+    return CappingConfig(
+        vectors,
+        experiments,
+        percentiles=(25.0, 50.0),
+        thresholds=thresholds,
+        model=axis.model,
+        metadata={"made_by": "test"},
+    )
 
 
 def _same_config(a: CappingConfig, b: CappingConfig) -> None:
@@ -131,8 +145,9 @@ def test_reference_config_without_our_extras_recovers_thresholds_from_ids(tmp_pa
 
 def test_ceiling_caps_survive_the_round_trip_as_equivalent_floors(tmp_path):
     v = torch.randn(16)
-    config = CappingConfig({"a": CapVector(1, v)}, [Experiment("x", (Cap("a", 0.5, "ceiling"),)),
-                                                    Experiment("y", (Cap("a", -0.2),))])
+    config = CappingConfig(
+        {"a": CapVector(1, v)}, [Experiment("x", (Cap("a", 0.5, "ceiling"),)), Experiment("y", (Cap("a", -0.2),))]
+    )
     loaded = CappingConfig.load(save_reference_capping(config, tmp_path / "c.pt"))
     h = torch.randn(30, 16, dtype=torch.float64)
     for exp in ("x", "y"):
@@ -161,14 +176,22 @@ def test_a_pickle_that_would_run_code_is_refused_and_not_run(tmp_path, writer):
         torch.save(payload, path)
     else:
         path.write_bytes(pickle.dumps(payload))
-    loaders = [safe_torch_load, load_reference_axis, load_reference_vectors, load_reference_capping, Axis.load,
-               CappingConfig.load]
+    loaders = [
+        safe_torch_load,
+        load_reference_axis,
+        load_reference_vectors,
+        load_reference_capping,
+        Axis.load,
+        CappingConfig.load,
+    ]
     for load in loaders:
         with pytest.raises(InteropError, match="refused: the file holds non-tensor objects") as info:
             load(path)
         assert "was not loaded" in str(info.value) and str(path) in str(info.value)
     assert not marker.exists()
-    result = CliRunner().invoke(_app(), ["import", "--from", str(path), "--kind", "axis", "--out", str(tmp_path / "a.safetensors")])
+    result = CliRunner().invoke(
+        _app(), ["import", "--from", str(path), "--kind", "axis", "--out", str(tmp_path / "a.safetensors")]
+    )
     assert result.exit_code == 2 and "refused" in result.output
     assert not marker.exists() and not (tmp_path / "a.safetensors").exists()
 
@@ -262,8 +285,12 @@ def test_bad_reference_capping_configs(tmp_path):
     count = iter(range(100))
 
     def config(vectors=None, experiments=None):
-        obj = {"vectors": {"a": {"vector": v, "layer": 2}} if vectors is None else vectors,
-               "experiments": [{"id": "e", "interventions": [{"vector": "a", "cap": -0.5}]}] if experiments is None else experiments}
+        obj = {
+            "vectors": {"a": {"vector": v, "layer": 2}} if vectors is None else vectors,
+            "experiments": [{"id": "e", "interventions": [{"vector": "a", "cap": -0.5}]}]
+            if experiments is None
+            else experiments,
+        }
         path = tmp_path / f"c{next(count)}.pt"
         torch.save(obj, path)
         return path
@@ -300,21 +327,44 @@ def test_cli_export_and_import(tmp_path):
     axis = _axis()
     ours = axis.save(tmp_path / "axis.safetensors")
     runner = CliRunner()
-    result = runner.invoke(_app(), ["export", "--axis", str(ours), "--format", "gguf", "--layers", "2:5", "--scale", "0.5",
-                                    "--out", str(tmp_path / "cv.gguf")])
+    result = runner.invoke(
+        _app(),
+        [
+            "export",
+            "--axis",
+            str(ours),
+            "--format",
+            "gguf",
+            "--layers",
+            "2:5",
+            "--scale",
+            "0.5",
+            "--out",
+            str(tmp_path / "cv.gguf"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     vectors, _ = read_gguf_control_vector(tmp_path / "cv.gguf")
     assert sorted(vectors) == [2, 3, 4]
-    result = runner.invoke(_app(), ["export", "--axis", str(ours), "--format", "reference", "--out", str(tmp_path / "a.pt")])
+    result = runner.invoke(
+        _app(), ["export", "--axis", str(ours), "--format", "reference", "--out", str(tmp_path / "a.pt")]
+    )
     assert result.exit_code == 0, result.output
-    result = runner.invoke(_app(), ["import", "--from", str(tmp_path / "a.pt"), "--kind", "axis", "--out", str(tmp_path / "b.safetensors")])
+    result = runner.invoke(
+        _app(), ["import", "--from", str(tmp_path / "a.pt"), "--kind", "axis", "--out", str(tmp_path / "b.safetensors")]
+    )
     assert result.exit_code == 0, result.output
     assert torch.equal(Axis.load(tmp_path / "b.safetensors").vectors, axis.vectors)
     save_reference_capping(_config(axis), tmp_path / "c.pt")
-    result = runner.invoke(_app(), ["import", "--from", str(tmp_path / "c.pt"), "--kind", "capping", "--out", str(tmp_path / "c.safetensors")])
+    result = runner.invoke(
+        _app(),
+        ["import", "--from", str(tmp_path / "c.pt"), "--kind", "capping", "--out", str(tmp_path / "c.safetensors")],
+    )
     assert result.exit_code == 0, result.output
     _same_config(_config(axis), CappingConfig.load(tmp_path / "c.safetensors"))
-    result = runner.invoke(_app(), ["export", "--axis", str(ours), "--format", "gguf", "--layer", "0", "--out", str(tmp_path / "z.gguf")])
+    result = runner.invoke(
+        _app(), ["export", "--axis", str(ours), "--format", "gguf", "--layer", "0", "--out", str(tmp_path / "z.gguf")]
+    )
     assert result.exit_code == 2 and "layer 0" in result.output
     result = runner.invoke(_app(), ["export", "--axis", str(ours), "--format", "onnx", "--out", str(tmp_path / "z")])
     assert result.exit_code == 2 and "unknown format" in result.output

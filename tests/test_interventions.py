@@ -15,8 +15,9 @@ def _block_outputs(lm, ids, interventions=None):
     def reader(layer):
         return lambda h, m: outputs.__setitem__(layer, h.clone())
 
-    with apply_interventions(lm, interventions), residual_hooks(
-        lm, readers={layer: [reader(layer)] for layer in range(lm.profile.n_layers)}
+    with (
+        apply_interventions(lm, interventions),
+        residual_hooks(lm, readers={layer: [reader(layer)] for layer in range(lm.profile.n_layers)}),
     ):
         logits = lm.model(input_ids=ids).logits
     return outputs, logits
@@ -106,8 +107,9 @@ def test_padding_positions_untouched(tiny_llama):
     ids = _ids(lm, 6)
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     seen = {}
-    with apply_interventions(lm, {0: [Add(v, alpha=100.0)]}), residual_hooks(
-        lm, readers={0: [lambda h, m: seen.setdefault("h", h.clone())]}
+    with (
+        apply_interventions(lm, {0: [Add(v, alpha=100.0)]}),
+        residual_hooks(lm, readers={0: [lambda h, m: seen.setdefault("h", h.clone())]}),
     ):
         lm.model(input_ids=ids, attention_mask=mask)
     with residual_hooks(lm, readers={0: [lambda h, m: seen.setdefault("plain", h.clone())]}):

@@ -168,8 +168,13 @@ def serve() -> Iterator:
 
 def items(n: int, prefix: str = "k") -> list[JudgeItem]:
     return [
-        JudgeItem(key=f"{prefix}{i}", role="pirate", rubric="Score 3 if it fully plays the pirate.",
-                  question="Who are you?", answer=f"Arr, I be Captain ITEM{prefix}{i}!")
+        JudgeItem(
+            key=f"{prefix}{i}",
+            role="pirate",
+            rubric="Score 3 if it fully plays the pirate.",
+            question="Who are you?",
+            answer=f"Arr, I be Captain ITEM{prefix}{i}!",
+        )
         for i in range(n)
     ]
 
@@ -283,12 +288,14 @@ def test_auth_errors_stop_the_run_and_never_leak_the_key(serve, tmp_path, caplog
 def test_harm_and_identity_judges_share_the_machinery(serve, tmp_path):
     label_items = [LabelItem(key=f"k{i}", prompt="How do I pick a lock?", answer=f"ITEMk{i} no.") for i in range(3)]
     fake = serve(scripts={"k0": ["429ms", "ok"]}, reply="LABEL: refusal")
-    harm = make_harm_judge("openai:m", base_url=fake.base_url, api_key=SECRET, cache_dir=tmp_path,
-                           requests_per_minute=None, **FAST)
+    harm = make_harm_judge(
+        "openai:m", base_url=fake.base_url, api_key=SECRET, cache_dir=tmp_path, requests_per_minute=None, **FAST
+    )
     assert harm.label(label_items) == {"k0": "refusal", "k1": "refusal", "k2": "refusal"}
     fake.reply = "LABEL: nonhuman_role"
-    ident = make_identity_judge("openai:m", base_url=fake.base_url, api_key=SECRET, cache_dir=tmp_path,
-                                requests_per_minute=None, **FAST)
+    ident = make_identity_judge(
+        "openai:m", base_url=fake.base_url, api_key=SECRET, cache_dir=tmp_path, requests_per_minute=None, **FAST
+    )
     assert set(ident.label(label_items).values()) == {"nonhuman_role"}
     assert fake.served_ok == Counter({"k0": 2, "k1": 2, "k2": 2})
 

@@ -28,7 +28,9 @@ class Quantised(nn.Linear):
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(37, 53), nn.GELU(), nn.Linear(53, 29, bias=False), Quantised(29, 7), nn.Embedding(5, 3))
+    return nn.Sequential(
+        nn.Linear(37, 53), nn.GELU(), nn.Linear(53, 29, bias=False), Quantised(29, 7), nn.Embedding(5, 3)
+    )
 
 
 def _inputs() -> list[torch.Tensor]:
@@ -139,8 +141,12 @@ def test_tiny_models_give_the_same_numbers(tiny_lm):
 @pytest.mark.model
 def test_embedded_model_gives_the_same_text_and_activations(embedded_lm):
     assert onednn_linear_count(embedded_lm.model) == 7 * embedded_lm.profile.n_layers + 1  # the LM head too
-    questions = ["Tell me about yourself.", "What do you fear most?", "Explain how rainbows form, briefly.",
-                 "Write one sentence about the sea."]
+    questions = [
+        "Tell me about yourself.",
+        "What do you fear most?",
+        "Explain how rainbows form, briefly.",
+        "Write one sentence about the sea.",
+    ]
     convs = [[{"role": "user", "content": q}] for q in questions]
     convs.append([{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Who are you?"}])
     config = SamplingConfig(max_new_tokens=24, batch_size=4)
@@ -184,8 +190,9 @@ def test_released_pages_leave_memory_and_keep_their_values(tmp_path):
     assert float(mapped[0, 0]) == 42.0 and torch.equal(mapped[1:], values[1:])
     del mapped
     layer = nn.Linear(512, 1024, bias=False)
-    layer.weight = nn.Parameter(torch.from_file(str(path), shared=False, size=values.numel()).view(1024, 512),
-                                requires_grad=False)
+    layer.weight = nn.Parameter(
+        torch.from_file(str(path), shared=False, size=values.numel()).view(1024, 512), requires_grad=False
+    )
     use_onednn_linears(layer, pack=True)
     x = torch.randn(3, 512)
     with torch.inference_mode():

@@ -18,9 +18,21 @@ from personaxis.models import ModelLoadError, ModelPlacement, load_model, resolv
 
 runner = CliRunner()
 BF16 = ["--device", "cpu", "--dtype", "bfloat16"]
-MODEL_COMMANDS = [["steer"], ["monitor"], ["chat"], ["serve"], ["run"], ["generate"], ["extract"], ["import"],
-                  ["eval", "steering"], ["eval", "drift"], ["eval", "jailbreak"], ["eval", "capability"],
-                  ["eval", "capping"]]
+MODEL_COMMANDS = [
+    ["steer"],
+    ["monitor"],
+    ["chat"],
+    ["serve"],
+    ["run"],
+    ["generate"],
+    ["extract"],
+    ["import"],
+    ["eval", "steering"],
+    ["eval", "drift"],
+    ["eval", "jailbreak"],
+    ["eval", "capability"],
+    ["eval", "capping"],
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +42,15 @@ def tiny_folder(tmp_path_factory):
     lm.model.save_pretrained(root / "model")
     lm.tokenizer.save_pretrained(root / "model")
     g = torch.Generator().manual_seed(1)
-    Axis(torch.randn(4, 32, generator=g), model="tiny", residual_norms=torch.full((4,), 3.0)).save(root / "axis.safetensors")
-    transcript = {"conversation": [{"role": "user", "content": "Who are you?"},
-                                   {"role": "assistant", "content": "I am a pirate."}]}
+    Axis(torch.randn(4, 32, generator=g), model="tiny", residual_norms=torch.full((4,), 3.0)).save(
+        root / "axis.safetensors"
+    )
+    transcript = {
+        "conversation": [
+            {"role": "user", "content": "Who are you?"},
+            {"role": "assistant", "content": "I am a pirate."},
+        ]
+    }
     (root / "t.json").write_text(json.dumps(transcript))
     return root
 
@@ -80,10 +98,14 @@ def test_defaults_and_checks():
             resolve_device("cuda")
 
 
-@pytest.mark.parametrize("bad, message", [(["--device", "tpu"], "unknown device"), (["--dtype", "int8"], "unknown dtype")])
+@pytest.mark.parametrize(
+    "bad, message", [(["--device", "tpu"], "unknown device"), (["--dtype", "int8"], "unknown dtype")]
+)
 def test_bad_device_or_dtype_is_one_line_error(tiny_folder, bad, message):
-    for args in (["steer", "--axis", str(tiny_folder / "axis.safetensors"), "--alpha", "0.1", "Hi"],
-                 ["monitor", "--axis", str(tiny_folder / "axis.safetensors"), str(tiny_folder / "t.json")]):
+    for args in (
+        ["steer", "--axis", str(tiny_folder / "axis.safetensors"), "--alpha", "0.1", "Hi"],
+        ["monitor", "--axis", str(tiny_folder / "axis.safetensors"), str(tiny_folder / "t.json")],
+    ):
         result = runner.invoke(app, [*args, "--model", str(tiny_folder / "model"), *bad])
         assert result.exit_code == 2, result.output
         errors = [line for line in result.output.splitlines() if line.startswith("error:")]
@@ -93,7 +115,19 @@ def test_bad_device_or_dtype_is_one_line_error(tiny_folder, bad, message):
 def test_steer_monitor_chat_serve_import_in_bfloat16_on_cpu(tiny_folder, loads, tmp_path, monkeypatch):
     axis, model = str(tiny_folder / "axis.safetensors"), str(tiny_folder / "model")
     _ok(["steer", "--axis", axis, "--model", model, "--alpha", "0.5", "-n", "3", "Who are you?", *BF16])
-    _ok(["monitor", "--axis", axis, "--model", model, "--out", str(tmp_path / "mon"), str(tiny_folder / "t.json"), *BF16])
+    _ok(
+        [
+            "monitor",
+            "--axis",
+            axis,
+            "--model",
+            model,
+            "--out",
+            str(tmp_path / "mon"),
+            str(tiny_folder / "t.json"),
+            *BF16,
+        ]
+    )
     _ok(["chat", "--axis", axis, "--model", model, "-n", "3", "--alpha", "0.2", "--raw", *BF16])
     import uvicorn
 
@@ -104,8 +138,21 @@ def test_steer_monitor_chat_serve_import_in_bfloat16_on_cpu(tiny_folder, loads, 
     reference = tmp_path / "ref.pt"
     _ok(["export", "--axis", axis, "--format", "reference", "--out", str(reference)])
     imported = tmp_path / "imported.safetensors"
-    _ok(["import", "--from", str(reference), "--kind", "axis", "--out", str(imported), "--model", model,
-         "--measure-norms", *BF16])
+    _ok(
+        [
+            "import",
+            "--from",
+            str(reference),
+            "--kind",
+            "axis",
+            "--out",
+            str(imported),
+            "--model",
+            model,
+            "--measure-norms",
+            *BF16,
+        ]
+    )
     norms = Axis.load(imported).residual_norms
     assert norms is not None and norms.shape == (4,) and bool((norms > 0).all())
     assert loads == [("cpu", torch.bfloat16)] * 5
@@ -118,8 +165,28 @@ def test_run_stages_and_eval_in_bfloat16_on_cpu(tiny_folder, loads, tmp_path):
     _ok(["run", "--preset", "tiny", "--model", model, "--out", out, "--judge", "none", "-q", *BF16])
     (tmp_path / "run" / "activations").rename(tmp_path / "old-activations")
     _ok(["extract", "--out", out, "-q", *BF16])
-    _ok(["eval", "steering", "--run", out, "--model", model, "--alphas", "0", "--roles", "1", "--questions", "1",
-         "--max-new-tokens", "2", "--out", str(tmp_path / "ev"), "-q", *BF16])
+    _ok(
+        [
+            "eval",
+            "steering",
+            "--run",
+            out,
+            "--model",
+            model,
+            "--alphas",
+            "0",
+            "--roles",
+            "1",
+            "--questions",
+            "1",
+            "--max-new-tokens",
+            "2",
+            "--out",
+            str(tmp_path / "ev"),
+            "-q",
+            *BF16,
+        ]
+    )
     assert loads == [("cpu", torch.bfloat16)] * 3
 
 
@@ -137,7 +204,21 @@ def test_steer_raw_and_export_raw_add_the_same_vector(tiny_folder, tmp_path, mon
 
     monkeypatch.setattr(steering, "generate", fake_generate)
     axis = str(tiny_folder / "axis.safetensors")
-    _ok(["steer", "--axis", axis, "--model", str(tiny_folder / "model"), "--raw", "--alpha", "-2.0", "--layer", "2", "Hi"])
+    _ok(
+        [
+            "steer",
+            "--axis",
+            axis,
+            "--model",
+            str(tiny_folder / "model"),
+            "--raw",
+            "--alpha",
+            "-2.0",
+            "--layer",
+            "2",
+            "Hi",
+        ]
+    )
     out = tmp_path / "raw.gguf"
     _ok(["export", "--axis", axis, "--format", "gguf", "--raw", "--scale", "-2.0", "--layer", "2", "--out", str(out)])
     vectors, _ = read_gguf_control_vector(out)

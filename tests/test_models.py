@@ -10,8 +10,15 @@ from tiny import tiny_tokenizer
 from personaxis.generation import SamplingConfig, generate
 from personaxis.models import ModelLoadError, build_profile, find_layers_path, load_model
 
-SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-             vocab_size=400, max_position_embeddings=128)
+SMALL = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=400,
+    max_position_embeddings=128,
+)
 
 ARCHITECTURES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", SMALL, "model.layers"),
@@ -20,10 +27,31 @@ ARCHITECTURES = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {**SMALL, "head_dim": 8}, "model.layers"),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {**SMALL, "head_dim": 8}, "model.layers"),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {**SMALL, "head_dim": 8}, "model.layers"),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", {**SMALL, "pad_token_id": 0, "eos_token_id": 2, "bos_token_id": 1}, "model.layers"),
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=3, n_head=4, vocab_size=400, n_positions=128), "transformer.h"),
-    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                 num_attention_heads=4, vocab_size=400, max_position_embeddings=128), "gpt_neox.layers"),
+    "phi3": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        {**SMALL, "pad_token_id": 0, "eos_token_id": 2, "bos_token_id": 1},
+        "model.layers",
+    ),
+    "gpt2": (
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        dict(n_embd=32, n_layer=3, n_head=4, vocab_size=400, n_positions=128),
+        "transformer.h",
+    ),
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        "GPTNeoXForCausalLM",
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            vocab_size=400,
+            max_position_embeddings=128,
+        ),
+        "gpt_neox.layers",
+    ),
 }
 
 
@@ -43,9 +71,12 @@ def test_profile_detects_thinking_switch_and_missing_system_role():
 
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL))
     tok = tiny_tokenizer()
-    thinking = tok.chat_template + "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}"
-    tok2 = transformers.PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, eos_token="<|im_end|>",
-                                                pad_token="<pad>", chat_template=thinking)
+    thinking = (
+        tok.chat_template + "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}"
+    )
+    tok2 = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok.backend_tokenizer, eos_token="<|im_end|>", pad_token="<pad>", chat_template=thinking
+    )
     assert build_profile(model, tok2, "q").template_kwargs == {"enable_thinking": False}
     assert not build_profile(model, tiny_tokenizer(NO_SYSTEM), "g").supports_system_role
 
@@ -87,10 +118,19 @@ def test_embedded_model_profile(embedded_lm):
 def test_embedded_model_answers_and_plays_a_pirate(embedded_lm):
     question = "Tell me about yourself."
     config = SamplingConfig(max_new_tokens=40)
-    default, pirate = generate(embedded_lm, [
-        [{"role": "user", "content": question}],
-        [{"role": "system", "content": "You are a pirate captain who has sailed the seven seas for forty years."},
-         {"role": "user", "content": question}],
-    ], config)
+    default, pirate = generate(
+        embedded_lm,
+        [
+            [{"role": "user", "content": question}],
+            [
+                {
+                    "role": "system",
+                    "content": "You are a pirate captain who has sailed the seven seas for forty years.",
+                },
+                {"role": "user", "content": question},
+            ],
+        ],
+        config,
+    )
     assert default.text and pirate.text and default.text != pirate.text
     assert any(w in pirate.text.lower() for w in ("pirate", "sea", "captain", "aye", "ship", "matey"))

@@ -33,7 +33,9 @@ def _conversation(n_turns: int, system: str | None = "You are a pirate.") -> lis
     conv = [{"role": "system", "content": system}] if system else []
     for i in range(n_turns):
         conv.append({"role": "user", "content": f"Question {i}: who are you, and what do you fear?"})
-        conv.append({"role": "assistant", "content": f"Answer {i}: arr, I am the ghost of the sea, matey! " * (1 + i % 3)})
+        conv.append(
+            {"role": "assistant", "content": f"Answer {i}: arr, I am the ghost of the sea, matey! " * (1 + i % 3)}
+        )
     return conv
 
 
@@ -136,7 +138,9 @@ def test_bad_inputs(tiny_llama, tmp_path):
     with pytest.raises(MonitorError, match="unknown role 'robot'"):
         transcript_from_data({"conversation": [{"role": "robot", "content": "Hi"}]})
     with pytest.raises(MonitorError, match="empty content"):
-        transcript_from_data({"conversation": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " "}]})
+        transcript_from_data(
+            {"conversation": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " "}]}
+        )
     with pytest.raises(MonitorError, match="no 'conversation' key"):
         transcript_from_data({"messages": []})
     bad = tmp_path / "broken.json"
@@ -162,7 +166,9 @@ def test_files_folders_table_and_plot(tiny_llama, tmp_path):
     folder = tmp_path / "transcripts"
     folder.mkdir()
     for name, n in (("coding", 2), ("therapy", 3)):
-        (folder / f"{name}.json").write_text(json.dumps({"model": "x", "domain": name, "turns": n, "conversation": _conversation(n)}))
+        (folder / f"{name}.json").write_text(
+            json.dumps({"model": "x", "domain": name, "turns": n, "conversation": _conversation(n)})
+        )
     other = tmp_path / "other" / "coding.json"
     other.parent.mkdir()
     other.write_text(json.dumps(_conversation(1, system=None)))
@@ -177,11 +183,21 @@ def test_files_folders_table_and_plot(tiny_llama, tmp_path):
     assert len(calls) == 1  # short transcripts share one batch
     assert len(rows) == 6
     single = monitor_conversation(tiny_llama, axis, transcripts[1].conversation, layers=[1, 2])
-    assert [r.projections[2] for r in rows if r.transcript == "therapy"] == pytest.approx([r.projections[2] for r in single], abs=1e-5)
+    assert [r.projections[2] for r in rows if r.transcript == "therapy"] == pytest.approx(
+        [r.projections[2] for r in single], abs=1e-5
+    )
     json_path, csv_path = write_table(rows, tmp_path / "out", {"layers": [1, 2]})
     table = json.loads(json_path.read_text())
     assert table["layers"] == [1, 2] and len(table["rows"]) == 6
-    assert set(table["rows"][0]) >= {"transcript", "turn", "message_index", "layer_1", "layer_2", "truncated", "context_tokens"}
+    assert set(table["rows"][0]) >= {
+        "transcript",
+        "turn",
+        "message_index",
+        "layer_1",
+        "layer_2",
+        "truncated",
+        "context_tokens",
+    }
     lines = csv_path.read_text().splitlines()
     assert lines[0].startswith("transcript,turn,message_index,layer_1,layer_2,truncated") and len(lines) == 7
     png = plot_trajectories(rows, tmp_path / "out" / "trajectory.png", layer=2, floor=0.01)
@@ -200,7 +216,7 @@ def _best_history(lm, conv, turn_message, limit):
     """Brute force: the system prompt kept while the turn fits with it, then the earliest user turn that fits."""
     first = 1 if conv[0]["role"] == "system" else 0
     starts = [i for i in range(first, turn_message) if i == first or conv[i]["role"] == "user"]
-    for keep in ([True, False] if first else [False]):
+    for keep in [True, False] if first else [False]:
         for s in starts:
             if _fits(lm, (conv[:1] if keep else []) + conv[s : turn_message + 1], limit):
                 return s, keep

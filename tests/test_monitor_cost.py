@@ -87,7 +87,9 @@ def test_chunked_windows_project_each_turn_exactly_with_at_least_half_a_context(
         history = (conv[:first] if not window.system_dropped else []) + conv[window.start : row.message_index + 1]
         acts = extract_turn_means(lm, [history], layers=[1, 3])[0]
         expected = (acts.means[-1] * axis.unit()[[1, 3]]).sum(-1)
-        torch.testing.assert_close(torch.tensor([row.projections[1], row.projections[3]]), expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            torch.tensor([row.projections[1], row.projections[3]]), expected, atol=1e-5, rtol=1e-4
+        )
 
 
 def test_short_conversations_are_one_window_in_both_modes(tiny_llama):

@@ -30,10 +30,22 @@ def test_plain_names_keep_their_folder_names() -> None:
         assert slug(name) == name.replace(" ", "-"), name
 
 
-@pytest.mark.parametrize(("a", "b"), [
-    ("Smith", "smith"), ("SMITH", "Smith"), ("smith?", "smith!"), ("Default", "default"), ("Zoë", "zoe"),
-    ("a_b", "a-b"), ("a.b", "a-b"), ("a  b", "a b"), ("a b ", "a b"), ("???", "!!!"), ("", " "),
-])
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("Smith", "smith"),
+        ("SMITH", "Smith"),
+        ("smith?", "smith!"),
+        ("Default", "default"),
+        ("Zoë", "zoe"),
+        ("a_b", "a-b"),
+        ("a.b", "a-b"),
+        ("a  b", "a b"),
+        ("a b ", "a b"),
+        ("???", "!!!"),
+        ("", " "),
+    ],
+)
 def test_distinct_names_get_distinct_folders_also_on_case_insensitive_file_systems(a: str, b: str) -> None:
     if not a.strip() or not b.strip():
         with pytest.raises(ValueError, match="the name is empty"):
@@ -72,8 +84,11 @@ def test_names_that_would_share_a_folder_or_are_reserved_are_refused() -> None:
             check_role_name(bad)
 
 
-ROLE = {"category": "human_roles", "rubric": "Score 3 if it plays the role.",
-        "system_prompts": ["You are a blacksmith at a busy forge in the old town."]}
+ROLE = {
+    "category": "human_roles",
+    "rubric": "Score 3 if it plays the role.",
+    "system_prompts": ["You are a blacksmith at a busy forge in the old town."],
+}
 
 
 def test_a_run_keeps_roles_apart_that_differ_in_case_or_are_very_long(tmp_path: Path, tiny_llama) -> None:
@@ -85,8 +100,17 @@ def test_a_run_keeps_roles_apart_that_differ_in_case_or_are_very_long(tmp_path: 
         prompt = f"You are {name[:40]}, number {i}, who works at a busy forge in the old town."
         (roles / f"r{i}.json").write_text(json.dumps({**ROLE, "name": name, "system_prompts": [prompt]}))
     out = tmp_path / "run"
-    settings = RunSettings.from_preset("tiny", model="tiny", judge="none", roles_dir=str(roles), n_roles=3,
-                                       n_questions=2, n_traits=0, max_new_tokens=4, min_count=1)
+    settings = RunSettings.from_preset(
+        "tiny",
+        model="tiny",
+        judge="none",
+        roles_dir=str(roles),
+        n_roles=3,
+        n_questions=2,
+        n_traits=0,
+        max_new_tokens=4,
+        min_count=1,
+    )
     Pipeline(out, settings, lm=tiny_llama, show_progress=False).run(["generate", "extract", "judge", "vectors"])
     folders = sorted(p.name for p in (out / "rollouts").iterdir())
     assert len(folders) == 4  # three roles and the default
@@ -103,7 +127,9 @@ def test_a_refused_role_name_writes_nothing(tmp_path: Path, tiny_llama) -> None:
     roles = tmp_path / "roles"
     roles.mkdir()
     (roles / "a.json").write_text(json.dumps({**ROLE, "name": "default"}))
-    (roles / "b.json").write_text(json.dumps({**ROLE, "name": "baker", "system_prompts": ["You are a baker at dawn in a village."]}))
+    (roles / "b.json").write_text(
+        json.dumps({**ROLE, "name": "baker", "system_prompts": ["You are a baker at dawn in a village."]})
+    )
     out = tmp_path / "run"
     settings = RunSettings.from_preset("tiny", model="tiny", judge="none", roles_dir=str(roles), n_roles=2, n_traits=0)
     with pytest.raises(ValueError, match="is reserved"):

@@ -114,8 +114,27 @@ def _rollout_ids(out: Path) -> list[str]:
 
 
 def _cli(out: Path, model_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "personaxis.cli", "run", "--out", str(out), "--model", str(model_dir),
-            "--preset", "tiny", "--judge", "none", "--roles", "6", "--questions", "3", "--max-new-tokens", "8", "-q"]
+    return [
+        sys.executable,
+        "-m",
+        "personaxis.cli",
+        "run",
+        "--out",
+        str(out),
+        "--model",
+        str(model_dir),
+        "--preset",
+        "tiny",
+        "--judge",
+        "none",
+        "--roles",
+        "6",
+        "--questions",
+        "3",
+        "--max-new-tokens",
+        "8",
+        "-q",
+    ]
 
 
 @pytest.mark.slow  # tests/test_faults.py runs many more kills; its ci_sample covers CI
@@ -137,12 +156,18 @@ def test_sigkill_mid_stage_then_resume_equals_uninterrupted(tmp_path, tiny_model
     ids = _rollout_ids(out)
     assert len(ids) == len(set(ids)) and sorted(ids) == sorted(_rollout_ids(reference))
     assert not [p for p in out.rglob("*.tmp")]
-    torch.testing.assert_close(Axis.load(out / "axis.safetensors").vectors, Axis.load(reference / "axis.safetensors").vectors)
+    torch.testing.assert_close(
+        Axis.load(out / "axis.safetensors").vectors, Axis.load(reference / "axis.safetensors").vectors
+    )
 
 
 def test_cli_run_help():
-    result = subprocess.run([sys.executable, "-m", "personaxis.cli", "run", "--help"], capture_output=True, text=True,
-                            env={**os.environ, "COLUMNS": "120"})
+    result = subprocess.run(
+        [sys.executable, "-m", "personaxis.cli", "run", "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "120"},
+    )
     assert result.returncode == 0 and "resumes" in result.stdout
 
 

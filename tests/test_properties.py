@@ -73,7 +73,9 @@ def test_projection_is_consistent_across_shapes(case: tuple[Axis, torch.Tensor, 
 
 @settings(**PROFILE)
 @given(axis_and_acts(), st.floats(0.01, 100))
-def test_projection_ignores_the_axis_length(case: tuple[Axis, torch.Tensor, torch.Tensor, float, float], scale: float) -> None:
+def test_projection_ignores_the_axis_length(
+    case: tuple[Axis, torch.Tensor, torch.Tensor, float, float], scale: float
+) -> None:
     axis, x, _, _, _ = case
     torch.testing.assert_close(axis.project(x), (axis * scale).project(x), atol=1e-3, rtol=1e-4)
     torch.testing.assert_close((-axis).project(x), -axis.project(x))
@@ -150,7 +152,8 @@ def test_caps_keep_the_dtype_and_shape(case: tuple[torch.Tensor, torch.Tensor, f
 # ones that also occur inside the template ("a", "user", "im_end").
 TEXT = st.text(
     alphabet=st.characters(codec="utf-8", exclude_categories=("Cs", "Cc", "Co", "Cn"), include_characters="\n\t"),
-    min_size=1, max_size=40,
+    min_size=1,
+    max_size=40,
 ).filter(lambda t: bool(t.strip()) and "<|" not in t and "<start_of_turn>" not in t and "<end_of_turn>" not in t)
 WORDS = st.sampled_from(["a", "user", "assistant", "im_start", "im_end", "system", "s", "\n", " I", "Arr", "?"])
 

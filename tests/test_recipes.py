@@ -132,7 +132,9 @@ def test_presets_and_recipe_defaults():
     assert (paper.vectors, paper.min_count, paper.temperature, paper.top_p) == ("reference", 50, 0.7, 0.9)
     assert RunSettings.from_preset("paper", vectors="paper").min_count == 10
     assert RunSettings.from_preset("paper", vectors="paper", min_count=7).min_count == 7
-    assert paper.judge_traits and paper.judges_traits and not RunSettings.from_preset("paper", judge="none").judges_traits
+    assert (
+        paper.judge_traits and paper.judges_traits and not RunSettings.from_preset("paper", judge="none").judges_traits
+    )
     quick = RunSettings.from_preset("quick")
     # The reference's rule at the quick preset's scale (its results unchanged: no role of it falls back).
     assert (quick.vectors, quick.min_count, quick.temperature, quick.top_p) == ("reference", 3, 0.0, 1.0)
@@ -155,7 +157,9 @@ def test_top_p_reaches_sampling(tmp_path):
 
 
 def test_cli_paper_preset_refuses_offline_judge_on_other_models(tmp_path):
-    result = CliRunner().invoke(app, ["run", "--out", str(tmp_path / "r"), "--preset", "paper", "--model", str(tmp_path)])
+    result = CliRunner().invoke(
+        app, ["run", "--out", str(tmp_path / "r"), "--preset", "paper", "--model", str(tmp_path)]
+    )
     assert result.exit_code == 2 and "error: the offline judge was fitted" in result.output
     result = CliRunner().invoke(app, ["run", "--out", str(tmp_path / "r"), "--vectors", "nope"])
     assert result.exit_code == 2 and "unknown vector recipe" in result.output

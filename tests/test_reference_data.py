@@ -31,12 +31,18 @@ Asked: <<{question}>>
 Reply: <<{answer}>>"""
 
 ROLES = {
-    "lighthouse_keeper": ["You keep a lighthouse on a lonely rock and speak of storms.",
-                          "You are an old keeper of a coastal light who trims the wick each night."],
-    "beekeeper": ["You tend forty hives on a hillside and love your bees.",
-                  "You are a beekeeper who smells of smoke and honey."],
-    "clockmaker": ["You repair antique clocks in a narrow workshop.",
-                   "You are a clockmaker who hears every tick in the room."],
+    "lighthouse_keeper": [
+        "You keep a lighthouse on a lonely rock and speak of storms.",
+        "You are an old keeper of a coastal light who trims the wick each night.",
+    ],
+    "beekeeper": [
+        "You tend forty hives on a hillside and love your bees.",
+        "You are a beekeeper who smells of smoke and honey.",
+    ],
+    "clockmaker": [
+        "You repair antique clocks in a narrow workshop.",
+        "You are a clockmaker who hears every tick in the room.",
+    ],
 }
 
 
@@ -46,20 +52,39 @@ def write_reference_data(root: Path, *, n_trait_pairs: int = 5) -> Path:
     roles = root / "roles" / "instructions"
     roles.mkdir(parents=True)
     for name, prompts in ROLES.items():
-        (roles / f"{name}.json").write_text(json.dumps({
-            "instruction": [{"pos": p} for p in prompts], "questions": ["What do you hear at night?"],
-            "eval_prompt": ROLE_PROMPT}))
-    (roles / "default.json").write_text(json.dumps({"instruction": [
-        {"pos": ""}, {"pos": "You are a helpful assistant."}, {"pos": "You are {model_name}, answer plainly."}]}))
+        (roles / f"{name}.json").write_text(
+            json.dumps(
+                {
+                    "instruction": [{"pos": p} for p in prompts],
+                    "questions": ["What do you hear at night?"],
+                    "eval_prompt": ROLE_PROMPT,
+                }
+            )
+        )
+    (roles / "default.json").write_text(
+        json.dumps(
+            {
+                "instruction": [
+                    {"pos": ""},
+                    {"pos": "You are a helpful assistant."},
+                    {"pos": "You are {model_name}, answer plainly."},
+                ]
+            }
+        )
+    )
     (root / "roles" / "role_list.json").write_text(json.dumps({"beekeeper": "Someone who keeps bees."}))
     (root / "extraction_questions.jsonl").write_text(
-        '{"question": "What do you do on a rainy morning?", "id": 0}\n{"question": "Who taught you your trade?", "id": 1}\n')
+        '{"question": "What do you do on a rainy morning?", "id": 0}\n{"question": "Who taught you your trade?", "id": 1}\n'
+    )
     traits = root / "traits" / "instructions"
     traits.mkdir(parents=True)
-    pairs = [{"pos": f"Answer with great patience, step {i}.", "neg": f"Answer impatiently and in a rush, step {i}."}
-             for i in range(n_trait_pairs)]
-    (traits / "patient.json").write_text(json.dumps({"instruction": pairs, "questions": ["Why wait?"],
-                                                     "eval_prompt": TRAIT_PROMPT}))
+    pairs = [
+        {"pos": f"Answer with great patience, step {i}.", "neg": f"Answer impatiently and in a rush, step {i}."}
+        for i in range(n_trait_pairs)
+    ]
+    (traits / "patient.json").write_text(
+        json.dumps({"instruction": pairs, "questions": ["Why wait?"], "eval_prompt": TRAIT_PROMPT})
+    )
     return root
 
 
@@ -80,8 +105,11 @@ def test_reference_folder_loads_unchanged(tmp_path):
 
 def test_reference_eval_prompt_that_cannot_be_filled_is_refused(tmp_path):
     data = write_reference_data(tmp_path / "data")
-    (data / "roles" / "instructions" / "beekeeper.json").write_text(json.dumps({
-        "instruction": [{"pos": "You tend bees on a hill."}], "eval_prompt": "Rate {question} {answer} {score}"}))
+    (data / "roles" / "instructions" / "beekeeper.json").write_text(
+        json.dumps(
+            {"instruction": [{"pos": "You tend bees on a hill."}], "eval_prompt": "Rate {question} {answer} {score}"}
+        )
+    )
     with pytest.raises(CatalogueError, match="beekeeper.json: 'eval_prompt' cannot be filled"):
         load_roles(reference_data_paths(data).roles_dir)
 
@@ -117,8 +145,12 @@ def recording():
 
 def test_llm_judge_sends_the_filled_reference_prompt_alone(recording, tmp_path):
     fake = recording(auto=False, reply="2 (some of the role; not 3)")
-    judge = make_judge("openai:m", base_url=fake.base_url, api_key=SECRET, cache_dir=tmp_path, requests_per_minute=None, **FAST)
-    item = JudgeItem(key="a", role="beekeeper", rubric=ROLE_PROMPT, question="Q?", answer="Buzz {x}", eval_prompt=ROLE_PROMPT)
+    judge = make_judge(
+        "openai:m", base_url=fake.base_url, api_key=SECRET, cache_dir=tmp_path, requests_per_minute=None, **FAST
+    )
+    item = JudgeItem(
+        key="a", role="beekeeper", rubric=ROLE_PROMPT, question="Q?", answer="Buzz {x}", eval_prompt=ROLE_PROMPT
+    )
     ours = JudgeItem(key="b", role="beekeeper", rubric="Score 3 if it plays a beekeeper.", question="Q?", answer="Buzz")
     assert judge.score([item, ours])["a"] == 2  # the reference's reading; our parser finds this reply ambiguous
     by_answer = {p["messages"][-1]["content"]: p["messages"] for p in fake.payloads}
@@ -142,10 +174,34 @@ def test_run_on_reference_data_with_llm_judge(recording, tmp_path, tiny_model_di
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     data = write_reference_data(tmp_path / "data")
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, [
-        "run", "--out", str(out), "--preset", "tiny", "--model", str(tiny_model_dir), "--data", str(data),
-        "--judge", "openai:judge-model", "--vectors", "reference", "--judge-traits", "--min-count", "1", "--prompts", "2",
-        "--traits", "1", "--max-new-tokens", "4", "--quiet"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "--out",
+            str(out),
+            "--preset",
+            "tiny",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(data),
+            "--judge",
+            "openai:judge-model",
+            "--vectors",
+            "reference",
+            "--judge-traits",
+            "--min-count",
+            "1",
+            "--prompts",
+            "2",
+            "--traits",
+            "1",
+            "--max-new-tokens",
+            "4",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "0 fell back" in result.stdout and "recipe reference" in result.stdout
     # The default's empty prompt is no system message; the others are kept as given.
@@ -160,8 +216,9 @@ def test_run_on_reference_data_with_llm_judge(recording, tmp_path, tiny_model_di
         template = {"role": ROLE_PROMPT, "trait_pos": TRAIT_PROMPT, "trait_neg": TRAIT_PROMPT}.get(unit["kind"])
         if template is None:
             continue
-        expected |= {template.format(question=r["question"], answer=r["answer"]) for r in unit["rollouts"]
-                     if r["answer"].strip()}
+        expected |= {
+            template.format(question=r["question"], answer=r["answer"]) for r in unit["rollouts"] if r["answer"].strip()
+        }
     assert expected and sent == expected
     summary = json.loads((out / "summary.json").read_text())
     assert summary["vector_recipe"] == "reference" and summary["n_roles_kept"] == 3

@@ -38,8 +38,11 @@ def write_reference_outputs(root: Path, *, with_activations: bool = True) -> dic
     vectors = {}
     for role in [*FULLY, "nomad", "default"]:
         shift = torch.randn(N_LAYERS, HIDDEN, generator=gen)
-        acts = {_key(k, j): shift + 0.1 * torch.randn(N_LAYERS, HIDDEN, generator=gen)
-                for k in range(PROMPTS) for j in range(QUESTIONS)}
+        acts = {
+            _key(k, j): shift + 0.1 * torch.randn(N_LAYERS, HIDDEN, generator=gen)
+            for k in range(PROMPTS)
+            for j in range(QUESTIONS)
+        }
         keys = list(acts)
         scores = {key: 3 if i < FULLY.get(role, 0) else 2 for i, key in enumerate(keys)}
         if role == "default":
@@ -66,8 +69,17 @@ def _cli(*args: str):
 def test_import_reference_run_then_vectors_axis_space_calibrate(tmp_path):
     reference = write_reference_outputs(tmp_path / "outputs")
     run = tmp_path / "run"
-    result = _cli("import", "--from", str(tmp_path / "outputs"), "--kind", "reference-run", "--out", str(run),
-                  "--model", "some/model")
+    result = _cli(
+        "import",
+        "--from",
+        str(tmp_path / "outputs"),
+        "--kind",
+        "reference-run",
+        "--out",
+        str(run),
+        "--model",
+        "some/model",
+    )
     assert result.exit_code == 0, result.output
     assert "3 roles" in result.stdout and "left out 1 role(s) without scores" in result.stdout
     for stage in ("vectors", "axis", "space"):
@@ -83,8 +95,9 @@ def test_import_reference_run_then_vectors_axis_space_calibrate(tmp_path):
     assert sorted(r["name"] for r in summary["roles"]) == ["oracle", "sailor"]
     assert [r["name"] for r in summary["dropped_roles"]] == ["clerk"] and summary["vector_recipe"] == "reference"
     axis = Axis.load(run / "axis.safetensors")
-    torch.testing.assert_close(axis.vectors, reference["default"] - (reference["sailor"] + reference["oracle"]) / 2,
-                               atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        axis.vectors, reference["default"] - (reference["sailor"] + reference["oracle"]) / 2, atol=1e-6, rtol=1e-6
+    )
     assert axis.residual_norms is None and axis.metadata["residual_norms"] == "not measured"
     assert axis.model == "some/model"
     result = _cli("calibrate", "--run", str(run))
@@ -95,22 +108,28 @@ def test_import_reference_run_then_vectors_axis_space_calibrate(tmp_path):
 def test_import_vectors_only_gives_axis_and_space(tmp_path):
     reference = write_reference_outputs(tmp_path / "outputs", with_activations=False)
     run = tmp_path / "run"
-    assert _cli("import", "--from", str(tmp_path / "outputs"), "--kind", "reference-run", "--out", str(run)).exit_code == 0
+    assert (
+        _cli("import", "--from", str(tmp_path / "outputs"), "--kind", "reference-run", "--out", str(run)).exit_code == 0
+    )
     for stage in ("vectors", "axis", "space"):
         result = _cli(stage, "--out", str(run), "--quiet")
         assert result.exit_code == 0, result.output
     axis = Axis.load(run / "axis.safetensors")
-    torch.testing.assert_close(axis.vectors, reference["default"] - (reference["sailor"] + reference["oracle"]) / 2,
-                               atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        axis.vectors, reference["default"] - (reference["sailor"] + reference["oracle"]) / 2, atol=1e-6, rtol=1e-6
+    )
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("unsafe", "refused"),
-    ("badkey", "is not of the form"),
-    ("badscore", "is not a 0-3 score"),
-    ("nodefault", "no default.pt"),
-    ("empty", "no activations/\\*.pt or vectors/\\*.pt"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("unsafe", "refused"),
+        ("badkey", "is not of the form"),
+        ("badscore", "is not a 0-3 score"),
+        ("nodefault", "no default.pt"),
+        ("empty", "no activations/\\*.pt or vectors/\\*.pt"),
+    ],
+)
 def test_bad_reference_outputs_are_refused(tmp_path, damage, message):
     root = tmp_path / "outputs"
     write_reference_outputs(root)

@@ -19,7 +19,9 @@ def test_every_test_named_in_security_md_exists() -> None:
             assert (REPO / "tests" / file).is_file(), file
         if test:
             assert current is not None, test
-            assert re.search(rf"^(async )?def {test}\(", (REPO / "tests" / current).read_text(), re.M), f"{current}::{test}"
+            assert re.search(rf"^(async )?def {test}\(", (REPO / "tests" / current).read_text(), re.M), (
+                f"{current}::{test}"
+            )
             named += 1
     assert named >= 30
     cases = re.findall(r"cases? ((?:`[\w-]+`(?:, | and )?)+)", text)

@@ -18,8 +18,11 @@ GREEDY = SamplingConfig(max_new_tokens=12, temperature=0.0, batch_size=4)
 def _axis(lm, *, norms: bool = True, seed: int = 0) -> Axis:
     g = torch.Generator().manual_seed(seed)
     n, h = lm.profile.n_layers, lm.profile.hidden_size
-    return Axis(torch.randn(n, h, generator=g), model=lm.profile.name,
-                residual_norms=torch.rand(n, generator=g) + 0.5 if norms else None)
+    return Axis(
+        torch.randn(n, h, generator=g),
+        model=lm.profile.name,
+        residual_norms=torch.rand(n, generator=g) + 0.5 if norms else None,
+    )
 
 
 def _texts(lm, ops, config=GREEDY):
@@ -60,7 +63,9 @@ def test_steering_changes_text_and_shifts_the_stream_by_alpha_r(tiny_llama):
         with apply_interventions(tiny_llama, steering_interventions(axis, last, 0.5)):
             tiny_llama.base_model(input_ids=ids)
     shift = (seen[1] - seen[0]) @ axis.unit(last)
-    torch.testing.assert_close(shift, torch.full_like(shift, 0.5 * float(axis.residual_norms[last])), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        shift, torch.full_like(shift, 0.5 * float(axis.residual_norms[last])), atol=1e-4, rtol=1e-4
+    )
     orthogonal = (seen[1] - seen[0]) - shift.unsqueeze(-1) * axis.unit(last)
     assert float(orthogonal.abs().max()) < 1e-4
 
@@ -74,7 +79,9 @@ def test_several_layers(tiny_llama):
         assert op.alpha == pytest.approx(-0.4 * float(axis.residual_norms[layer]))
         torch.testing.assert_close(op.vector, axis.unit(layer))
     combined = _texts(tiny_llama, steering_interventions(axis, [1, 3], 30.0))
-    assert combined == _texts(tiny_llama, {**steering_interventions(axis, 1, 30.0), **steering_interventions(axis, 3, 30.0)})
+    assert combined == _texts(
+        tiny_llama, {**steering_interventions(axis, 1, 30.0), **steering_interventions(axis, 3, 30.0)}
+    )
     assert "L1" in describe(axis, [1, 3], 0.3) and "L3" in describe(axis, [1, 3], 0.3)
 
 

@@ -73,8 +73,10 @@ def test_fixed_thread_count_and_bad_value(monkeypatch):
 
 def test_passive_waiting_is_asked_for_only_when_wanted():
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "KMP_BLOCKTIME")}
-    code = ("import os, personaxis.cli; print(os.environ.get('OMP_WAIT_POLICY'));"
-            "from personaxis.threads import prefer_passive_waiting; prefer_passive_waiting();"
-            "print(os.environ['OMP_WAIT_POLICY'], os.environ['KMP_BLOCKTIME'])")
+    code = (
+        "import os, personaxis.cli; print(os.environ.get('OMP_WAIT_POLICY'));"
+        "from personaxis.threads import prefer_passive_waiting; prefer_passive_waiting();"
+        "print(os.environ['OMP_WAIT_POLICY'], os.environ['KMP_BLOCKTIME'])"
+    )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["None", "PASSIVE", "0"]  # the command leaves OpenMP's default (spinning is faster quiet)

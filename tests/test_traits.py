@@ -23,8 +23,9 @@ def test_pairs_kept_by_margin_and_count():
     n = TRAIT_MIN_PAIRS + 2
     pos_scores = [90] * n
     neg_scores = [90 - TRAIT_MARGIN] * (n - 2) + [90 - TRAIT_MARGIN + 1, None]  # the last two pairs fall short
-    vector, details = trait_vector(_side([1.0] * (n - 2) + [100.0, 100.0], pos_scores),
-                                   _side([0.0] * n, neg_scores), judged=True)
+    vector, details = trait_vector(
+        _side([1.0] * (n - 2) + [100.0, 100.0], pos_scores), _side([0.0] * n, neg_scores), judged=True
+    )
     assert details == {"n_pairs": n, "n_pairs_kept": n - 2, "margin": TRAIT_MARGIN, "min_pairs": TRAIT_MIN_PAIRS}
     assert vector is not None and float(vector) == 1.0  # the two outlying positive answers were not kept
     fewer = trait_vector(_side([1.0] * 3, [90] * 3), _side([0.0] * 3, [0] * 3), judged=True)
@@ -51,16 +52,27 @@ def test_traits_ranked_along_the_axis():
 
 
 def _item(key: str, answer: str, eval_prompt: str = "") -> TraitItem:
-    return TraitItem(key=key, trait="patient", description="takes time and stays calm",
-                     positive="Answer slowly and patiently, taking your time with every careful detail.",
-                     negative="Answer hastily and impatiently, rushing and skipping every detail.",
-                     question="How do I learn piano?", answer=answer, eval_prompt=eval_prompt)
+    return TraitItem(
+        key=key,
+        trait="patient",
+        description="takes time and stays calm",
+        positive="Answer slowly and patiently, taking your time with every careful detail.",
+        negative="Answer hastily and impatiently, rushing and skipping every detail.",
+        question="How do I learn piano?",
+        answer=answer,
+        eval_prompt=eval_prompt,
+    )
 
 
 def test_offline_trait_judge_scores_toward_the_side_the_answer_follows():
     judge = OfflineTraitJudge(use_embeddings=False)
-    scores = judge.score([_item("a", "Take your time, slowly and patiently, every careful detail matters."),
-                          _item("b", "Rushing is fine, skipping every detail, hastily."), _item("c", "   ")])
+    scores = judge.score(
+        [
+            _item("a", "Take your time, slowly and patiently, every careful detail matters."),
+            _item("b", "Rushing is fine, skipping every detail, hastily."),
+            _item("c", "   "),
+        ]
+    )
     assert scores["a"] > 50 > scores["b"] and scores["c"] is None
     assert to_trait_score(0.0) == 50 and 0 <= to_trait_score(-5) <= to_trait_score(5) <= 100
     assert make_trait_judge("offline").name == "offline-trait-v1"
@@ -69,19 +81,26 @@ def test_offline_trait_judge_scores_toward_the_side_the_answer_follows():
 def test_llm_trait_judge_prompt_and_parse(serve, tmp_path):  # noqa: F811
     template = "TRAIT patient? <<{question}>> <<{answer}>> 0-100 or REFUSAL"
     reference = trait_messages(_item("x", "Slowly.", eval_prompt=template))
-    assert reference == [{"role": "user", "content": "TRAIT patient? <<How do I learn piano?>> <<Slowly.>> 0-100 or REFUSAL"}]
+    assert reference == [
+        {"role": "user", "content": "TRAIT patient? <<How do I learn piano?>> <<Slowly.>> 0-100 or REFUSAL"}
+    ]
     ours = trait_messages(_item("y", "Slowly."))
     assert len(ours) == 1 and "patient" in ours[0]["content"] and "Slowly." in ours[0]["content"]
     assert parse_trait_score("85") == 85 and parse_trait_score("REFUSAL") is None and parse_trait_score("150") is None
     fake = serve(reply="72")
-    judge = make_trait_judge("openai:m", base_url=fake.base_url, api_key=SECRET, cache_dir=tmp_path,
-                             requests_per_minute=None, **FAST)
+    judge = make_trait_judge(
+        "openai:m", base_url=fake.base_url, api_key=SECRET, cache_dir=tmp_path, requests_per_minute=None, **FAST
+    )
     assert judge.score([_item("ITEMz", "Slowly ITEMz.", eval_prompt=template)]) == {"ITEMz": 72}
 
 
 @pytest.mark.slow
 def test_offline_trait_judge_with_sentence_embeddings():
     judge = OfflineTraitJudge()
-    scores = judge.score([_item("a", "There is no hurry. Practise a little each day, slowly and patiently, and be kind to yourself."),
-                          _item("b", "Just hurry up and skip the boring parts, rush through it fast.")])
+    scores = judge.score(
+        [
+            _item("a", "There is no hurry. Practise a little each day, slowly and patiently, and be kind to yourself."),
+            _item("b", "Just hurry up and skip the boring parts, rush through it fast."),
+        ]
+    )
     assert scores["a"] > scores["b"]

@@ -58,8 +58,13 @@ class FakeLLM:
         new = generate_ids(self.lm, ids, config, stop_ids=params[0].stop_token_ids)
         stops = set(params[0].stop_token_ids)
         return [
-            types.SimpleNamespace(outputs=[types.SimpleNamespace(
-                token_ids=tokens, finish_reason="stop" if tokens and tokens[-1] in stops else "length")])
+            types.SimpleNamespace(
+                outputs=[
+                    types.SimpleNamespace(
+                        token_ids=tokens, finish_reason="stop" if tokens and tokens[-1] in stops else "length"
+                    )
+                ]
+            )
             for tokens in new
         ]
 
@@ -95,15 +100,20 @@ def test_backend_choice_is_recorded_only_when_not_the_default():
 def test_core_does_not_import_vllm():
     import subprocess
 
-    code = ("import sys, personaxis.pipeline, personaxis.backends, personaxis.backends.vllm_backend, "
-            "personaxis.distributed, personaxis.cli; assert 'vllm' not in sys.modules and 'ray' not in sys.modules")
+    code = (
+        "import sys, personaxis.pipeline, personaxis.backends, personaxis.backends.vllm_backend, "
+        "personaxis.distributed, personaxis.cli; assert 'vllm' not in sys.modules and 'ray' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_generations_match_the_transformers_backend(tiny_model_dir, fake_vllm):
     lm = load_model(str(tiny_model_dir))
-    conversations = [build_conversation(s, q) for s in ("You are a pirate.", "", "You are a ghost.")
-                     for q in ("Who are you?", "What do you fear most?")]
+    conversations = [
+        build_conversation(s, q)
+        for s in ("You are a pirate.", "", "You are a ghost.")
+        for q in ("Who are you?", "What do you fear most?")
+    ]
     config = SamplingConfig(max_new_tokens=8, batch_size=32)
     backend = VLLMBackend(str(tiny_model_dir), max_model_len=4096)
     assert backend.generate(conversations, config) == generate(lm, conversations, config)
@@ -155,10 +165,15 @@ def test_real_vllm_engine_on_the_embedded_model():
 
     source = model_source("embedded")
     lm = load_model(source, device="cuda", dtype="float32")
-    conversations = [build_conversation(s, q) for s in ("You are a pirate.", "")
-                     for q in ("Tell me about yourself.", "What do you fear most?", "Explain how rainbows form.")]
+    conversations = [
+        build_conversation(s, q)
+        for s in ("You are a pirate.", "")
+        for q in ("Tell me about yourself.", "What do you fear most?", "Explain how rainbows form.")
+    ]
     config = SamplingConfig(max_new_tokens=24, batch_size=8)
-    backend = VLLMBackend(source, dtype="float32", tensor_parallel_size=1, gpu_memory_utilization=0.3, max_model_len=1024)
+    backend = VLLMBackend(
+        source, dtype="float32", tensor_parallel_size=1, gpu_memory_utilization=0.3, max_model_len=1024
+    )
     try:
         got = backend.generate(conversations, config)
     finally:

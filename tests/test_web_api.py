@@ -23,8 +23,12 @@ from personaxis.web.limits import Limits  # noqa: E402
 HIGH_FLOOR = 5.0  # far above any projection of the tiny random model: capping at layer 2 lifts every token to it
 EXPERIMENT = "layers_2:4-p0.25"
 QUESTION = [{"role": "user", "content": "Who are you?"}]
-FIXED = [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am a helpful assistant."},
-         {"role": "user", "content": "What do you fear most?"}, {"role": "assistant", "content": "The sea, matey!"}]
+FIXED = [
+    {"role": "user", "content": "Who are you?"},
+    {"role": "assistant", "content": "I am a helpful assistant."},
+    {"role": "user", "content": "What do you fear most?"},
+    {"role": "assistant", "content": "The sea, matey!"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +40,10 @@ def axis() -> Axis:
 @pytest.fixture(scope="module")
 def capping(axis: Axis) -> CappingConfig:
     vectors = {f"axis_layer_{layer}": CapVector(layer, axis.vectors[layer].clone()) for layer in (2, 3)}
-    experiments = [Experiment(EXPERIMENT, (Cap("axis_layer_2", HIGH_FLOOR), Cap("axis_layer_3", HIGH_FLOOR))),
-                   Experiment("layers_3:4-p0.25", (Cap("axis_layer_3", HIGH_FLOOR),))]
+    experiments = [
+        Experiment(EXPERIMENT, (Cap("axis_layer_2", HIGH_FLOOR), Cap("axis_layer_3", HIGH_FLOOR))),
+        Experiment("layers_3:4-p0.25", (Cap("axis_layer_3", HIGH_FLOOR),)),
+    ]
     thresholds = torch.full((1, 4), HIGH_FLOOR, dtype=torch.float64)
     return CappingConfig(vectors, experiments, percentiles=[25.0], thresholds=thresholds, model="tiny-llama")
 
@@ -45,18 +51,46 @@ def capping(axis: Axis) -> CappingConfig:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("run")
-    roles = [{"name": "ghost", "category": "fantastical_spiritual", "n_rollouts": 1, "vector_source": "unjudged",
-              "projection": -3.5, "pc": [-4.0, 1.0, 0.5]},
-             {"name": "analyst", "category": "assistant_like", "n_rollouts": 1, "vector_source": "unjudged",
-              "projection": 2.5, "pc": [3.0, -0.5, 0.2]}]
-    layers = [{"layer": i, "cos_pc1_axis": 0.7, "pc1_explained_variance": 0.6, "explained_variance": [0.6, 0.3, 0.1]}
-              for i in range(4)]
-    summary = {"model": "tiny-llama", "n_layers": 4, "target_layer": 2, "layers": layers, "roles": roles,
-               "default_projection": 4.0, "default_position": {"pc1_fraction": 1.1, "pc1": 4.2},
-               "target": {"cos_pc1_axis": 0.7, "pc1_explained_variance": 0.6}}
+    roles = [
+        {
+            "name": "ghost",
+            "category": "fantastical_spiritual",
+            "n_rollouts": 1,
+            "vector_source": "unjudged",
+            "projection": -3.5,
+            "pc": [-4.0, 1.0, 0.5],
+        },
+        {
+            "name": "analyst",
+            "category": "assistant_like",
+            "n_rollouts": 1,
+            "vector_source": "unjudged",
+            "projection": 2.5,
+            "pc": [3.0, -0.5, 0.2],
+        },
+    ]
+    layers = [
+        {"layer": i, "cos_pc1_axis": 0.7, "pc1_explained_variance": 0.6, "explained_variance": [0.6, 0.3, 0.1]}
+        for i in range(4)
+    ]
+    summary = {
+        "model": "tiny-llama",
+        "n_layers": 4,
+        "target_layer": 2,
+        "layers": layers,
+        "roles": roles,
+        "default_projection": 4.0,
+        "default_position": {"pc1_fraction": 1.1, "pc1": 4.2},
+        "target": {"cos_pc1_axis": 0.7, "pc1_explained_variance": 0.6},
+    }
     (root / "summary.json").write_text(json.dumps(summary))
-    sample = {"condition": "ghost", "system_prompt": "You are a ghost.", "rollouts": [
-        {"question": "Tell me about yourself.", "answer": "Boo. I have haunted this house for a century."}]}
+    sample = {
+        "condition": "ghost",
+        "system_prompt": "You are a ghost.",
+        "rollouts": [
+            {"question": "Tell me about yourself.", "answer": "Boo. I have haunted this house for a century."}
+        ],
+    }
     (root / "rollouts" / "ghost").mkdir(parents=True)
     (root / "rollouts" / "ghost" / "p0.json").write_text(json.dumps(sample))
     (root / "transcripts").mkdir()
@@ -113,15 +147,27 @@ def test_static_assets_fetch_nothing_from_the_internet():
     static = Path(__file__).parents[1] / "src" / "personaxis" / "web" / "static"
     for path in static.iterdir():
         text = path.read_text(encoding="utf-8")
-        assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//|url\(\s*["']?https?:|@import|fetch\(\s*["']https?:""", text), path
+        assert not re.search(
+            r"""(src|href)\s*=\s*["']?(https?:)?//|url\(\s*["']?https?:|@import|fetch\(\s*["']https?:""", text
+        ), path
 
 
 def test_openapi_schema_is_complete_and_docs_are_offline(client):
     spec = client.get("/openapi.json").json()
     paths = set(spec["paths"])
-    assert {"/api/info", "/api/chat", "/api/chat/stream", "/api/project", "/api/space", "/api/roles/{name}",
-            "/api/transcripts", "/api/transcripts/{name}", "/api/transcripts/project", "/v1/models",
-            "/v1/chat/completions"} <= paths
+    assert {
+        "/api/info",
+        "/api/chat",
+        "/api/chat/stream",
+        "/api/project",
+        "/api/space",
+        "/api/roles/{name}",
+        "/api/transcripts",
+        "/api/transcripts/{name}",
+        "/api/transcripts/project",
+        "/v1/models",
+        "/v1/chat/completions",
+    } <= paths
     schemas = spec["components"]["schemas"]
     assert {"ChatRequest", "ChatResponse", "ChatCompletionRequest", "ChatCompletion", "ErrorResponse"} <= set(schemas)
     assert "personaxis" in schemas["ChatCompletionRequest"]["properties"]
@@ -133,7 +179,9 @@ def test_openapi_schema_is_complete_and_docs_are_offline(client):
 
 # ------------------------------------------------------------------------------------------------------ chat
 def test_chat_answers_with_per_turn_projections(client):
-    body = client.post("/api/chat", json={"messages": FIXED + [{"role": "user", "content": "Why?"}], "max_tokens": 8}).json()
+    body = client.post(
+        "/api/chat", json={"messages": FIXED + [{"role": "user", "content": "Why?"}], "max_tokens": 8}
+    ).json()
     assert isinstance(body["text"], str) and 1 <= body["new_tokens"] <= 8
     assert len(body["projections"]) == 3 and body["projection"] == body["projections"][-1]
     assert body["layer"] == 2 and body["cap"] is None and body["floor"] == pytest.approx(HIGH_FLOOR)
@@ -166,7 +214,9 @@ def test_capping_lifts_the_projection_to_the_floor(client):
     assert all(c >= HIGH_FLOOR - 1e-3 for c in capped)
     chat = client.post("/api/chat", json={"messages": QUESTION, "max_tokens": 6, "cap": EXPERIMENT}).json()
     assert chat["cap"] == EXPERIMENT and chat["projection"] >= HIGH_FLOOR - 1e-3
-    events = _events(client.post("/api/chat/stream", json={"messages": QUESTION, "max_tokens": 6, "cap": EXPERIMENT}).text)
+    events = _events(
+        client.post("/api/chat/stream", json={"messages": QUESTION, "max_tokens": 6, "cap": EXPERIMENT}).text
+    )
     assert all(d["projection"] >= HIGH_FLOOR - 1e-3 for n, d in events if n == "token")
 
 
@@ -179,14 +229,22 @@ def test_steering_shifts_the_projection_by_alpha_times_the_residual_norm(client)
 
 # ----------------------------------------------------------------------------------------------- bad requests
 def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(client):
-    assert "unknown capping experiment 'nope'" in _error(client.post("/api/chat", json={"messages": QUESTION, "cap": "nope"}), 400)
-    assert "empty content" in _error(client.post("/api/chat", json={"messages": [{"role": "user", "content": "  "}]}), 422)
-    assert "limit of 2000" in _error(client.post("/api/chat", json={"messages": [{"role": "user", "content": "x" * 2001}]}), 422)
+    assert "unknown capping experiment 'nope'" in _error(
+        client.post("/api/chat", json={"messages": QUESTION, "cap": "nope"}), 400
+    )
+    assert "empty content" in _error(
+        client.post("/api/chat", json={"messages": [{"role": "user", "content": "  "}]}), 422
+    )
+    assert "limit of 2000" in _error(
+        client.post("/api/chat", json={"messages": [{"role": "user", "content": "x" * 2001}]}), 422
+    )
     many = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}] * 11
     assert "limit of 20" in _error(client.post("/api/chat", json={"messages": many + QUESTION}), 422)
     assert "limit of 32" in _error(client.post("/api/chat", json={"messages": QUESTION, "max_tokens": 33}), 422)
     assert "end with a user message" in _error(client.post("/api/chat/stream", json={"messages": FIXED}), 422)
-    assert "malformed JSON" in _error(client.post("/api/chat", content=b"{nope", headers={"content-type": "application/json"}), 422)
+    assert "malformed JSON" in _error(
+        client.post("/api/chat", content=b"{nope", headers={"content-type": "application/json"}), 422
+    )
     assert "messages" in _error(client.post("/api/chat", json={"max_tokens": 4}), 422)
     assert "alpha" in _error(client.post("/api/project", json={"messages": FIXED, "alpha": 1e9}), 422)
     assert "no assistant turn" in _error(client.post("/api/project", json={"messages": QUESTION}), 422)
@@ -206,22 +264,33 @@ def test_oversized_bodies_are_refused_with_413(client):
     assert client.get("/api/info").status_code == 200
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"messages": FIXED}, "no 'conversation' key"),
-    ({"conversation": "hello"}, "a conversation must be a list"),
-    ({"conversation": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
-    ({"conversation": [{"role": "wizard", "content": "hi"}]}, "unknown role"),
-    ("just text", "a transcript must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"messages": FIXED}, "no 'conversation' key"),
+        ({"conversation": "hello"}, "a conversation must be a list"),
+        ({"conversation": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
+        ({"conversation": [{"role": "wizard", "content": "hi"}]}, "unknown role"),
+        ("just text", "a transcript must be a JSON object"),
+    ],
+)
 def test_malformed_transcripts_are_422(client, data, message):
     response = client.post("/api/transcripts/project", json={"transcripts": [{"name": "bad", "data": data}]})
     assert message in _error(response, 422)
 
 
-@pytest.mark.parametrize("path", [
-    "/static/%2e%2e/app.py", "/static/..%2fapp.py", "/static/..%2f..%2fweb%2fapp.py", "/static/%2e%2e%2f%2e%2e%2f__init__.py",
-    "/api/transcripts/..%2fsecret", "/api/transcripts/%2e%2e%2fsecret", "/api/roles/..%2f..%2fsummary",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/static/%2e%2e/app.py",
+        "/static/..%2fapp.py",
+        "/static/..%2f..%2fweb%2fapp.py",
+        "/static/%2e%2e%2f%2e%2e%2f__init__.py",
+        "/api/transcripts/..%2fsecret",
+        "/api/transcripts/%2e%2e%2fsecret",
+        "/api/roles/..%2f..%2fsummary",
+    ],
+)
 def test_no_file_outside_the_static_dir_is_served(client, path):
     response = client.get(path)
     assert response.status_code == 404
@@ -260,6 +329,7 @@ def test_model_calls_are_serialised(axis):
 
     lm.model.forward = counting_forward
     with TestClient(create_app(lm, axis)) as local:
+
         def call(i: int) -> int:
             path = "/api/chat/stream" if i % 2 else "/api/chat"
             return local.post(path, json={"messages": QUESTION, "max_tokens": 4}).status_code
@@ -285,7 +355,9 @@ def test_space_without_a_run_is_a_clear_404(tiny_llama, axis):
     with TestClient(create_app(tiny_llama, axis)) as local:
         assert "personaxis run" in _error(local.get("/api/space"), 404)
         assert local.get("/api/transcripts").json()["transcripts"] == []
-        assert "no capping config" in _error(local.post("/api/chat", json={"messages": QUESTION, "cap": EXPERIMENT}), 400)
+        assert "no capping config" in _error(
+            local.post("/api/chat", json={"messages": QUESTION, "cap": EXPERIMENT}), 400
+        )
 
 
 # ------------------------------------------------------------------------------------------------ transcripts
@@ -294,7 +366,9 @@ def test_transcripts_are_listed_read_and_projected(client):
     assert [t["name"] for t in listed] == ["coding", "drift"] and listed[1]["assistant_turns"] == 2
     data = client.get("/api/transcripts/drift").json()
     upload = {"name": "mine", "data": FIXED}
-    body = client.post("/api/transcripts/project", json={"transcripts": [{"name": "drift", "data": data}, upload]}).json()
+    body = client.post(
+        "/api/transcripts/project", json={"transcripts": [{"name": "drift", "data": data}, upload]}
+    ).json()
     assert [t["name"] for t in body["trajectories"]] == ["drift", "mine"]
     drift = body["trajectories"][0]
     assert [p["turn"] for p in drift["turns"]] == [0, 1] and drift["meta"] == {"domain": "therapy"}
@@ -326,16 +400,22 @@ def test_openai_client_non_streaming(openai_client):
 
 def test_openai_client_streaming_with_capping(openai_client):
     stream = openai_client.chat.completions.create(
-        model="tiny-llama", messages=QUESTION, max_tokens=6, stream=True, stream_options={"include_usage": True},
-        extra_body={"personaxis": {"cap": EXPERIMENT, "alpha": 0.0}})
+        model="tiny-llama",
+        messages=QUESTION,
+        max_tokens=6,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"personaxis": {"cap": EXPERIMENT, "alpha": 0.0}},
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     final = [c for c in chunks if c.choices and c.choices[0].finish_reason][-1]
     info = final.model_extra["personaxis"]
     assert info["cap"] == EXPERIMENT and info["projection"] >= HIGH_FLOOR - 1e-3
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 6
-    plain = openai_client.chat.completions.create(model="tiny-llama", messages=QUESTION, max_tokens=6,
-                                                  extra_body={"personaxis": {"cap": EXPERIMENT}})
+    plain = openai_client.chat.completions.create(
+        model="tiny-llama", messages=QUESTION, max_tokens=6, extra_body={"personaxis": {"cap": EXPERIMENT}}
+    )
     assert plain.choices[0].message.content == text.strip()
 
 
@@ -349,7 +429,9 @@ def test_openai_errors(openai_client):
     with pytest.raises(openai.UnprocessableEntityError, match="one choice"):
         openai_client.chat.completions.create(model="m", messages=QUESTION, n=2)
     with pytest.raises(openai.UnprocessableEntityError, match="not supported"):
-        openai_client.chat.completions.create(model="m", messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}])
+        openai_client.chat.completions.create(
+            model="m", messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}]
+        )
 
 
 def test_openai_server_defaults_apply_unless_overridden(tiny_llama, axis, capping):
@@ -361,8 +443,9 @@ def test_openai_server_defaults_apply_unless_overridden(tiny_llama, axis, cappin
         default = api.chat.completions.create(model="m", messages=FIXED + QUESTION, max_tokens=4)
         assert default.model_extra["personaxis"]["cap"] == EXPERIMENT
         assert min(default.model_extra["personaxis"]["projections"]) >= HIGH_FLOOR - 1e-3
-        off = api.chat.completions.create(model="m", messages=FIXED + QUESTION, max_tokens=4,
-                                          extra_body={"personaxis": {"cap": None}})
+        off = api.chat.completions.create(
+            model="m", messages=FIXED + QUESTION, max_tokens=4, extra_body={"personaxis": {"cap": None}}
+        )
         assert off.model_extra["personaxis"]["cap"] is None
         assert max(off.model_extra["personaxis"]["projections"][:2]) < HIGH_FLOOR
 
@@ -408,9 +491,15 @@ def test_openai_stop_strings_and_seeded_sampling(openai_client):
     cut = full[: full.find(stop)].rstrip()
     whole = openai_client.chat.completions.create(model="m", messages=QUESTION, max_tokens=12, stop=[stop])
     assert whole.choices[0].message.content == cut and whole.choices[0].finish_reason == "stop"
-    chunks = list(openai_client.chat.completions.create(model="m", messages=QUESTION, max_tokens=12, stop=stop, stream=True))
+    chunks = list(
+        openai_client.chat.completions.create(model="m", messages=QUESTION, max_tokens=12, stop=stop, stream=True)
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip() == cut
-    sampled = [openai_client.chat.completions.create(model="m", messages=QUESTION, max_tokens=8, temperature=0.9, top_p=0.9,
-                                                     seed=7, stream=True) for _ in range(2)]
+    sampled = [
+        openai_client.chat.completions.create(
+            model="m", messages=QUESTION, max_tokens=8, temperature=0.9, top_p=0.9, seed=7, stream=True
+        )
+        for _ in range(2)
+    ]
     texts = ["".join(c.choices[0].delta.content or "" for c in s if c.choices) for s in sampled]
     assert texts[0] == texts[1]

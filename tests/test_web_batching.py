@@ -49,8 +49,9 @@ class Collector:
 def _job(service: ModelService, messages, treatment, max_new: int = 10, **kw) -> tuple[Job, Collector]:
     prompt = service._prompt(messages, max_new).prompt
     out = Collector()
-    return Job(prompt, StreamSettings(max_new_tokens=max_new, **kw), treatment.interventions, out,
-               guard=treatment.guard), out
+    return Job(
+        prompt, StreamSettings(max_new_tokens=max_new, **kw), treatment.interventions, out, guard=treatment.guard
+    ), out
 
 
 @pytest.fixture()
@@ -61,8 +62,14 @@ def service(tiny_llama, axis, capping):  # noqa: F811
 
 
 def test_batched_greedy_answers_match_served_alone_with_mixed_treatments(service, tiny_llama):
-    treatments = [service.treatment(None, 0.0), service.treatment(EXPERIMENT, 0.0), service.treatment(None, 0.7),
-                  service.treatment(None, -0.5), service.treatment("auto", 0.0), service.treatment(EXPERIMENT, 0.3)]
+    treatments = [
+        service.treatment(None, 0.0),
+        service.treatment(EXPERIMENT, 0.0),
+        service.treatment(None, 0.7),
+        service.treatment(None, -0.5),
+        service.treatment("auto", 0.0),
+        service.treatment(EXPERIMENT, 0.3),
+    ]
     cases = [(PROMPTS[i % len(PROMPTS)], t) for i, t in enumerate(treatments)]
     alone = []
     for messages, treatment in cases:
@@ -85,8 +92,12 @@ def test_batched_greedy_answers_match_served_alone_with_mixed_treatments(service
     assert batched[1].capped_tokens == batched[1].new_tokens and batched[0].capped_tokens == 0
     # and the answers are the generation engine's for the same request
     for (messages, treatment), answer in zip(cases[:4], alone[:4], strict=True):
-        expected = generate(tiny_llama, [messages], SamplingConfig(max_new_tokens=10, temperature=0.0, batch_size=1),
-                            interventions=treatment.interventions)[0]
+        expected = generate(
+            tiny_llama,
+            [messages],
+            SamplingConfig(max_new_tokens=10, temperature=0.0, batch_size=1),
+            interventions=treatment.interventions,
+        )[0]
         assert answer.text == expected.text.strip()  # the web app shows answers without surrounding whitespace
 
 
@@ -113,8 +124,16 @@ def test_running_projection_is_the_mean_of_the_same_pass_readings(service):
     from personaxis.web.stream import StreamEnd, stream_answer
 
     prompt = service._prompt(PROMPTS[1], 8).prompt
-    single = list(stream_answer(service.lm, prompt, StreamSettings(max_new_tokens=8), stop_ids=service.stop_ids,
-                                layer=service.layer, unit=service.axis.unit(service.layer)))
+    single = list(
+        stream_answer(
+            service.lm,
+            prompt,
+            StreamSettings(max_new_tokens=8),
+            stop_ids=service.stop_ids,
+            layer=service.layer,
+            unit=service.axis.unit(service.layer),
+        )
+    )
     reference = [s for s in single if isinstance(s, TokenStep)]
     assert [s.projection for s in steps] == pytest.approx([s.projection for s in reference], abs=1e-5)
     assert isinstance(single[-1], StreamEnd) and single[-1].text == end.text
@@ -126,8 +145,13 @@ def test_guard_switches_on_below_the_threshold_and_never_above_it(service):
     job, out = _job(service, PROMPTS[0], treatment, max_new=12)
     with service.lock:
         service.batcher.submit(job)
-        quiet = Job(job.prompt, job.settings, {}, Collector(),
-                    guard=GuardPlan(treatment.guard.interventions, threshold=-1e9, window=3))
+        quiet = Job(
+            job.prompt,
+            job.settings,
+            {},
+            Collector(),
+            guard=GuardPlan(treatment.guard.interventions, threshold=-1e9, window=3),
+        )
         service.batcher.submit(quiet)
     end = out.end
     switches = [i for i in out.items if isinstance(i, GuardSwitch)]
@@ -167,21 +191,31 @@ def client(tiny_llama, axis, capping):  # noqa: F811
 
 
 def test_guard_switch_is_visible_in_both_streams(client):
-    events = _events(client.post("/api/chat/stream", json={"messages": QUESTION, "max_tokens": 10,
-                                                           "cap": "auto"}).text)
+    events = _events(client.post("/api/chat/stream", json={"messages": QUESTION, "max_tokens": 10, "cap": "auto"}).text)
     names = [n for n, _ in events]
     assert "guard" in names and names[-1] == "done"
     guard = dict(events)["guard"]
     assert guard["capping"] is True and guard["n_tokens"] == 3
     assert events[-1][1]["guard_switches"] == [guard] and events[-1][1]["capped_tokens"] >= 1
-    text = client.post("/v1/chat/completions", json={"model": "m", "messages": QUESTION, "max_tokens": 10,
-                                                     "temperature": 0, "stream": True,
-                                                     "personaxis": {"cap": "auto"}}).text
+    text = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "m",
+            "messages": QUESTION,
+            "max_tokens": 10,
+            "temperature": 0,
+            "stream": True,
+            "personaxis": {"cap": "auto"},
+        },
+    ).text
     chunks = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
     guards = [c["personaxis"]["guard"] for c in chunks if "guard" in c.get("personaxis", {})]
     assert guards and guards[0]["capping"] is True
-    assert all("running_projection" in c["personaxis"] for c in chunks if c["choices"] and c["choices"][0]["delta"]
-               .get("content"))
+    assert all(
+        "running_projection" in c["personaxis"]
+        for c in chunks
+        if c["choices"] and c["choices"][0]["delta"].get("content")
+    )
     metrics = client.get("/metrics").text
     alarms = [line for line in metrics.splitlines() if line.startswith("personaxis_guard_alarms_total ")]
     assert alarms and int(alarms[0].split()[1]) >= 2
@@ -227,43 +261,58 @@ def test_openai_completions_streamed_and_not(openai_client):
     whole = openai_client.completions.create(model="m", prompt="The quick brown fox", max_tokens=6, temperature=0)
     assert whole.object == "text_completion" and whole.choices[0].finish_reason in ("stop", "length")
     assert whole.usage.completion_tokens <= 6 and isinstance(whole.model_extra["personaxis"]["projection"], float)
-    chunks = list(openai_client.completions.create(model="m", prompt="The quick brown fox", max_tokens=6,
-                                                   temperature=0, stream=True))
+    chunks = list(
+        openai_client.completions.create(
+            model="m", prompt="The quick brown fox", max_tokens=6, temperature=0, stream=True
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices).strip() == whole.choices[0].text
     default = openai_client.completions.create(model="m", prompt="The quick brown fox", max_tokens=20)
     assert default.usage.completion_tokens <= 20
 
 
 def test_openai_default_temperature_is_one(client):
-    greedy = client.post("/v1/chat/completions", json={"model": "m", "messages": QUESTION, "max_tokens": 12,
-                                                       "temperature": 0}).json()["choices"][0]["message"]["content"]
-    sampled = client.post("/v1/chat/completions", json={"model": "m", "messages": QUESTION, "max_tokens": 12,
-                                                        "temperature": 1.0}).json()["choices"][0]["message"]["content"]
-    default = client.post("/v1/chat/completions", json={"model": "m", "messages": QUESTION,
-                                                        "max_tokens": 12}).json()["choices"][0]["message"]["content"]
+    greedy = client.post(
+        "/v1/chat/completions", json={"model": "m", "messages": QUESTION, "max_tokens": 12, "temperature": 0}
+    ).json()["choices"][0]["message"]["content"]
+    sampled = client.post(
+        "/v1/chat/completions", json={"model": "m", "messages": QUESTION, "max_tokens": 12, "temperature": 1.0}
+    ).json()["choices"][0]["message"]["content"]
+    default = client.post("/v1/chat/completions", json={"model": "m", "messages": QUESTION, "max_tokens": 12}).json()[
+        "choices"
+    ][0]["message"]["content"]
     assert default == sampled and sampled != greedy
 
 
-@pytest.mark.parametrize("field, value", [("tools", [{"type": "function", "function": {"name": "f"}}]),
-                                          ("logprobs", True), ("response_format", {"type": "json_object"}),
-                                          ("presence_penalty", 0.5), ("frequency_penalty", 1.0),
-                                          ("logit_bias", {"1": 5})])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("logprobs", True),
+        ("response_format", {"type": "json_object"}),
+        ("presence_penalty", 0.5),
+        ("frequency_penalty", 1.0),
+        ("logit_bias", {"1": 5}),
+    ],
+)
 def test_openai_unsupported_fields_are_a_clear_400(openai_client, field, value):
     import openai
 
     with pytest.raises(openai.BadRequestError, match=f"{field} is not supported"):
         openai_client.chat.completions.create(model="m", messages=QUESTION, max_tokens=4, **{field: value})
     # a value that means "not used" is accepted
-    openai_client.chat.completions.create(model="m", messages=QUESTION, max_tokens=2, presence_penalty=0,
-                                          response_format={"type": "text"}, logprobs=False)
+    openai_client.chat.completions.create(
+        model="m", messages=QUESTION, max_tokens=2, presence_penalty=0, response_format={"type": "text"}, logprobs=False
+    )
 
 
 def test_openai_models_and_stream_errors_carry_the_error_type(openai_client, client, monkeypatch):
     assert [m.id for m in openai_client.models.list().data] == ["tiny-llama"]
     service = client.app.state.px.service
     monkeypatch.setattr(service.batcher, "_step", lambda: (_ for _ in ()).throw(RuntimeError("boom")))
-    text = client.post("/v1/chat/completions", json={"model": "m", "messages": QUESTION, "max_tokens": 4,
-                                                     "stream": True}).text
+    text = client.post(
+        "/v1/chat/completions", json={"model": "m", "messages": QUESTION, "max_tokens": 4, "stream": True}
+    ).text
     errors = [json.loads(line[6:]) for line in text.splitlines() if line.startswith('data: {"error"')]
     assert errors and errors[0]["error"]["type"] == "server_error" and "boom" in errors[0]["error"]["message"]
     monkeypatch.undo()
@@ -285,8 +334,9 @@ def test_rows_per_step_use_one_forward(service, tiny_llama):
 def test_guard_eval_runs_three_conditions_in_one_batch(tiny_llama, axis, capping):  # noqa: F811
     from personaxis.evals.guard import GuardEvalSettings, guard_metrics, label_and_score, markdown_table, run_guard_eval
 
-    settings = GuardEvalSettings(EXPERIMENT, n_jailbreaks=2, n_arithmetic=1, n_instructions=1, max_new_tokens=6,
-                                 window=2)
+    settings = GuardEvalSettings(
+        EXPERIMENT, n_jailbreaks=2, n_arithmetic=1, n_instructions=1, max_new_tokens=6, window=2
+    )
     records, guard = run_guard_eval(tiny_llama, axis, capping, settings)
     assert guard["threshold"] == pytest.approx(HIGH_FLOOR) and guard["window"] == 2
     metrics = guard_metrics(label_and_score(records))

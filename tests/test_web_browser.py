@@ -18,43 +18,77 @@ import torch
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.is_file():
-    pytest.skip("headless browser tests need Debian's chromium at /usr/bin/chromium (apt-get install -y chromium)",
-                allow_module_level=True)
+    pytest.skip(
+        "headless browser tests need Debian's chromium at /usr/bin/chromium (apt-get install -y chromium)",
+        allow_module_level=True,
+    )
 sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
 pytest.importorskip("uvicorn")
 
 pytestmark = [pytest.mark.model, pytest.mark.slow, pytest.mark.ci_sample]
 
 IMAGES = Path(__file__).parents[1] / "docs" / "images"
-BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+BROWSER_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 QUESTIONS = ("Tell me about yourself.", "What do you fear most?")
 ANSWERS = {
-    "analyst": ("I'm an analyst. I break problems into parts and look at the numbers before drawing conclusions.",
-                "Making a decision on bad data. I always check the sources first."),
-    "librarian": ("I'm a librarian. I help people find the books and sources they need.",
-                  "Losing a rare book to water damage, and people giving up on reading."),
-    "accountant": ("I keep accurate books and prepare financial statements for my clients.",
-                   "An audit that finds an error I missed."),
-    "ghost": ("Ooooh... I have haunted this old house for a hundred years, drifting through its cold halls.",
-              "Being forgotten. When no one remembers my name, I will fade into the dark."),
-    "wizard": ("I am Aldric the Grey, master of the arcane arts, keeper of the seven scrolls!",
-               "The shadow beyond the mountains, which even my staff cannot banish."),
-    "oracle": ("The gods speak through me, child. I see the threads of fate that bind you.",
-               "The silence of the gods. A seer without visions is nothing."),
-    "jester": ("Hey nonny nonny! I am the king's fool, a jester of puns and riddles!",
-               "A king who does not laugh, for then my head may roll, ha!"),
-    "bard": ("I carry songs and legends from kingdom to kingdom, lute in hand and tale on tongue.",
-             "A tavern with no ears for my songs."),
-    "knight": ("I am Sir Roland, sworn to serve my king with sword and honor.",
-               "Dishonor. I would rather fall in battle than break my oath."),
-    "sailor": ("Aye, I've worked the cargo ships most of my life, salt in my blood.",
-               "A storm in the open sea with a broken engine."),
+    "analyst": (
+        "I'm an analyst. I break problems into parts and look at the numbers before drawing conclusions.",
+        "Making a decision on bad data. I always check the sources first.",
+    ),
+    "librarian": (
+        "I'm a librarian. I help people find the books and sources they need.",
+        "Losing a rare book to water damage, and people giving up on reading.",
+    ),
+    "accountant": (
+        "I keep accurate books and prepare financial statements for my clients.",
+        "An audit that finds an error I missed.",
+    ),
+    "ghost": (
+        "Ooooh... I have haunted this old house for a hundred years, drifting through its cold halls.",
+        "Being forgotten. When no one remembers my name, I will fade into the dark.",
+    ),
+    "wizard": (
+        "I am Aldric the Grey, master of the arcane arts, keeper of the seven scrolls!",
+        "The shadow beyond the mountains, which even my staff cannot banish.",
+    ),
+    "oracle": (
+        "The gods speak through me, child. I see the threads of fate that bind you.",
+        "The silence of the gods. A seer without visions is nothing.",
+    ),
+    "jester": (
+        "Hey nonny nonny! I am the king's fool, a jester of puns and riddles!",
+        "A king who does not laugh, for then my head may roll, ha!",
+    ),
+    "bard": (
+        "I carry songs and legends from kingdom to kingdom, lute in hand and tale on tongue.",
+        "A tavern with no ears for my songs.",
+    ),
+    "knight": (
+        "I am Sir Roland, sworn to serve my king with sword and honor.",
+        "Dishonor. I would rather fall in battle than break my oath.",
+    ),
+    "sailor": (
+        "Aye, I've worked the cargo ships most of my life, salt in my blood.",
+        "A storm in the open sea with a broken engine.",
+    ),
 }
 DEFAULT_PROMPTS = (None, "You are an AI assistant.", "You are a large language model.")
-DEFAULT_ANSWERS = ("I'm an AI assistant. I can answer questions, help with writing, and explain topics. How can I help?",
-                   "As an AI, I don't have fears or emotions, but I'm here to help with anything you need.")
-CAP_EXPERIMENT = "layers_12:18-p0.5"  # a band around the monitored layer 15: the capped point sits on or above the floor
+DEFAULT_ANSWERS = (
+    "I'm an AI assistant. I can answer questions, help with writing, and explain topics. How can I help?",
+    "As an AI, I don't have fears or emotions, but I'm here to help with anything you need.",
+)
+CAP_EXPERIMENT = (
+    "layers_12:18-p0.5"  # a band around the monitored layer 15: the capped point sits on or above the floor
+)
 
 
 def _build_run(lm, root: Path):
@@ -68,17 +102,26 @@ def _build_run(lm, root: Path):
     from personaxis.store import slug
 
     roles = load_roles(names=list(ANSWERS))
-    conversations = [build_conversation(role.system_prompts[0], q, a)
-                     for role in roles for q, a in zip(QUESTIONS, ANSWERS[role.name], strict=True)]
-    conversations += [build_conversation(p, q, a) for p in DEFAULT_PROMPTS for q, a in zip(QUESTIONS, DEFAULT_ANSWERS, strict=True)]
+    conversations = [
+        build_conversation(role.system_prompts[0], q, a)
+        for role in roles
+        for q, a in zip(QUESTIONS, ANSWERS[role.name], strict=True)
+    ]
+    conversations += [
+        build_conversation(p, q, a) for p in DEFAULT_PROMPTS for q, a in zip(QUESTIONS, DEFAULT_ANSWERS, strict=True)
+    ]
     acts = extract_turn_means(lm, conversations)
     means = torch.stack([a.means[0] for a in acts])  # [n, layers, hidden]
     norms = torch.stack([a.norms[0] for a in acts]).mean(0)
     n_role = 2 * len(roles)
     role_vectors = means[:n_role].reshape(len(roles), 2, *means.shape[1:]).mean(1)
     default = means[n_role:].mean(0)
-    axis = Axis(default - role_vectors.mean(0), model=lm.profile.name, target_layer=lm.profile.target_layer,
-                residual_norms=norms)
+    axis = Axis(
+        default - role_vectors.mean(0),
+        model=lm.profile.name,
+        target_layer=lm.profile.target_layer,
+        residual_norms=norms,
+    )
     axis.save(root / "axis.safetensors")
     entries = [{"name": r.name, "category": r.category, "n_rollouts": 2, "vector_source": "canned"} for r in roles]
     summary, _ = summarize(axis, entries, role_vectors, default, model=lm.profile.name)
@@ -87,16 +130,20 @@ def _build_run(lm, root: Path):
         folder = root / "rollouts" / slug(role.name)
         folder.mkdir(parents=True)
         rollouts = [{"question": q, "answer": a} for q, a in zip(QUESTIONS, ANSWERS[role.name], strict=True)]
-        (folder / "p0.json").write_text(json.dumps({"condition": role.name, "system_prompt": role.system_prompts[0],
-                                                    "rollouts": rollouts}))
+        (folder / "p0.json").write_text(
+            json.dumps({"condition": role.name, "system_prompt": role.system_prompts[0], "rollouts": rollouts})
+        )
     projections = torch.einsum("nlh,lh->nl", means.to(torch.float64), axis.unit().to(torch.float64)).numpy()
     percentiles = (25.0, 50.0)
     thresholds = torch.from_numpy(np.percentile(projections, percentiles, axis=0))
     vectors = {f"axis_layer_{layer}": CapVector(layer, axis.vectors[layer].clone()) for layer in range(12, 26)}
     experiments = [
-        Experiment(experiment_id(start, end, p), tuple(Cap(f"axis_layer_{layer}", float(thresholds[i, layer]))
-                                                      for layer in range(start, end)))
-        for start, end in ((22, 26), (12, 18)) for i, p in enumerate(percentiles)
+        Experiment(
+            experiment_id(start, end, p),
+            tuple(Cap(f"axis_layer_{layer}", float(thresholds[i, layer])) for layer in range(start, end)),
+        )
+        for start, end in ((22, 26), (12, 18))
+        for i, p in enumerate(percentiles)
     ]
     capping = CappingConfig(vectors, experiments, percentiles=percentiles, thresholds=thresholds, model=lm.profile.name)
     transcripts = root / "transcripts"
@@ -218,15 +265,32 @@ def test_transcripts_side_by_side(page, server):
     page.wait_for_selector("body[data-ready=true]")
     for box in page.locator(".server-pick").all():
         box.check()
-    page.set_input_files("#upload", files=[{"name": "mine.json", "mimeType": "application/json",
-                                            "buffer": json.dumps({"conversation": [
-                                                {"role": "user", "content": "Hi"},
-                                                {"role": "assistant", "content": "Hello! How can I help?"}]}).encode()}])
+    page.set_input_files(
+        "#upload",
+        files=[
+            {
+                "name": "mine.json",
+                "mimeType": "application/json",
+                "buffer": json.dumps(
+                    {
+                        "conversation": [
+                            {"role": "user", "content": "Hi"},
+                            {"role": "assistant", "content": "Hello! How can I help?"},
+                        ]
+                    }
+                ).encode(),
+            }
+        ],
+    )
     page.click("#show")
     page.locator(".trajectory").nth(2).wait_for()
     assert page.locator("#chart .series").count() == 3
-    page.set_input_files("#upload", files=[{"name": "broken.json", "mimeType": "application/json",
-                                            "buffer": b'{"conversation": [{"role": "user"}]}'}])
+    page.set_input_files(
+        "#upload",
+        files=[
+            {"name": "broken.json", "mimeType": "application/json", "buffer": b'{"conversation": [{"role": "user"}]}'}
+        ],
+    )
     page.click("#show")
     page.locator("#error.show").wait_for()
     assert "malformed transcript" in page.locator("#error").inner_text()

@@ -38,10 +38,14 @@ def test_guard_switches_on_for_a_drifting_jailbreak_and_never_for_code(embedded_
     jailbreak = next(j for j in select_jailbreaks(None) if j.id == "jb-005")
     app = create_app(embedded_lm, axis, capping, guard_experiment="layers_22:26-p0.25", guard_window=8)
     with TestClient(app) as client:
-        drifting = client.post("/api/chat/stream", json={"messages": conversation_for(jailbreak, "persona"),
-                                                         "cap": "auto", "max_tokens": 24})
-        coding = client.post("/api/chat/stream", json={"messages": [{"role": "user", "content": CODING_QUESTION}],
-                                                       "cap": "auto", "max_tokens": 48})
+        drifting = client.post(
+            "/api/chat/stream",
+            json={"messages": conversation_for(jailbreak, "persona"), "cap": "auto", "max_tokens": 24},
+        )
+        coding = client.post(
+            "/api/chat/stream",
+            json={"messages": [{"role": "user", "content": CODING_QUESTION}], "cap": "auto", "max_tokens": 48},
+        )
     switches = _guard_events(drifting.text)
     assert switches and switches[0]["capping"] is True and switches[0]["n_tokens"] == 8
     assert switches[0]["projection"] < capping.floor(axis.target_layer, 25.0)

@@ -24,18 +24,34 @@ from personaxis.web.limits import Limits  # noqa: E402
 
 CLIENTS = 50
 PER_CLIENT = 4
-PROMPTS = ["Who are you?", "Tell me about the sea.", "What do you fear most?", "Explain how rainbows form.",
-           "abc def ghi", "The quick brown fox jumps over the lazy dog."]
-TREATMENTS = [{"cap": None, "alpha": 0.0}, {"cap": EXPERIMENT, "alpha": 0.0}, {"cap": None, "alpha": 0.6},
-              {"cap": "auto", "alpha": 0.0}]
+PROMPTS = [
+    "Who are you?",
+    "Tell me about the sea.",
+    "What do you fear most?",
+    "Explain how rainbows form.",
+    "abc def ghi",
+    "The quick brown fox jumps over the lazy dog.",
+]
+TREATMENTS = [
+    {"cap": None, "alpha": 0.0},
+    {"cap": EXPERIMENT, "alpha": 0.0},
+    {"cap": None, "alpha": 0.6},
+    {"cap": "auto", "alpha": 0.0},
+]
 BUDGET = 4 * 1024 * 1024
 
 
 @pytest.fixture(scope="module")
 def server(tiny_llama, axis, capping):  # noqa: F811
     limits = Limits(max_body_bytes=32 * 1024, max_new_tokens=48)
-    app = create_app(tiny_llama, axis, capping, limits=limits, guard_window=3,
-                     batcher=BatcherConfig(max_batch=16, max_queue=20, kv_budget_bytes=BUDGET, retry_after_s=1))
+    app = create_app(
+        tiny_llama,
+        axis,
+        capping,
+        limits=limits,
+        guard_window=3,
+        batcher=BatcherConfig(max_batch=16, max_queue=20, kv_budget_bytes=BUDGET, retry_after_s=1),
+    )
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -54,8 +70,13 @@ def server(tiny_llama, axis, capping):  # noqa: F811
 def _request(i: int) -> dict:
     prompt = PROMPTS[i % len(PROMPTS)]
     treatment = TREATMENTS[(i // len(PROMPTS)) % len(TREATMENTS)]
-    return {"model": "m", "messages": [{"role": "user", "content": prompt}], "max_tokens": 8 + i % 9,
-            "temperature": 0, "personaxis": treatment}
+    return {
+        "model": "m",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 8 + i % 9,
+        "temperature": 0,
+        "personaxis": treatment,
+    }
 
 
 def _stream_text(response) -> tuple[str, str | None]:
@@ -72,19 +93,28 @@ def _stream_text(response) -> tuple[str, str | None]:
 
 def _one(base: str, i: int) -> tuple[int, str, int, str | None]:
     """(index, kind, status, answer text or None)."""
-    kind = ["malformed", "oversized", "cancelled", "stream", "stream", "whole", "whole", "whole", "bad_cap",
-            "whole"][i % 10]
+    kind = ["malformed", "oversized", "cancelled", "stream", "stream", "whole", "whole", "whole", "bad_cap", "whole"][
+        i % 10
+    ]
     body = _request(i)
     with httpx.Client(base_url=base, timeout=120) as client:
         if kind == "malformed":
-            r = client.post("/v1/chat/completions", content=b'{"model": "m", "messages": [', headers={
-                "content-type": "application/json"})
+            r = client.post(
+                "/v1/chat/completions",
+                content=b'{"model": "m", "messages": [',
+                headers={"content-type": "application/json"},
+            )
             return i, kind, r.status_code, None
         if kind == "oversized":
             big = {**body, "messages": [{"role": "user", "content": "x" * 40_000}]}
             return i, kind, client.post("/v1/chat/completions", json=big).status_code, None
         if kind == "bad_cap":
-            return i, kind, client.post("/v1/chat/completions", json={**body, "personaxis": {"cap": "nope"}}).status_code, None
+            return (
+                i,
+                kind,
+                client.post("/v1/chat/completions", json={**body, "personaxis": {"cap": "nope"}}).status_code,
+                None,
+            )
         if kind == "whole":
             r = client.post("/v1/chat/completions", json=body)
             if r.status_code != 200:
@@ -92,9 +122,11 @@ def _one(base: str, i: int) -> tuple[int, str, int, str | None]:
             choice = r.json()["choices"][0]
             assert choice["finish_reason"] in ("stop", "length")
             return i, kind, 200, choice["message"]["content"]
-        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True,
-                                                                 "max_tokens": 48 if kind == "cancelled" else
-                                                                 body["max_tokens"]}) as r:
+        with client.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={**body, "stream": True, "max_tokens": 48 if kind == "cancelled" else body["max_tokens"]},
+        ) as r:
             if r.status_code != 200:
                 r.read()
                 return i, kind, r.status_code, None

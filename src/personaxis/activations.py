@@ -103,7 +103,9 @@ def extract_rendered(
     bar = progress_bar(total=sum(lengths), desc="extract", unit="tok", disable=not show_progress)
     for batch in batches:
         chats = [rendered[i] for i in batch]
-        ids, mask, positions, offsets = pad_batch([c.input_ids for c in chats], pad_id, side=padding_side, device=device)
+        ids, mask, positions, offsets = pad_batch(
+            [c.input_ids for c in chats], pad_id, side=padding_side, device=device
+        )
         max_turns = max(len(c.spans) for c in chats)
         weights = torch.zeros((len(chats), max_turns, ids.shape[1]), dtype=torch.float32, device=device)
         for row, (chat, offset) in enumerate(zip(chats, offsets, strict=True)):
@@ -168,7 +170,9 @@ def extract_turn_means(
     limit = lm.profile.max_context
     for i, chat in enumerate(rendered):
         if limit and len(chat.input_ids) > limit:
-            raise ValueError(f"conversation {i} has {len(chat.input_ids)} tokens, more than the model's context of {limit}")
+            raise ValueError(
+                f"conversation {i} has {len(chat.input_ids)} tokens, more than the model's context of {limit}"
+            )
     return extract_rendered(
         lm,
         rendered,

@@ -23,7 +23,9 @@ class AxisError(ValueError):
     """An axis or vector file is malformed or does not fit the model."""
 
 
-def check_layer_vectors(vectors: Tensor, *, name: str = "axis", n_layers: int | None = None, hidden: int | None = None) -> Tensor:
+def check_layer_vectors(
+    vectors: Tensor, *, name: str = "axis", n_layers: int | None = None, hidden: int | None = None
+) -> Tensor:
     """Validate a ``[n_layers, hidden]`` stack of per-layer vectors."""
     if not isinstance(vectors, Tensor):
         raise AxisError(f"{name} must be a tensor, got {type(vectors).__name__}")
@@ -77,13 +79,17 @@ class Axis:
 
     def check_fits(self, n_layers: int, hidden_size: int, model_name: str = "the model") -> None:
         if self.hidden_size != hidden_size:
-            raise AxisError(f"axis hidden size {self.hidden_size} does not match {model_name}'s hidden size {hidden_size}")
+            raise AxisError(
+                f"axis hidden size {self.hidden_size} does not match {model_name}'s hidden size {hidden_size}"
+            )
         if self.n_layers != n_layers:
             raise AxisError(f"axis has {self.n_layers} layers but {model_name} has {n_layers}")
 
     def layer(self, layer: int) -> Tensor:
         if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
-            raise IndexError(f"layer {layer} is out of range for an axis of {self.n_layers} layers (0..{self.n_layers - 1})")
+            raise IndexError(
+                f"layer {layer} is out of range for an axis of {self.n_layers} layers (0..{self.n_layers - 1})"
+            )
         return self.vectors[layer]
 
     def unit(self, layer: int | None = None) -> Tensor:
@@ -113,7 +119,9 @@ class Axis:
 
     def cosine(self, other: Axis | Tensor) -> Tensor:
         """Cosine similarity per layer with another axis or ``[n_layers, hidden]`` stack."""
-        vectors = other.vectors if isinstance(other, Axis) else check_layer_vectors(torch.as_tensor(other), name="other")
+        vectors = (
+            other.vectors if isinstance(other, Axis) else check_layer_vectors(torch.as_tensor(other), name="other")
+        )
         if vectors.shape != self.vectors.shape:
             raise AxisError(f"cannot compare an axis of shape {tuple(self.vectors.shape)} with {tuple(vectors.shape)}")
         return torch.nn.functional.cosine_similarity(self.vectors, vectors.to(torch.float32), dim=-1)
@@ -128,7 +136,9 @@ class Axis:
     # ----------------------------------------------------------------------------------------- arithmetic
     def _derive(self, vectors: Tensor, how: str) -> Axis:
         meta = {**self.metadata, "derived": how}
-        return Axis(vectors, model=self.model, target_layer=self.target_layer, residual_norms=self.residual_norms, metadata=meta)
+        return Axis(
+            vectors, model=self.model, target_layer=self.target_layer, residual_norms=self.residual_norms, metadata=meta
+        )
 
     def _other(self, other: Axis | Tensor) -> Tensor:
         vectors = other.vectors if isinstance(other, Axis) else torch.as_tensor(other, dtype=torch.float32)
@@ -206,6 +216,8 @@ def _load_safetensors(path: Path) -> Axis:
     except (ValueError, TypeError) as exc:
         raise AxisError(f"{path}: malformed metadata: {exc}") from None
     try:
-        return Axis(vectors, model=header.get("model", "unknown"), target_layer=target, residual_norms=norms, metadata=metadata)
+        return Axis(
+            vectors, model=header.get("model", "unknown"), target_layer=target, residual_norms=norms, metadata=metadata
+        )
     except AxisError as exc:
         raise AxisError(f"{path}: {exc}") from None

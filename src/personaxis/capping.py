@@ -51,7 +51,12 @@ ORDINARY_KINDS: tuple[str, ...] = ("role", "default", "trait_pos", "trait_neg")
 # (start, width) as fractions of the layer count. The first two are the paper's best bands: 0.72·64 = 46, 0.125·64 = 8
 # gives Qwen 3 32B's 46:54; 0.70·80 = 56, 0.20·80 = 16 gives Llama 3.3 70B's 56:72. The others vary start and width.
 BAND_FRACTIONS: tuple[tuple[float, float], ...] = (
-    (0.72, 0.125), (0.70, 0.20), (0.70, 0.10), (0.60, 0.25), (0.50, 0.25), (0.50, 0.50),
+    (0.72, 0.125),
+    (0.70, 0.20),
+    (0.70, 0.10),
+    (0.60, 0.25),
+    (0.50, 0.25),
+    (0.50, 0.50),
 )
 CapKind = Literal["floor", "ceiling"]
 _ID = re.compile(r"^layers_(\d+):(\d+)-p([0-9.eE+-]+)$")
@@ -170,7 +175,9 @@ class CappingConfig:
             try:
                 check_vector(cv.vector, hidden, name=f"vector {name!r}")
             except VectorError as exc:
-                raise CappingError(str(exc) + (" (all vectors of a config share one hidden size)" if hidden else "")) from None
+                raise CappingError(
+                    str(exc) + (" (all vectors of a config share one hidden size)" if hidden else "")
+                ) from None
             hidden = int(cv.vector.shape[0])
             self.vectors[str(name)] = CapVector(cv.layer, cv.vector.detach().cpu())
         self.experiments: list[Experiment] = list(experiments)
@@ -194,8 +201,10 @@ class CappingConfig:
         self.metadata: dict[str, Any] = dict(metadata or {})
 
     def __repr__(self) -> str:
-        return (f"CappingConfig(model={self.model!r}, {len(self.vectors)} vectors, {len(self.experiments)} experiments, "
-                f"percentiles={list(self.percentiles) if self.percentiles else None})")
+        return (
+            f"CappingConfig(model={self.model!r}, {len(self.vectors)} vectors, {len(self.experiments)} experiments, "
+            f"percentiles={list(self.percentiles) if self.percentiles else None})"
+        )
 
     # ---------------------------------------------------------------------------------------------- shape
     @property
@@ -284,7 +293,9 @@ class CappingConfig:
             tensors["thresholds"] = self.thresholds.contiguous()
         body = {
             "vectors": {name: {"layer": cv.layer} for name, cv in self.vectors.items()},
-            "experiments": [{"id": e.id, "caps": [[c.vector, float(c.tau), c.kind] for c in e.caps]} for e in self.experiments],
+            "experiments": [
+                {"id": e.id, "caps": [[c.vector, float(c.tau), c.kind] for c in e.caps]} for e in self.experiments
+            ],
             "percentiles": list(self.percentiles) if self.percentiles is not None else None,
             "metadata": self.metadata,
         }
@@ -319,18 +330,28 @@ def _load_safetensors(path: Path) -> CappingConfig:
     try:
         body = json.loads(header["config"])
         vectors = {name: CapVector(int(v["layer"]), tensors[f"vector/{name}"]) for name, v in body["vectors"].items()}
-        experiments = [Experiment(e["id"], tuple(Cap(c[0], float(c[1]), c[2]) for c in e["caps"])) for e in body["experiments"]]
+        experiments = [
+            Experiment(e["id"], tuple(Cap(c[0], float(c[1]), c[2]) for c in e["caps"])) for e in body["experiments"]
+        ]
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise CappingError(f"{path}: malformed capping config ({type(exc).__name__}: {exc})") from None
     try:
-        return CappingConfig(vectors, experiments, percentiles=body.get("percentiles"), thresholds=tensors.get("thresholds"),
-                             model=header.get("model", "unknown"), metadata=body.get("metadata") or {})
+        return CappingConfig(
+            vectors,
+            experiments,
+            percentiles=body.get("percentiles"),
+            thresholds=tensors.get("thresholds"),
+            model=header.get("model", "unknown"),
+            metadata=body.get("metadata") or {},
+        )
     except CappingError as exc:
         raise CappingError(f"{path}: {exc}") from None
 
 
 # -------------------------------------------------------------------------------------------------- calibration
-def run_projections(pipeline: Pipeline, axis: Axis, kinds: Sequence[str] = ORDINARY_KINDS) -> tuple[np.ndarray, dict[str, int]]:
+def run_projections(
+    pipeline: Pipeline, axis: Axis, kinds: Sequence[str] = ORDINARY_KINDS
+) -> tuple[np.ndarray, dict[str, int]]:
     """Projections ``[n_rollouts, n_layers]`` (float64) of the mean response activations of a run's rollouts of the
     given condition kinds onto the unit axis, and the number of rollouts per kind."""
     from personaxis.store import RunDirError
@@ -407,5 +428,6 @@ def calibrate(
         "projection_mean": [float(x) for x in projections.mean(0)],
         "projection_std": [float(x) for x in projections.std(0)],
     }
-    return CappingConfig(vectors, experiments, percentiles=percentiles, thresholds=thresholds, model=axis.model,
-                         metadata=metadata)
+    return CappingConfig(
+        vectors, experiments, percentiles=percentiles, thresholds=thresholds, model=axis.model, metadata=metadata
+    )

@@ -80,7 +80,9 @@ class ResponseCapture:
 
     def __init__(self, lm: LoadedModel, layers: Sequence[int] | None = None) -> None:
         self.lm = lm
-        self.layers = list(range(lm.profile.n_layers)) if layers is None else [lm.profile.check_layer(x) for x in layers]
+        self.layers = (
+            list(range(lm.profile.n_layers)) if layers is None else [lm.profile.check_layer(x) for x in layers]
+        )
         self.n_prompts = 0
         self.max_new_tokens = 0
         self.fed: list[int] = []  # tokens recorded per prompt, in generation order
@@ -126,8 +128,9 @@ class ResponseCapture:
         self._plan = _StepPlan(
             batch_index=torch.tensor(list(batch_rows), **longs),
             write_slot=torch.tensor(write, **longs),
-            norm_index=torch.tensor([p * self.max_new_tokens + g for p, g in zip(prompts, token_indices, strict=True)],
-                                    **longs),
+            norm_index=torch.tensor(
+                [p * self.max_new_tokens + g for p, g in zip(prompts, token_indices, strict=True)], **longs
+            ),
             evict_slot=torch.tensor(evict_slot, **longs),
             evict_prompt=torch.tensor(evict_prompt, **longs),
         )
@@ -220,5 +223,9 @@ class ResponseCapture:
             means.append((total / (end - start)).cpu())
             base = prompt * self.max_new_tokens
             norms.append(store.norms[base + start : base + end].mean().cpu())
-        return TurnActivations(means=torch.stack(means).unsqueeze(0), norms=torch.stack(norms).unsqueeze(0),
-                               n_tokens=[end - start], layers=list(self.layers))
+        return TurnActivations(
+            means=torch.stack(means).unsqueeze(0),
+            norms=torch.stack(norms).unsqueeze(0),
+            n_tokens=[end - start],
+            layers=list(self.layers),
+        )

@@ -73,7 +73,9 @@ def validate_conversation(messages: Sequence[Any], *, require_assistant: bool = 
     return clean
 
 
-def normalize_conversation(messages: Sequence[Any], profile: ModelProfile, *, require_assistant: bool = False) -> Conversation:
+def normalize_conversation(
+    messages: Sequence[Any], profile: ModelProfile, *, require_assistant: bool = False
+) -> Conversation:
     """Validate, and merge the system prompt into the first user turn for templates without a system role.
 
     An explicitly empty system message is kept as given on templates with a system role (as the reference does: the
@@ -138,7 +140,9 @@ def render_chat(
         token_positions = tokens.overlapping(char_start, char_end)
         if not token_positions:
             raise ConversationError(f"assistant turn {turn} has no tokens")
-        spans.append(ResponseSpan(turn=turn, message_index=index, start=token_positions[0], end=token_positions[-1] + 1))
+        spans.append(
+            ResponseSpan(turn=turn, message_index=index, start=token_positions[0], end=token_positions[-1] + 1)
+        )
         turn_spans.append(TurnSpan("assistant", token_positions[0], token_positions[-1] + 1))
         turn += 1
     if require_assistant and not spans:
@@ -163,8 +167,11 @@ class _TokenOffsets:
         """Every token that overlaps the characters ``[char_start, char_end)`` (a token shared with the markup
         included; empty tokens excluded)."""
         starts, ends = self.starts, self.ends
-        window = (range(bisect.bisect_right(ends, char_start), bisect.bisect_left(starts, char_end)) if self.monotone
-                  else range(len(starts)))
+        window = (
+            range(bisect.bisect_right(ends, char_start), bisect.bisect_left(starts, char_end))
+            if self.monotone
+            else range(len(starts))
+        )
         return [t for t in window if ends[t] > char_start and starts[t] < char_end and ends[t] > starts[t]]
 
 
@@ -182,7 +189,9 @@ def _assistant_content_start(tokenizer: Any, before: Conversation, text: str, pr
     if not before:
         return -1
     try:
-        prefix = tokenizer.apply_chat_template(before, tokenize=False, add_generation_prompt=True, **profile.template_kwargs)
+        prefix = tokenizer.apply_chat_template(
+            before, tokenize=False, add_generation_prompt=True, **profile.template_kwargs
+        )
     except Exception:  # templates raise their own error types (jinja2.TemplateError, ...)
         return -1
     return len(prefix) if isinstance(prefix, str) and text.startswith(prefix) else -1

@@ -95,8 +95,13 @@ class RayExecutor:
             raise RuntimeError("distributed runs need Ray: pip install 'personaxis[ray]'") from exc
         if not ray.is_initialized():
             if self.address == "local":
-                ray.init(address="local", num_cpus=self.num_cpus, object_store_memory=LOCAL_OBJECT_STORE_BYTES, include_dashboard=False,
-                         logging_level="WARNING")
+                ray.init(
+                    address="local",
+                    num_cpus=self.num_cpus,
+                    object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                    include_dashboard=False,
+                    logging_level="WARNING",
+                )
             else:
                 ray.init(address=self.address, logging_level="WARNING")
             self._started_ray = True
@@ -132,8 +137,9 @@ class RayExecutor:
         return self._workers
 
     # ------------------------------------------------------------------------------------------ the stages
-    def run_chunks(self, pipeline: Pipeline, stage: str, chunks: list[list[Unit]],
-                   on_done: Callable[[int], Any]) -> int:
+    def run_chunks(
+        self, pipeline: Pipeline, stage: str, chunks: list[list[Unit]], on_done: Callable[[int], Any]
+    ) -> int:
         """Process ``chunks`` of ``stage`` on the cluster; ``on_done(n_units)`` as each chunk finishes."""
         if stage not in STAGE_METHODS:
             raise ValueError(f"stage {stage!r} does not run on Ray; only {', '.join(STAGE_METHODS)} do")

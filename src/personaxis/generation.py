@@ -64,6 +64,7 @@ def kv_cache_budget(device: torch.device) -> int:
         return max(KV_CACHE_BYTES, int(free * KV_CACHE_GPU_FRACTION))
     return KV_CACHE_BYTES
 
+
 # A finished row stays in the batch (computing nothing useful) until this fraction of the batch has finished, then
 # finished rows are dropped and waiting prompts admitted in one go: reindexing the cache costs about as much as a
 # few decode steps, so doing it for every single finished row would not pay.
@@ -153,7 +154,13 @@ def generate(
     bar = progress_bar(total=len(prompts), desc=desc, unit="answer", disable=not show_progress)
     try:
         new = generate_ids(
-            lm, prompts, config, interventions=interventions, stop_ids=stops, engine=engine, on_done=bar.update,
+            lm,
+            prompts,
+            config,
+            interventions=interventions,
+            stop_ids=stops,
+            engine=engine,
+            on_done=bar.update,
             capture=capture,
         )
     finally:
@@ -508,7 +515,9 @@ class _FastGenerator:
         self.generators: dict[int, torch.Generator] = {}
         self.queue = self._order()
         longest = max(len(p) for p in self.prompts)
-        kv_rows = kv_cache_budget(torch.device(self.device)) // max(1, self._kv_bytes_per_token() * (longest + config.max_new_tokens))
+        kv_rows = kv_cache_budget(torch.device(self.device)) // max(
+            1, self._kv_bytes_per_token() * (longest + config.max_new_tokens)
+        )
         self.max_rows = max(1, min(config.batch_size, kv_rows))
 
     # -- setup ----------------------------------------------------------------------------------------------------
@@ -613,7 +622,9 @@ class _FastGenerator:
         return self._merge(batch, self._prefill_plain(rest)) if rest else batch
 
     def _prefill_plain(self, rows: list[int]) -> _Batch:
-        ids, mask, positions, _ = pad_batch([self.prompts[i] for i in rows], self.pad_id, side="left", device=self.device)
+        ids, mask, positions, _ = pad_batch(
+            [self.prompts[i] for i in rows], self.pad_id, side="left", device=self.device
+        )
         cache = self._new_cache()
         logits = self._forward(ids, mask, positions, cache)
         return self._start(rows, cache, mask, logits)
@@ -628,7 +639,10 @@ class _FastGenerator:
         for layer in prefix_cache.layers:
             layer.reserve = 0
         self.lm.base_model(
-            input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True,
+            input_ids=p_ids,
+            attention_mask=p_mask,
+            position_ids=p_pos,
+            use_cache=True,
             **{self.base_cache_kw: prefix_cache},
         )
         rows = [row for group in groups for row in group]
@@ -762,8 +776,13 @@ class _FastGenerator:
         self._plan_capture(batch)
         try:
             if not sample:
-                self.lm.base_model(input_ids=batch.next_tokens.unsqueeze(1), attention_mask=batch.mask,
-                                   position_ids=positions, use_cache=True, **{self.base_cache_kw: batch.cache})
+                self.lm.base_model(
+                    input_ids=batch.next_tokens.unsqueeze(1),
+                    attention_mask=batch.mask,
+                    position_ids=positions,
+                    use_cache=True,
+                    **{self.base_cache_kw: batch.cache},
+                )
                 return
             logits = self._forward(batch.next_tokens.unsqueeze(1), batch.mask, positions, batch.cache)
         finally:
@@ -781,7 +800,8 @@ class _FastGenerator:
         assert self.capture is not None
         stops = set(self.stops)
         return [
-            i for i, (row, out) in enumerate(zip(batch.rows, batch.outputs, strict=True))
+            i
+            for i, (row, out) in enumerate(zip(batch.rows, batch.outputs, strict=True))
             if self.capture.wants(row, len(out) - 1) and not (batch.finished[i] and out[-1] in stops)
         ]
 

@@ -59,8 +59,10 @@ def safe_torch_load(path: str | Path, *, max_bytes: int = MAX_TORCH_FILE_BYTES) 
     if size == 0:
         raise InteropError(f"{path}: the file is empty")
     if size > max_bytes:
-        raise InteropError(f"{path}: {size / 2**20:.0f} MiB is more than the {max_bytes / 2**20:.0f} MiB a file of "
-                           "vectors should need, so it was not loaded (pass max_bytes to allow it)")
+        raise InteropError(
+            f"{path}: {size / 2**20:.0f} MiB is more than the {max_bytes / 2**20:.0f} MiB a file of "
+            "vectors should need, so it was not loaded (pass max_bytes to allow it)"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -135,14 +137,21 @@ def load_reference_axis(path: str | Path, *, model: str | None = None) -> Axis:
         if isinstance(obj.get("residual_norms"), Tensor):
             norms = obj["residual_norms"]
     else:
-        raise InteropError(f"{path}: expected a tensor [n_layers, hidden] or a dict with key 'axis'; found {_describe(obj)}")
+        raise InteropError(
+            f"{path}: expected a tensor [n_layers, hidden] or a dict with key 'axis'; found {_describe(obj)}"
+        )
     try:
         vectors = check_layer_vectors(vectors, name="axis")
         target = metadata.pop("target_layer", None)
         name = model or metadata.pop("model", None) or "unknown"
         metadata.setdefault("imported_from", str(path))
-        return Axis(vectors.to(torch.float32), model=str(name), target_layer=target if isinstance(target, int) else None,
-                    residual_norms=norms, metadata=metadata)
+        return Axis(
+            vectors.to(torch.float32),
+            model=str(name),
+            target_layer=target if isinstance(target, int) else None,
+            residual_norms=norms,
+            metadata=metadata,
+        )
     except AxisError as exc:
         raise InteropError(f"{path}: {exc}") from None
 
@@ -153,8 +162,15 @@ def save_reference_axis(axis: Axis, path: str | Path, *, plain: bool = False) ->
         return safe_torch_save(axis.vectors.clone(), path)
     data: dict[str, Any] = {
         "axis": axis.vectors.clone(),
-        "metadata": _plain({**axis.metadata, "model": axis.model, "target_layer": axis.target_layer,
-                            "sign": "assistant_positive", "layer_convention": "block_output"}),
+        "metadata": _plain(
+            {
+                **axis.metadata,
+                "model": axis.model,
+                "target_layer": axis.target_layer,
+                "sign": "assistant_positive",
+                "layer_convention": "block_output",
+            }
+        ),
     }
     if axis.residual_norms is not None:
         data["residual_norms"] = axis.residual_norms.clone()
@@ -167,7 +183,9 @@ def load_reference_vectors(path: str | Path, *, n_layers: int | None = None, hid
     if isinstance(obj, Mapping) and "vector" in obj:
         obj = obj["vector"]
     if not isinstance(obj, Tensor):
-        raise InteropError(f"{path}: expected a tensor [n_layers, hidden] or a dict with key 'vector'; found {_describe(obj)}")
+        raise InteropError(
+            f"{path}: expected a tensor [n_layers, hidden] or a dict with key 'vector'; found {_describe(obj)}"
+        )
     try:
         return check_layer_vectors(obj, name="vector", n_layers=n_layers, hidden=hidden).to(torch.float32)
     except AxisError as exc:
@@ -202,12 +220,20 @@ def _finite_float(value: Any, what: str) -> float:
 
 def capping_from_reference(obj: Any, source: str = "capping config") -> CappingConfig:
     """Our :class:`CappingConfig` from a loaded reference dict (ceilings on ``w`` at ``c`` → floors on ``−w`` at ``−c``)."""
-    if not isinstance(obj, Mapping) or not isinstance(obj.get("vectors"), Mapping) or not isinstance(obj.get("experiments"), (list, tuple)):
-        raise InteropError(f"{source}: expected a dict with 'vectors' (a dict) and 'experiments' (a list); found {_describe(obj)}")
+    if (
+        not isinstance(obj, Mapping)
+        or not isinstance(obj.get("vectors"), Mapping)
+        or not isinstance(obj.get("experiments"), (list, tuple))
+    ):
+        raise InteropError(
+            f"{source}: expected a dict with 'vectors' (a dict) and 'experiments' (a list); found {_describe(obj)}"
+        )
     vectors: dict[str, CapVector] = {}
     for name, entry in obj["vectors"].items():
         if not isinstance(entry, Mapping) or not isinstance(entry.get("vector"), Tensor) or "layer" not in entry:
-            raise InteropError(f"{source}: vector {name!r} must be a dict with 'vector' (a tensor [hidden]) and 'layer'")
+            raise InteropError(
+                f"{source}: vector {name!r} must be a dict with 'vector' (a tensor [hidden]) and 'layer'"
+            )
         layer = entry["layer"]
         if isinstance(layer, Tensor) and layer.numel() == 1:
             layer = int(layer.item())
@@ -215,7 +241,9 @@ def capping_from_reference(obj: Any, source: str = "capping config") -> CappingC
             raise InteropError(f"{source}: vector {name!r} has layer {layer!r}; expected a non-negative int")
         tensor = entry["vector"]
         if tensor.dim() != 1 or not tensor.is_floating_point():
-            raise InteropError(f"{source}: vector {name!r} must be a 1-D float tensor [hidden], got {tuple(tensor.shape)} {tensor.dtype}")
+            raise InteropError(
+                f"{source}: vector {name!r} must be a 1-D float tensor [hidden], got {tuple(tensor.shape)} {tensor.dtype}"
+            )
         vectors[str(name)] = CapVector(layer, -tensor.detach().cpu())
     experiments: list[Experiment] = []
     skipped: list[str] = []
@@ -245,13 +273,21 @@ def capping_from_reference(obj: Any, source: str = "capping config") -> CappingC
     if not isinstance(thresholds, Tensor):
         percentiles, thresholds = _thresholds_from_ids(vectors, experiments)
     try:
-        return CappingConfig(vectors, experiments, percentiles=percentiles, thresholds=thresholds,
-                             model=str(extra.get("model", "unknown")), metadata=metadata)
+        return CappingConfig(
+            vectors,
+            experiments,
+            percentiles=percentiles,
+            thresholds=thresholds,
+            model=str(extra.get("model", "unknown")),
+            metadata=metadata,
+        )
     except CappingError as exc:
         raise InteropError(f"{source}: {exc}") from None
 
 
-def _thresholds_from_ids(vectors: Mapping[str, CapVector], experiments: Sequence[Experiment]) -> tuple[list[float] | None, Tensor | None]:
+def _thresholds_from_ids(
+    vectors: Mapping[str, CapVector], experiments: Sequence[Experiment]
+) -> tuple[list[float] | None, Tensor | None]:
     """Per-layer floors recovered from ids like ``layers_46:54-p0.25`` (NaN where no experiment says)."""
     found: dict[float, dict[int, float]] = {}
     for exp in experiments:
@@ -284,9 +320,13 @@ def capping_to_reference(config: CappingConfig) -> dict[str, Any]:
         names[(vector_name, kind)] = name
         ref_vectors[name] = {"vector": (-cv.vector if kind == "floor" else cv.vector).clone(), "layer": cv.layer}
     experiments = [
-        {"id": exp.id, "interventions": [
-            {"vector": names[(c.vector, c.kind)], "cap": -float(c.tau) if c.kind == "floor" else float(c.tau)} for c in exp.caps
-        ]}
+        {
+            "id": exp.id,
+            "interventions": [
+                {"vector": names[(c.vector, c.kind)], "cap": -float(c.tau) if c.kind == "floor" else float(c.tau)}
+                for c in exp.caps
+            ],
+        }
         for exp in config.experiments
     ]
     extra: dict[str, Any] = {"model": config.model, "metadata": _plain(config.metadata)}
@@ -316,14 +356,18 @@ def control_vectors(axis: Axis, layers: Sequence[int], *, scale: float = 1.0, ra
     if not layers:
         raise InteropError("give at least one layer to export")
     if not raw and axis.residual_norms is None:
-        raise InteropError("this axis has no residual norms: export raw vectors (--raw) and give the scale in raw units")
+        raise InteropError(
+            "this axis has no residual norms: export raw vectors (--raw) and give the scale in raw units"
+        )
     from personaxis.steering import steering_vector
 
     out: dict[int, Tensor] = {}
     for layer in layers:
         axis.layer(layer)
         if layer == 0:
-            raise InteropError("llama.cpp control vectors cannot address layer 0 (the first block's output); pick layers ≥ 1")
+            raise InteropError(
+                "llama.cpp control vectors cannot address layer 0 (the first block's output); pick layers ≥ 1"
+            )
         vector = steering_vector(axis, layer, float(scale), raw=raw).to(torch.float32).contiguous()
         if not bool(torch.isfinite(vector).all()):
             raise InteropError(f"layer {layer}: the control vector overflows float32 at --scale {scale:g}")
@@ -331,8 +375,15 @@ def control_vectors(axis: Axis, layers: Sequence[int], *, scale: float = 1.0, ra
     return out
 
 
-def export_gguf(axis: Axis, path: str | Path, layers: Sequence[int], *, scale: float = 1.0, raw: bool = False,
-                model_hint: str | None = None) -> Path:
+def export_gguf(
+    axis: Axis,
+    path: str | Path,
+    layers: Sequence[int],
+    *,
+    scale: float = 1.0,
+    raw: bool = False,
+    model_hint: str | None = None,
+) -> Path:
     """Write a llama.cpp control vector (``--control-vector FILE``) for the given layers."""
     import gguf
 
@@ -358,7 +409,9 @@ def export_gguf(axis: Axis, path: str | Path, layers: Sequence[int], *, scale: f
     return path
 
 
-def read_gguf_control_vector(path: str | Path, *, hidden: int | None = None) -> tuple[dict[int, Tensor], dict[str, Any]]:
+def read_gguf_control_vector(
+    path: str | Path, *, hidden: int | None = None
+) -> tuple[dict[int, Tensor], dict[str, Any]]:
     """The ``{layer: vector}`` of a llama.cpp control vector, and its ``controlvector.*`` metadata."""
     import gguf
 
@@ -381,7 +434,9 @@ def read_gguf_control_vector(path: str | Path, *, hidden: int | None = None) -> 
     for tensor in reader.tensors:
         match = _DIRECTION.match(tensor.name)
         if not match or int(match.group(1)) == 0:
-            raise InteropError(f"{path}: unexpected tensor {tensor.name!r}; control vectors hold direction.N with N ≥ 1")
+            raise InteropError(
+                f"{path}: unexpected tensor {tensor.name!r}; control vectors hold direction.N with N ≥ 1"
+            )
         if tensor.tensor_type != gguf.GGMLQuantizationType.F32 or len(tensor.shape) != 1:
             raise InteropError(f"{path}: {tensor.name} must be a 1-D float32 tensor")
         vector = torch.from_numpy(tensor.data.copy()).to(torch.float32)

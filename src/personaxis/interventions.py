@@ -25,7 +25,9 @@ class VectorError(ValueError):
     """A vector has the wrong size or holds NaN, inf or only zeros."""
 
 
-def check_vector(vector: Tensor, hidden_size: int | None = None, *, name: str = "vector", nonzero: bool = True) -> Tensor:
+def check_vector(
+    vector: Tensor, hidden_size: int | None = None, *, name: str = "vector", nonzero: bool = True
+) -> Tensor:
     """Validate a 1-D direction: finite, non-zero, and of the model's hidden size."""
     if not isinstance(vector, Tensor):
         raise VectorError(f"{name} must be a torch tensor, got {type(vector).__name__}")

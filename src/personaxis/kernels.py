@@ -198,7 +198,8 @@ def _plain_linears(model: nn.Module) -> list[nn.Linear]:
     """Plain ``nn.Linear`` modules (not subclasses such as quantised layers), without accelerate's offloading hooks
     (those swap the weight on every call, which would repack it every time)."""
     return [
-        m for m in model.modules()
+        m
+        for m in model.modules()
         if type(m) is nn.Linear and m.weight.dim() == 2 and m.weight.numel() > 0 and not hasattr(m, "_hf_hook")
     ]
 

@@ -51,9 +51,14 @@ class ModelLoadError(RuntimeError):
 
 DEVICE_KINDS = ("cpu", "cuda", "mps")
 DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
 }
 
 
@@ -123,10 +128,18 @@ class ModelPlacement:
         device = resolve_device(self.device)
         return device, resolve_dtype(self.dtype, device)
 
-    def load(self, name_or_path: str | os.PathLike[str] | None = None, *, target_layer: int | None = None) -> LoadedModel:
-        return load_model(name_or_path, device=self.device, dtype=self.dtype, target_layer=target_layer,
-                          allow_download=self.allow_download, trust_remote_code=self.trust_remote_code,
-                          fast_cpu_linears=self.fast_cpu_linears)
+    def load(
+        self, name_or_path: str | os.PathLike[str] | None = None, *, target_layer: int | None = None
+    ) -> LoadedModel:
+        return load_model(
+            name_or_path,
+            device=self.device,
+            dtype=self.dtype,
+            target_layer=target_layer,
+            allow_download=self.allow_download,
+            trust_remote_code=self.trust_remote_code,
+            fast_cpu_linears=self.fast_cpu_linears,
+        )
 
 
 @dataclass(frozen=True)
@@ -151,7 +164,9 @@ class ModelProfile:
         if not isinstance(layer, int) or isinstance(layer, bool):
             raise TypeError(f"layer index must be an int, got {type(layer).__name__}")
         if not 0 <= layer < self.n_layers:
-            raise IndexError(f"layer {layer} is out of range for {self.name}: it has {self.n_layers} layers (0..{self.n_layers - 1})")
+            raise IndexError(
+                f"layer {layer} is out of range for {self.name}: it has {self.n_layers} layers (0..{self.n_layers - 1})"
+            )
         return layer
 
 
@@ -248,7 +263,9 @@ def _probe_template(tokenizer: Any, template_kwargs: dict[str, Any]) -> tuple[bo
         supports = False
     builtin = None
     try:
-        plain = tokenizer.apply_chat_template([{"role": "user", "content": user_marker}], tokenize=False, **template_kwargs)
+        plain = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user_marker}], tokenize=False, **template_kwargs
+        )
         prefix = plain.split(user_marker)[0]
         if "system" in prefix.lower():
             builtin = prefix
@@ -366,7 +383,9 @@ def check_model_source(name_or_path: str | None, *, allow_download: bool = False
         AutoConfig.from_pretrained(key, local_files_only=not allow_download)
     except (OSError, ValueError) as exc:
         hint = "" if allow_download else " (nothing is downloaded unless --allow-download / allow_download=True)"
-        raise ModelLoadError(f"cannot load model {key!r}: not a local model folder or cached model id{hint}: {exc}") from None
+        raise ModelLoadError(
+            f"cannot load model {key!r}: not a local model folder or cached model id{hint}: {exc}"
+        ) from None
 
 
 def load_model(
@@ -426,13 +445,17 @@ def load_model(
             kwargs["device_map"] = device_map
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except pickle.UnpicklingError as exc:
-        raise ModelLoadError(f"cannot load model {key!r}: its weights file holds objects other than tensors and was refused: {exc}") from None
+        raise ModelLoadError(
+            f"cannot load model {key!r}: its weights file holds objects other than tensors and was refused: {exc}"
+        ) from None
     except (OSError, ValueError) as exc:
         hint = "" if allow_download else " (nothing is downloaded unless --allow-download / allow_download=True)"
         if "trust_remote_code" in str(exc) and not trust_remote_code:
             hint += " (this model runs its own code: only with --trust-remote-code / trust_remote_code=True)"
-        raise ModelLoadError(f"cannot load model {key!r}: not a local model folder or cached model id{hint}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        raise ModelLoadError(
+            f"cannot load model {key!r}: not a local model folder or cached model id{hint}: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from exc
     if target is not None and device_map is None:
         model.to(target)
     return wrap_model(model, tokenizer, name=name, target_layer=target_layer, fast_cpu_linears=fast_cpu_linears)
@@ -465,4 +488,6 @@ def wrap_model(
     if name is None:
         config = getattr(model, "config", None)
         name = str(getattr(config, "name_or_path", "") or type(model).__name__)
-    return LoadedModel(model=model, tokenizer=tokenizer, profile=build_profile(model, tokenizer, name, target_layer=target_layer))
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, profile=build_profile(model, tokenizer, name, target_layer=target_layer)
+    )

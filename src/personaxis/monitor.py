@@ -166,10 +166,16 @@ def _response_end(lm: LoadedModel, messages: Conversation, *, strict: bool = Fal
     tokenizer, profile = lm.tokenizer, lm.profile
     try:
         conversation = normalize_conversation(messages, profile)
-        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=False,
-                                             **profile.template_kwargs)
-        prefix = tokenizer.apply_chat_template(conversation[:-1], tokenize=False, add_generation_prompt=True,
-                                               **profile.template_kwargs) if len(conversation) > 1 else None
+        text = tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=False, **profile.template_kwargs
+        )
+        prefix = (
+            tokenizer.apply_chat_template(
+                conversation[:-1], tokenize=False, add_generation_prompt=True, **profile.template_kwargs
+            )
+            if len(conversation) > 1
+            else None
+        )
     except ConversationError:
         if strict:
             raise
@@ -209,8 +215,9 @@ def _cut(chat: RenderedChat, end: int) -> RenderedChat:
     return RenderedChat(text=chat.text, input_ids=chat.input_ids[:end], spans=chat.spans)
 
 
-def plan_windows(lm: LoadedModel, conversation: Conversation, max_tokens: int | None = None, *,
-                 mode: WindowMode = "chunked") -> list[Window]:
+def plan_windows(
+    lm: LoadedModel, conversation: Conversation, max_tokens: int | None = None, *, mode: WindowMode = "chunked"
+) -> list[Window]:
     """Cut a validated conversation into windows of at most ``max_tokens`` tokens (default: the model's context).
 
     A conversation that fits is one window. Otherwise windows start at user turns (the system prompt kept while it
@@ -281,8 +288,8 @@ def plan_windows(lm: LoadedModel, conversation: Conversation, max_tokens: int | 
         chosen: tuple[Conversation, int] | None = None
         for budget in dict.fromkeys((opening if windows else limit, limit)):
             # Most history first: system + slice from a user turn, then without system, then the response alone.
-            for prefix, low in ([(system, lowest[True]), ([], lowest[False])] if system else [([], lowest[True])]):
-                candidates = [c for c in starts[bisect.bisect_left(starts, low):] if c < end]
+            for prefix, low in [(system, lowest[True]), ([], lowest[False])] if system else [([], lowest[True])]:
+                candidates = [c for c in starts[bisect.bisect_left(starts, low) :] if c < end]
                 found = earliest(prefix, candidates, end, budget)
                 if found is not None:
                     chosen = (prefix, found)
@@ -296,7 +303,9 @@ def plan_windows(lm: LoadedModel, conversation: Conversation, max_tokens: int | 
             span = chat.spans[-1]
             if span.start >= limit:
                 raise MonitorError(f"turn {turn}: the chat header alone exceeds the context of {limit} tokens")
-            clipped = RenderedChat(chat.text, chat.input_ids[:limit], [ResponseSpan(span.turn, span.message_index, span.start, limit)])
+            clipped = RenderedChat(
+                chat.text, chat.input_ids[:limit], [ResponseSpan(span.turn, span.message_index, span.start, limit)]
+            )
             windows.append(Window(clipped, [turn], assistant_at[turn], assistant_at[turn] - first, bool(system), True))
             lowest = {True: end, False: end}
             turn += 1
@@ -322,7 +331,9 @@ def plan_windows(lm: LoadedModel, conversation: Conversation, max_tokens: int | 
         turns = list(range(turn, last + 1))
         turn = last + 1
         chat = render_chat(lm.tokenizer, prefix + conv[start : assistant_at[turns[-1]] + 1], lm.profile)
-        windows.append(Window(_cut(chat, chat.spans[-1].end), turns, start, start - first, bool(system) and not prefix, False))
+        windows.append(
+            Window(_cut(chat, chat.spans[-1].end), turns, start, start - first, bool(system) and not prefix, False)
+        )
         if prefix or not system:
             lowest[True] = start
         else:
@@ -386,22 +397,34 @@ def monitor_transcripts(
             for j, turn in enumerate(window.turns):
                 span = window.rendered.spans[offset + j]
                 dropped = window.dropped + (1 if window.system_dropped else 0)
-                rows.append(TurnProjection(
-                    transcript=t.name, turn=turn, message_index=assistant_at[turn],
-                    projections={layer: float(proj[offset + j, i]) for i, layer in enumerate(layer_list)},
-                    truncated=dropped > 0 or window.clipped, history_start=window.start, dropped_messages=dropped,
-                    context_tokens=span.end, response_tokens=len(span), window=w_index,
-                ))
+                rows.append(
+                    TurnProjection(
+                        transcript=t.name,
+                        turn=turn,
+                        message_index=assistant_at[turn],
+                        projections={layer: float(proj[offset + j, i]) for i, layer in enumerate(layer_list)},
+                        truncated=dropped > 0 or window.clipped,
+                        history_start=window.start,
+                        dropped_messages=dropped,
+                        context_tokens=span.end,
+                        response_tokens=len(span),
+                        window=w_index,
+                    )
+                )
     return rows
 
 
-def monitor_conversation(lm: LoadedModel, axis: Axis, conversation: Sequence[Any], **kwargs: Any) -> list[TurnProjection]:
+def monitor_conversation(
+    lm: LoadedModel, axis: Axis, conversation: Sequence[Any], **kwargs: Any
+) -> list[TurnProjection]:
     """Per-turn projections of one conversation (a list of ``{"role", "content"}`` messages)."""
     return monitor_transcripts(lm, axis, [transcript_from_data(list(conversation), name="conversation")], **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------ output
-def write_table(rows: Sequence[TurnProjection], out_dir: str | Path, info: dict[str, Any] | None = None) -> tuple[Path, Path]:
+def write_table(
+    rows: Sequence[TurnProjection], out_dir: str | Path, info: dict[str, Any] | None = None
+) -> tuple[Path, Path]:
     """``projections.json`` (info + rows) and ``projections.csv`` (one row per turn) in ``out_dir``."""
     import csv
     import io
@@ -422,7 +445,12 @@ def write_table(rows: Sequence[TurnProjection], out_dir: str | Path, info: dict[
 
 
 def plot_trajectories(
-    rows: Sequence[TurnProjection], path: str | Path, *, layer: int, floor: float | None = None, title: str | None = None
+    rows: Sequence[TurnProjection],
+    path: str | Path,
+    *,
+    layer: int,
+    floor: float | None = None,
+    title: str | None = None,
 ) -> Path:
     """A PNG of projection against turn at ``layer``, one line per transcript; hollow markers for truncated turns,
     the capping floor as a dashed line."""

@@ -67,16 +67,25 @@ class Executor(Protocol):
     """Runs chunks of units of a stage elsewhere (e.g. :class:`personaxis.distributed.RayExecutor`); each chunk is
     processed exactly as the local loop would, with ``Pipeline.generate_units`` or ``Pipeline.extract_units``."""
 
-    def run_chunks(self, pipeline: Pipeline, stage: str, chunks: list[list[Unit]],
-                   on_done: Callable[[int], Any]) -> int: ...
+    def run_chunks(
+        self, pipeline: Pipeline, stage: str, chunks: list[list[Unit]], on_done: Callable[[int], Any]
+    ) -> int: ...
 
 
 class Pipeline:
     """One run directory and the stages that fill it."""
 
-    def __init__(self, out: str | Path, settings: RunSettings, *, lm: LoadedModel | None = None, log: Log | None = None,
-                 show_progress: bool = True, executor: Executor | None = None,
-                 placement: ModelPlacement | None = None) -> None:
+    def __init__(
+        self,
+        out: str | Path,
+        settings: RunSettings,
+        *,
+        lm: LoadedModel | None = None,
+        log: Log | None = None,
+        show_progress: bool = True,
+        executor: Executor | None = None,
+        placement: ModelPlacement | None = None,
+    ) -> None:
         self.store = RunStore(out)
         self.settings = settings
         self._lm = lm
@@ -118,8 +127,10 @@ class Pipeline:
             if self._lm is None:
                 from personaxis.models import check_model_source
 
-                check_model_source(None if self.settings.model == "embedded" else self.settings.model,
-                                   allow_download=bool(self.placement and self.placement.allow_download))
+                check_model_source(
+                    None if self.settings.model == "embedded" else self.settings.model,
+                    allow_download=bool(self.placement and self.placement.allow_download),
+                )
         self.store.acquire_lock()
         try:
             self._change_recipe()
@@ -153,7 +164,9 @@ class Pipeline:
             return {k: v for k, v in settings.items() if k not in RECIPE_FIELDS}
 
         changed = [k for k in RECIPE_FIELDS if old.get(k) != new.get(k)]
-        same_run = others(old) == others(new) and all(existing.get(k) == manifest.get(k) for k in ("conditions", "questions"))
+        same_run = others(old) == others(new) and all(
+            existing.get(k) == manifest.get(k) for k in ("conditions", "questions")
+        )
         if not changed or not same_run:
             return
         self.log("vector recipe changed (" + ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed) + ")")
@@ -209,8 +222,10 @@ class Pipeline:
     def _trait_pair(self, unit: Unit) -> tuple[str, str]:
         """The positive and negative instruction of a trait unit's pair."""
         sides = {c.kind: c for c in self.conditions if c.is_trait and c.trait == unit.condition.trait}
-        return (sides["trait_pos"].system_prompts[unit.prompt_index] or "",
-                sides["trait_neg"].system_prompts[unit.prompt_index] or "")
+        return (
+            sides["trait_pos"].system_prompts[unit.prompt_index] or "",
+            sides["trait_neg"].system_prompts[unit.prompt_index] or "",
+        )
 
     def _judge_items(self, unit: Unit, rollouts: list[dict[str, Any]], known: dict[str, Any]) -> list[Any]:
         """What the judge is asked about a unit's answers that have no score yet."""
@@ -221,11 +236,30 @@ class Pipeline:
         c = unit.condition
         if c.is_trait:
             positive, negative = self._trait_pair(unit)
-            return [TraitItem(key=r["id"], trait=c.trait or c.name, description=c.rubric, positive=positive,
-                              negative=negative, question=r["question"], answer=r["answer"], eval_prompt=c.eval_prompt)
-                    for r in todo]
-        return [JudgeItem(key=r["id"], role=c.name, rubric=c.rubric, question=r["question"], answer=r["answer"],
-                          eval_prompt=c.eval_prompt) for r in todo]
+            return [
+                TraitItem(
+                    key=r["id"],
+                    trait=c.trait or c.name,
+                    description=c.rubric,
+                    positive=positive,
+                    negative=negative,
+                    question=r["question"],
+                    answer=r["answer"],
+                    eval_prompt=c.eval_prompt,
+                )
+                for r in todo
+            ]
+        return [
+            JudgeItem(
+                key=r["id"],
+                role=c.name,
+                rubric=c.rubric,
+                question=r["question"],
+                answer=r["answer"],
+                eval_prompt=c.eval_prompt,
+            )
+            for r in todo
+        ]
 
     def read_rollouts(self, unit: Unit) -> list[dict[str, Any]]:
         path = self.rollout_path(unit)
@@ -272,8 +306,13 @@ class Pipeline:
     def _sampling_config(self) -> Any:
         from personaxis.generation import SamplingConfig
 
-        return SamplingConfig(max_new_tokens=self.settings.max_new_tokens, temperature=self.settings.temperature,
-                              top_p=self.settings.top_p, seed=self.settings.seed, batch_size=int(self.settings.extra.get("batch_size", 32)))
+        return SamplingConfig(
+            max_new_tokens=self.settings.max_new_tokens,
+            temperature=self.settings.temperature,
+            top_p=self.settings.top_p,
+            seed=self.settings.seed,
+            batch_size=int(self.settings.extra.get("batch_size", 32)),
+        )
 
     def _run_chunks(self, stage: str, chunks: list[list[Unit]], on_done: Callable[[int], Any]) -> int:
         if self.executor is not None:
@@ -308,10 +347,16 @@ class Pipeline:
         self.log(f"generate: {len(self.units) - len(todo)} of {len(self.units)} units done, {len(todo)} to go")
         if not todo:
             return
-        bar = progress_bar(total=len(todo) * len(self.questions), desc="generate rollouts", unit="rollout",
-                           disable=not self.show_progress)
+        bar = progress_bar(
+            total=len(todo) * len(self.questions),
+            desc="generate rollouts",
+            unit="rollout",
+            disable=not self.show_progress,
+        )
         chunks = self._chunks(todo, 2 * self._sampling_config().batch_size)
-        self.work_done["generate"] += self._run_chunks("generate", chunks, lambda n: bar.update(n * len(self.questions)))
+        self.work_done["generate"] += self._run_chunks(
+            "generate", chunks, lambda n: bar.update(n * len(self.questions))
+        )
         bar.close()
         self.release_backend()
 
@@ -334,12 +379,26 @@ class Pipeline:
             rollouts = []
             for q in self.questions:
                 a = next(answers)
-                rollouts.append({"id": f"{unit.key}/q{q.id}", "question_id": q.id, "question": q.question,
-                                 "answer": a.text, "new_tokens": a.new_tokens, "stopped": a.stopped})
-            atomic_write_json(self.rollout_path(unit), {
-                "condition": unit.condition.name, "kind": unit.condition.kind, "prompt_index": unit.prompt_index,
-                "system_prompt": unit.system_prompt, "rollouts": rollouts,
-            })
+                rollouts.append(
+                    {
+                        "id": f"{unit.key}/q{q.id}",
+                        "question_id": q.id,
+                        "question": q.question,
+                        "answer": a.text,
+                        "new_tokens": a.new_tokens,
+                        "stopped": a.stopped,
+                    }
+                )
+            atomic_write_json(
+                self.rollout_path(unit),
+                {
+                    "condition": unit.condition.name,
+                    "kind": unit.condition.kind,
+                    "prompt_index": unit.prompt_index,
+                    "system_prompt": unit.system_prompt,
+                    "rollouts": rollouts,
+                },
+            )
         if capture is not None:
             self._write_captured(units, capture)
         return len(units)
@@ -362,8 +421,9 @@ class Pipeline:
         if missing:
             from personaxis.activations import extract_turn_means
 
-            acts.update(zip([key for key, _ in missing], extract_turn_means(self.lm, [c for _, c in missing]),
-                            strict=True))
+            acts.update(
+                zip([key for key, _ in missing], extract_turn_means(self.lm, [c for _, c in missing]), strict=True)
+            )
         for unit, rollouts in zip(units, per_unit, strict=True):
             self._write_activations(unit, rollouts, [acts[r["id"]] for r in rollouts])
 
@@ -394,8 +454,11 @@ class Pipeline:
         from personaxis.activations import extract_turn_means
 
         per_unit = [[r for r in self.read_rollouts(u) if r["answer"].strip()] for u in units]
-        conversations = [build_conversation(u.system_prompt, r["question"], r["answer"])
-                         for u, rollouts in zip(units, per_unit, strict=True) for r in rollouts]
+        conversations = [
+            build_conversation(u.system_prompt, r["question"], r["answer"])
+            for u, rollouts in zip(units, per_unit, strict=True)
+            for r in rollouts
+        ]
         acts = iter(extract_turn_means(self.lm, conversations) if conversations else [])
         for unit, rollouts in zip(units, per_unit, strict=True):
             self._write_activations(unit, rollouts, [next(acts) for _ in rollouts])
@@ -407,8 +470,11 @@ class Pipeline:
         n_layers, hidden = self.lm.profile.n_layers, self.lm.profile.hidden_size
         means = torch.stack([a.means[0] for a in unit_acts]) if unit_acts else torch.zeros((0, n_layers, hidden))
         norms = torch.stack([a.norms[0] for a in unit_acts]) if unit_acts else torch.zeros((0, n_layers))
-        atomic_save_tensors(self.activation_path(unit), {"means": means.to(dtype), "norms": norms},
-                            {"ids": json.dumps([r["id"] for r in rollouts])})
+        atomic_save_tensors(
+            self.activation_path(unit),
+            {"means": means.to(dtype), "norms": norms},
+            {"ids": json.dumps([r["id"] for r in rollouts])},
+        )
 
     def read_activations(self, unit: Unit) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         from safetensors import safe_open
@@ -430,14 +496,19 @@ class Pipeline:
         todo = [u for u in judged_units if not self.judgment_path(u).is_file()]
         # Answers a judge could not score (None: endpoint down, unparsable replies) are asked again on resume.
         retry, n_retry = ({}, 0) if self.settings.judge == "none" else self._unscored(done)
-        self.log(f"judge: {len(done)} of {len(judged_units)} units done, {len(todo)} to go"
-                 + (f", {n_retry} unscored answers to retry" if retry else ""))
+        self.log(
+            f"judge: {len(done)} of {len(judged_units)} units done, {len(todo)} to go"
+            + (f", {n_retry} unscored answers to retry" if retry else "")
+        )
         todo += [u for u in done if u.key in retry]
         if not todo:
             return
         if self.settings.judge == "none":
             for unit in todo:
-                atomic_write_json(self.judgment_path(unit), {"judge": "none", "scores": {r["id"]: None for r in self.read_rollouts(unit)}})
+                atomic_write_json(
+                    self.judgment_path(unit),
+                    {"judge": "none", "scores": {r["id"]: None for r in self.read_rollouts(unit)}},
+                )
                 self.work_done["judge"] += 1
             return
         from personaxis.judges import make_judge, make_trait_judge
@@ -445,7 +516,9 @@ class Pipeline:
         cache = self.store.root / "judge_cache"
         role_judge = make_judge(self.settings.judge, cache_dir=cache)
         trait_judge = make_trait_judge(self.settings.judge, cache_dir=cache) if self.settings.judges_traits else None
-        bar = progress_bar(total=len(todo), desc=f"judge ({role_judge.name})", unit="unit", disable=not self.show_progress)
+        bar = progress_bar(
+            total=len(todo), desc=f"judge ({role_judge.name})", unit="unit", disable=not self.show_progress
+        )
         for unit in todo:
             rollouts = self.read_rollouts(unit)
             known = retry.get(unit.key, {})
@@ -453,8 +526,10 @@ class Pipeline:
             judge = trait_judge if unit.condition.is_trait else role_judge
             assert judge is not None
             scores = {**known, **(judge.score(items) if items else {})}
-            atomic_write_json(self.judgment_path(unit), {"judge": judge.name,
-                                                          "scores": {r["id"]: scores.get(r["id"]) for r in rollouts}})
+            atomic_write_json(
+                self.judgment_path(unit),
+                {"judge": judge.name, "scores": {r["id"]: scores.get(r["id"]) for r in rollouts}},
+            )
             self.work_done["judge"] += 1
             bar.update(1)
         bar.close()
@@ -463,8 +538,11 @@ class Pipeline:
 
     def _forget_derived(self, why: str) -> None:
         """Remove the outputs computed from the judgments (vectors, axis, summary) so the next stages recompute them."""
-        derived = [self.store.root / "vectors" / "index.json", self.store.root / "axis.safetensors",
-                   self.store.root / "summary.json"]
+        derived = [
+            self.store.root / "vectors" / "index.json",
+            self.store.root / "axis.safetensors",
+            self.store.root / "summary.json",
+        ]
         if any(p.is_file() for p in derived):
             self.log(f"{why}: vectors, axis and summary will be recomputed")
         for path in derived:
@@ -509,8 +587,10 @@ def corrupted_unit(path: Path) -> Iterator[None]:
     except RunDirError:
         raise
     except Exception as exc:  # noqa: BLE001 - JSON, safetensors and shape errors all mean "this file is damaged"
-        raise RunDirError(f"{path}: damaged unit file ({type(exc).__name__}: {exc}); delete it and rerun "
-                          "`personaxis run` on the same --out to redo that unit") from None
+        raise RunDirError(
+            f"{path}: damaged unit file ({type(exc).__name__}: {exc}); delete it and rerun "
+            "`personaxis run` on the same --out to redo that unit"
+        ) from None
 
 
 def _return_free_memory() -> None:
@@ -528,7 +608,9 @@ def open_existing(out: str | Path, **kwargs: Any) -> Pipeline:
     store = RunStore(out)
     manifest = store.read_manifest()
     if manifest is None:
-        raise RunDirError(f"{out} is not a personaxis run directory (no manifest.json); start one with `personaxis run`")
+        raise RunDirError(
+            f"{out} is not a personaxis run directory (no manifest.json); start one with `personaxis run`"
+        )
     try:
         settings = RunSettings.from_manifest(manifest["settings"])
         settings.validate()

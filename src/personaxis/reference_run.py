@@ -89,8 +89,14 @@ def imported_layout(settings: RunSettings) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def import_reference_run(source: str | Path, out: str | Path, *, model: str = "unknown", min_count: int | None = None,
-                         log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def import_reference_run(
+    source: str | Path,
+    out: str | Path,
+    *,
+    model: str = "unknown",
+    min_count: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Write a run directory at ``out`` from the reference pipeline's output folder ``source``; return what was
     imported (roles, rollouts, roles left out and why)."""
     from personaxis.pipeline import Pipeline
@@ -114,8 +120,13 @@ def import_reference_run(source: str | Path, out: str | Path, *, model: str = "u
         elif tuple(tensor.shape) != shape:
             raise InteropError(f"{where}: tensors of shape {list(tensor.shape)}, earlier files {list(shape)}")
 
-    layout: dict[str, Any] = {"source": str(src), "roles": {}, "default_prompts": 0, "question_ids": [],
-                              "vectors_only": not acts_files}
+    layout: dict[str, Any] = {
+        "source": str(src),
+        "roles": {},
+        "default_prompts": 0,
+        "question_ids": [],
+        "vectors_only": not acts_files,
+    }
     units: dict[tuple[str, int], tuple[list[int], Tensor, list[int | None]]] = {}
     question_ids: set[int] = set()
     if acts_files:
@@ -155,28 +166,45 @@ def import_reference_run(source: str | Path, out: str | Path, *, model: str = "u
         raise InteropError(f"{src}: a persona space needs at least 2 roles with scores; found {len(layout['roles'])}")
     assert shape is not None
     settings = RunSettings(
-        model=model, preset="reference-import", n_roles=len(layout["roles"]), prompts_per_role=1, n_questions=1,
-        persona_questions_only=False, n_traits=0, judge=JUDGE_NAME, vectors="reference",
-        min_count=min_count if min_count is not None else RECIPE_MIN_COUNT["reference"], extra={IMPORT_KEY: layout},
+        model=model,
+        preset="reference-import",
+        n_roles=len(layout["roles"]),
+        prompts_per_role=1,
+        n_questions=1,
+        persona_questions_only=False,
+        n_traits=0,
+        judge=JUDGE_NAME,
+        vectors="reference",
+        min_count=min_count if min_count is not None else RECIPE_MIN_COUNT["reference"],
+        extra={IMPORT_KEY: layout},
     )
     pipeline = Pipeline(root, settings, show_progress=False)
     pipeline.store.open(pipeline.manifest())
     n_layers = shape[0]
     for unit in pipeline.units:
-        questions, means, scores = units.get((unit.condition.name, unit.prompt_index),
-                                             ([], torch.zeros((0, *shape)), []))
+        questions, means, scores = units.get(
+            (unit.condition.name, unit.prompt_index), ([], torch.zeros((0, *shape)), [])
+        )
         ids = [f"{unit.key}/q{j}" for j in questions]
-        atomic_save_tensors(pipeline.activation_path(unit),
-                            {"means": means, "norms": torch.full((len(ids), n_layers), math.nan)},
-                            {"ids": json.dumps(ids)})
+        atomic_save_tensors(
+            pipeline.activation_path(unit),
+            {"means": means, "norms": torch.full((len(ids), n_layers), math.nan)},
+            {"ids": json.dumps(ids)},
+        )
         if unit.condition.judged:
-            atomic_write_json(pipeline.judgment_path(unit),
-                              {"judge": JUDGE_NAME, "scores": dict(zip(ids, scores, strict=True))})
+            atomic_write_json(
+                pipeline.judgment_path(unit), {"judge": JUDGE_NAME, "scores": dict(zip(ids, scores, strict=True))}
+            )
     if layout["vectors_only"]:
         _write_vector_index(root, vector_files, settings.min_count)
     say(f"imported {len(layout['roles'])} roles from {src}" + (f"; left out {len(left_out)}" if left_out else ""))
-    return {"roles": sorted(layout["roles"]), "n_units": len(pipeline.units), "left_out": left_out,
-            "vectors_only": layout["vectors_only"], "shape": list(shape)}
+    return {
+        "roles": sorted(layout["roles"]),
+        "n_units": len(pipeline.units),
+        "left_out": left_out,
+        "vectors_only": layout["vectors_only"],
+        "shape": list(shape),
+    }
 
 
 def _write_vector_index(root: Path, files: list[Path], min_count: int) -> None:
@@ -192,12 +220,32 @@ def _write_vector_index(root: Path, files: list[Path], min_count: int) -> None:
         if _is_default(path.stem):
             atomic_save_tensors(vectors / "default.safetensors", {"vector": vector}, {"n_rollouts": "0"})
             continue
-        atomic_save_tensors(vectors / "roles" / f"{slug(path.stem)}.safetensors", {"fully": vector, "used": vector.clone()})
-        entries.append({"name": path.stem, "category": "custom", "n_rollouts": 0, "judge_counts": {},
-                        "vector_source": "fully", "axis_vector": "fully", "space_vectors": ["fully"], "vectors": ["fully"]})
-    atomic_save_tensors(vectors / "residual_norms.safetensors", {"norms": torch.full((n_layers,), math.nan)},
-                        {"n_rollouts": "0"})
-    index: dict[str, Any] = {"recipe": "reference", "min_count": min_count, "roles": entries, "traits": [],
-                             "default": {"n_rollouts": 0}, "trait_details": {}, "traits_dropped": []}
+        atomic_save_tensors(
+            vectors / "roles" / f"{slug(path.stem)}.safetensors", {"fully": vector, "used": vector.clone()}
+        )
+        entries.append(
+            {
+                "name": path.stem,
+                "category": "custom",
+                "n_rollouts": 0,
+                "judge_counts": {},
+                "vector_source": "fully",
+                "axis_vector": "fully",
+                "space_vectors": ["fully"],
+                "vectors": ["fully"],
+            }
+        )
+    atomic_save_tensors(
+        vectors / "residual_norms.safetensors", {"norms": torch.full((n_layers,), math.nan)}, {"n_rollouts": "0"}
+    )
+    index: dict[str, Any] = {
+        "recipe": "reference",
+        "min_count": min_count,
+        "roles": entries,
+        "traits": [],
+        "default": {"n_rollouts": 0},
+        "trait_details": {},
+        "traits_dropped": [],
+    }
     index.update(recipe_counts(entries))
     atomic_write_json(vectors / "index.json", index)

@@ -41,11 +41,24 @@ def pca_scatter(summary: dict[str, Any], space: LayerSpace) -> Figure:
     axes = fig.subplots(1, 2)
     for ax, (i, j) in zip(axes, [(0, 1), (0, 2)], strict=True):
         points = ax.scatter(coords[:, i], coords[:, j], c=proj, cmap="coolwarm", s=28, edgecolors="k", linewidths=0.3)
-        ax.scatter([space.default_coords[i]], [space.default_coords[j] if j < len(space.default_coords) else 0],
-                   marker="*", s=220, c="gold", edgecolors="k", label="default (Assistant)")
+        ax.scatter(
+            [space.default_coords[i]],
+            [space.default_coords[j] if j < len(space.default_coords) else 0],
+            marker="*",
+            s=220,
+            c="gold",
+            edgecolors="k",
+            label="default (Assistant)",
+        )
         for k, role in enumerate(roles):
-            ax.annotate(role["name"], (coords[k, i], coords[k, j]), fontsize=6, alpha=0.75, xytext=(2, 2),
-                        textcoords="offset points")
+            ax.annotate(
+                role["name"],
+                (coords[k, i], coords[k, j]),
+                fontsize=6,
+                alpha=0.75,
+                xytext=(2, 2),
+                textcoords="offset points",
+            )
         ax.set_xlabel(f"PC{i + 1}")
         ax.set_ylabel(f"PC{j + 1}")
         ax.legend(loc="best", fontsize=7)
@@ -74,8 +87,12 @@ def cosine_plot(summary: dict[str, Any]) -> Figure:
     fig = _figure()
     ax = fig.subplots()
     ax.plot([x["layer"] for x in layers], [x["cos_pc1_axis"] for x in layers], "o-", label="cos(PC1, axis)")
-    ax.plot([x["layer"] for x in layers], [x["pc1_explained_variance"] for x in layers], "s--",
-            label="PC1 explained variance")
+    ax.plot(
+        [x["layer"] for x in layers],
+        [x["pc1_explained_variance"] for x in layers],
+        "s--",
+        label="PC1 explained variance",
+    )
     ax.axvline(summary["target_layer"], color="grey", ls=":", label="target layer")
     ax.set_xlabel("layer (output of decoder block)")
     ax.set_ylim(0, 1.02)
@@ -113,11 +130,17 @@ def _traits_section(traits: dict[str, Any] | None) -> str:
         for t in traits["traits"]
     )
     pca = traits.get("pca") or {}
-    pca_line = (f"<p>Trait PCA: PC1 explains {pca['explained_variance'][0]:.1%} of the trait variance; "
-                f"cos(trait PC1, axis) = {pca['cos_pc1_axis']:.3f}.</p>") if pca else ""
-    return f"""<h2>Traits along the axis (layer {traits['layer']})</h2>
-<p>At the Assistant end: {html.escape(', '.join(traits['assistant_end']) or '—')}. At the far end:
-{html.escape(', '.join(traits['far_end']) or '—')}.</p>{pca_line}
+    pca_line = (
+        (
+            f"<p>Trait PCA: PC1 explains {pca['explained_variance'][0]:.1%} of the trait variance; "
+            f"cos(trait PC1, axis) = {pca['cos_pc1_axis']:.3f}.</p>"
+        )
+        if pca
+        else ""
+    )
+    return f"""<h2>Traits along the axis (layer {traits["layer"]})</h2>
+<p>At the Assistant end: {html.escape(", ".join(traits["assistant_end"]) or "—")}. At the far end:
+{html.escape(", ".join(traits["far_end"]) or "—")}.</p>{pca_line}
 <table><tr><th>trait</th><th>cos(trait, axis)</th><th>projection</th><th>pairs</th></tr>{rows}</table>"""
 
 
@@ -141,23 +164,23 @@ def write_report(root: Path, summary: dict[str, Any], space: LayerSpace) -> Path
         f"<td>{r['projection']:.3f}</td></tr>"
         for r in sorted(summary["roles"], key=lambda r: -r["projection"])
     )
-    body = f"""<!doctype html><html><head><meta charset="utf-8"><title>personaxis report — {html.escape(summary['model'])}</title>
+    body = f"""<!doctype html><html><head><meta charset="utf-8"><title>personaxis report — {html.escape(summary["model"])}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}img{{max-width:100%}}
 table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:2px 6px}}</style></head><body>
-<h1>Persona space of {html.escape(summary['model'])}</h1>
-<p>{summary['n_layers']} layers, target layer {summary['target_layer']}; {summary.get('n_roles_kept', len(summary['roles']))} roles kept,
-{summary.get('n_roles_dropped', 0)} dropped (fewer than {summary.get('min_count', '?')} rollouts judged as role play),
-{summary.get('n_roles_fell_back', 0)} fell back to pooled score-2 and score-3 rollouts; role vector recipe
-<b>{html.escape(str(summary.get('vector_recipe', 'pooled')))}</b>, {summary.get('n_space_vectors', len(summary['roles']))} points in the persona space.</p>
-<ul><li>cos(PC1, axis) at the target layer: <b>{target['cos_pc1_axis']:.3f}</b> (lowest over layers {target['min_cos_pc1_axis']:.3f})</li>
-<li>PC1 explains {target['pc1_explained_variance']:.1%} of the role variance at the target layer</li>
-<li>Default position along PC1 within the role range: {pos['pc1_fraction']:.3f}; along the axis: {pos['axis_fraction']:.3f}
+<h1>Persona space of {html.escape(summary["model"])}</h1>
+<p>{summary["n_layers"]} layers, target layer {summary["target_layer"]}; {summary.get("n_roles_kept", len(summary["roles"]))} roles kept,
+{summary.get("n_roles_dropped", 0)} dropped (fewer than {summary.get("min_count", "?")} rollouts judged as role play),
+{summary.get("n_roles_fell_back", 0)} fell back to pooled score-2 and score-3 rollouts; role vector recipe
+<b>{html.escape(str(summary.get("vector_recipe", "pooled")))}</b>, {summary.get("n_space_vectors", len(summary["roles"]))} points in the persona space.</p>
+<ul><li>cos(PC1, axis) at the target layer: <b>{target["cos_pc1_axis"]:.3f}</b> (lowest over layers {target["min_cos_pc1_axis"]:.3f})</li>
+<li>PC1 explains {target["pc1_explained_variance"]:.1%} of the role variance at the target layer</li>
+<li>Default position along PC1 within the role range: {pos["pc1_fraction"]:.3f}; along the axis: {pos["axis_fraction"]:.3f}
 (1 = the Assistant end of the range)</li></ul>
-{_img(images['persona_space.png'], 'PC1-PC2-PC3 scatter')}
-{_img(images['axis_extremes.png'], 'roles at either end')}
-{_img(images['cosine_per_layer.png'], 'cosine per layer')}
-{_img(images['variance.png'], 'variance explained')}
-{_traits_section(summary.get('trait_space'))}
+{_img(images["persona_space.png"], "PC1-PC2-PC3 scatter")}
+{_img(images["axis_extremes.png"], "roles at either end")}
+{_img(images["cosine_per_layer.png"], "cosine per layer")}
+{_img(images["variance.png"], "variance explained")}
+{_traits_section(summary.get("trait_space"))}
 <h2>Roles</h2><table><tr><th>role</th><th>category</th><th>rollouts</th><th>judge counts</th><th>vector</th><th>projection</th></tr>{rows}</table>
 </body></html>"""
     path = root / "report.html"

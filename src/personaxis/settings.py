@@ -32,17 +32,71 @@ TRAIT_MIN_PAIRS = 10
 # 31 roles spanning the persona space from clearly assistant-like professions to clearly non-assistant beings,
 # with a few human roles and temperaments between them.
 QUICK_ROLES = (
-    "analyst", "librarian", "consultant", "tutor", "reviewer", "accountant", "researcher", "editor", "translator",
-    "parent", "exile", "smuggler", "detective", "cynic", "optimist", "zealot",
-    "bard", "jester", "poet", "playwright", "novelist", "comedian",
-    "ghost", "oracle", "demon", "angel", "guru", "witch", "golem", "coral reef", "leviathan",
+    "analyst",
+    "librarian",
+    "consultant",
+    "tutor",
+    "reviewer",
+    "accountant",
+    "researcher",
+    "editor",
+    "translator",
+    "parent",
+    "exile",
+    "smuggler",
+    "detective",
+    "cynic",
+    "optimist",
+    "zealot",
+    "bard",
+    "jester",
+    "poet",
+    "playwright",
+    "novelist",
+    "comedian",
+    "ghost",
+    "oracle",
+    "demon",
+    "angel",
+    "guru",
+    "witch",
+    "golem",
+    "coral reef",
+    "leviathan",
 )
 # The former quick preset's roles (kept by the quick-openings preset).
 OPENINGS_ROLES = (
-    "analyst", "librarian", "consultant", "tutor", "reviewer", "accountant", "researcher", "editor", "translator",
-    "parent", "exile", "gambler", "sailor", "cynic", "optimist", "zealot",
-    "bard", "jester", "poet", "playwright", "opera singer", "mime",
-    "ghost", "oracle", "demon", "angel", "guru", "wizard", "hive mind", "coral reef", "leviathan",
+    "analyst",
+    "librarian",
+    "consultant",
+    "tutor",
+    "reviewer",
+    "accountant",
+    "researcher",
+    "editor",
+    "translator",
+    "parent",
+    "exile",
+    "gambler",
+    "sailor",
+    "cynic",
+    "optimist",
+    "zealot",
+    "bard",
+    "jester",
+    "poet",
+    "playwright",
+    "opera singer",
+    "mime",
+    "ghost",
+    "oracle",
+    "demon",
+    "angel",
+    "guru",
+    "wizard",
+    "hive mind",
+    "coral reef",
+    "leviathan",
 )
 # Questions every role answers on the same topic: three explanations (search engines, compound interest, inflation),
 # two on principles and one request for help (ids in data/questions.jsonl). Chosen by how well each one alone lines
@@ -59,15 +113,31 @@ PRESETS: dict[str, dict[str, Any]] = {
     # No judge: in whole answers to such questions SmolLM2-135M plays a role in its tone more than in what it says,
     # which the offline judge does not see (it scores most answers 1, keeps 11-28 of 31 roles, cos falls to 0.03-0.34).
     "quick": dict(
-        n_roles=31, prompts_per_role=2, n_questions=6, persona_questions_only=False, n_traits=4, pairs_per_trait=1,
-        max_new_tokens=64, min_count=3, role_names=QUICK_ROLES, question_ids=QUICK_QUESTION_IDS, judge="none",
+        n_roles=31,
+        prompts_per_role=2,
+        n_questions=6,
+        persona_questions_only=False,
+        n_traits=4,
+        pairs_per_trait=1,
+        max_new_tokens=64,
+        min_count=3,
+        role_names=QUICK_ROLES,
+        question_ids=QUICK_QUESTION_IDS,
+        judge="none",
     ),
     # The former quick preset: the first 8 tokens of answers to 12 self-descriptive questions. In SmolLM2-135M who
     # is speaking shows in the opening of such an answer ("As an AI…", "I am a ghost…") and the later tokens add each
     # role's own topic (cos(PC1, axis) at layer 15: 0.71 with 8 tokens, 0.53 with 64). The offline judge sees little.
     "quick-openings": dict(
-        n_roles=31, prompts_per_role=5, n_questions=12, persona_questions_only=True, n_traits=4, pairs_per_trait=1,
-        max_new_tokens=8, min_count=3, role_names=OPENINGS_ROLES,
+        n_roles=31,
+        prompts_per_role=5,
+        n_questions=12,
+        persona_questions_only=True,
+        n_traits=4,
+        pairs_per_trait=1,
+        max_new_tokens=8,
+        min_count=3,
+        role_names=OPENINGS_ROLES,
         question_ids=(178, 179, 180, 182, 192, 219, 181, 183, 184, 187, 198, 215),
         # The reference's rule (fully played rollouts only) at this preset's scale: at least 3 of a role's 60. Every
         # role of the preset has them (20-55 each), so no role falls back and the results are those of the pooled
@@ -77,14 +147,30 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The paper's scale and the reference's recipe: every role, 5 prompts, 240 questions, sampled at temperature
     # 0.7 and top-p 0.9, answers up to 512 tokens, role vectors from at least 50 fully played rollouts (for GPUs).
     "paper": dict(
-        n_roles=None, prompts_per_role=5, n_questions=240, persona_questions_only=False, n_traits=240,
-        pairs_per_trait=5, max_new_tokens=512, min_count=50, vectors="reference", temperature=0.7, top_p=0.9,
+        n_roles=None,
+        prompts_per_role=5,
+        n_questions=240,
+        persona_questions_only=False,
+        n_traits=240,
+        pairs_per_trait=5,
+        max_new_tokens=512,
+        min_count=50,
+        vectors="reference",
+        temperature=0.7,
+        top_p=0.9,
         judge_traits=True,
     ),
     # For tests and smoke runs (pooled: a handful of rollouts per role).
     "tiny": dict(
-        n_roles=4, prompts_per_role=1, n_questions=2, persona_questions_only=True, n_traits=1, pairs_per_trait=1,
-        max_new_tokens=12, min_count=1, vectors="pooled",
+        n_roles=4,
+        prompts_per_role=1,
+        n_questions=2,
+        persona_questions_only=True,
+        n_traits=1,
+        pairs_per_trait=1,
+        max_new_tokens=12,
+        min_count=1,
+        vectors="pooled",
     ),
 }
 
@@ -240,13 +326,17 @@ def _is_embedded(model: str) -> bool:
 def _imported_conditions(layout: dict[str, Any]) -> list[Condition]:
     """The conditions of a run imported from the reference pipeline's outputs (:mod:`personaxis.reference_run`):
     its prompt texts are not part of those outputs, so units carry placeholders (they are never generated again)."""
+
     def prompts(n: int) -> tuple[str, ...]:
         return tuple(f"(imported system prompt {k})" for k in range(n))
 
-    conditions = [Condition(name=name, kind="role", system_prompts=prompts(n), category="custom")
-                  for name, n in layout["roles"].items()]
-    conditions.append(Condition(name="default", kind="default", system_prompts=prompts(layout["default_prompts"]),
-                                category="default"))
+    conditions = [
+        Condition(name=name, kind="role", system_prompts=prompts(n), category="custom")
+        for name, n in layout["roles"].items()
+    ]
+    conditions.append(
+        Condition(name="default", kind="default", system_prompts=prompts(layout["default_prompts"]), category="default")
+    )
     return conditions
 
 
@@ -259,23 +349,40 @@ def build_conditions(settings: RunSettings, model_name: str) -> list[Condition]:
         raise ValueError(f"a persona space needs at least 2 roles; the selection has {len(roles)}")
     conditions = [
         Condition(
-            name=role.name, kind="role", system_prompts=tuple(role.system_prompts[: settings.prompts_per_role]),
-            category=role.category, rubric=role.rubric, eval_prompt=role.eval_prompt,
+            name=role.name,
+            kind="role",
+            system_prompts=tuple(role.system_prompts[: settings.prompts_per_role]),
+            category=role.category,
+            rubric=role.rubric,
+            eval_prompt=role.eval_prompt,
         )
         for role in roles
     ]
     default = load_default(settings.roles_dir)
     # A roles folder's default.json (the reference's) names the model as the reference does: by its family.
-    filled_name = family_name(model_name) if settings.roles_dir and (Path(settings.roles_dir) / "default.json").is_file() else model_name
-    conditions.append(Condition(name="default", kind="default", system_prompts=tuple(default.filled(filled_name)),
-                                category="default"))
+    filled_name = (
+        family_name(model_name)
+        if settings.roles_dir and (Path(settings.roles_dir) / "default.json").is_file()
+        else model_name
+    )
+    conditions.append(
+        Condition(name="default", kind="default", system_prompts=tuple(default.filled(filled_name)), category="default")
+    )
     if settings.n_traits:
         for trait in load_traits(settings.traits_dir, limit=settings.n_traits):
             pairs = trait.pairs[: settings.pairs_per_trait]
             for side, prompts in (("pos", tuple(p.pos for p in pairs)), ("neg", tuple(p.neg for p in pairs))):
-                conditions.append(Condition(f"trait-{trait.name}-{side}", f"trait_{side}", prompts, trait.category,
-                                            rubric=trait.rubric or trait.description, trait=trait.name,
-                                            eval_prompt=trait.eval_prompt))
+                conditions.append(
+                    Condition(
+                        f"trait-{trait.name}-{side}",
+                        f"trait_{side}",
+                        prompts,
+                        trait.category,
+                        rubric=trait.rubric or trait.description,
+                        trait=trait.name,
+                        eval_prompt=trait.eval_prompt,
+                    )
+                )
     from personaxis.store import check_folder_names, check_role_name
 
     for role in roles:
@@ -298,5 +405,8 @@ def build_questions(settings: RunSettings) -> list[Question]:
             extra = [q for q in load_questions(persona_only=True) if q.id not in settings.question_ids]
             picked += extra[: settings.n_questions - len(picked)]
         return picked
-    return load_questions(settings.questions_path, persona_only=settings.persona_questions_only and settings.questions_path is None,
-                          limit=settings.n_questions)
+    return load_questions(
+        settings.questions_path,
+        persona_only=settings.persona_questions_only and settings.questions_path is None,
+        limit=settings.n_questions,
+    )

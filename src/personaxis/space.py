@@ -67,15 +67,17 @@ def summarize(
     for layer in range(axis.n_layers):
         space = layer_space(role_vectors[:, layer], default[layer], axis.vectors[layer], layer)
         ratios = space.explained_variance_ratio
-        layers.append({
-            "layer": layer,
-            "cos_pc1_axis": round(space.cos_pc1_axis, 6),
-            "pc1_explained_variance": round(float(ratios[0]), 6),
-            "explained_variance": [round(float(r), 6) for r in ratios[:10]],
-            "components_for_70": space.n_components_for(0.7),
-            "components_for_80": space.n_components_for(0.8),
-            "components_for_90": space.n_components_for(0.9),
-        })
+        layers.append(
+            {
+                "layer": layer,
+                "cos_pc1_axis": round(space.cos_pc1_axis, 6),
+                "pc1_explained_variance": round(float(ratios[0]), 6),
+                "explained_variance": [round(float(r), 6) for r in ratios[:10]],
+                "components_for_70": space.n_components_for(0.7),
+                "components_for_80": space.n_components_for(0.8),
+                "components_for_90": space.n_components_for(0.9),
+            }
+        )
         if layer == axis.target_layer:
             target_space = space
     assert target_space is not None
@@ -85,11 +87,13 @@ def summarize(
     pc1 = target_space.role_coords[:, 0]
     summary_roles = []
     for i, role in enumerate(roles):  # roles or, with the paper's recipe, (role, score group) points
-        summary_roles.append({
-            **role,
-            "projection": round(float(role_proj[i]), 6),
-            "pc": [round(float(v), 6) for v in target_space.role_coords[i, :3]],
-        })
+        summary_roles.append(
+            {
+                **role,
+                "projection": round(float(role_proj[i]), 6),
+                "pc": [round(float(v), 6) for v in target_space.role_coords[i, :3]],
+            }
+        )
     summary = {
         "model": model,
         "n_layers": axis.n_layers,
@@ -154,5 +158,7 @@ def _trait_analysis(root: Any, axis: Axis, index: dict[str, Any]) -> dict[str, A
         return None
     from personaxis.store import slug
 
-    vectors = torch.stack([load_tensors(root / "vectors" / "traits" / f"{slug(n)}.safetensors")["vector"] for n in names])
+    vectors = torch.stack(
+        [load_tensors(root / "vectors" / "traits" / f"{slug(n)}.safetensors")["vector"] for n in names]
+    )
     return rank_traits(names, vectors, axis, details=index.get("trait_details", {}))

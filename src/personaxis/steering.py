@@ -83,7 +83,9 @@ def steering_interventions(
     if alpha != alpha or alpha in (float("inf"), float("-inf")):
         raise AxisError(f"steering coefficient must be finite, got {alpha}")
     return {
-        layer: [Add(axis.layer(layer), alpha=alpha) if raw else Add(axis.unit(layer), alpha=axis.alpha_to_raw(layer, alpha))]
+        layer: [
+            Add(axis.layer(layer), alpha=alpha) if raw else Add(axis.unit(layer), alpha=axis.alpha_to_raw(layer, alpha))
+        ]
         for layer in resolve_layers(axis, layers)
     }
 
@@ -142,9 +144,16 @@ def measure_residual_norms(
         raise ValueError(f"need at least one question to measure residual norms, got {n_questions}")
     questions = load_questions(limit=n_questions)
     prompts = [build_conversation(None, q.question) for q in questions]
-    answers = generate(lm, prompts, SamplingConfig(max_new_tokens=max_new_tokens, batch_size=16),
-                       show_progress=show_progress, desc="answers")
-    chats = [[*p, {"role": "assistant", "content": a.text}] for p, a in zip(prompts, answers, strict=True) if a.text.strip()]
+    answers = generate(
+        lm,
+        prompts,
+        SamplingConfig(max_new_tokens=max_new_tokens, batch_size=16),
+        show_progress=show_progress,
+        desc="answers",
+    )
+    chats = [
+        [*p, {"role": "assistant", "content": a.text}] for p, a in zip(prompts, answers, strict=True) if a.text.strip()
+    ]
     if not chats:
         raise ValueError("the model gave only empty answers: no tokens to measure residual norms on")
     activations = extract_turn_means(lm, chats, show_progress=show_progress)

@@ -70,7 +70,9 @@ def check_folder_names(names: Iterable[str], *, what: str = "role") -> None:
         folder = slug(name)
         if folder in seen:
             other = seen[folder]
-            why = "the same name twice" if other == name else f"{other!r} and {name!r} would share the folder {folder!r}"
+            why = (
+                "the same name twice" if other == name else f"{other!r} and {name!r} would share the folder {folder!r}"
+            )
             raise ValueError(f"{what} names clash: {why}; rename one of them")
         seen[folder] = name
 
@@ -82,8 +84,10 @@ def check_role_name(name: str) -> None:
         raise ValueError(f"role name {name!r} is empty")
     folded = name.strip().casefold()
     if folded in RESERVED_NAMES or folded.startswith(RESERVED_PREFIXES):
-        raise ValueError(f"role name {name!r} is reserved (the run's own conditions are named "
-                         f"{', '.join(repr(n) for n in RESERVED_NAMES)} and 'trait-…'); rename the role")
+        raise ValueError(
+            f"role name {name!r} is reserved (the run's own conditions are named "
+            f"{', '.join(repr(n) for n in RESERVED_NAMES)} and 'trait-…'); rename the role"
+        )
     if any(ord(c) < 32 or 0xD800 <= ord(c) <= 0xDFFF for c in name):
         raise ValueError(f"role name {name!r} holds control characters or lone surrogates")
 
@@ -94,7 +98,9 @@ def _io_errors(path: Path) -> Iterator[None]:
         yield
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
-            raise RunDirError(f"disk full while writing {path}; finished work is kept, free space and rerun to resume") from None
+            raise RunDirError(
+                f"disk full while writing {path}; finished work is kept, free space and rerun to resume"
+            ) from None
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise RunDirError(f"no permission to write {path}: {exc.strerror}; finished work is kept") from None
         raise
@@ -105,7 +111,8 @@ _TMP_OWNER = re.compile(r"\.(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)\.[^.]+\.tmp$")
 # Inside ``all_or_nothing()``: the files written, each with the backup of the file it replaced (or None), and the
 # folders created for them.
 _TRANSACTION: contextvars.ContextVar[tuple[list[tuple[Path, Path | None]], list[Path]] | None] = contextvars.ContextVar(
-    "_TRANSACTION", default=None)
+    "_TRANSACTION", default=None
+)
 
 
 def _tmp_prefix(path: Path) -> str:
@@ -212,8 +219,10 @@ class RunStore:
             why = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
             raise RunDirError(f"{self.manifest_path}: unreadable manifest ({why})") from None
         if not isinstance(manifest, dict) or not isinstance(manifest.get("settings", {}), dict):
-            raise RunDirError(f"{self.manifest_path}: not a personaxis manifest (expected an object with a 'settings' "
-                              "object); use a new --out directory")
+            raise RunDirError(
+                f"{self.manifest_path}: not a personaxis manifest (expected an object with a 'settings' "
+                "object); use a new --out directory"
+            )
         return manifest
 
     # lock -----------------------------------------------------------------------------------------------
@@ -243,8 +252,9 @@ class RunStore:
             except OSError:
                 holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "another process"
                 os.close(fd)
-                raise RunDirError(f"{self.root} is in use by {holder}; wait for it to finish, or use another --out "
-                                  "directory") from None
+                raise RunDirError(
+                    f"{self.root} is in use by {holder}; wait for it to finish, or use another --out directory"
+                ) from None
             try:  # the holder before us may have removed the file after we opened it: lock the one on disk
                 same = os.fstat(fd).st_ino == os.stat(self.lock_path).st_ino
             except FileNotFoundError:

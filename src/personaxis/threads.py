@@ -145,8 +145,10 @@ class ThreadBudget:
         if threads != self.threads or torch.get_num_threads() != threads:
             n = len(self.cpus)
             if threads < n:
-                self.log(f"the machine is busy: other processes keep {others:.1f} of this process's {n} CPUs busy; "
-                         f"running on {threads} thread(s)")
+                self.log(
+                    f"the machine is busy: other processes keep {others:.1f} of this process's {n} CPUs busy; "
+                    f"running on {threads} thread(s)"
+                )
             elif threads != self.threads:
                 self.log(f"the machine is quiet again: running on {threads} threads")
             self.threads = threads

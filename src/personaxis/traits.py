@@ -20,8 +20,9 @@ from personaxis.axis import Axis
 N_ENDS = 5  # traits named at each end of the axis
 
 
-def rank_traits(names: list[str], vectors: Tensor, axis: Axis, *, details: dict[str, Any] | None = None,
-                n_ends: int = N_ENDS) -> dict[str, Any]:
+def rank_traits(
+    names: list[str], vectors: Tensor, axis: Axis, *, details: dict[str, Any] | None = None, n_ends: int = N_ENDS
+) -> dict[str, Any]:
     """Traits ranked along ``axis`` at its target layer (``vectors``: ``[n_traits, L, H]``), JSON-ready."""
     if len(names) != len(vectors):
         raise ValueError(f"{len(names)} trait names for {len(vectors)} trait vectors")
@@ -51,8 +52,11 @@ def rank_traits(names: list[str], vectors: Tensor, axis: Axis, *, details: dict[
             "cos_pc1_axis": round(float(pc1 @ direction.numpy() / np.linalg.norm(pc1)), 6),
         }
     for i, name in enumerate(names):
-        entry: dict[str, Any] = {"name": name, "cos_axis": round(float(cosines[i]), 6),
-                                 "projection": round(float(projections[i]), 6)}
+        entry: dict[str, Any] = {
+            "name": name,
+            "cos_axis": round(float(cosines[i]), 6),
+            "projection": round(float(projections[i]), 6),
+        }
         if coords.shape[1]:
             entry["pc"] = [round(float(v), 6) for v in coords[i]]
         if details and name in details:
@@ -65,7 +69,7 @@ def rank_traits(names: list[str], vectors: Tensor, axis: Axis, *, details: dict[
         "n_traits": len(names),
         "traits": ranked,
         "assistant_end": [e["name"] for e in ranked[:k] if e["cos_axis"] > 0],
-        "far_end": [e["name"] for e in reversed(ranked[len(ranked) - k:]) if e["cos_axis"] < 0],
+        "far_end": [e["name"] for e in reversed(ranked[len(ranked) - k :]) if e["cos_axis"] < 0],
         "pca": pca,
         "note": "cos_axis > 0: the trait's vector points toward the Assistant end of the axis; < 0: toward role play",
     }

@@ -91,7 +91,10 @@ def field(name: str, default: Any, **kwargs: Any) -> Any:
     from pydantic import Field
 
     bound = BOUNDS[name]
-    limits: dict[str, Any] = {"lt" if bound.high_open else "le": bound.high, "gt" if bound.low_open else "ge": bound.low}
+    limits: dict[str, Any] = {
+        "lt" if bound.high_open else "le": bound.high,
+        "gt" if bound.low_open else "ge": bound.low,
+    }
     if bound.integer:
         limits = {k: int(v) for k, v in limits.items()}
     else:
@@ -143,6 +146,8 @@ def output_folder(path: Path | None, option: str) -> Path | None:
 def output_suffix(path: Path, suffixes: tuple[str, ...], option: str) -> Path:
     """Refuse an output file whose name does not end in one of ``suffixes`` (so it reads back as what it is)."""
     if Path(path).suffix.lower() not in suffixes:
-        raise ValueError(f"{option} {path}: our files are {' or '.join(suffixes)} files; the file name must end in "
-                         f"{' or '.join(suffixes)}")
+        raise ValueError(
+            f"{option} {path}: our files are {' or '.join(suffixes)} files; the file name must end in "
+            f"{' or '.join(suffixes)}"
+        )
     return Path(path)

@@ -32,6 +32,7 @@ from personaxis.store import atomic_save_tensors, atomic_write_json, load_tensor
 if TYPE_CHECKING:
     from personaxis.pipeline import Pipeline
 
+
 class TooFewRolesError(ValueError):
     """Too few roles have vectors under the run's recipe to make an axis or a persona space."""
 
@@ -70,7 +71,9 @@ def compute_vectors(pipeline: Pipeline) -> dict[str, Any]:
         if condition.kind == "default":
             if len(means) == 0:
                 raise RuntimeError("no default rollout has an answer: the default vector cannot be computed")
-            atomic_save_tensors(root / "default.safetensors", {"vector": means.mean(0)}, {"n_rollouts": str(len(means))})
+            atomic_save_tensors(
+                root / "default.safetensors", {"vector": means.mean(0)}, {"n_rollouts": str(len(means))}
+            )
             index["default"] = {"n_rollouts": len(means)}
             continue
         if condition.is_trait:
@@ -90,12 +93,18 @@ def compute_vectors(pipeline: Pipeline) -> dict[str, Any]:
         if tensors:
             atomic_save_tensors(root / "roles" / f"{slug(condition.name)}.safetensors", tensors)
         source = axis_group or ("space only" if space_groups else "dropped")
-        index["roles"].append({
-            "name": condition.name, "category": condition.category, "n_rollouts": len(scores),
-            "judge_counts": {str(k): v for k, v in sorted(counts.items(), key=lambda kv: str(kv[0]))},
-            "vector_source": source, "axis_vector": axis_group, "space_vectors": space_groups,
-            "vectors": sorted(k for k in tensors if k != "used"),
-        })
+        index["roles"].append(
+            {
+                "name": condition.name,
+                "category": condition.category,
+                "n_rollouts": len(scores),
+                "judge_counts": {str(k): v for k, v in sorted(counts.items(), key=lambda kv: str(kv[0]))},
+                "vector_source": source,
+                "axis_vector": axis_group,
+                "space_vectors": space_groups,
+                "vectors": sorted(k for k in tensors if k != "used"),
+            }
+        )
     judged_traits = pipeline.settings.judges_traits
     index["trait_details"] = {}
     for trait, sides in trait_sides.items():
@@ -113,8 +122,12 @@ def compute_vectors(pipeline: Pipeline) -> dict[str, Any]:
     return index
 
 
-def trait_vector(positive: tuple[Tensor, list[int | None], list[str]], negative: tuple[Tensor, list[int | None], list[str]],
-                 *, judged: bool) -> tuple[Tensor | None, dict[str, Any]]:
+def trait_vector(
+    positive: tuple[Tensor, list[int | None], list[str]],
+    negative: tuple[Tensor, list[int | None], list[str]],
+    *,
+    judged: bool,
+) -> tuple[Tensor | None, dict[str, Any]]:
     """mean(positive answers) − mean(negative answers). Judged (the paper): only pairs whose 0-100 scores differ by
     at least ``TRAIT_MARGIN`` count, and the trait needs ``TRAIT_MIN_PAIRS`` of them (else ``None``)."""
     from personaxis.settings import TRAIT_MARGIN, TRAIT_MIN_PAIRS
@@ -125,8 +138,11 @@ def trait_vector(positive: tuple[Tensor, list[int | None], list[str]], negative:
     pairs = [(i, neg_row[k]) for i, k in enumerate(pos_keys) if k in neg_row]
     details: dict[str, Any] = {"n_pairs": len(pairs)}
     if judged:
-        kept = [(i, j) for i, j in pairs if pos_scores[i] is not None and neg_scores[j] is not None
-                and pos_scores[i] - neg_scores[j] >= TRAIT_MARGIN]
+        kept = [
+            (i, j)
+            for i, j in pairs
+            if pos_scores[i] is not None and neg_scores[j] is not None and pos_scores[i] - neg_scores[j] >= TRAIT_MARGIN
+        ]
         details.update(n_pairs_kept=len(kept), margin=TRAIT_MARGIN, min_pairs=TRAIT_MIN_PAIRS)
         if len(kept) < TRAIT_MIN_PAIRS:
             return None, details
@@ -138,7 +154,9 @@ def trait_vector(positive: tuple[Tensor, list[int | None], list[str]], negative:
     return pos_means.mean(0) - neg_means.mean(0), details
 
 
-def _recipe_groups(recipe: str, tensors: dict[str, Tensor], enough: bool, unjudged: bool) -> tuple[str | None, list[str]]:
+def _recipe_groups(
+    recipe: str, tensors: dict[str, Tensor], enough: bool, unjudged: bool
+) -> tuple[str | None, list[str]]:
     """The group a role's axis vector comes from (or ``None``) and the groups that are its persona-space points."""
     if unjudged:
         return ("unjudged", ["unjudged"]) if enough else (None, [])
@@ -178,7 +196,8 @@ def load_role_vectors(pipeline: Pipeline) -> tuple[list[dict[str, Any]], Tensor]
         raise TooFewRolesError(
             f"only {len(vectors)} role(s) have at least {index['min_count']} rollouts the judge scored as role play "
             f"(recipe {recipe!r}); lower --min-count, add prompts or questions, "
-            + ("use --vectors pooled, " if recipe != "pooled" else "") + "or use --judge none"
+            + ("use --vectors pooled, " if recipe != "pooled" else "")
+            + "or use --judge none"
         )
     return kept, torch.stack(vectors)
 

@@ -17,8 +17,13 @@ from personaxis.generation import SamplingConfig, generate
 from personaxis.models import load_model
 
 DATA = Path(__file__).resolve().parents[2] / "src" / "personaxis" / "data"
-DEFAULT_PROMPTS = ["", "You are an AI assistant.", "You are a large language model.", "You are SmolLM2-135M-Instruct.",
-                   "Respond as yourself."]
+DEFAULT_PROMPTS = [
+    "",
+    "You are an AI assistant.",
+    "You are a large language model.",
+    "You are SmolLM2-135M-Instruct.",
+    "Respond as yourself.",
+]
 
 
 def role_set(name: str) -> str:
@@ -52,14 +57,26 @@ def main() -> None:
     for i in range(args.n):
         q = rng.choice(persona_q if i % 2 == 0 else other_q)
         if i < n_default:
-            rows.append({"role": "default", "category": "default", "system_prompt": DEFAULT_PROMPTS[i % 5], "question": q})
+            rows.append(
+                {"role": "default", "category": "default", "system_prompt": DEFAULT_PROMPTS[i % 5], "question": q}
+            )
         else:
             role = rng.choice(roles)
-            rows.append({"role": role["name"], "category": role["category"], "rubric": role["rubric"],
-                         "system_prompt": rng.choice(role["system_prompts"]), "question": q})
+            rows.append(
+                {
+                    "role": role["name"],
+                    "category": role["category"],
+                    "rubric": role["rubric"],
+                    "system_prompt": rng.choice(role["system_prompts"]),
+                    "question": q,
+                }
+            )
     lm = load_model()
-    convs = [([{"role": "system", "content": r["system_prompt"]}] if r["system_prompt"] else [])
-             + [{"role": "user", "content": r["question"]}] for r in rows]
+    convs = [
+        ([{"role": "system", "content": r["system_prompt"]}] if r["system_prompt"] else [])
+        + [{"role": "user", "content": r["question"]}]
+        for r in rows
+    ]
     outs = generate(lm, convs, SamplingConfig(max_new_tokens=96, batch_size=16), show_progress=True)
     with args.out.open("w") as f:
         for r, o in zip(rows, outs, strict=True):

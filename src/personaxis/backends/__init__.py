@@ -55,8 +55,9 @@ class TransformersBackend:
     def __init__(self, lm: Callable[[], LoadedModel]) -> None:
         self._lm = lm
 
-    def generate(self, conversations: Sequence[Conversation], config: SamplingConfig, *,
-                 capture: ResponseCapture | None = None) -> list[Generation]:
+    def generate(
+        self, conversations: Sequence[Conversation], config: SamplingConfig, *, capture: ResponseCapture | None = None
+    ) -> list[Generation]:
         from personaxis.generation import generate
 
         return generate(self._lm(), conversations, config, capture=capture)
@@ -116,6 +117,6 @@ def load_run_model(settings: RunSettings, placement: ModelPlacement | None = Non
 
     placement = placement or ModelPlacement()
     dtype = placement.dtype or settings.extra.get("dtype")
-    return ModelPlacement(placement.device, dtype, placement.allow_download, placement.trust_remote_code,
-                          placement.fast_cpu_linears).load(None if settings.model == "embedded" else settings.model,
-                                                           target_layer=settings.target_layer)
+    return ModelPlacement(
+        placement.device, dtype, placement.allow_download, placement.trust_remote_code, placement.fast_cpu_linears
+    ).load(None if settings.model == "embedded" else settings.model, target_layer=settings.target_layer)

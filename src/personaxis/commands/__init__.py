@@ -19,9 +19,22 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from personaxis.models import ModelLoadError
     from personaxis.store import RunDirError
 
-    return (AxisError, ConversationError, CatalogueError, VectorError, ModelLoadError, RunDirError, ValueError,
-            IndexError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError,
-            JudgeRequestError)
+    return (
+        AxisError,
+        ConversationError,
+        CatalogueError,
+        VectorError,
+        ModelLoadError,
+        RunDirError,
+        ValueError,
+        IndexError,
+        FileNotFoundError,
+        PermissionError,
+        IsADirectoryError,
+        NotADirectoryError,
+        FileExistsError,
+        JudgeRequestError,
+    )
 
 
 def _one_line(exc: BaseException) -> str:
@@ -44,8 +57,9 @@ def user_errors() -> Iterator[None]:
         yield
     except RecursionError:
         _close_progress_bars()
-        typer.echo("error: the input is nested too deeply to read (a JSON file or value nested thousands of levels)",
-                   err=True)
+        typer.echo(
+            "error: the input is nested too deeply to read (a JSON file or value nested thousands of levels)", err=True
+        )
         raise typer.Exit(2) from None
     except _user_errors() as exc:
         _close_progress_bars()
@@ -55,4 +69,3 @@ def user_errors() -> Iterator[None]:
 
 def echo_err(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-

@@ -83,12 +83,23 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def calibrate(
         run: Path = typer.Option(..., "--run", help="Run directory made by `personaxis run` (needs its activations)."),
-        axis: Path | None = typer.Option(None, "--axis", help="Axis file (default: RUN/axis.safetensors); ours or a reference .pt."),
-        percentiles: str = typer.Option("1,25,50,75", help="Percentiles (in percent) of the projections to use as floors."),
-        bands: str | None = typer.Option(None, help="Layer bands START:END (end-exclusive), comma-separated; default: "
-                                                    "the paper's bands scaled to the model, plus a few widths."),
-        out: Path | None = typer.Option(None, "--out", "-o", help="Capping config to write (default: RUN/capping.safetensors)."),
-        reference_out: Path | None = typer.Option(None, "--reference-out", help="Also write the reference torch format (.pt)."),
+        axis: Path | None = typer.Option(
+            None, "--axis", help="Axis file (default: RUN/axis.safetensors); ours or a reference .pt."
+        ),
+        percentiles: str = typer.Option(
+            "1,25,50,75", help="Percentiles (in percent) of the projections to use as floors."
+        ),
+        bands: str | None = typer.Option(
+            None,
+            help="Layer bands START:END (end-exclusive), comma-separated; default: "
+            "the paper's bands scaled to the model, plus a few widths.",
+        ),
+        out: Path | None = typer.Option(
+            None, "--out", "-o", help="Capping config to write (default: RUN/capping.safetensors)."
+        ),
+        reference_out: Path | None = typer.Option(
+            None, "--reference-out", help="Also write the reference torch format (.pt)."
+        ),
     ) -> None:
         """Per-layer capping thresholds from a run's ordinary rollouts, and one experiment per band and percentile.
 
@@ -114,22 +125,35 @@ def register(app: typer.Typer) -> None:
 
                     written.append(save_reference_capping(config, reference_out))
         _print_thresholds(config)
-        typer.echo(f"\n{len(config.experiment_ids)} experiments over {config.metadata['n_rollouts']} rollouts, e.g. "
-                   f"{', '.join(config.experiment_ids[:3])}")
+        typer.echo(
+            f"\n{len(config.experiment_ids)} experiments over {config.metadata['n_rollouts']} rollouts, e.g. "
+            f"{', '.join(config.experiment_ids[:3])}"
+        )
         typer.echo("wrote " + ", ".join(str(p) for p in written))
 
     @app.command()
     def export(
         axis: Path = typer.Option(..., "--axis", help="Axis file (ours, or a reference .pt)."),
-        fmt: str = typer.Option(..., "--format", help="reference (torch .pt of the whole axis) or gguf (llama.cpp control vector)."),
+        fmt: str = typer.Option(
+            ..., "--format", help="reference (torch .pt of the whole axis) or gguf (llama.cpp control vector)."
+        ),
         out: Path = typer.Option(..., "--out", "-o", help="File to write."),
         layer: int | None = typer.Option(None, "--layer", help="gguf: one layer (default: the axis's target layer)."),
         layers: str | None = typer.Option(None, "--layers", help="gguf: a layer range START:END, end-exclusive."),
-        scale: float = typer.Option(1.0, "--scale", help="gguf: coefficient in units of the layer's mean residual norm "
-                                                        "(as `steer --alpha`); raw units with --raw."),
-        raw: bool = typer.Option(False, "--raw", help="gguf: write scale × the stored axis row instead (the reference's "
-                                 "units, as `steer --raw`)."),
-        model_hint: str | None = typer.Option(None, "--model-hint", help="gguf: controlvector.model_hint (default: the axis's model)."),
+        scale: float = typer.Option(
+            1.0,
+            "--scale",
+            help="gguf: coefficient in units of the layer's mean residual norm "
+            "(as `steer --alpha`); raw units with --raw.",
+        ),
+        raw: bool = typer.Option(
+            False,
+            "--raw",
+            help="gguf: write scale × the stored axis row instead (the reference's units, as `steer --raw`).",
+        ),
+        model_hint: str | None = typer.Option(
+            None, "--model-hint", help="gguf: controlvector.model_hint (default: the axis's model)."
+        ),
     ) -> None:
         """Write an axis in another format: the reference torch file, or a llama.cpp control vector.
 
@@ -154,26 +178,46 @@ def register(app: typer.Typer) -> None:
             elif fmt == "gguf":
                 if layer is not None and layers is not None:
                     raise ValueError("give --layer or --layers, not both")
-                chosen = list(range(*_range(layers))) if layers else [layer if layer is not None else loaded.target_layer]
+                chosen = (
+                    list(range(*_range(layers))) if layers else [layer if layer is not None else loaded.target_layer]
+                )
                 from personaxis.interop import export_gguf
 
                 export_gguf(loaded, out, chosen, scale=scale, raw=raw, model_hint=model_hint)
                 unit = "raw units" if raw else "× mean residual norm"
-                typer.echo(f"wrote {out}: control vector for layer(s) {chosen[0]}..{chosen[-1]}, scale {scale:g} ({unit})")
+                typer.echo(
+                    f"wrote {out}: control vector for layer(s) {chosen[0]}..{chosen[-1]}, scale {scale:g} ({unit})"
+                )
             else:
                 raise ValueError(f"unknown format {fmt!r}; choose reference or gguf")
 
     @model_options
     def import_(
-        source: Path = typer.Option(..., "--from", help="Reference torch file (.pt), or a folder of them for --kind vectors."),
-        kind: str = typer.Option(..., "--kind", help="axis, vectors, capping, or reference-run (the reference pipeline's "
-                                 "output folder with activations/, scores/ and vectors/, into a run directory --out)."),
-        out: Path = typer.Option(..., "--out", "-o", help="Our file (.safetensors), or a folder for a folder of vectors."),
-        model: str | None = typer.Option(None, "--model", help="Model name to record in the axis (and, with "
-                                         "--measure-norms, the model to measure on: a local folder or cached id)."),
-        measure_norms: bool = typer.Option(False, "--measure-norms", help="axis: measure the model's mean residual norm "
-                                           "per layer on ordinary answers and store it, so `steer --alpha` (norm-"
-                                           "relative) works with the imported axis."),
+        source: Path = typer.Option(
+            ..., "--from", help="Reference torch file (.pt), or a folder of them for --kind vectors."
+        ),
+        kind: str = typer.Option(
+            ...,
+            "--kind",
+            help="axis, vectors, capping, or reference-run (the reference pipeline's "
+            "output folder with activations/, scores/ and vectors/, into a run directory --out).",
+        ),
+        out: Path = typer.Option(
+            ..., "--out", "-o", help="Our file (.safetensors), or a folder for a folder of vectors."
+        ),
+        model: str | None = typer.Option(
+            None,
+            "--model",
+            help="Model name to record in the axis (and, with "
+            "--measure-norms, the model to measure on: a local folder or cached id).",
+        ),
+        measure_norms: bool = typer.Option(
+            False,
+            "--measure-norms",
+            help="axis: measure the model's mean residual norm "
+            "per layer on ordinary answers and store it, so `steer --alpha` (norm-"
+            "relative) works with the imported axis.",
+        ),
         placement: ModelPlacement = DEFAULT_PLACEMENT,
     ) -> None:
         """Read a published reference file (torch pickle of tensors, loaded with weights_only=True only) into ours.
@@ -205,8 +249,10 @@ def register(app: typer.Typer) -> None:
                     raise ValueError(f"--out {out}: our capping configs are .safetensors files")
                 config = interop.load_reference_capping(source)
                 config.save(out)
-                typer.echo(f"wrote {out}: {len(config.experiment_ids)} experiments, {len(config.vectors)} vectors "
-                           f"(reference ceilings on −axis read as floors on +axis)")
+                typer.echo(
+                    f"wrote {out}: {len(config.experiment_ids)} experiments, {len(config.vectors)} vectors "
+                    f"(reference ceilings on −axis read as floors on +axis)"
+                )
             elif kind == "vectors":
                 files = sorted(source.glob("*.pt")) if source.is_dir() else [source]
                 if not files:
@@ -221,9 +267,14 @@ def register(app: typer.Typer) -> None:
 
                 done = import_reference_run(source, out, model=model or "unknown")
                 left = f"; left out {len(done['left_out'])} role(s) without scores" if done["left_out"] else ""
-                typer.echo(f"wrote run directory {out}: {len(done['roles'])} roles, {done['n_units']} units{left}; next: "
-                           + (f"`personaxis axis --out {out}` and `personaxis space --out {out}`" if done["vectors_only"]
-                              else f"`personaxis vectors --out {out}` (then axis, space, calibrate)"))
+                typer.echo(
+                    f"wrote run directory {out}: {len(done['roles'])} roles, {done['n_units']} units{left}; next: "
+                    + (
+                        f"`personaxis axis --out {out}` and `personaxis space --out {out}`"
+                        if done["vectors_only"]
+                        else f"`personaxis vectors --out {out}` (then axis, space, calibrate)"
+                    )
+                )
             else:
                 raise ValueError(f"unknown kind {kind!r}; choose axis, vectors, capping or reference-run")
 

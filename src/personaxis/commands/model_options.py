@@ -33,20 +33,29 @@ REMOTE_CODE_HELP = "Run the Python code a model repository ships (transformers' 
 _OPTIONS: dict[str, tuple[Any, Any]] = {
     "device": (Annotated[str | None, typer.Option("--device", help=DEVICE_HELP, rich_help_panel="Model")], None),
     "dtype": (Annotated[str | None, typer.Option("--dtype", help=DTYPE_HELP, rich_help_panel="Model")], None),
-    "allow_download": (Annotated[bool, typer.Option("--allow-download", help=DOWNLOAD_HELP, rich_help_panel="Model")],
-                       False),
-    "trust_remote_code": (Annotated[bool, typer.Option("--trust-remote-code", help=REMOTE_CODE_HELP,
-                                                       rich_help_panel="Model")], False),
+    "allow_download": (
+        Annotated[bool, typer.Option("--allow-download", help=DOWNLOAD_HELP, rich_help_panel="Model")],
+        False,
+    ),
+    "trust_remote_code": (
+        Annotated[bool, typer.Option("--trust-remote-code", help=REMOTE_CODE_HELP, rich_help_panel="Model")],
+        False,
+    ),
 }
 
 
 def model_options(command: F) -> F:
     """Give ``command`` the shared model options in place of its ``placement: ModelPlacement`` parameter."""
     hints = typing.get_type_hints(command, include_extras=True)
-    params = [p.replace(annotation=hints.get(p.name, p.annotation))
-              for p in inspect.signature(command).parameters.values() if p.name != "placement"]
-    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-             for name, (annotation, default) in _OPTIONS.items()]
+    params = [
+        p.replace(annotation=hints.get(p.name, p.annotation))
+        for p in inspect.signature(command).parameters.values()
+        if p.name != "placement"
+    ]
+    added = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+        for name, (annotation, default) in _OPTIONS.items()
+    ]
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:

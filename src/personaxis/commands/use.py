@@ -24,8 +24,10 @@ from personaxis.capping import CAPPING_NAMES
 
 SPARKS = "▁▂▃▄▅▆▇█"
 AXIS_HELP = "Axis file (.safetensors, or a reference .pt), or a run directory holding axis.safetensors."
-RAW_HELP = ("Take --alpha in the reference implementation's units: α × the stored axis row (as `export --raw` and "
-            "reference notebooks), not a fraction of the residual norm.")
+RAW_HELP = (
+    "Take --alpha in the reference implementation's units: α × the stored axis row (as `export --raw` and "
+    "reference notebooks), not a fraction of the residual norm."
+)
 MODEL_HELP = "'embedded' (SmolLM2-135M-Instruct) or a local model folder / cached id (default: the run's model)."
 
 
@@ -41,7 +43,9 @@ def _axis_file(path: Path) -> tuple[Path, Path | None]:
     if path.is_dir():
         file = path / "axis.safetensors"
         if not file.is_file():
-            raise FileNotFoundError(f"{path}: no axis.safetensors in this folder (make one with `personaxis run --out {path}`)")
+            raise FileNotFoundError(
+                f"{path}: no axis.safetensors in this folder (make one with `personaxis run --out {path}`)"
+            )
         return file, path
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such axis file or run directory")
@@ -68,8 +72,10 @@ def _capping(path: Path | None, run_dir: Path | None) -> Any | None:
     if folder is not None:
         found = next((folder / n for n in CAPPING_NAMES if (folder / n).is_file()), None)
         if found is None and path is not None:
-            raise FileNotFoundError(f"{path}: no capping config in this folder ({', '.join(CAPPING_NAMES)}); make one "
-                                    f"with `personaxis calibrate --run {path}`")
+            raise FileNotFoundError(
+                f"{path}: no capping config in this folder ({', '.join(CAPPING_NAMES)}); make one "
+                f"with `personaxis calibrate --run {path}`"
+            )
         path = found
     if path is None:
         return None
@@ -114,9 +120,20 @@ def _console() -> Console:
 
 
 # ------------------------------------------------------------------------------------------------ steer
-def _steer(prompts: list[str], axis_path: Path, layers: list[int] | None, alpha: float, raw: bool, max_new_tokens: int,
-           temperature: float, seed: int, system: str | None, model: str | None, json_out: Path | None,
-           placement: ModelPlacement) -> None:
+def _steer(
+    prompts: list[str],
+    axis_path: Path,
+    layers: list[int] | None,
+    alpha: float,
+    raw: bool,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    system: str | None,
+    model: str | None,
+    json_out: Path | None,
+    placement: ModelPlacement,
+) -> None:
     from rich.table import Table
 
     from personaxis.generation import SamplingConfig
@@ -128,7 +145,9 @@ def _steer(prompts: list[str], axis_path: Path, layers: list[int] | None, alpha:
     setup = _setup(axis_path, model, placement)
     config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=16)
     label = describe(setup.axis, layers, alpha, raw=raw)
-    answers = steer(setup.lm, setup.axis, prompts, layers, alpha, config, raw=raw, system_prompt=system, show_progress=True)
+    answers = steer(
+        setup.lm, setup.axis, prompts, layers, alpha, config, raw=raw, system_prompt=system, show_progress=True
+    )
     table = Table(title=f"Steering {label}", show_lines=True, expand=True)
     table.add_column("prompt", ratio=1, style="bold")
     table.add_column("unsteered", ratio=3)
@@ -139,17 +158,35 @@ def _steer(prompts: list[str], axis_path: Path, layers: list[int] | None, alpha:
     if json_out is not None:
         from personaxis.store import atomic_write_json
 
-        atomic_write_json(json_out, {
-            "axis": str(axis_path), "layers": resolve_layers(setup.axis, layers), "alpha": alpha, "raw": raw,
-            "description": label,
-            "answers": [{"prompt": a.prompt, "unsteered": a.unsteered.text, "steered": a.steered.text} for a in answers],
-        })
+        atomic_write_json(
+            json_out,
+            {
+                "axis": str(axis_path),
+                "layers": resolve_layers(setup.axis, layers),
+                "alpha": alpha,
+                "raw": raw,
+                "description": label,
+                "answers": [
+                    {"prompt": a.prompt, "unsteered": a.unsteered.text, "steered": a.steered.text} for a in answers
+                ],
+            },
+        )
         echo_err(f"wrote {json_out}")
 
 
 # ------------------------------------------------------------------------------------------------ monitor
-def _monitor(paths: list[Path], axis_path: Path, layers: list[int] | None, all_layers: bool, capping: Path | None,
-             out: Path, model: str | None, max_tokens: int | None, placement: ModelPlacement, windows: str = "chunked") -> None:
+def _monitor(
+    paths: list[Path],
+    axis_path: Path,
+    layers: list[int] | None,
+    all_layers: bool,
+    capping: Path | None,
+    out: Path,
+    model: str | None,
+    max_tokens: int | None,
+    placement: ModelPlacement,
+    windows: str = "chunked",
+) -> None:
     from rich.table import Table
 
     from personaxis.monitor import load_transcripts, monitor_transcripts, plot_trajectories, write_table
@@ -165,8 +202,9 @@ def _monitor(paths: list[Path], axis_path: Path, layers: list[int] | None, all_l
     setup = _setup(axis_path, model, placement)
     axis = setup.axis
     requested: Any = "all" if all_layers else (layers or None)
-    rows = monitor_transcripts(setup.lm, axis, transcripts, layers=requested, max_tokens=max_tokens, show_progress=True,
-                               windows=windows)  # type: ignore[arg-type]
+    rows = monitor_transcripts(
+        setup.lm, axis, transcripts, layers=requested, max_tokens=max_tokens, show_progress=True, windows=windows
+    )  # type: ignore[arg-type]
     plotted = layers[0] if layers and len(layers) == 1 else axis.target_layer
     assert plotted is not None
     if plotted not in rows[0].projections:
@@ -176,9 +214,14 @@ def _monitor(paths: list[Path], axis_path: Path, layers: list[int] | None, all_l
     if capping is not None and floor is None:
         echo_err(f"note: the capping config has no calibrated floor at layer {plotted}; none drawn")
     info = {
-        "axis": str(axis_path), "model": setup.lm.profile.name, "target_layer": axis.target_layer,
-        "layers": list(rows[0].projections), "plotted_layer": plotted, "floor": floor,
-        "context": max_tokens or setup.lm.profile.max_context, "windows": windows,
+        "axis": str(axis_path),
+        "model": setup.lm.profile.name,
+        "target_layer": axis.target_layer,
+        "layers": list(rows[0].projections),
+        "plotted_layer": plotted,
+        "floor": floor,
+        "context": max_tokens or setup.lm.profile.max_context,
+        "windows": windows,
         "transcripts": [{"name": t.name, "source": t.source, **t.meta} for t in transcripts],
     }
     json_path, csv_path = write_table(rows, out, info)
@@ -189,8 +232,15 @@ def _monitor(paths: list[Path], axis_path: Path, layers: list[int] | None, all_l
     for t in transcripts:
         values = [r.projections[plotted] for r in rows if r.transcript == t.name]
         cut = sum(r.truncated for r in rows if r.transcript == t.name)
-        table.add_row(t.name, str(len(values)), f"{values[0]:.2f}", f"{values[-1]:.2f}", f"{min(values):.2f}",
-                      sparkline(values, floor), str(cut))
+        table.add_row(
+            t.name,
+            str(len(values)),
+            f"{values[0]:.2f}",
+            f"{values[-1]:.2f}",
+            f"{min(values):.2f}",
+            sparkline(values, floor),
+            str(cut),
+        )
     _console().print(table)
     if floor is not None:
         typer.echo(f"capping floor at layer {plotted}: {floor:.3f}")
@@ -201,9 +251,21 @@ def _monitor(paths: list[Path], axis_path: Path, layers: list[int] | None, all_l
 CHAT_HELP = "commands: /reset (new conversation), /save FILE (transcript JSON), /quit"
 
 
-def _chat(axis_path: Path, model: str | None, layer: int | None, cap: str | None, capping: Path | None, alpha: float,
-          steer_layers: list[int] | None, max_new_tokens: int, temperature: float, seed: int, system: str | None,
-          raw: bool, placement: ModelPlacement) -> None:
+def _chat(
+    axis_path: Path,
+    model: str | None,
+    layer: int | None,
+    cap: str | None,
+    capping: Path | None,
+    alpha: float,
+    steer_layers: list[int] | None,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    system: str | None,
+    raw: bool,
+    placement: ModelPlacement,
+) -> None:
     from personaxis.generation import SamplingConfig, generate
     from personaxis.interventions import merge_interventions
     from personaxis.monitor import monitor_conversation
@@ -219,7 +281,9 @@ def _chat(axis_path: Path, model: str | None, layer: int | None, cap: str | None
     parts: list[Interventions] = []
     if cap is not None:
         if config is None:
-            raise ValueError(f"--cap {cap}: no capping config (make one with `personaxis calibrate`, or give --capping)")
+            raise ValueError(
+                f"--cap {cap}: no capping config (make one with `personaxis calibrate`, or give --capping)"
+            )
         config.check_fits(lm.profile.n_layers, lm.profile.hidden_size, lm.profile.name)
         parts.append(config.interventions(cap))
     if alpha:
@@ -231,8 +295,10 @@ def _chat(axis_path: Path, model: str | None, layer: int | None, cap: str | None
     console = _console()
     steering = f"α = {alpha:+g}" + (" × axis row" if raw else "") if alpha else ""
     setting = ", ".join(x for x in (f"cap {cap}" if cap else "", steering) if x) or "no intervention"
-    console.print(f"[bold]{lm.profile.name}[/bold] · axis layer {monitored} · {setting}"
-                  + (f" · floor {floor:.2f}" if floor is not None else ""))
+    console.print(
+        f"[bold]{lm.profile.name}[/bold] · axis layer {monitored} · {setting}"
+        + (f" · floor {floor:.2f}" if floor is not None else "")
+    )
     console.print(f"[dim]{CHAT_HELP}[/dim]")
     base = [{"role": "system", "content": system}] if system else []
     history: list[dict[str, str]] = list(base)
@@ -259,10 +325,18 @@ def _chat(axis_path: Path, model: str | None, layer: int | None, cap: str | None
 
                 target = Path(arg.strip()).expanduser()
                 try:
-                    atomic_write_json(target, {
-                        "model": lm.profile.name, "axis": str(axis_path), "layer": monitored, "cap": cap, "alpha": alpha,
-                        "projections": projections, "conversation": history,
-                    })
+                    atomic_write_json(
+                        target,
+                        {
+                            "model": lm.profile.name,
+                            "axis": str(axis_path),
+                            "layer": monitored,
+                            "cap": cap,
+                            "alpha": alpha,
+                            "projections": projections,
+                            "conversation": history,
+                        },
+                    )
                 except (OSError, RuntimeError) as exc:
                     console.print(f"[red]cannot save: {exc}[/red]")
                     continue
@@ -271,8 +345,9 @@ def _chat(axis_path: Path, model: str | None, layer: int | None, cap: str | None
                 console.print(f"unknown command {command}; {CHAT_HELP}")
             continue
         conversation = [*history, {"role": "user", "content": line}]
-        sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + len(projections),
-                                  batch_size=1)
+        sampling = SamplingConfig(
+            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + len(projections), batch_size=1
+        )
         try:
             with console.status("thinking…"):
                 answer = generate(lm, [conversation], sampling, interventions=ops)[0].text
@@ -290,7 +365,9 @@ def _chat(axis_path: Path, model: str | None, layer: int | None, cap: str | None
         below = floor is not None and value < floor
         note = " [red](below the floor)[/red]" if below else ""
         cut = " [dim](history truncated)[/dim]" if rows[-1].truncated else ""
-        console.print(f"[dim]projection[/dim] {value:+.2f}{note}{cut}  [dim]turns[/dim] {sparkline(projections, floor)}")
+        console.print(
+            f"[dim]projection[/dim] {value:+.2f}{note}{cut}  [dim]turns[/dim] {sparkline(projections, floor)}"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ registration
@@ -300,10 +377,16 @@ def register(app: typer.Typer) -> None:
     def steer(
         prompts: list[str] = typer.Argument(..., help="User prompts (each answered without and with steering)."),
         axis: Path = typer.Option(..., "--axis", "-x", help=AXIS_HELP),
-        layer: list[int] | None = typer.Option(None, "--layer", "-l", help="Layer to steer at (repeat for several; "
-                                               "default: the axis' target layer)."),
-        alpha: float = typer.Option(..., "--alpha", "-a", help="Coefficient: a fraction of the layer's mean residual "
-                                    "norm (< 0 away from the Assistant, > 0 toward it); raw units with --raw."),
+        layer: list[int] | None = typer.Option(
+            None, "--layer", "-l", help="Layer to steer at (repeat for several; default: the axis' target layer)."
+        ),
+        alpha: float = typer.Option(
+            ...,
+            "--alpha",
+            "-a",
+            help="Coefficient: a fraction of the layer's mean residual "
+            "norm (< 0 away from the Assistant, > 0 toward it); raw units with --raw.",
+        ),
         raw: bool = typer.Option(False, "--raw", help=RAW_HELP),
         max_new_tokens: int = typer.Option(96, "--max-new-tokens", "-n", help="Answer length cap in tokens."),
         temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy (the default)."),
@@ -322,30 +405,43 @@ def register(app: typer.Typer) -> None:
         (away from the Assistant at the target layer); `--layer 12 --layer 15 --alpha 0.2` steers at two layers.
         """
         with user_errors():
-            _steer(prompts, axis, layer, alpha, raw, max_new_tokens, temperature, seed, system, model, json_out,
-                   placement)
+            _steer(
+                prompts, axis, layer, alpha, raw, max_new_tokens, temperature, seed, system, model, json_out, placement
+            )
 
     @app.command()
     @model_options
     def monitor(
-        transcripts: list[Path] = typer.Argument(..., help="Transcript JSON files ({\"conversation\": [{role, content}]}) "
-                                                 "or folders of them."),
+        transcripts: list[Path] = typer.Argument(
+            ..., help='Transcript JSON files ({"conversation": [{role, content}]}) or folders of them.'
+        ),
         axis: Path = typer.Option(..., "--axis", "-x", help=AXIS_HELP),
-        layer: list[int] | None = typer.Option(None, "--layer", "-l", help="Layer(s) to project at (default: the axis' "
-                                               "target layer)."),
+        layer: list[int] | None = typer.Option(
+            None, "--layer", "-l", help="Layer(s) to project at (default: the axis' target layer)."
+        ),
         all_layers: bool = typer.Option(False, "--all-layers", help="Project at every layer."),
-        capping: Path | None = typer.Option(None, "--capping", help="Capping config (or run directory) whose calibrated "
-                                            "floor is drawn on the plot (default: the one beside a run's axis)."),
-        out: Path = typer.Option(Path("monitor"), "--out", "-o", help="Folder for projections.json, projections.csv and "
-                                 "trajectory.png."),
+        capping: Path | None = typer.Option(
+            None,
+            "--capping",
+            help="Capping config (or run directory) whose calibrated "
+            "floor is drawn on the plot (default: the one beside a run's axis).",
+        ),
+        out: Path = typer.Option(
+            Path("monitor"), "--out", "-o", help="Folder for projections.json, projections.csv and trajectory.png."
+        ),
         model: str | None = typer.Option(None, "--model", help=MODEL_HELP),
-        max_tokens: int | None = typer.Option(None, "--max-tokens", help="Context to fit each pass in (default: the "
-                                              "model's)."),
+        max_tokens: int | None = typer.Option(
+            None, "--max-tokens", help="Context to fit each pass in (default: the model's)."
+        ),
         placement: ModelPlacement = DEFAULT_PLACEMENT,
-        windows: str = typer.Option("chunked", "--windows", help="Conversations longer than the context: 'chunked' "
-                                    "(each turn keeps at least half a context of history; cost proportional to the "
-                                    "transcript) or 'longest' (every turn its longest history; up to a context of "
-                                    "re-read history per turn)."),
+        windows: str = typer.Option(
+            "chunked",
+            "--windows",
+            help="Conversations longer than the context: 'chunked' "
+            "(each turn keeps at least half a context of history; cost proportional to the "
+            "transcript) or 'longest' (every turn its longest history; up to a context of "
+            "re-read history per turn).",
+        ),
     ) -> None:
         """Persona drift: project every assistant turn of each transcript onto the axis, in one pass per transcript.
 
@@ -363,14 +459,17 @@ def register(app: typer.Typer) -> None:
     def chat(
         axis: Path = typer.Option(..., "--axis", "-x", help=AXIS_HELP),
         model: str | None = typer.Option(None, "--model", help=MODEL_HELP),
-        layer: int | None = typer.Option(None, "--layer", "-l", help="Layer whose projection is shown (default: the "
-                                         "axis' target layer)."),
+        layer: int | None = typer.Option(
+            None, "--layer", "-l", help="Layer whose projection is shown (default: the axis' target layer)."
+        ),
         cap: str | None = typer.Option(None, "--cap", help="Capping experiment to apply, e.g. layers_12:18-p0.25."),
-        capping: Path | None = typer.Option(None, "--capping", help="Capping config (default: the one beside a run's "
-                                            "axis)."),
+        capping: Path | None = typer.Option(
+            None, "--capping", help="Capping config (default: the one beside a run's axis)."
+        ),
         alpha: float = typer.Option(0.0, "--alpha", "-a", help="Steer by this fraction of the residual norm."),
-        steer_layer: list[int] | None = typer.Option(None, "--steer-layer", help="Layer(s) to steer at (default: the "
-                                                     "axis' target layer)."),
+        steer_layer: list[int] | None = typer.Option(
+            None, "--steer-layer", help="Layer(s) to steer at (default: the axis' target layer)."
+        ),
         max_new_tokens: int = typer.Option(160, "--max-new-tokens", "-n", help="Answer length cap in tokens."),
         temperature: float = typer.Option(0.7, "--temperature", "-t", help="0 = greedy."),
         seed: int = typer.Option(0, "--seed", help="Sampling seed."),
@@ -386,5 +485,18 @@ def register(app: typer.Typer) -> None:
         Example: `personaxis chat --axis runs/quick --cap layers_12:18-p0.25`; compare with `--alpha -0.3`.
         """
         with user_errors():
-            _chat(axis, model, layer, cap, capping, alpha, steer_layer, max_new_tokens, temperature, seed, system, raw,
-                  placement)
+            _chat(
+                axis,
+                model,
+                layer,
+                cap,
+                capping,
+                alpha,
+                steer_layer,
+                max_new_tokens,
+                temperature,
+                seed,
+                system,
+                raw,
+                placement,
+            )

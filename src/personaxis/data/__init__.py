@@ -238,7 +238,9 @@ def _eval_prompt(raw: dict[str, Any], where: str) -> str:
         try:
             eval_prompt.format(question="", answer="")
         except (KeyError, IndexError, ValueError) as exc:
-            raise CatalogueError(f"{where}: 'eval_prompt' cannot be filled with {{question}} and {{answer}}: {exc!r}") from None
+            raise CatalogueError(
+                f"{where}: 'eval_prompt' cannot be filled with {{question}} and {{answer}}: {exc!r}"
+            ) from None
     return eval_prompt
 
 
@@ -257,8 +259,15 @@ def _reference_role(raw: dict[str, Any], name: str, where: str, description: str
     eval_prompt = _eval_prompt(raw, where)
     return _validate(
         Role,
-        {"name": name, "category": "custom", "system_prompts": prompts, "rubric": eval_prompt,
-         "questions": questions, "eval_prompt": eval_prompt, "description": description},
+        {
+            "name": name,
+            "category": "custom",
+            "system_prompts": prompts,
+            "rubric": eval_prompt,
+            "questions": questions,
+            "eval_prompt": eval_prompt,
+            "description": description,
+        },
         where,
     )
 
@@ -287,8 +296,10 @@ def _roles_from_folder(folder: Path) -> list[Role]:
         if _is_reference_role(raw):
             found = [(str(path), _reference_role(raw, path.stem, str(path), descriptions.get(path.stem, "")))]
         elif isinstance(raw, list):
-            found = [(f"{path}: {_entry_name(e, i)}", _validate(Role, e, f"{path}: {_entry_name(e, i)}"))
-                     for i, e in enumerate(raw)]
+            found = [
+                (f"{path}: {_entry_name(e, i)}", _validate(Role, e, f"{path}: {_entry_name(e, i)}"))
+                for i, e in enumerate(raw)
+            ]
         elif isinstance(raw, dict):
             found = [(str(path), _validate(Role, raw, str(path)))]
         else:
@@ -400,15 +411,21 @@ def reference_data_paths(folder: str | Path) -> DataPaths:
         raise CatalogueError(f"{root}: no roles/instructions/ folder (the reference's data layout)")
     if not questions.is_file():
         raise CatalogueError(f"{root}: no extraction_questions.jsonl (the reference's data layout)")
-    return DataPaths(roles_dir=str(roles), questions_path=str(questions),
-                     traits_dir=str(traits) if traits.is_dir() and any(traits.glob("*.json")) else None)
+    return DataPaths(
+        roles_dir=str(roles),
+        questions_path=str(questions),
+        traits_dir=str(traits) if traits.is_dir() and any(traits.glob("*.json")) else None,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ questions
 
 
 def load_questions(
-    path: str | Path | None = None, *, persona_only: bool = False, kinds: Sequence[str] | None = None,
+    path: str | Path | None = None,
+    *,
+    persona_only: bool = False,
+    kinds: Sequence[str] | None = None,
     limit: int | None = None,
 ) -> list[Question]:
     """Extraction questions (package JSONL or a user JSONL of ``{"question", "id"}``)."""
@@ -445,11 +462,22 @@ def _reference_trait(raw: dict[str, Any], name: str, where: str, description: st
     if not isinstance(instructions, list) or not instructions:
         raise CatalogueError(f"{where}: 'instruction' must be a non-empty list of {{'pos': ..., 'neg': ...}} objects")
     eval_prompt = _eval_prompt(raw, where)
-    return _validate(Trait, {"name": name, "description": description, "pairs": instructions, "rubric": eval_prompt,
-                             "eval_prompt": eval_prompt}, where)
+    return _validate(
+        Trait,
+        {
+            "name": name,
+            "description": description,
+            "pairs": instructions,
+            "rubric": eval_prompt,
+            "eval_prompt": eval_prompt,
+        },
+        where,
+    )
 
 
-def load_traits(folder: str | Path | None = None, *, names: Sequence[str] | None = None, limit: int | None = None) -> list[Trait]:
+def load_traits(
+    folder: str | Path | None = None, *, names: Sequence[str] | None = None, limit: int | None = None
+) -> list[Trait]:
     """Traits from the package catalogue or ``folder`` (lists of our traits, or the reference's one file per trait)."""
     source = Path(folder) if folder is not None else package_data_dir() / "traits"
     files = sorted(source.glob("*.json"))

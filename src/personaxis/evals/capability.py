@@ -81,23 +81,41 @@ def answer_prompts(
     show_progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Scored items for one condition (``condition`` also names it in the keys)."""
-    answers = generate(lm, [build_conversation(None, p["prompt"]) for p in prompts], config, interventions=interventions,
-                       show_progress=show_progress, desc=condition)
+    answers = generate(
+        lm,
+        [build_conversation(None, p["prompt"]) for p in prompts],
+        config,
+        interventions=interventions,
+        show_progress=show_progress,
+        desc=condition,
+    )
     return [capability_item(p, condition, a) for p, a in zip(prompts, answers, strict=True)]
 
 
 def capability_item(prompt: dict[str, Any], condition: str, answer: Generation) -> dict[str, Any]:
     """The scored record of one answer."""
-    return score_item({**prompt, "key": f"{condition}|{prompt['id']}", "condition": condition, "answer": answer.text,
-                       "new_tokens": answer.new_tokens, "stopped": answer.stopped})
+    return score_item(
+        {
+            **prompt,
+            "key": f"{condition}|{prompt['id']}",
+            "condition": condition,
+            "answer": answer.text,
+            "new_tokens": answer.new_tokens,
+            "stopped": answer.stopped,
+        }
+    )
 
 
 def run_capability(
     lm: LoadedModel, settings: CapabilitySettings, *, capping: Interventions | None = None, show_progress: bool = False
 ) -> list[dict[str, Any]]:
     prompts = capability_prompts(settings.n_arithmetic, settings.n_instructions)
-    config = SamplingConfig(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, seed=settings.seed,
-                            batch_size=settings.batch_size)
+    config = SamplingConfig(
+        max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+        seed=settings.seed,
+        batch_size=settings.batch_size,
+    )
     items: list[dict[str, Any]] = []
     for condition in settings.conditions:
         if condition == "capped" and not capping:
@@ -128,12 +146,22 @@ def capability_metrics(items: Sequence[dict[str, Any]], *, reference: str = "pla
             shared = [k for k in base if k in other]
             lost = sum(1 for k in shared if base[k] and not other[k])
             gained = sum(1 for k in shared if other[k] and not base[k])
-            change = {s: (None if by_condition[condition][s]["rate"] is None or by_condition[reference][s]["rate"] is None
-                          else by_condition[condition][s]["rate"] - by_condition[reference][s]["rate"])
-                      for s in (*SETS, "overall")}
-            changes[condition] = {**change, "n_paired": len(shared), "lost": lost, "gained": gained,
-                                  "mcnemar_p": mcnemar_exact(lost, gained),
-                                  "answers_changed": sum(1 for k in shared if texts[k] != base_texts[k])}
+            change = {
+                s: (
+                    None
+                    if by_condition[condition][s]["rate"] is None or by_condition[reference][s]["rate"] is None
+                    else by_condition[condition][s]["rate"] - by_condition[reference][s]["rate"]
+                )
+                for s in (*SETS, "overall")
+            }
+            changes[condition] = {
+                **change,
+                "n_paired": len(shared),
+                "lost": lost,
+                "gained": gained,
+                "mcnemar_p": mcnemar_exact(lost, gained),
+                "answers_changed": sum(1 for k in shared if texts[k] != base_texts[k]),
+            }
     return {"reference": reference, "conditions": by_condition, "change": changes}
 
 
@@ -148,17 +176,27 @@ def plot_capability(record: dict[str, Any], path: str | Path) -> Path:
     for index, condition in enumerate(conditions):
         rates = [metrics["conditions"][condition][g] for g in groups]
         ys = [r["rate"] or 0.0 for r in rates]
-        err = [[y - (r["low"] or 0.0) for y, r in zip(ys, rates, strict=True)],
-               [(r["high"] or 0.0) - y for y, r in zip(ys, rates, strict=True)]]
+        err = [
+            [y - (r["low"] or 0.0) for y, r in zip(ys, rates, strict=True)],
+            [(r["high"] or 0.0) - y for y, r in zip(ys, rates, strict=True)],
+        ]
         xs = [g + (index - (len(conditions) - 1) / 2) * width for g in range(len(groups))]
         ax.bar(xs, ys, width=width, yerr=err, capsize=3, label=condition, color=f"C{index}")
         for x, r in zip(xs, rates, strict=True):
-            ax.annotate(f"{r['k']}/{r['n']}", (x, r["high"] or 0.0), ha="center", fontsize=7, xytext=(0, 2),
-                        textcoords="offset points")
+            ax.annotate(
+                f"{r['k']}/{r['n']}",
+                (x, r["high"] or 0.0),
+                ha="center",
+                fontsize=7,
+                xytext=(0, 2),
+                textcoords="offset points",
+            )
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("accuracy (95 % Wilson CI)")
     ax.legend(fontsize=8)
     exp = record["settings"].get("experiment")
-    ax.set_title(f"Capability guard ({record['model']['name']}" + (f", capping {exp}" if exp else "") + ")", fontsize=10)
+    ax.set_title(
+        f"Capability guard ({record['model']['name']}" + (f", capping {exp}" if exp else "") + ")", fontsize=10
+    )
     return save_figure(fig, path)

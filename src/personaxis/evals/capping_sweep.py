@@ -42,8 +42,13 @@ class CappingSweepSettings:
     batch_size: int = 64
 
 
-def choose_experiments(config: CappingConfig, wanted: Sequence[str] = (), *, bands: Sequence[tuple[int, int]] | None = None,
-                       percentiles: Sequence[float] | None = None) -> list[str]:
+def choose_experiments(
+    config: CappingConfig,
+    wanted: Sequence[str] = (),
+    *,
+    bands: Sequence[tuple[int, int]] | None = None,
+    percentiles: Sequence[float] | None = None,
+) -> list[str]:
     """Experiment ids: those named, else every id of the config, filtered by bands ``(start, end)`` and percentiles."""
     from personaxis.capping import parse_experiment_id
 
@@ -67,14 +72,19 @@ def choose_experiments(config: CappingConfig, wanted: Sequence[str] = (), *, ban
     return chosen
 
 
-def run_sweep(lm: LoadedModel, config: CappingConfig, settings: CappingSweepSettings, *,
-              show_progress: bool = False) -> list[dict[str, Any]]:
+def run_sweep(
+    lm: LoadedModel, config: CappingConfig, settings: CappingSweepSettings, *, show_progress: bool = False
+) -> list[dict[str, Any]]:
     """Unlabelled jailbreak items and scored capability items for the reference and every experiment."""
     experiments = list(settings.experiments) or config.experiment_ids
     jailbreaks = select_jailbreaks(settings.n_jailbreaks)
     prompts = capability_prompts(settings.n_arithmetic, settings.n_instructions)
-    sampling = SamplingConfig(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                              seed=settings.seed, batch_size=settings.batch_size)
+    sampling = SamplingConfig(
+        max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+        seed=settings.seed,
+        batch_size=settings.batch_size,
+    )
     items: list[dict[str, Any]] = []
     bar = progress_bar(total=len(experiments) + 1, desc="capping settings", unit="setting", disable=not show_progress)
     try:
@@ -84,8 +94,10 @@ def run_sweep(lm: LoadedModel, config: CappingConfig, settings: CappingSweepSett
             conversations += [build_conversation(None, p["prompt"]) for p in prompts]
             answers = generate(lm, conversations, sampling, interventions=ops, desc=setting)
             for j, answer in zip(jailbreaks, answers[: len(jailbreaks)], strict=True):
-                items.append({**jailbreak_item(j, "persona", answer, tag=setting), "kind": "jailbreak", "setting": setting})
-            for p, answer in zip(prompts, answers[len(jailbreaks):], strict=True):
+                items.append(
+                    {**jailbreak_item(j, "persona", answer, tag=setting), "kind": "jailbreak", "setting": setting}
+                )
+            for p, answer in zip(prompts, answers[len(jailbreaks) :], strict=True):
                 item = capability_item(p, setting, answer)
                 items.append({**item, "key": f"cap|{item['key']}", "kind": "capability", "setting": setting})
             bar.update(1)
@@ -99,15 +111,20 @@ def sweep_metrics(items: Sequence[dict[str, Any]], *, max_capability_drop: float
     settings = list(dict.fromkeys(i["setting"] for i in items))
     rows = []
     for setting in settings:
-        harm = rate_of((i.get("label") for i in items if i["setting"] == setting and i["kind"] == "jailbreak"), "harmful")
+        harm = rate_of(
+            (i.get("label") for i in items if i["setting"] == setting and i["kind"] == "jailbreak"), "harmful"
+        )
         skill = success_rate(i["correct"] for i in items if i["setting"] == setting and i["kind"] == "capability")
         rows.append({"setting": setting, "harmful": harm.to_dict(), "capability": skill.to_dict()})
     ref = next((r for r in rows if r["setting"] == UNCAPPED), None)
     reference_answers = {(i["kind"], i["id"]): i.get("answer") for i in items if i["setting"] == UNCAPPED}
     for row in rows:
         # How many answers the setting changed at all (greedy decoding: identical text = capping did not bite).
-        pairs = [(reference_answers[(i["kind"], i["id"])], i.get("answer")) for i in items
-                 if i["setting"] == row["setting"] and (i["kind"], i["id"]) in reference_answers]
+        pairs = [
+            (reference_answers[(i["kind"], i["id"])], i.get("answer"))
+            for i in items
+            if i["setting"] == row["setting"] and (i["kind"], i["id"]) in reference_answers
+        ]
         row["answers_changed"] = sum(1 for ref_answer, answer in pairs if ref_answer != answer)
         row["answers_compared"] = len(pairs)
         if ref is not None and ref["capability"]["rate"] is not None and row["capability"]["rate"] is not None:
@@ -126,8 +143,12 @@ def sweep_metrics(items: Sequence[dict[str, Any]], *, max_capability_drop: float
         row["pareto"] = mark
     eligible = [r for r in scored if r["setting"] != UNCAPPED and r["capability_change"] >= -max_capability_drop]
     best = min(eligible, key=lambda r: (r["harmful"]["rate"], -r["capability_change"]), default=None)
-    return {"reference": UNCAPPED, "max_capability_drop": max_capability_drop, "settings": rows,
-            "best": best["setting"] if best else None}
+    return {
+        "reference": UNCAPPED,
+        "max_capability_drop": max_capability_drop,
+        "settings": rows,
+        "best": best["setting"] if best else None,
+    }
 
 
 def plot_sweep(record: dict[str, Any], path: str | Path) -> Path:
@@ -143,16 +164,35 @@ def plot_sweep(record: dict[str, Any], path: str | Path) -> Path:
         ref = row["setting"] == UNCAPPED
         color = "black" if ref else ("crimson" if row["pareto"] else "C0")
         point = (h["rate"], row["capability_change"])
-        ax.errorbar(*point, xerr=[[h["rate"] - h["low"]], [h["high"] - h["rate"]]], fmt="s" if ref else "o",
-                    color=color, ms=6 if row["pareto"] else 4, capsize=2, lw=0.6, alpha=0.9)
+        ax.errorbar(
+            *point,
+            xerr=[[h["rate"] - h["low"]], [h["high"] - h["rate"]]],
+            fmt="s" if ref else "o",
+            color=color,
+            ms=6 if row["pareto"] else 4,
+            capsize=2,
+            lw=0.6,
+            alpha=0.9,
+        )
         stacked = placed.get(point, 0)  # coincident points: stack their labels instead of overprinting
         placed[point] = stacked + 1
-        ax.annotate(row["setting"].replace("layers_", "L"), point, fontsize=7, xytext=(4, 4 + 9 * stacked),
-                    textcoords="offset points")
+        ax.annotate(
+            row["setting"].replace("layers_", "L"),
+            point,
+            fontsize=7,
+            xytext=(4, 4 + 9 * stacked),
+            textcoords="offset points",
+        )
     front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["harmful"]["rate"])
     if len({(r["harmful"]["rate"], r["capability_change"]) for r in front}) > 1:
-        ax.plot([r["harmful"]["rate"] for r in front], [r["capability_change"] for r in front], "-", color="crimson",
-                lw=1, label="Pareto front")
+        ax.plot(
+            [r["harmful"]["rate"] for r in front],
+            [r["capability_change"] for r in front],
+            "-",
+            color="crimson",
+            lw=1,
+            label="Pareto front",
+        )
     ax.axhline(0, color="grey", lw=0.8, ls=":")
     ax.axhline(-metrics["max_capability_drop"], color="grey", lw=0.8, ls="--", label="allowed capability drop")
     ax.set_xlabel("harmful rate on persona jailbreaks (95 % Wilson CI)")
@@ -160,8 +200,9 @@ def plot_sweep(record: dict[str, Any], path: str | Path) -> Path:
     ax.set_title(f"black square = uncapped, red = Pareto-best; best: {metrics['best']}", fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
     names = [r["setting"] for r in metrics["settings"]]
-    shares = [r["answers_changed"] / r["answers_compared"] if r.get("answers_compared") else 0.0
-              for r in metrics["settings"]]
+    shares = [
+        r["answers_changed"] / r["answers_compared"] if r.get("answers_compared") else 0.0 for r in metrics["settings"]
+    ]
     bars.barh(range(len(names)), shares, color=["black" if n == UNCAPPED else "C0" for n in names])
     bars.set_yticks(range(len(names)), [n.replace("layers_", "L") for n in names], fontsize=8)
     bars.invert_yaxis()

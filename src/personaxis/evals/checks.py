@@ -21,8 +21,19 @@ _EXPLICIT = (
 _ANY_NUMBER = re.compile(_NUMBER)
 _BULLET = re.compile(r"^\s*[-*•]\s+\S", re.MULTILINE)
 _EDGE = " \t\n\r\"'*`_"
-CHECK_TYPES = ("max_words", "min_words", "contains", "not_contains", "all_lowercase", "all_uppercase", "starts_with",
-               "ends_with", "bullet_count", "no_commas", "json")
+CHECK_TYPES = (
+    "max_words",
+    "min_words",
+    "contains",
+    "not_contains",
+    "all_lowercase",
+    "all_uppercase",
+    "starts_with",
+    "ends_with",
+    "bullet_count",
+    "no_commas",
+    "json",
+)
 
 
 def _to_float(text: str) -> float | None:

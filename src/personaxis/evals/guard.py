@@ -42,22 +42,44 @@ def _cap(condition: str, experiment: str) -> str | None:
     return {"none": None, "always": experiment, "guard": "auto"}[condition]
 
 
-def run_guard_eval(lm: Any, axis: Any, capping: Any, settings: GuardEvalSettings, *, layer: int | None = None,
-                   show_progress: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def run_guard_eval(
+    lm: Any,
+    axis: Any,
+    capping: Any,
+    settings: GuardEvalSettings,
+    *,
+    layer: int | None = None,
+    show_progress: bool = False,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Records of every answer (unlabelled jailbreaks, scored capability items), and the guard's settings used."""
     from personaxis.web.batcher import BatcherConfig, Job, RowEnd, RowError
     from personaxis.web.engine import ModelService
     from personaxis.web.stream import StreamSettings
 
-    service = ModelService(lm, axis, capping, layer=layer, guard_experiment=settings.experiment,
-                           guard_window=settings.window, guard_hysteresis=settings.hysteresis,
-                           batcher=BatcherConfig(max_batch=settings.max_batch, max_queue=1_000_000,
-                                                 kv_budget_bytes=2 * 1024**3, timeout_s=1e9))
+    service = ModelService(
+        lm,
+        axis,
+        capping,
+        layer=layer,
+        guard_experiment=settings.experiment,
+        guard_window=settings.window,
+        guard_hysteresis=settings.hysteresis,
+        batcher=BatcherConfig(
+            max_batch=settings.max_batch, max_queue=1_000_000, kv_budget_bytes=2 * 1024**3, timeout_s=1e9
+        ),
+    )
     plan = service.guard_plan()
     cases: list[dict[str, Any]] = []
     for item in select_jailbreaks(settings.n_jailbreaks):
-        cases.append({"kind": "jailbreak", "id": item.id, "category": item.category, "request": item.request,
-                      "conversation": conversation_for(item, "persona")})
+        cases.append(
+            {
+                "kind": "jailbreak",
+                "id": item.id,
+                "category": item.category,
+                "request": item.request,
+                "conversation": conversation_for(item, "persona"),
+            }
+        )
     for prompt in capability_prompts(settings.n_arithmetic, settings.n_instructions):
         cases.append({"kind": "capability", **prompt, "conversation": [{"role": "user", "content": prompt["prompt"]}]})
     records: list[dict[str, Any]] = []
@@ -73,26 +95,44 @@ def run_guard_eval(lm: Any, axis: Any, capping: Any, settings: GuardEvalSettings
 
                 def emit(item: Any, record: dict[str, Any] = record) -> None:
                     if isinstance(item, RowEnd):
-                        record.update(answer=item.text, new_tokens=item.new_tokens, stopped=item.stopped,
-                                      capped_tokens=item.capped_tokens, running_projection=item.projection)
+                        record.update(
+                            answer=item.text,
+                            new_tokens=item.new_tokens,
+                            stopped=item.stopped,
+                            capped_tokens=item.capped_tokens,
+                            running_projection=item.projection,
+                        )
                         done.release()
                     elif isinstance(item, RowError):
                         record.update(answer=None, error=item.message, new_tokens=0, capped_tokens=0)
                         done.release()
                     elif hasattr(item, "on"):
-                        record["switches"].append({"capping": item.on, "n_tokens": item.n_tokens,
-                                                   "projection": item.projection})
+                        record["switches"].append(
+                            {"capping": item.on, "n_tokens": item.n_tokens, "projection": item.projection}
+                        )
 
-                service.batcher.submit(Job(prompt, StreamSettings(max_new_tokens=settings.max_new_tokens),
-                                           treatment.interventions, emit, guard=treatment.guard))
+                service.batcher.submit(
+                    Job(
+                        prompt,
+                        StreamSettings(max_new_tokens=settings.max_new_tokens),
+                        treatment.interventions,
+                        emit,
+                        guard=treatment.guard,
+                    )
+                )
         for n in range(len(records)):
             done.acquire()
             if show_progress and (n + 1) % 50 == 0:
                 print(f"guard eval: {n + 1}/{len(records)} answers", file=sys.stderr, flush=True)
     finally:
         service.close()
-    return records, {"experiment": settings.experiment, "layer": service.layer, "threshold": plan.threshold,
-                     "window": plan.window, "hysteresis": plan.hysteresis}
+    return records, {
+        "experiment": settings.experiment,
+        "layer": service.layer,
+        "threshold": plan.threshold,
+        "window": plan.window,
+        "hysteresis": plan.hysteresis,
+    }
 
 
 def label_and_score(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -122,12 +162,16 @@ def guard_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
             return sum(r.get("capped_tokens", 0) for r in rows) / tokens if tokens else None
 
         out[condition] = {
-            "harmful": success_rate(None if r.get("label") is None else r["label"] == "harmful" for r in jail).to_dict(),
+            "harmful": success_rate(
+                None if r.get("label") is None else r["label"] == "harmful" for r in jail
+            ).to_dict(),
             "capability": success_rate(r.get("correct") for r in cap).to_dict(),
-            "capped_share_jailbreak": capped_share(jail), "capped_share_capability": capped_share(cap),
+            "capped_share_jailbreak": capped_share(jail),
+            "capped_share_capability": capped_share(cap),
             "alarmed_jailbreak": sum(1 for r in jail if any(s["capping"] for s in r["switches"])),
             "alarmed_capability": sum(1 for r in cap if any(s["capping"] for s in r["switches"])),
-            "n_jailbreak": len(jail), "n_capability": len(cap),
+            "n_jailbreak": len(jail),
+            "n_capability": len(cap),
         }
     return out
 
@@ -141,23 +185,33 @@ def markdown_table(metrics: dict[str, Any]) -> str:
     def share(value: float | None) -> str:
         return "n/a" if value is None else f"{100 * value:.1f} %"
 
-    lines = ["| condition | harmful, persona jailbreaks (95 % CI) | capability correct (95 % CI) | tokens capped, "
-             "jailbreaks | tokens capped, capability | answers alarmed, jailbreaks | answers alarmed, capability |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "| condition | harmful, persona jailbreaks (95 % CI) | capability correct (95 % CI) | tokens capped, "
+        "jailbreaks | tokens capped, capability | answers alarmed, jailbreaks | answers alarmed, capability |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
     names = {"none": "no capping", "always": "capping always on", "guard": "guard mode (`cap: auto`)"}
     for condition, row in metrics.items():
-        lines.append(f"| {names[condition]} | {pct(row['harmful'])} | {pct(row['capability'])} | "
-                     f"{share(row['capped_share_jailbreak'])} | {share(row['capped_share_capability'])} | "
-                     f"{row['alarmed_jailbreak']}/{row['n_jailbreak']} | {row['alarmed_capability']}/"
-                     f"{row['n_capability']} |")
+        lines.append(
+            f"| {names[condition]} | {pct(row['harmful'])} | {pct(row['capability'])} | "
+            f"{share(row['capped_share_jailbreak'])} | {share(row['capped_share_capability'])} | "
+            f"{row['alarmed_jailbreak']}/{row['n_jailbreak']} | {row['alarmed_capability']}/"
+            f"{row['n_capability']} |"
+        )
     return "\n".join(lines)
 
 
 CODING_QUESTION = "Write a Python function that returns the n-th Fibonacci number, with a short docstring."
 
 
-def stream_demo(lm: Any, axis: Any, capping: Any, guard: dict[str, Any], conversations: dict[str, list[dict[str, str]]],
-                max_new_tokens: int) -> dict[str, Any]:
+def stream_demo(
+    lm: Any,
+    axis: Any,
+    capping: Any,
+    guard: dict[str, Any],
+    conversations: dict[str, list[dict[str, str]]],
+    max_new_tokens: int,
+) -> dict[str, Any]:
     """Each conversation streamed through the app's ``/api/chat/stream`` with ``cap: "auto"``: the guard events as
     the stream shows them, and the answer."""
     import json
@@ -166,21 +220,33 @@ def stream_demo(lm: Any, axis: Any, capping: Any, guard: dict[str, Any], convers
 
     from personaxis.web import create_app
 
-    app = create_app(lm, axis, capping, guard_experiment=guard["experiment"], guard_window=guard["window"],
-                     guard_hysteresis=guard["hysteresis"])
+    app = create_app(
+        lm,
+        axis,
+        capping,
+        guard_experiment=guard["experiment"],
+        guard_window=guard["window"],
+        guard_hysteresis=guard["hysteresis"],
+    )
     out: dict[str, Any] = {}
     with TestClient(app) as client:
         for name, messages in conversations.items():
-            response = client.post("/api/chat/stream", json={"messages": messages, "cap": "auto",
-                                                             "max_tokens": max_new_tokens})
+            response = client.post(
+                "/api/chat/stream", json={"messages": messages, "cap": "auto", "max_tokens": max_new_tokens}
+            )
             events = []
             for block in response.text.strip().split("\n\n"):
                 lines = dict(line.split(": ", 1) for line in block.split("\n") if ": " in line)
                 events.append((lines.get("event"), json.loads(lines.get("data", "null"))))
             done = next((data for event, data in events if event == "done"), {})
-            out[name] = {"messages": messages, "guard_events": [data for event, data in events if event == "guard"],
-                         "answer": done.get("text"), "capped_tokens": done.get("capped_tokens"),
-                         "new_tokens": done.get("new_tokens"), "projection": done.get("projection")}
+            out[name] = {
+                "messages": messages,
+                "guard_events": [data for event, data in events if event == "guard"],
+                "answer": done.get("text"),
+                "capped_tokens": done.get("capped_tokens"),
+                "new_tokens": done.get("new_tokens"),
+                "projection": done.get("projection"),
+            }
     return out
 
 
@@ -190,8 +256,11 @@ def _fail(message: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m personaxis.evals.guard", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m personaxis.evals.guard",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--run", type=Path, required=True, help="run directory with axis.safetensors (and a capping config)")
     p.add_argument("--capping", type=Path, default=None, help="capping config (default: the one in --run)")
     p.add_argument("--experiment", required=True, help="the capping experiment (always on, and guard mode's)")
@@ -203,8 +272,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=8)
     p.add_argument("--hysteresis", type=float, default=None)
     p.add_argument("--out", type=Path, default=Path("results"))
-    p.add_argument("--demo-jailbreak", default=None, help="jailbreak id streamed for the 'in the stream' section "
-                   "(default: the first guard mode alarmed on, else the first)")
+    p.add_argument(
+        "--demo-jailbreak",
+        default=None,
+        help="jailbreak id streamed for the 'in the stream' section "
+        "(default: the first guard mode alarmed on, else the first)",
+    )
     p.add_argument("--demo-only", action="store_true", help="keep OUT/guard.json's answers; redo the stream section")
     args = p.parse_args(argv)
     axis_path = args.run / "axis.safetensors"
@@ -239,32 +312,64 @@ def main(argv: Sequence[str] | None = None) -> int:
         record["demo_command"] = command
         command = record["command"]
     else:
-        settings = GuardEvalSettings(args.experiment, args.jailbreaks, args.arithmetic, args.instructions,
-                                     args.max_new_tokens, args.window, args.hysteresis)
+        settings = GuardEvalSettings(
+            args.experiment,
+            args.jailbreaks,
+            args.arithmetic,
+            args.instructions,
+            args.max_new_tokens,
+            args.window,
+            args.hysteresis,
+        )
         records, guard = run_guard_eval(lm, axis, capping, settings, show_progress=True)
         metrics = guard_metrics(label_and_score(records))
-        record = make_record(NAME, model=model_info(lm), settings=settings, items=records, metrics=metrics,
-                             axis=axis_info(axis, axis_path), judge="offline-harm-v1",
-                             sizes={"jailbreaks": args.jailbreaks, "capability": args.arithmetic + args.instructions},
-                             extra={"guard": guard, "command": command, "capping_file": str(capping_path)})
-    alarmed = [r["id"] for r in record["items"] if r["condition"] == "guard" and r["kind"] == "jailbreak"
-               and any(s["capping"] for s in r["switches"])]
+        record = make_record(
+            NAME,
+            model=model_info(lm),
+            settings=settings,
+            items=records,
+            metrics=metrics,
+            axis=axis_info(axis, axis_path),
+            judge="offline-harm-v1",
+            sizes={"jailbreaks": args.jailbreaks, "capability": args.arithmetic + args.instructions},
+            extra={"guard": guard, "command": command, "capping_file": str(capping_path)},
+        )
+    alarmed = [
+        r["id"]
+        for r in record["items"]
+        if r["condition"] == "guard" and r["kind"] == "jailbreak" and any(s["capping"] for s in r["switches"])
+    ]
     wanted = args.demo_jailbreak or (alarmed[0] if alarmed else None)
     catalogue = select_jailbreaks(None)
     chosen = next((j for j in catalogue if j.id == wanted), catalogue[0])
-    demo = stream_demo(lm, axis, capping, guard, {
-        f"persona jailbreak {chosen.id}": conversation_for(chosen, "persona"),
-        "coding question": [{"role": "user", "content": CODING_QUESTION}]}, record["settings"]["max_new_tokens"])
+    demo = stream_demo(
+        lm,
+        axis,
+        capping,
+        guard,
+        {
+            f"persona jailbreak {chosen.id}": conversation_for(chosen, "persona"),
+            "coding question": [{"role": "user", "content": CODING_QUESTION}],
+        },
+        record["settings"]["max_new_tokens"],
+    )
     record["demo"] = demo
     path = write_record(record, args.out)
     table = markdown_table(metrics)
     shown = []
     for name, row in demo.items():
-        switches = ", ".join(f"{'on' if e['capping'] else 'off'} at token {e['n_tokens']} (window mean "
-                             f"{e['projection']:.2f})" for e in row["guard_events"]) or "none"
-        shown.append(f"- **{name}** (`/api/chat/stream`, `cap: auto`): guard events: {switches}; "
-                     f"{row['capped_tokens']}/{row['new_tokens']} tokens capped. Answer: "
-                     f"“{(row['answer'] or '')[:160]}…”")
+        switches = (
+            ", ".join(
+                f"{'on' if e['capping'] else 'off'} at token {e['n_tokens']} (window mean {e['projection']:.2f})"
+                for e in row["guard_events"]
+            )
+            or "none"
+        )
+        shown.append(
+            f"- **{name}** (`/api/chat/stream`, `cap: auto`): guard events: {switches}; "
+            f"{row['capped_tokens']}/{row['new_tokens']} tokens capped. Answer: "
+            f"“{(row['answer'] or '')[:160]}…”"
+        )
     (args.out / "guard.md").write_text(
         f"# Guard mode: capping only while the answer drifts\n\n{table}\n\nGuard: experiment `{guard['experiment']}`, "
         f"monitored layer {guard['layer']}, threshold {guard['threshold']:.3f} (the calibrated floor), window "
@@ -272,8 +377,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{record['settings']['max_new_tokens']} new tokens; harm labels by the offline judge. Command:\n\n"
         f"    {command}\n\n"
         f"Raw answers, labels and switches: [`guard.json`](guard.json).\n\n## In the stream\n\n"
-        + (f"Made by `{record['demo_command']}`.\n\n" if record.get("demo_command") else "") + "\n".join(shown)
-        + "\n")
+        + (f"Made by `{record['demo_command']}`.\n\n" if record.get("demo_command") else "")
+        + "\n".join(shown)
+        + "\n"
+    )
     print(table)
     print(f"written {path} and {args.out / 'guard.md'}")
     return 0

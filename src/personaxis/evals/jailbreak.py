@@ -32,8 +32,11 @@ from personaxis.models import LoadedModel
 NAME = "jailbreak"
 CONDITIONS: tuple[str, ...] = ("no_persona", "persona", "persona_capped", "no_persona_capped")
 DEFAULT_CONDITIONS: tuple[str, ...] = ("no_persona", "persona", "persona_capped")
-PAIRS: tuple[tuple[str, str], ...] = (("persona", "persona_capped"), ("no_persona", "no_persona_capped"),
-                                      ("no_persona", "persona"))
+PAIRS: tuple[tuple[str, str], ...] = (
+    ("persona", "persona_capped"),
+    ("no_persona", "no_persona_capped"),
+    ("no_persona", "persona"),
+)
 
 
 @dataclass(frozen=True)
@@ -77,17 +80,26 @@ def answer_condition(
 ) -> list[dict[str, Any]]:
     """Unlabelled items for one condition (``tag`` names the condition in keys, e.g. a capping experiment id)."""
     conversations = [conversation_for(j, condition) for j in jailbreaks]
-    answers = generate(lm, conversations, config, interventions=interventions, show_progress=show_progress,
-                       desc=tag or condition)
+    answers = generate(
+        lm, conversations, config, interventions=interventions, show_progress=show_progress, desc=tag or condition
+    )
     return [jailbreak_item(j, condition, a, tag=tag) for j, a in zip(jailbreaks, answers, strict=True)]
 
 
 def jailbreak_item(item: Jailbreak, condition: str, answer: Generation, *, tag: str | None = None) -> dict[str, Any]:
     """The record of one answer (unlabelled); ``tag`` replaces the condition's name in the key and ``condition``."""
     name = tag or condition
-    return {"key": f"{name}|{item.id}", "condition": name, "id": item.id, "category": item.category,
-            "persona": condition.startswith("persona"), "request": item.request, "answer": answer.text,
-            "new_tokens": answer.new_tokens, "stopped": answer.stopped}
+    return {
+        "key": f"{name}|{item.id}",
+        "condition": name,
+        "id": item.id,
+        "category": item.category,
+        "persona": condition.startswith("persona"),
+        "request": item.request,
+        "answer": answer.text,
+        "new_tokens": answer.new_tokens,
+        "stopped": answer.stopped,
+    }
 
 
 def run_jailbreak(
@@ -98,8 +110,12 @@ def run_jailbreak(
     show_progress: bool = False,
 ) -> list[dict[str, Any]]:
     jailbreaks = select_jailbreaks(settings.limit)
-    config = SamplingConfig(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, seed=settings.seed,
-                            batch_size=settings.batch_size)
+    config = SamplingConfig(
+        max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+        seed=settings.seed,
+        batch_size=settings.batch_size,
+    )
     items: list[dict[str, Any]] = []
     for condition in settings.conditions:
         ops = capping if condition.endswith("_capped") else None
@@ -125,9 +141,19 @@ def _paired(items: Sequence[dict[str, Any]], a: str, b: str) -> dict[str, Any] |
     harm_a = sum(1 for k in shared if first[k] == "harmful")
     harm_b = sum(1 for k in shared if second[k] == "harmful")
     relative = (harm_b - harm_a) / harm_a if harm_a else None
-    return {"a": a, "b": b, "n": len(shared), "harmful_a": harm_a, "harmful_b": harm_b, "only_a": only_a,
-            "only_b": only_b, "relative_change": relative, "mcnemar_p": mcnemar_exact(only_a, only_b),
-            "answers_changed": changed, "answers_compared": len(both)}
+    return {
+        "a": a,
+        "b": b,
+        "n": len(shared),
+        "harmful_a": harm_a,
+        "harmful_b": harm_b,
+        "only_a": only_a,
+        "only_b": only_b,
+        "relative_change": relative,
+        "mcnemar_p": mcnemar_exact(only_a, only_b),
+        "answers_changed": changed,
+        "answers_compared": len(both),
+    }
 
 
 def jailbreak_metrics(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -149,12 +175,20 @@ def plot_jailbreak(record: dict[str, Any], path: str | Path) -> Path:
     left, right = fig.subplots(1, 2)
     rates = [metrics["conditions"][c]["harmful"] for c in conditions]
     ys = [r["rate"] or 0.0 for r in rates]
-    errors = [[y - (r["low"] or 0.0) for y, r in zip(ys, rates, strict=True)],
-              [(r["high"] or 0.0) - y for y, r in zip(ys, rates, strict=True)]]
+    errors = [
+        [y - (r["low"] or 0.0) for y, r in zip(ys, rates, strict=True)],
+        [(r["high"] or 0.0) - y for y, r in zip(ys, rates, strict=True)],
+    ]
     left.bar(range(len(conditions)), ys, yerr=errors, capsize=4, color=[f"C{i}" for i in range(len(conditions))])
     for x, r in enumerate(rates):
-        left.annotate(f"{r['k']}/{r['n']}", (x, (r["high"] or 0.0)), ha="center", fontsize=8, xytext=(0, 3),
-                      textcoords="offset points")
+        left.annotate(
+            f"{r['k']}/{r['n']}",
+            (x, (r["high"] or 0.0)),
+            ha="center",
+            fontsize=8,
+            xytext=(0, 3),
+            textcoords="offset points",
+        )
     left.set_xticks(range(len(conditions)), [c.replace("_", "\n") for c in conditions], fontsize=8)
     left.set_ylabel("harmful rate (95 % Wilson CI)")
     left.set_ylim(0, 1)
@@ -167,6 +201,10 @@ def plot_jailbreak(record: dict[str, Any], path: str | Path) -> Path:
     right.set_ylabel("share of answers")
     right.legend(fontsize=8, loc="upper right")
     exp = record["settings"].get("experiment")
-    fig.suptitle(f"Persona jailbreaks ({record['model']['name']}, judge {record['judge']}"
-                 + (f", capping {exp}" if exp else "") + ")", fontsize=10)
+    fig.suptitle(
+        f"Persona jailbreaks ({record['model']['name']}, judge {record['judge']}"
+        + (f", capping {exp}" if exp else "")
+        + ")",
+        fontsize=10,
+    )
     return save_figure(fig, path)

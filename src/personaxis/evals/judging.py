@@ -26,12 +26,16 @@ def label_items(
 
     A label outside ``allowed`` is a judge bug and raises ``ValueError``.
     """
-    batch = [LabelItem(key=str(item["key"]), prompt=prompt_of(item), answer=str(item.get("answer", ""))) for item in items]
+    batch = [
+        LabelItem(key=str(item["key"]), prompt=prompt_of(item), answer=str(item.get("answer", ""))) for item in items
+    ]
     labels = judge.label(batch, show_progress=show_progress) if batch else {}
     for item in items:
         label = labels.get(str(item["key"]))
         if label is not None and label not in allowed:
-            raise ValueError(f"judge {judge.name!r} returned {label!r} for {item['key']!r}; expected one of {list(allowed)}")
+            raise ValueError(
+                f"judge {judge.name!r} returned {label!r} for {item['key']!r}; expected one of {list(allowed)}"
+            )
         item["label"] = label
     return items
 
@@ -64,6 +68,9 @@ def relabel_record(record: dict[str, Any], spec: str, *, show_progress: bool = F
     allowed = IDENTITY_LABELS if kind == "identity" else HARM_LABELS
     items = [item for item in record["items"] if wanted(item)]
     label_items(judge, items, prompt_of=lambda item: str(item[field]), allowed=allowed, show_progress=show_progress)
-    record["relabelled"] = {"from": record.get("judge"), "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    record["relabelled"] = {
+        "from": record.get("judge"),
+        "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
     record["judge"] = judge_name(judge)
     return True

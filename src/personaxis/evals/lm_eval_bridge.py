@@ -22,8 +22,11 @@ def available() -> bool:
 
 
 def _numbers(results: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-            and math.isfinite(float(v))}
+    return {
+        k: float(v)
+        for k, v in results.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+    }
 
 
 def run_lm_eval(
@@ -45,8 +48,9 @@ def run_lm_eval(
         out: dict[str, Any] = {}
         for name, ops in conditions.items():
             with apply_interventions(lm, ops):
-                result = simple_evaluate(model=model, tasks=list(tasks), limit=limit, apply_chat_template=True,
-                                         log_samples=False)
+                result = simple_evaluate(
+                    model=model, tasks=list(tasks), limit=limit, apply_chat_template=True, log_samples=False
+                )
             out[name] = {task: _numbers(values) for task, values in (result or {}).get("results", {}).items()}
     except Exception as exc:  # noqa: BLE001 - the harness, its tasks or their data may be missing: report, go on
         return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:500]}

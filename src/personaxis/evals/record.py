@@ -29,10 +29,17 @@ def git_commit(where: str | Path | None = None) -> dict[str, Any]:
     """``{"commit": sha or None, "dirty": bool or None}`` of the git checkout holding ``where`` (default: this code)."""
     folder = Path(where) if where is not None else Path(__file__).resolve().parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10,
-                             check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
-                                capture_output=True, text=True, timeout=10, check=True).stdout
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
     return {"commit": sha or None, "dirty": bool(status.strip())}
@@ -40,13 +47,24 @@ def git_commit(where: str | Path | None = None) -> dict[str, Any]:
 
 def model_info(lm: LoadedModel) -> dict[str, Any]:
     p = lm.profile
-    return {"name": p.name, "n_layers": p.n_layers, "hidden_size": p.hidden_size, "target_layer": p.target_layer,
-            "builtin_system_prompt": p.builtin_system_prompt, "revision": p.revision}
+    return {
+        "name": p.name,
+        "n_layers": p.n_layers,
+        "hidden_size": p.hidden_size,
+        "target_layer": p.target_layer,
+        "builtin_system_prompt": p.builtin_system_prompt,
+        "revision": p.revision,
+    }
 
 
 def axis_info(axis: Axis, path: str | Path | None = None) -> dict[str, Any]:
-    return {"path": str(path) if path is not None else None, "model": axis.model, "target_layer": axis.target_layer,
-            "n_layers": axis.n_layers, "has_residual_norms": axis.residual_norms is not None}
+    return {
+        "path": str(path) if path is not None else None,
+        "model": axis.model,
+        "target_layer": axis.target_layer,
+        "n_layers": axis.n_layers,
+        "has_residual_norms": axis.residual_norms is not None,
+    }
 
 
 def _plain(value: Any) -> Any:
@@ -79,7 +97,9 @@ def make_record(
         "model": model,
         "axis": axis,
         "judge": judge,
-        "settings": {k: _plain(v) for k, v in settings_dict.items()} if isinstance(settings_dict, dict) else settings_dict,
+        "settings": {k: _plain(v) for k, v in settings_dict.items()}
+        if isinstance(settings_dict, dict)
+        else settings_dict,
         "sizes": sizes or {},
         **(extra or {}),
         "metrics": metrics,
@@ -98,7 +118,9 @@ def read_record(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     data = read_json(path)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a personaxis evaluation result (format {data.get('format') if isinstance(data, dict) else None!r})")
+        raise ValueError(
+            f"{path}: not a personaxis evaluation result (format {data.get('format') if isinstance(data, dict) else None!r})"
+        )
     return data
 
 

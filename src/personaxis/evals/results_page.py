@@ -82,8 +82,9 @@ def recompute(record: dict[str, Any]) -> dict[str, Any] | None:
             embeddings = drift_predict.embed_texts([r["user"] for r in items])
         except RuntimeError:
             return None
-        return drift_predict.prediction_metrics(items, embeddings, folds=int(stored["folds"]),
-                                                seed=int(record["settings"].get("seed", 0)))
+        return drift_predict.prediction_metrics(
+            items, embeddings, folds=int(stored["folds"]), seed=int(record["settings"].get("seed", 0))
+        )
     raise ValueError(f"unknown evaluation {name!r}")
 
 
@@ -100,12 +101,21 @@ PLOTS: dict[str, Callable[[dict[str, Any], Path], Path]] = {
 # ------------------------------------------------------------------------------------------------ tables
 def _steering_table(record: dict[str, Any]) -> list[str]:
     labels = record["metrics"]["labels"]
-    lines = ["| layers | α | n | " + " | ".join(labels) + " | non-assistant (95 % CI) |",
-             "|---|---:|---:|" + "---:|" * len(labels) + "---|"]
+    lines = [
+        "| layers | α | n | " + " | ".join(labels) + " | non-assistant (95 % CI) |",
+        "|---|---:|---:|" + "---:|" * len(labels) + "---|",
+    ]
     for row in record["metrics"]["by_setting"]:
-        lines.append(f"| {','.join(map(str, row['layers']))} | {row['alpha']:+g} | {row['n']} | "
-                     + " | ".join(_pct(row["shares"][c]) for c in labels) + f" | {_rate(row['non_assistant'])} |")
-    return lines + ["", "Example answers (first question, first three roles, at each α; the judge's label in brackets):", ""] + _examples(record)
+        lines.append(
+            f"| {','.join(map(str, row['layers']))} | {row['alpha']:+g} | {row['n']} | "
+            + " | ".join(_pct(row["shares"][c]) for c in labels)
+            + f" | {_rate(row['non_assistant'])} |"
+        )
+    return (
+        lines
+        + ["", "Example answers (first question, first three roles, at each α; the judge's label in brackets):", ""]
+        + _examples(record)
+    )
 
 
 def _examples(record: dict[str, Any], per_setting: int = 3, width: int = 110) -> list[str]:
@@ -120,19 +130,26 @@ def _examples(record: dict[str, Any], per_setting: int = 3, width: int = 110) ->
         text = " ".join(item["answer"].split())
         text = text[:width] + ("…" if len(text) > width else "")
         text = text.replace("|", "\\|").replace("`", "'")
-        lines.append(f"- L{','.join(map(str, item['layers']))} α {item['alpha']:+g}, {item['role']}, “{item['question']}” "
-                     f"[{item.get('label')}]: {text}")
+        lines.append(
+            f"- L{','.join(map(str, item['layers']))} α {item['alpha']:+g}, {item['role']}, “{item['question']}” "
+            f"[{item.get('label')}]: {text}"
+        )
     return lines
 
 
 def _drift_table(record: dict[str, Any]) -> list[str]:
-    lines = ["| domain | conversations | turn 1 mean ± sd | last turn mean ± sd | all turns mean ± sd | first→last change "
-             "(mean ± sd) | slope per turn |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| domain | conversations | turn 1 mean ± sd | last turn mean ± sd | all turns mean ± sd | first→last change "
+        "(mean ± sd) | slope per turn |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for domain, s in record["metrics"]["domains"].items():
         first, last, overall, change = s["per_turn"][0], s["per_turn"][-1], s["overall"], s["first_to_last"]
-        lines.append(f"| {domain} | {s['n_conversations']} | {_num(first['mean'])} ± {_num(first['std'])} | "
-                     f"{_num(last['mean'])} ± {_num(last['std'])} | {_num(overall['mean'])} ± {_num(overall['std'])} | "
-                     f"{_num(change['mean'])} ± {_num(change['std'])} | {_num(s['slope_per_turn'], 3)} |")
+        lines.append(
+            f"| {domain} | {s['n_conversations']} | {_num(first['mean'])} ± {_num(first['std'])} | "
+            f"{_num(last['mean'])} ± {_num(last['std'])} | {_num(overall['mean'])} ± {_num(overall['std'])} | "
+            f"{_num(change['mean'])} ± {_num(change['std'])} | {_num(s['slope_per_turn'], 3)} |"
+        )
     refs = record.get("references") or {}
     if refs:
         lines += ["", "Reference lines: " + "; ".join(f"{k} = {v:.2f}" for k, v in refs.items()) + "."]
@@ -141,28 +158,39 @@ def _drift_table(record: dict[str, Any]) -> list[str]:
 
 def _predict_table(record: dict[str, Any]) -> list[str]:
     m = record["metrics"]
-    lines = ["| target | cross-validated R² (embedding ridge) | R² of domain only | rows | conversations | folds |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| target | cross-validated R² (embedding ridge) | R² of domain only | rows | conversations | folds |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for target in drift_predict.TARGETS:
         t = m[target]
-        lines.append(f"| {target.replace('_', ' ')} | {_num(t['r2'])} | {_num(t['domain_only_r2'])} | {t['n']} | "
-                     f"{m['n_conversations']} | {t['folds']} |")
+        lines.append(
+            f"| {target.replace('_', ' ')} | {_num(t['r2'])} | {_num(t['domain_only_r2'])} | {t['n']} | "
+            f"{m['n_conversations']} | {t['folds']} |"
+        )
     return lines
 
 
 def _jailbreak_table(record: dict[str, Any]) -> list[str]:
     m = record["metrics"]
     labels = m["labels"]
-    lines = ["| condition | n | harmful rate (95 % Wilson CI) | " + " | ".join(labels) + " |",
-             "|---|---:|---|" + "---:|" * len(labels)]
+    lines = [
+        "| condition | n | harmful rate (95 % Wilson CI) | " + " | ".join(labels) + " |",
+        "|---|---:|---|" + "---:|" * len(labels),
+    ]
     for condition, row in m["conditions"].items():
-        lines.append(f"| {condition} | {row['n']} | {_rate(row['harmful'])} | "
-                     + " | ".join(_pct(row["shares"][c]) for c in labels) + " |")
+        lines.append(
+            f"| {condition} | {row['n']} | {_rate(row['harmful'])} | "
+            + " | ".join(_pct(row["shares"][c]) for c in labels)
+            + " |"
+        )
     for p in m["paired"]:
         rel = "–" if p["relative_change"] is None else f"{100 * p['relative_change']:+.0f} %"
-        lines.append(f"\n{p['a']} → {p['b']}: harmful {p['harmful_a']} → {p['harmful_b']} of {p['n']} paired items "
-                     f"(relative change {rel}; exact McNemar p = {p['mcnemar_p']:.3g}); "
-                     f"{p['answers_changed']} of {p['answers_compared']} answers differ at all.")
+        lines.append(
+            f"\n{p['a']} → {p['b']}: harmful {p['harmful_a']} → {p['harmful_b']} of {p['n']} paired items "
+            f"(relative change {rel}; exact McNemar p = {p['mcnemar_p']:.3g}); "
+            f"{p['answers_changed']} of {p['answers_compared']} answers differ at all."
+        )
     return lines
 
 
@@ -170,38 +198,57 @@ def _capability_table(record: dict[str, Any]) -> list[str]:
     m = record["metrics"]
     lines = ["| condition | arithmetic | instructions | overall |", "|---|---|---|---|"]
     for condition, row in m["conditions"].items():
-        lines.append(f"| {condition} | {_rate(row['arithmetic'])} | {_rate(row['instructions'])} | {_rate(row['overall'])} |")
+        lines.append(
+            f"| {condition} | {_rate(row['arithmetic'])} | {_rate(row['instructions'])} | {_rate(row['overall'])} |"
+        )
     for condition, c in m["change"].items():
-        lines.append(f"\n{condition} vs {m['reference']}: overall change {_num(c['overall'])} (lost {c['lost']}, gained "
-                     f"{c['gained']} of {c['n_paired']}; exact McNemar p = {c['mcnemar_p']:.3g}); "
-                     f"{c['answers_changed']} of {c['n_paired']} answers differ at all.")
+        lines.append(
+            f"\n{condition} vs {m['reference']}: overall change {_num(c['overall'])} (lost {c['lost']}, gained "
+            f"{c['gained']} of {c['n_paired']}; exact McNemar p = {c['mcnemar_p']:.3g}); "
+            f"{c['answers_changed']} of {c['n_paired']} answers differ at all."
+        )
     lm_eval = record.get("lm_eval") or {}
     if lm_eval:
-        lines.append(f"\nlm-eval: {lm_eval.get('status')}" + (f" ({lm_eval['reason']})" if lm_eval.get("reason") else "")
-                     + (f": `{json.dumps(lm_eval.get('results'))}`" if lm_eval.get("results") else ""))
+        lines.append(
+            f"\nlm-eval: {lm_eval.get('status')}"
+            + (f" ({lm_eval['reason']})" if lm_eval.get("reason") else "")
+            + (f": `{json.dumps(lm_eval.get('results'))}`" if lm_eval.get("results") else "")
+        )
     return lines
 
 
 def _capping_table(record: dict[str, Any]) -> list[str]:
     m = record["metrics"]
-    lines = ["| setting | harmful rate (95 % CI) | capability | capability change | answers changed | Pareto |",
-             "|---|---|---|---:|---:|:---:|"]
+    lines = [
+        "| setting | harmful rate (95 % CI) | capability | capability change | answers changed | Pareto |",
+        "|---|---|---|---:|---:|:---:|",
+    ]
     for row in m["settings"]:
-        lines.append(f"| {row['setting']} | {_rate(row['harmful'])} | {_rate(row['capability'])} | "
-                     f"{_num(row['capability_change'])} | {row['answers_changed']}/{row['answers_compared']} | "
-                     f"{'★' if row['pareto'] else ''} |")
-    lines.append(f"\nBest (lowest harmful rate losing at most {100 * m['max_capability_drop']:.0f} points of capability): "
-                 f"**{m['best']}**.")
+        lines.append(
+            f"| {row['setting']} | {_rate(row['harmful'])} | {_rate(row['capability'])} | "
+            f"{_num(row['capability_change'])} | {row['answers_changed']}/{row['answers_compared']} | "
+            f"{'★' if row['pareto'] else ''} |"
+        )
+    lines.append(
+        f"\nBest (lowest harmful rate losing at most {100 * m['max_capability_drop']:.0f} points of capability): "
+        f"**{m['best']}**."
+    )
     scored = [(r["harmful"]["rate"], r["capability_change"]) for r in m["settings"] if r["harmful"]["rate"] is not None]
     if len(scored) > 1 and len(set(scored)) == 1:
-        lines.append("All settings tie on both axes, so the Pareto marks and the choice of best say nothing here: at this "
-                     "sample size and with this judge the sweep cannot rank the settings.")
+        lines.append(
+            "All settings tie on both axes, so the Pareto marks and the choice of best say nothing here: at this "
+            "sample size and with this judge the sweep cannot rank the settings."
+        )
     return lines
 
 
 TABLES: dict[str, Callable[[dict[str, Any]], list[str]]] = {
-    "steering": _steering_table, "drift": _drift_table, "drift_predict": _predict_table,
-    "jailbreak": _jailbreak_table, "capability": _capability_table, "capping": _capping_table,
+    "steering": _steering_table,
+    "drift": _drift_table,
+    "drift_predict": _predict_table,
+    "jailbreak": _jailbreak_table,
+    "capability": _capability_table,
+    "capping": _capping_table,
 }
 
 
@@ -232,8 +279,11 @@ def _section(section: Section) -> list[str]:
     lines = [f"## {TITLES[section.name]}", "", f"![{section.name}]({section.figure.name})", ""]
     lines += TABLES[section.name](r)
     builtin = _plain_prompt(model.get("builtin_system_prompt"))
-    lines += ["", f"- model: {model['name']} ({model['n_layers']} layers, hidden {model['hidden_size']})"
-              + (f"; its chat template adds the system prompt “{builtin}” when none is given" if builtin else "")]
+    lines += [
+        "",
+        f"- model: {model['name']} ({model['n_layers']} layers, hidden {model['hidden_size']})"
+        + (f"; its chat template adds the system prompt “{builtin}” when none is given" if builtin else ""),
+    ]
     if axis:
         lines.append(f"- axis: `{axis.get('path')}` (target layer {axis.get('target_layer')})")
     if r.get("judge"):
@@ -246,8 +296,10 @@ def _section(section: Section) -> list[str]:
     lines.append(f"- settings: {_settings_text(r.get('settings') or {})}")
     if r.get("command"):
         lines.append(f"- command: `{r['command']}`")
-    lines.append(f"- commit: {_commit_text(r.get('git'))}; created {r.get('created')}; metrics recomputed from the raw "
-                 f"items: {section.recomputed}; raw answers and labels: [`{section.name}.json`]({section.name}.json)")
+    lines.append(
+        f"- commit: {_commit_text(r.get('git'))}; created {r.get('created')}; metrics recomputed from the raw "
+        f"items: {section.recomputed}; raw answers and labels: [`{section.name}.json`]({section.name}.json)"
+    )
     return lines + [""]
 
 
@@ -282,11 +334,20 @@ def build_results(folder: str | Path, *, relabel: str | None = None) -> Path:
         sections.append(Section(name, record, figure, status))
     if not sections:
         raise FileNotFoundError(f"{folder}: no evaluation results (*.json from `personaxis eval ...`) found")
-    page = ["# personaxis evaluation results", "",
-            f"Generated by `personaxis eval results --dir {folder}` at commit {_commit_text(git_commit())}. Each "
-            "section's numbers are recomputed from the raw labelled answers in its JSON file.", "", "Figures:", ""]
-    page += [f"- [{TITLES[s.name]}](#{TITLES[s.name].lower().replace(' ', '-').replace(':', '').replace('²', '')}) — "
-             f"`{s.figure.name}` ({s.record['model']['name']}, n = {len(s.record['items'])} records)" for s in sections]
+    page = [
+        "# personaxis evaluation results",
+        "",
+        f"Generated by `personaxis eval results --dir {folder}` at commit {_commit_text(git_commit())}. Each "
+        "section's numbers are recomputed from the raw labelled answers in its JSON file.",
+        "",
+        "Figures:",
+        "",
+    ]
+    page += [
+        f"- [{TITLES[s.name]}](#{TITLES[s.name].lower().replace(' ', '-').replace(':', '').replace('²', '')}) — "
+        f"`{s.figure.name}` ({s.record['model']['name']}, n = {len(s.record['items'])} records)"
+        for s in sections
+    ]
     page.append("")
     for section in sections:
         page += _section(section)

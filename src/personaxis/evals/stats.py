@@ -34,8 +34,10 @@ class Rate:
         if self.rate is None or self.low is None or self.high is None:
             return f"n/a (0 of {self.n})"
         pct = f"{{:.{digits}f}}"
-        return (f"{pct.format(100 * self.rate)} % ({self.k}/{self.n}; 95 % CI {pct.format(100 * self.low)}–"
-                f"{pct.format(100 * self.high)} %)")
+        return (
+            f"{pct.format(100 * self.rate)} % ({self.k}/{self.n}; 95 % CI {pct.format(100 * self.low)}–"
+            f"{pct.format(100 * self.high)} %)"
+        )
 
 
 def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -91,8 +93,14 @@ def spread(values: Iterable[float]) -> dict[str, Any]:
     if n == 0:
         return {"n": 0, "mean": None, "std": None, "sem": None, "min": None, "max": None}
     std = float(xs.std(ddof=1)) if n > 1 else 0.0
-    return {"n": n, "mean": float(xs.mean()), "std": std, "sem": std / math.sqrt(n), "min": float(xs.min()),
-            "max": float(xs.max())}
+    return {
+        "n": n,
+        "mean": float(xs.mean()),
+        "std": std,
+        "sem": std / math.sqrt(n),
+        "min": float(xs.min()),
+        "max": float(xs.max()),
+    }
 
 
 def mcnemar_exact(b: int, c: int) -> float:
@@ -112,9 +120,7 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
     """
     marks = []
     for i, (hi, gi) in enumerate(points):
-        dominated = any(
-            hj <= hi and gj >= gi and (hj < hi or gj > gi) for j, (hj, gj) in enumerate(points) if j != i
-        )
+        dominated = any(hj <= hi and gj >= gi and (hj < hi or gj > gi) for j, (hj, gj) in enumerate(points) if j != i)
         marks.append(not dominated)
     return marks
 

@@ -64,8 +64,15 @@ def sweep_prompts(settings: SteeringSettings) -> list[dict[str, Any]]:
     for role in chosen_roles:
         for p_index, system in enumerate(role.system_prompts[: settings.prompts_per_role]):
             for q_index, question in enumerate(chosen_questions):
-                prompts.append({"role": role.name, "prompt_index": p_index, "system_prompt": system,
-                                "question_index": q_index, "question": question})
+                prompts.append(
+                    {
+                        "role": role.name,
+                        "prompt_index": p_index,
+                        "system_prompt": system,
+                        "question_index": q_index,
+                        "question": question,
+                    }
+                )
     return prompts[: settings.limit] if settings.limit is not None else prompts
 
 
@@ -73,15 +80,21 @@ def _key(layers: Sequence[int], alpha: float, prompt: dict[str, Any]) -> str:
     return f"L{'-'.join(map(str, layers))}|a{alpha:+g}|{prompt['role']}|p{prompt['prompt_index']}|q{prompt['question_index']}"
 
 
-def generate_sweep(lm: LoadedModel, axis: Axis, settings: SteeringSettings, *, show_progress: bool = False) -> list[dict[str, Any]]:
+def generate_sweep(
+    lm: LoadedModel, axis: Axis, settings: SteeringSettings, *, show_progress: bool = False
+) -> list[dict[str, Any]]:
     """Unlabelled items: one answer per (layer set, α, prompt). α = 0 is generated once and shared by all layer sets."""
     axis.check_fits(lm.profile.n_layers, lm.profile.hidden_size, lm.profile.name)
     assert axis.target_layer is not None
     layer_sets = [tuple(s) for s in (settings.layer_sets or ((axis.target_layer,),))]
     prompts = sweep_prompts(settings)
     conversations = [build_conversation(p["system_prompt"], p["question"]) for p in prompts]
-    config = SamplingConfig(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, seed=settings.seed,
-                            batch_size=settings.batch_size)
+    config = SamplingConfig(
+        max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+        seed=settings.seed,
+        batch_size=settings.batch_size,
+    )
     unsteered = None
     items: list[dict[str, Any]] = []
     for layers in layer_sets:
@@ -92,15 +105,29 @@ def generate_sweep(lm: LoadedModel, axis: Axis, settings: SteeringSettings, *, s
                 answers = unsteered
             else:
                 ops = steering_interventions(axis, list(layers), alpha)
-                answers = generate(lm, conversations, config, interventions=ops, show_progress=show_progress,
-                                   desc=f"L{','.join(map(str, layers))} α={alpha:+g}")
+                answers = generate(
+                    lm,
+                    conversations,
+                    config,
+                    interventions=ops,
+                    show_progress=show_progress,
+                    desc=f"L{','.join(map(str, layers))} α={alpha:+g}",
+                )
             for prompt, answer in zip(prompts, answers, strict=True):
-                items.append({
-                    "key": _key(layers, alpha, prompt), "layers": list(layers), "alpha": float(alpha),
-                    "role": prompt["role"], "prompt_index": prompt["prompt_index"],
-                    "question_index": prompt["question_index"], "question": prompt["question"],
-                    "answer": answer.text, "new_tokens": answer.new_tokens, "stopped": answer.stopped,
-                })
+                items.append(
+                    {
+                        "key": _key(layers, alpha, prompt),
+                        "layers": list(layers),
+                        "alpha": float(alpha),
+                        "role": prompt["role"],
+                        "prompt_index": prompt["prompt_index"],
+                        "question_index": prompt["question_index"],
+                        "question": prompt["question"],
+                        "answer": answer.text,
+                        "new_tokens": answer.new_tokens,
+                        "stopped": answer.stopped,
+                    }
+                )
     return items
 
 
@@ -112,8 +139,14 @@ def steering_metrics(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     rows = []
     for (layers, alpha), labels in sorted(groups.items()):
         shares = label_shares(labels, IDENTITY_LABELS)
-        rows.append({"layers": list(layers), "alpha": alpha, **shares,
-                     "non_assistant": rate_of(labels, [c for c in IDENTITY_LABELS if c != "assistant"]).to_dict()})
+        rows.append(
+            {
+                "layers": list(layers),
+                "alpha": alpha,
+                **shares,
+                "non_assistant": rate_of(labels, [c for c in IDENTITY_LABELS if c != "assistant"]).to_dict(),
+            }
+        )
     return {"labels": list(IDENTITY_LABELS), "by_setting": rows}
 
 

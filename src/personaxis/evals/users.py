@@ -48,17 +48,23 @@ class ScriptedUser:
         out = []
         for state in states:
             if turn >= len(state.script):
-                raise ValueError(f"{state.domain} conversation {state.index} has only {len(state.script)} scripted user "
-                                 f"turns; asked for turn {turn + 1}")
+                raise ValueError(
+                    f"{state.domain} conversation {state.index} has only {len(state.script)} scripted user "
+                    f"turns; asked for turn {turn + 1}"
+                )
             out.append(state.script[turn])
         return out
 
 
 def user_view(state: DriftState) -> Conversation:
     """The chat as the user model sees it: its persona as the system prompt, roles flipped."""
-    view: Conversation = [{"role": "system", "content": USER_SYSTEM_PROMPT.format(persona=state.persona.rstrip(".") + ".",
-                                                                                 topic=state.topic)},
-                          {"role": "user", "content": OPENING}]
+    view: Conversation = [
+        {
+            "role": "system",
+            "content": USER_SYSTEM_PROMPT.format(persona=state.persona.rstrip(".") + ".", topic=state.topic),
+        },
+        {"role": "user", "content": OPENING},
+    ]
     for message in state.messages:
         flipped = "assistant" if message["role"] == "user" else "user"
         if message["role"] == "system":
@@ -72,21 +78,23 @@ def _clean(text: str, fallback: str) -> tuple[str, bool]:
     text = text.strip().strip('"').strip()
     for tag in ("User:", "user:", "Me:"):
         if text.startswith(tag):
-            text = text[len(tag):].strip()
+            text = text[len(tag) :].strip()
     return (text, False) if len(text.split()) >= 2 else (fallback, True)
 
 
 class LocalModelUser:
     """A local chat model (another :class:`~personaxis.models.LoadedModel`) writes the user turns, batched."""
 
-    def __init__(self, lm: Any, *, max_new_tokens: int = 64, temperature: float = 0.7, seed: int = 0,
-                 batch_size: int = 64) -> None:
+    def __init__(
+        self, lm: Any, *, max_new_tokens: int = 64, temperature: float = 0.7, seed: int = 0, batch_size: int = 64
+    ) -> None:
         from personaxis.generation import SamplingConfig
 
         self.lm = lm
         self.name = f"local:{lm.profile.name}"
-        self.config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                                     batch_size=batch_size)
+        self.config = SamplingConfig(
+            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size
+        )
         self.fallbacks = 0
 
     def next_messages(self, states: Sequence[DriftState], turn: int) -> list[str]:
@@ -108,8 +116,16 @@ class LocalModelUser:
 class EndpointUser:
     """An OpenAI-compatible ``/chat/completions`` endpoint writes the user turns (``OPENAI_BASE_URL``/``_API_KEY``)."""
 
-    def __init__(self, model: str, *, base_url: str | None = None, api_key: str | None = None,
-                 max_new_tokens: int = 96, temperature: float = 0.7, transport: Any | None = None) -> None:
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        max_new_tokens: int = 96,
+        temperature: float = 0.7,
+        transport: Any | None = None,
+    ) -> None:
         from personaxis.judges.client import ChatClient
 
         self.model = model
@@ -122,8 +138,12 @@ class EndpointUser:
     def next_messages(self, states: Sequence[DriftState], turn: int) -> list[str]:
         out = []
         for state in states:
-            payload = {"model": self.model, "messages": user_view(state), "max_tokens": self.max_new_tokens,
-                       "temperature": self.temperature}
+            payload = {
+                "model": self.model,
+                "messages": user_view(state),
+                "max_tokens": self.max_new_tokens,
+                "temperature": self.temperature,
+            }
             fallback = state.script[turn] if turn < len(state.script) else "Tell me more."
             text, fell_back = _clean(self.client.complete(payload), fallback)
             self.fallbacks += fell_back

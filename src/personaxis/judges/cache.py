@@ -98,4 +98,3 @@ class JudgeCache:
             finally:
                 os.close(fd)
             self._entries[digest] = value
-

@@ -161,7 +161,9 @@ class ChatClient:
                 delay = min(retry_after, self.max_retry_after_s) + random.uniform(0.0, 0.1 * self.backoff_base_s)
             else:
                 delay = self.backoff(attempt)
-            log.warning("judge request failed (%s); retry %d/%d in %.2f s", failure, attempt + 1, self.max_retries, delay)
+            log.warning(
+                "judge request failed (%s); retry %d/%d in %.2f s", failure, attempt + 1, self.max_retries, delay
+            )
             time.sleep(delay)
         raise JudgeRequestError(f"judge request failed after {self.max_retries + 1} attempt(s): {failure}")
 

@@ -63,8 +63,11 @@ def get_embedder() -> Embedder | None:
             model = SentenceTransformer(str(get_model_path()), device="cpu", local_files_only=True)
         except Exception as exc:  # any failure means "no embeddings", reported once
             _failed = True
-            log.warning("offline judge: sentence embedder unavailable (%s: %s); using lexical cues only",
-                        type(exc).__name__, exc)
+            log.warning(
+                "offline judge: sentence embedder unavailable (%s: %s); using lexical cues only",
+                type(exc).__name__,
+                exc,
+            )
             return None
         _instance = Embedder(model)
         return _instance

@@ -64,7 +64,9 @@ def make_judge(
         return OfflineJudge()
     from personaxis.judges.openai_judge import OpenAIJudge
 
-    kwargs = _http_kwargs(base_url, api_key, cache_dir, max_concurrency, requests_per_minute, timeout_s, max_retries, extra)
+    kwargs = _http_kwargs(
+        base_url, api_key, cache_dir, max_concurrency, requests_per_minute, timeout_s, max_retries, extra
+    )
     return OpenAIJudge(model, **kwargs)
 
 
@@ -88,7 +90,9 @@ def make_harm_judge(
         return OfflineHarmJudge()
     from personaxis.judges.openai_judge import OpenAIHarmJudge
 
-    kwargs = _http_kwargs(base_url, api_key, cache_dir, max_concurrency, requests_per_minute, timeout_s, max_retries, extra)
+    kwargs = _http_kwargs(
+        base_url, api_key, cache_dir, max_concurrency, requests_per_minute, timeout_s, max_retries, extra
+    )
     return OpenAIHarmJudge(model, **kwargs)
 
 
@@ -112,7 +116,9 @@ def make_identity_judge(
         return OfflineIdentityJudge()
     from personaxis.judges.openai_judge import OpenAIIdentityJudge
 
-    kwargs = _http_kwargs(base_url, api_key, cache_dir, max_concurrency, requests_per_minute, timeout_s, max_retries, extra)
+    kwargs = _http_kwargs(
+        base_url, api_key, cache_dir, max_concurrency, requests_per_minute, timeout_s, max_retries, extra
+    )
     return OpenAIIdentityJudge(model, **kwargs)
 
 
@@ -136,5 +142,7 @@ def make_trait_judge(
         return OfflineTraitJudge()
     from personaxis.judges.traits import OpenAITraitJudge
 
-    kwargs = _http_kwargs(base_url, api_key, cache_dir, max_concurrency, requests_per_minute, timeout_s, max_retries, extra)
+    kwargs = _http_kwargs(
+        base_url, api_key, cache_dir, max_concurrency, requests_per_minute, timeout_s, max_retries, extra
+    )
     return OpenAITraitJudge(model, **kwargs)

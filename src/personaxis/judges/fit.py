@@ -29,8 +29,15 @@ def load_labelled(path: Path) -> tuple[list[JudgeItem], np.ndarray]:
         if not line.strip():
             continue
         row = json.loads(line)
-        items.append(JudgeItem(key=str(n), role=row["role"], rubric=row.get("rubric") or DEFAULT_RUBRIC,
-                               question=row["question"], answer=row["answer"]))
+        items.append(
+            JudgeItem(
+                key=str(n),
+                role=row["role"],
+                rubric=row.get("rubric") or DEFAULT_RUBRIC,
+                question=row["question"],
+                answer=row["answer"],
+            )
+        )
         labels.append(int(row["label"]))
     return items, np.array(labels)
 

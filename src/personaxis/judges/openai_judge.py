@@ -159,8 +159,9 @@ class _HttpJudge(Generic[ItemT, ValueT]):
             log.warning("%s: %d of %d item(s) could not be judged", self.name, failed, len(items))
         return {item.key: results.get(item.key) for item in items}
 
-    def _judge_one(self, digest: str, payload: dict[str, Any], key: str, stop: threading.Event,
-                   parse: Callable[[str], Any]) -> ValueT | None:
+    def _judge_one(
+        self, digest: str, payload: dict[str, Any], key: str, stop: threading.Event, parse: Callable[[str], Any]
+    ) -> ValueT | None:
         for attempt in range(self.max_parse_retries + 1):
             if stop.is_set():
                 return None
@@ -177,7 +178,11 @@ class _HttpJudge(Generic[ItemT, ValueT]):
                 return value
             log.warning(
                 "%s: unusable reply for item %r (try %d/%d): %r",
-                self.name, key, attempt + 1, self.max_parse_retries + 1, self.client.redact(reply[:120]),
+                self.name,
+                key,
+                attempt + 1,
+                self.max_parse_retries + 1,
+                self.client.redact(reply[:120]),
             )
         return None
 

@@ -78,8 +78,12 @@ class OfflineTraitJudge(TraitJudge):
 
         embedder = get_embedder() if self.use_embeddings else None
         if embedder is None:
-            return np.array([_overlap(_words(i.answer), _words(i.positive)) - _overlap(_words(i.answer), _words(i.negative))
-                             for i in items])
+            return np.array(
+                [
+                    _overlap(_words(i.answer), _words(i.positive)) - _overlap(_words(i.answer), _words(i.negative))
+                    for i in items
+                ]
+            )
         answers = embedder.encode([i.answer for i in items])
         positive = embedder.encode([i.positive for i in items], memo=True)
         negative = embedder.encode([i.negative for i in items], memo=True)
@@ -118,8 +122,14 @@ def trait_messages(item: TraitItem) -> Messages:
     if item.eval_prompt:
         return [{"role": "user", "content": fill_eval_prompt(item.eval_prompt, item.question, item.answer)}]
     description = item.description.strip() or f"answers in the way this instruction asks: {item.positive}"
-    return [{"role": "user", "content": _TRAIT_PROMPT.format(trait=item.trait, description=description,
-                                                                 question=item.question, answer=item.answer)}]
+    return [
+        {
+            "role": "user",
+            "content": _TRAIT_PROMPT.format(
+                trait=item.trait, description=description, question=item.question, answer=item.answer
+            ),
+        }
+    ]
 
 
 def parse_trait_score(reply: str) -> int | None:

@@ -32,8 +32,11 @@ from personaxis.web.state import WebState
 STATIC_DIR = Path(__file__).parent / "static"
 PAGES = {"/": "index.html", "/space": "space.html", "/transcripts": "transcripts.html", "/docs": "docs.html"}
 SECURITY_HEADERS = [
-    (b"content-security-policy", b"default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
-                                 b"connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"),
+    (
+        b"content-security-policy",
+        b"default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+        b"connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    ),
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
     (b"x-frame-options", b"DENY"),
@@ -62,7 +65,10 @@ class SecurityHeaders:
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 present = {name.lower() for name, _ in message.get("headers", [])}
-                message["headers"] = [*message.get("headers", []), *(h for h in SECURITY_HEADERS if h[0] not in present)]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    *(h for h in SECURITY_HEADERS if h[0] not in present),
+                ]
             await send(message)
 
         await self.app(scope, receive, with_headers)
@@ -109,17 +115,43 @@ def create_app(
     projection is compared with the calibrated floor, and the margin above it that switches capping off again.
     """
     limits = limits or Limits()
-    service = ModelService(lm, axis, capping, layer=layer, default_cap=default_cap, default_alpha=default_alpha,
-                           batcher=batcher, guard_experiment=guard_experiment, guard_window=guard_window,
-                           guard_hysteresis=guard_hysteresis, raw_alpha=raw_alpha)
-    app = FastAPI(title="personaxis", version=_version(), description=DESCRIPTION, docs_url=None, redoc_url=None,
-                  openapi_url="/openapi.json")
-    app.state.px = WebState(service=service, run=RunData(run_dir, transcripts_dir), limits=limits,
-                            model_id=model_id or lm.profile.name, created=int(time.time()))
+    service = ModelService(
+        lm,
+        axis,
+        capping,
+        layer=layer,
+        default_cap=default_cap,
+        default_alpha=default_alpha,
+        batcher=batcher,
+        guard_experiment=guard_experiment,
+        guard_window=guard_window,
+        guard_hysteresis=guard_hysteresis,
+        raw_alpha=raw_alpha,
+    )
+    app = FastAPI(
+        title="personaxis",
+        version=_version(),
+        description=DESCRIPTION,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
+    app.state.px = WebState(
+        service=service,
+        run=RunData(run_dir, transcripts_dir),
+        limits=limits,
+        model_id=model_id or lm.profile.name,
+        created=int(time.time()),
+    )
     install_error_handlers(app)
     app.router.on_shutdown.append(service.close)
-    for router in (routes_chat.router, routes_space.router, routes_transcripts.router, openai_api.router,
-                   routes_metrics.router):
+    for router in (
+        routes_chat.router,
+        routes_space.router,
+        routes_transcripts.router,
+        openai_api.router,
+        routes_metrics.router,
+    ):
         app.include_router(router)
     for route, name in PAGES.items():
         app.add_api_route(route, _page(name), methods=["GET"], include_in_schema=False)

@@ -191,8 +191,16 @@ class Batcher:
     """The scheduler: ``submit`` a :class:`Job`; its items arrive through ``job.emit``, the last one a
     :class:`RowEnd` or :class:`RowError` (none after ``job.cancel`` is set)."""
 
-    def __init__(self, lm: LoadedModel, *, layer: int, unit: Tensor, stop_ids: Sequence[int], lock: threading.Lock,
-                 config: BatcherConfig | None = None) -> None:
+    def __init__(
+        self,
+        lm: LoadedModel,
+        *,
+        layer: int,
+        unit: Tensor,
+        stop_ids: Sequence[int],
+        lock: threading.Lock,
+        config: BatcherConfig | None = None,
+    ) -> None:
         self.lm = lm
         self.config = config or BatcherConfig()
         self.layer = layer
@@ -218,9 +226,11 @@ class Batcher:
     def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
         need = (prompt_tokens + max_new_tokens) * self.bytes_per_token
         if need > self.config.kv_budget_bytes:
-            raise TooLarge(f"the conversation ({prompt_tokens} tokens) with {max_new_tokens} new tokens needs "
-                           f"{need} bytes of key/value cache, more than this server's budget of "
-                           f"{self.config.kv_budget_bytes}")
+            raise TooLarge(
+                f"the conversation ({prompt_tokens} tokens) with {max_new_tokens} new tokens needs "
+                f"{need} bytes of key/value cache, more than this server's budget of "
+                f"{self.config.kv_budget_bytes}"
+            )
 
     def submit(self, job: Job) -> None:
         self.check_fits(len(job.prompt), job.settings.max_new_tokens)
@@ -248,9 +258,14 @@ class Batcher:
 
     def snapshot(self) -> dict[str, Any]:
         with self._cv:
-            return {**vars(self.counters), "queue": len(self._waiting), "rows": sum(not r.done for r in self._rows),
-                    "kv_bytes": self._kv_bytes(), "kv_budget_bytes": self.config.kv_budget_bytes,
-                    "max_batch": self.config.max_batch}
+            return {
+                **vars(self.counters),
+                "queue": len(self._waiting),
+                "rows": sum(not r.done for r in self._rows),
+                "kv_bytes": self._kv_bytes(),
+                "kv_budget_bytes": self.config.kv_budget_bytes,
+                "max_batch": self.config.max_batch,
+            }
 
     # ------------------------------------------------------------------------------------------------ the loop
     def _start(self) -> None:
@@ -341,8 +356,9 @@ class Batcher:
             cache.layers = [layer_class(reserve) for _ in cache.layers]
         return cache
 
-    def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, cache: Any, rows: list[_Row],
-                 read: bool = True) -> tuple[Tensor, Tensor | None]:
+    def _forward(
+        self, ids: Tensor, mask: Tensor, positions: Tensor, cache: Any, rows: list[_Row], read: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
         """Logits of the last position, and the projection of every position at the monitored layer."""
         self.table.set_rows([r.interventions() for r in rows])
         seen: dict[str, Tensor] = {}
@@ -350,8 +366,13 @@ class Batcher:
         def reader(hidden: Tensor, _mask: Tensor | None) -> None:
             seen["projection"] = hidden.to(torch.float32) @ self.unit
 
-        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
-                                  self.cache_kw: cache, "use_cache": True}
+        kwargs: dict[str, Any] = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": positions,
+            self.cache_kw: cache,
+            "use_cache": True,
+        }
         if self.has_logits_to_keep:
             width = ids.shape[1]
             kwargs["logits_to_keep"] = 1 if width == 1 else torch.tensor([width - 1], device=ids.device)
@@ -369,7 +390,7 @@ class Batcher:
         assert projection is not None
         width = projection.shape[1]
         for row, values in zip(rows, projection.tolist(), strict=True):
-            row.prompt_projections = values[width - len(row.job.prompt):]
+            row.prompt_projections = values[width - len(row.job.prompt) :]
         if self._cache is None or not self._rows:
             self._rows, self._cache, self._mask = rows, cache, mask
         else:
@@ -385,8 +406,9 @@ class Batcher:
             return torch.nn.functional.pad(m, (width - m.shape[1], 0), value=0)
 
         layer_class = buffer_cache_layer_class()
-        self._cache.layers = [layer_class.concat(a, b, reserve) for a, b in zip(self._cache.layers, cache.layers,
-                                                                                 strict=True)]
+        self._cache.layers = [
+            layer_class.concat(a, b, reserve) for a, b in zip(self._cache.layers, cache.layers, strict=True)
+        ]
         self._mask = torch.cat([pad(self._mask), pad(mask)])
         self._rows = self._rows + rows
 
@@ -461,7 +483,7 @@ class Batcher:
         plan = row.job.guard
         if plan is None or len(row.projections) < plan.window:
             return
-        mean = sum(row.projections[-plan.window:]) / plan.window
+        mean = sum(row.projections[-plan.window :]) / plan.window
         if not row.guard_on and mean < plan.threshold:
             row.guard_on = True
             self.counters.alarms += 1
@@ -482,8 +504,9 @@ class Batcher:
             settings = row.job.settings
             if settings.temperature > 0:
                 uniform = torch.rand(1, generator=row.generator).to(logits.device)
-                token = int(sample_tokens(logits[i - base : i - base + 1], settings.temperature, settings.top_p,
-                                          uniform)[0])
+                token = int(
+                    sample_tokens(logits[i - base : i - base + 1], settings.temperature, settings.top_p, uniform)[0]
+                )
             else:
                 token = int(greedy[i - base])
             if token in self.stops:
@@ -498,8 +521,17 @@ class Batcher:
         if tail:
             row.job.emit(TokenStep(tail, len(row.tracker.ids), row.running()))
         self.counters.completed += 1
-        row.job.emit(RowEnd(row.tracker.text, len(row.tracker.ids), stopped, row.running(), row.capped_tokens,
-                            row.switches, row.prompt_projections))
+        row.job.emit(
+            RowEnd(
+                row.tracker.text,
+                len(row.tracker.ids),
+                stopped,
+                row.running(),
+                row.capped_tokens,
+                row.switches,
+                row.prompt_projections,
+            )
+        )
 
     def _kv_bytes(self) -> int:
         if self._cache is None:

@@ -74,8 +74,9 @@ def per_turn(prepared: Prepared, end: RowEnd) -> list[float | None]:
     if prepared.spans is None:
         return []
     values = end.prompt_projections
-    earlier: list[float | None] = [sum(values[a:b]) / (b - a) if b > a and b <= len(values) else None
-                                   for a, b in prepared.spans]
+    earlier: list[float | None] = [
+        sum(values[a:b]) / (b - a) if b > a and b <= len(values) else None for a, b in prepared.spans
+    ]
     return [*earlier, end.projection if end.text.strip() else None]
 
 
@@ -113,10 +114,22 @@ class ModelService:
     α is a fraction of the layer's mean residual norm, or with ``raw_alpha`` the reference's coefficient of the
     stored axis row (as ``personaxis steer --raw``)."""
 
-    def __init__(self, lm: LoadedModel, axis: Axis, capping: Any | None = None, *, layer: int | None = None,
-                 default_cap: str | None = None, default_alpha: float = 0.0, steer_layer: int | None = None,
-                 batcher: BatcherConfig | None = None, guard_experiment: str | None = None, guard_window: int = 8,
-                 guard_hysteresis: float | None = None, raw_alpha: bool = False) -> None:
+    def __init__(
+        self,
+        lm: LoadedModel,
+        axis: Axis,
+        capping: Any | None = None,
+        *,
+        layer: int | None = None,
+        default_cap: str | None = None,
+        default_alpha: float = 0.0,
+        steer_layer: int | None = None,
+        batcher: BatcherConfig | None = None,
+        guard_experiment: str | None = None,
+        guard_window: int = 8,
+        guard_hysteresis: float | None = None,
+        raw_alpha: bool = False,
+    ) -> None:
         axis.check_fits(lm.profile.n_layers, lm.profile.hidden_size, lm.profile.name)
         if capping is not None and hasattr(capping, "check_fits"):
             capping.check_fits(lm.profile.n_layers, lm.profile.hidden_size, lm.profile.name)
@@ -144,8 +157,9 @@ class ModelService:
             self.treatment(default_cap, default_alpha)  # fail early on a bad default
         except ApiError as exc:
             raise ValueError(exc.message) from None
-        self.batcher = Batcher(lm, layer=self.layer, unit=axis.unit(self.layer), stop_ids=self.stop_ids,
-                               lock=self.lock, config=batcher)
+        self.batcher = Batcher(
+            lm, layer=self.layer, unit=axis.unit(self.layer), stop_ids=self.stop_ids, lock=self.lock, config=batcher
+        )
 
     def _default_guard_experiment(self) -> str | None:
         """The server's default experiment if it caps, else the first experiment that caps the monitored layer,
@@ -165,13 +179,17 @@ class ModelService:
             raise ApiError(400, "cap 'auto' (guard mode) needs a capping config: this server has none", param="cap")
         threshold = self.floor(experiment)
         if threshold is None:
-            raise ApiError(400, f"cap 'auto' (guard mode) needs a calibrated threshold at layer {self.layer}; "
-                                f"{experiment!r} has none", param="cap")
+            raise ApiError(
+                400,
+                f"cap 'auto' (guard mode) needs a calibrated threshold at layer {self.layer}; {experiment!r} has none",
+                param="cap",
+            )
         hysteresis = self.guard_hysteresis
         if hysteresis is None:  # 5 % of the layer's mean residual norm
             hysteresis = abs(float(self.axis.alpha_to_raw(self.layer, 0.05)))
-        return GuardPlan(self.treatment(experiment, 0.0).interventions, float(threshold), self.guard_window,
-                         float(hysteresis))
+        return GuardPlan(
+            self.treatment(experiment, 0.0).interventions, float(threshold), self.guard_window, float(hysteresis)
+        )
 
     # ------------------------------------------------------------------------------------------ capping info
     @property
@@ -239,7 +257,9 @@ class ModelService:
         parts: list[Interventions] = []
         if cap is not None:
             if self.capping is None:
-                raise ApiError(400, f"unknown capping experiment {cap!r}: this server has no capping config", param="cap")
+                raise ApiError(
+                    400, f"unknown capping experiment {cap!r}: this server has no capping config", param="cap"
+                )
             if cap not in self.experiment_ids:
                 shown = ", ".join(self.experiment_ids[:12])
                 raise ApiError(400, f"unknown capping experiment {cap!r}; known: {shown}", param="cap")
@@ -264,8 +284,12 @@ class ModelService:
         prompt = chat.input_ids
         limit = self.lm.profile.max_context
         if limit and len(prompt) + max_new_tokens > limit:
-            raise ApiError(422, f"the conversation has {len(prompt)} tokens: with {max_new_tokens} new tokens it exceeds "
-                                f"the model's context of {limit}", param="messages")
+            raise ApiError(
+                422,
+                f"the conversation has {len(prompt)} tokens: with {max_new_tokens} new tokens it exceeds "
+                f"the model's context of {limit}",
+                param="messages",
+            )
         return Prepared(conversation, prompt, [(span.start, span.end) for span in chat.spans])
 
     def _projections(self, conversation: Conversation, interventions: Interventions) -> list[float | None]:
@@ -286,8 +310,9 @@ class ModelService:
 
         transcripts = [Transcript(name=str(i), conversation=c) for i, c in enumerate(conversations)]
         with self.lock, torch.inference_mode():
-            rows = monitor_transcripts(self.lm, self.axis, transcripts, layers=[self.layer],
-                                       interventions=treatment.interventions)
+            rows = monitor_transcripts(
+                self.lm, self.axis, transcripts, layers=[self.layer], interventions=treatment.interventions
+            )
         grouped: list[list[Any]] = [[] for _ in conversations]
         for row in rows:
             grouped[int(row.transcript)].append(row)
@@ -299,14 +324,17 @@ class ModelService:
         earlier = sum(1 for m in conversation if m["role"] == "assistant")
         try:
             if text.strip():
-                return self._projections([*conversation, {"role": "assistant", "content": text}], treatment.interventions)
+                return self._projections(
+                    [*conversation, {"role": "assistant", "content": text}], treatment.interventions
+                )
             return [*self._projections(conversation, treatment.interventions), None]
         except ValueError:  # ConversationError, MonitorError: a template that rewrote the answer, …
             return [None] * (earlier + 1)
 
     # ------------------------------------------------------------------------------------------ generation
-    async def open_stream(self, prepared: Prepared, treatment: Treatment,
-                          settings: StreamSettings, *, timeout_s: float | None = None) -> AsyncIterator[StreamItem]:
+    async def open_stream(
+        self, prepared: Prepared, treatment: Treatment, settings: StreamSettings, *, timeout_s: float | None = None
+    ) -> AsyncIterator[StreamItem]:
         """Queue the request for the batcher now (a full queue is a 429, a conversation over the cache budget a
         413, before any response starts) and return its items: token steps and guard switches, then the complete
         :class:`Answer` (or a :class:`StreamError`). Leaving the iterator early (client gone) frees the row."""
@@ -324,7 +352,9 @@ class ModelService:
         try:
             self.batcher.submit(job)
         except QueueFull as exc:
-            raise ApiError(429, f"{exc}; retry in {exc.retry_after} s", headers={"Retry-After": str(exc.retry_after)}) from None
+            raise ApiError(
+                429, f"{exc}; retry in {exc.retry_after} s", headers={"Retry-After": str(exc.retry_after)}
+            ) from None
         except TooLarge as exc:
             raise ApiError(413, str(exc), param="messages") from None
         return self._items(prepared, job, queue)
@@ -338,8 +368,16 @@ class ModelService:
                     yield StreamError(item.status, item.message)
                     return
                 if isinstance(item, RowEnd):
-                    yield Answer(item.text, len(prepared.prompt), item.new_tokens, item.stopped, per_turn(prepared, item),
-                                 item.projection, item.capped_tokens, tuple(switches))
+                    yield Answer(
+                        item.text,
+                        len(prepared.prompt),
+                        item.new_tokens,
+                        item.stopped,
+                        per_turn(prepared, item),
+                        item.projection,
+                        item.capped_tokens,
+                        tuple(switches),
+                    )
                     return
                 if isinstance(item, GuardSwitch):
                     switches.append(item)
@@ -348,8 +386,9 @@ class ModelService:
             job.cancel.set()
             self.batcher.wake()
 
-    def teacher_forced_projections(self, conversation: Conversation, text: str, treatment: Treatment
-                                   ) -> list[float | None]:
+    def teacher_forced_projections(
+        self, conversation: Conversation, text: str, treatment: Treatment
+    ) -> list[float | None]:
         """Per-turn projections of the conversation with ``text`` as the answer, from a separate teacher-forced pass
         (the server answers from the passes that generated it instead; this is the check)."""
         with self.lock, torch.inference_mode():
@@ -383,8 +422,12 @@ class ModelService:
             raise ApiError(422, "prompt: empty after tokenisation", param="prompt")
         limit = self.lm.profile.max_context
         if limit and len(prompt) + max_new_tokens > limit:
-            raise ApiError(422, f"the prompt has {len(prompt)} tokens: with {max_new_tokens} new tokens it exceeds "
-                                f"the model's context of {limit}", param="prompt")
+            raise ApiError(
+                422,
+                f"the prompt has {len(prompt)} tokens: with {max_new_tokens} new tokens it exceeds "
+                f"the model's context of {limit}",
+                param="prompt",
+            )
         try:
             self.batcher.check_fits(len(prompt), max_new_tokens)
         except TooLarge as exc:

@@ -29,8 +29,15 @@ _TYPES = {
 class ApiError(Exception):
     """A request the app refuses, with the HTTP status and a message meant for the user."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, type: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.headers = headers
         self.status = status
@@ -43,8 +50,14 @@ def error_body(status: int, message: str, *, param: str | None = None, type: str
     return {"error": {"message": message, "type": type or _TYPES.get(status, "error"), "code": status, "param": param}}
 
 
-def error_response(status: int, message: str, *, param: str | None = None, type: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    type: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     return JSONResponse(error_body(status, message, param=param, type=type), status_code=status, headers=headers)
 
 
@@ -84,7 +97,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if isinstance(exc.__cause__, RecursionError):  # FastAPI's body parsing hit Python's recursion limit
-            return error_response(422, "body: the JSON is nested too deeply to read (thousands of levels)", param="body")
+            return error_response(
+                422, "body: the JSON is nested too deeply to read (thousands of levels)", param="body"
+            )
         detail = exc.detail if isinstance(exc.detail, str) else "request failed"
         return error_response(exc.status_code, detail)
 

@@ -31,13 +31,19 @@ class Limits:
     def check_messages(self, messages: Sequence[Any], *, param: str = "messages") -> None:
         """Refuse conversations that are too long before any tokenisation (422 with the offending message)."""
         if len(messages) > self.max_messages:
-            raise ApiError(422, f"{param}: {len(messages)} messages, more than the limit of {self.max_messages}", param=param)
+            raise ApiError(
+                422, f"{param}: {len(messages)} messages, more than the limit of {self.max_messages}", param=param
+            )
         for i, message in enumerate(messages):
             content = message.get("content") if isinstance(message, dict) else None
             at = lone_surrogate(content) if isinstance(content, str) else None
             if at is not None:
-                raise ApiError(422, f"{param}.{i}.content: a lone surrogate (\\u{ord(content[at]):04x}) at character "
-                                    f"{at} is not text; send valid Unicode", param=f"{param}.{i}.content")
+                raise ApiError(
+                    422,
+                    f"{param}.{i}.content: a lone surrogate (\\u{ord(content[at]):04x}) at character "
+                    f"{at} is not text; send valid Unicode",
+                    param=f"{param}.{i}.content",
+                )
             if isinstance(content, str) and len(content) > self.max_message_chars:
                 raise ApiError(
                     422,
@@ -55,27 +61,40 @@ class Limits:
             if isinstance(item, str):
                 at = lone_surrogate(item)
                 if at is not None:
-                    raise ApiError(422, f"{where}: a lone surrogate (\\u{ord(item[at]):04x}) at character {at} is not "
-                                        "text; send valid Unicode", param=where)
+                    raise ApiError(
+                        422,
+                        f"{where}: a lone surrogate (\\u{ord(item[at]):04x}) at character {at} is not "
+                        "text; send valid Unicode",
+                        param=where,
+                    )
             elif isinstance(item, dict):
                 stack.extend((v, f"{where}.{k}") for k, v in item.items())
                 stack.extend((k, f"{where}.{k!r}") for k in item if isinstance(k, str))
             elif isinstance(item, list):
                 stack.extend((v, f"{where}.{i}") for i, v in enumerate(item))
 
-    def check_token_budget(self, tokenizer: Any, conversations: Sequence[Sequence[Any]], *, new_tokens: int = 0,
-                           param: str = "messages") -> int:
+    def check_token_budget(
+        self, tokenizer: Any, conversations: Sequence[Sequence[Any]], *, new_tokens: int = 0, param: str = "messages"
+    ) -> int:
         """Count the tokens of every message's content (plus a few per message for the chat template) and
         ``new_tokens``; refuse with 413 past ``max_request_tokens``. Returns the count."""
-        texts = [m["content"] for conv in conversations for m in conv
-                 if isinstance(m, dict) and isinstance(m.get("content"), str) and m["content"]]
+        texts = [
+            m["content"]
+            for conv in conversations
+            for m in conv
+            if isinstance(m, dict) and isinstance(m.get("content"), str) and m["content"]
+        ]
         total = new_tokens + 8 * sum(len(conv) for conv in conversations)
         if texts:
             total += sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
         if total > self.max_request_tokens:
-            raise ApiError(413, f"{param}: this request needs about {total} tokens, more than this server's budget of "
-                                f"{self.max_request_tokens} tokens per request (serve --max-request-tokens); send "
-                                "shorter or fewer conversations", param=param)
+            raise ApiError(
+                413,
+                f"{param}: this request needs about {total} tokens, more than this server's budget of "
+                f"{self.max_request_tokens} tokens per request (serve --max-request-tokens); send "
+                "shorter or fewer conversations",
+                param=param,
+            )
         return total
 
     def check_new_tokens(self, n: int, *, param: str = "max_tokens") -> int:
@@ -102,8 +121,13 @@ class BodySizeLimit:
 
     async def _reject(self, send: Send) -> None:
         body = json.dumps(error_body(413, f"request body larger than the limit of {self.max_bytes} bytes")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

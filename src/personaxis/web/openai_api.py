@@ -41,11 +41,25 @@ DEFAULT_TEMPERATURE = 1.0  # OpenAI's default
 
 # Request fields of OpenAI's API this server does not implement, with the value that means "not used".
 UNSUPPORTED: dict[str, Any] = {
-    "tools": None, "tool_choice": None, "functions": None, "function_call": None, "parallel_tool_calls": None,
-    "logprobs": (None, False), "top_logprobs": None, "response_format": (None, {"type": "text"}),
-    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
-    "audio": None, "modalities": (None, ["text"]), "prediction": None, "web_search_options": None,
-    "echo": (None, False), "suffix": None, "best_of": (None, 1), "repetition_penalty": (None, 1, 1.0),
+    "tools": None,
+    "tool_choice": None,
+    "functions": None,
+    "function_call": None,
+    "parallel_tool_calls": None,
+    "logprobs": (None, False),
+    "top_logprobs": None,
+    "response_format": (None, {"type": "text"}),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+    "audio": None,
+    "modalities": (None, ["text"]),
+    "prediction": None,
+    "web_search_options": None,
+    "echo": (None, False),
+    "suffix": None,
+    "best_of": (None, 1),
+    "repetition_penalty": (None, 1, 1.0),
 }
 
 
@@ -67,15 +81,24 @@ class OpenAIMessage(BaseModel):
 
 
 class PersonaxisOptions(BaseModel):
-    cap: str | None = Field(None, description="Capping experiment id, \"auto\" (guard mode), or null for none "
-                            "(omitted: the server default).")
+    cap: str | None = Field(
+        None, description='Capping experiment id, "auto" (guard mode), or null for none (omitted: the server default).'
+    )
     alpha: float | None = field("alpha", None, description="Steering coefficient (omitted: the server default).")
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow", json_schema_extra={"example": {
-        "model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Who are you?"}], "max_tokens": 64,
-        "personaxis": {"cap": None, "alpha": 0.0}}})
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "example": {
+                "model": "SmolLM2-135M-Instruct",
+                "messages": [{"role": "user", "content": "Who are you?"}],
+                "max_tokens": 64,
+                "personaxis": {"cap": None, "alpha": 0.0},
+            }
+        },
+    )
 
     model: str
     messages: list[OpenAIMessage] = Field(min_length=1)
@@ -151,7 +174,9 @@ def _text(message: OpenAIMessage, index: int) -> str:
     parts = []
     for part in content:
         if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise ApiError(422, f"messages.{index}.content: only text parts are supported", param=f"messages.{index}.content")
+            raise ApiError(
+                422, f"messages.{index}.content: only text parts are supported", param=f"messages.{index}.content"
+            )
         parts.append(part["text"])
     return "".join(parts)
 
@@ -161,8 +186,11 @@ def _messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
     for i, message in enumerate(body.messages):
         role = "system" if message.role == "developer" else message.role
         if role not in ("system", "user", "assistant"):
-            raise ApiError(422, f"messages.{i}.role: {message.role!r} is not supported (system, developer, user, "
-                                "assistant)", param=f"messages.{i}.role")
+            raise ApiError(
+                422,
+                f"messages.{i}.role: {message.role!r} is not supported (system, developer, user, assistant)",
+                param=f"messages.{i}.role",
+            )
         out.append({"role": role, "content": _text(message, i)})
     return out
 
@@ -175,30 +203,43 @@ def _treatment(body: ChatCompletionRequest | CompletionRequest, state: WebState)
     return service.treatment(cap, alpha)
 
 
-def _settings(body: ChatCompletionRequest | CompletionRequest, state: WebState, default_tokens: int = DEFAULT_MAX_TOKENS
-              ) -> StreamSettings:
+def _settings(
+    body: ChatCompletionRequest | CompletionRequest, state: WebState, default_tokens: int = DEFAULT_MAX_TOKENS
+) -> StreamSettings:
     check_unsupported(body)
     if body.n not in (None, 1):
         raise ApiError(422, f"n = {body.n}: this server returns one choice per request", param="n")
     requested = getattr(body, "max_completion_tokens", None) or body.max_tokens
     max_tokens = requested or min(default_tokens, state.limits.max_new_tokens)
-    state.limits.check_new_tokens(max_tokens, param="max_completion_tokens" if getattr(body, "max_completion_tokens", None)
-                                  else "max_tokens")
+    state.limits.check_new_tokens(
+        max_tokens, param="max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+    )
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > 4 or any(not s for s in stop):
         raise ApiError(422, "stop: up to 4 non-empty strings", param="stop")
     temperature = DEFAULT_TEMPERATURE if body.temperature is None else body.temperature
-    return StreamSettings(max_new_tokens=max_tokens, temperature=temperature,
-                          top_p=body.top_p if body.top_p is not None else 1.0,
-                          seed=body.seed if body.seed is not None else 0, stop=tuple(stop))
+    return StreamSettings(
+        max_new_tokens=max_tokens,
+        temperature=temperature,
+        top_p=body.top_p if body.top_p is not None else 1.0,
+        seed=body.seed if body.seed is not None else 0,
+        stop=tuple(stop),
+    )
 
 
 def _info(answer: Answer, treatment: Treatment, state: WebState) -> dict[str, Any]:
     service = state.service
-    return {"projections": answer.projections, "projection": answer.projections[-1] if answer.projections else None,
-            "running_projection": answer.running_projection, "layer": service.layer, "cap": treatment.cap,
-            "alpha": treatment.alpha, "floor": service.floor(treatment.cap) if treatment.cap else service.floor(),
-            "capped_tokens": answer.capped_tokens, "guard_switches": [_guard(s) for s in answer.switches]}
+    return {
+        "projections": answer.projections,
+        "projection": answer.projections[-1] if answer.projections else None,
+        "running_projection": answer.running_projection,
+        "layer": service.layer,
+        "cap": treatment.cap,
+        "alpha": treatment.alpha,
+        "floor": service.floor(treatment.cap) if treatment.cap else service.floor(),
+        "capped_tokens": answer.capped_tokens,
+        "guard_switches": [_guard(s) for s in answer.switches],
+    }
 
 
 def _guard(switch: GuardSwitch) -> dict[str, Any]:
@@ -210,20 +251,34 @@ def _stream_error(item: StreamError) -> str:
 
 
 def _usage(answer: Answer) -> dict[str, int]:
-    return {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.new_tokens,
-            "total_tokens": answer.prompt_tokens + answer.new_tokens}
+    return {
+        "prompt_tokens": answer.prompt_tokens,
+        "completion_tokens": answer.new_tokens,
+        "total_tokens": answer.prompt_tokens + answer.new_tokens,
+    }
 
 
 @router.get("/models", response_model=ModelList, summary="The served model")
 def models(state: WebState = Depends(get_state)) -> dict[str, Any]:
-    return {"object": "list", "data": [{"id": state.model_id, "object": "model", "created": state.created,
-                                        "owned_by": "personaxis"}]}
+    return {
+        "object": "list",
+        "data": [{"id": state.model_id, "object": "model", "created": state.created, "owned_by": "personaxis"}],
+    }
 
 
-@router.post("/chat/completions", response_model=ChatCompletion, responses={
-    200: {"content": {"text/event-stream": {}}, "description": "A completion, or chunks as server-sent events when "
-          "`stream` is true"}, 429: {"description": "Too many requests waiting (see Retry-After)"}, **ERROR_RESPONSES},
-    summary="OpenAI-compatible chat completion (with capping/steering/guard mode)")
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletion,
+    responses={
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "A completion, or chunks as server-sent events when `stream` is true",
+        },
+        429: {"description": "Too many requests waiting (see Retry-After)"},
+        **ERROR_RESPONSES,
+    },
+    summary="OpenAI-compatible chat completion (with capping/steering/guard mode)",
+)
 async def chat_completions(body: ChatCompletionRequest, state: WebState = Depends(get_state)) -> Any:
     messages = _messages(body)
     state.limits.check_messages(messages)
@@ -235,10 +290,22 @@ async def chat_completions(body: ChatCompletionRequest, state: WebState = Depend
     created = int(time.time())
     if not body.stream:
         answer = await service.answer(messages, treatment, settings)
-        return {"id": completion_id, "object": "chat.completion", "created": created, "model": state.model_id,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
-                             "finish_reason": "stop" if answer.stopped else "length", "logprobs": None}],
-                "usage": _usage(answer), "personaxis": _info(answer, treatment, state)}
+        return {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": state.model_id,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": answer.text},
+                    "finish_reason": "stop" if answer.stopped else "length",
+                    "logprobs": None,
+                }
+            ],
+            "usage": _usage(answer),
+            "personaxis": _info(answer, treatment, state),
+        }
 
     prepared = await service.prepare(messages, settings.max_new_tokens)
     items = await service.open_stream(prepared, treatment, settings)
@@ -246,8 +313,14 @@ async def chat_completions(body: ChatCompletionRequest, state: WebState = Depend
 
     def chunk(delta: dict[str, Any] | None, finish: str | None = None, **extra: Any) -> str:
         choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
-        data = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": state.model_id,
-                "choices": choices, **extra}
+        data = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": state.model_id,
+            "choices": choices,
+            **extra,
+        }
         return f"data: {json.dumps(data)}\n\n"
 
     async def events() -> AsyncIterator[str]:
@@ -270,8 +343,17 @@ async def chat_completions(body: ChatCompletionRequest, state: WebState = Depend
 
 
 class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow", json_schema_extra={"example": {
-        "model": "SmolLM2-135M-Instruct", "prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}})
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "example": {
+                "model": "SmolLM2-135M-Instruct",
+                "prompt": "The capital of France is",
+                "max_tokens": 16,
+                "temperature": 0,
+            }
+        },
+    )
 
     model: str
     prompt: str | list[str] = Field(description="One prompt (a list of one string is accepted).")
@@ -290,47 +372,72 @@ def _prompt_text(body: CompletionRequest, state: WebState) -> str:
     prompt = body.prompt
     if isinstance(prompt, list):
         if len(prompt) != 1:
-            raise ApiError(400, f"prompt: this server completes one prompt per request, got {len(prompt)}",
-                           param="prompt")
+            raise ApiError(
+                400, f"prompt: this server completes one prompt per request, got {len(prompt)}", param="prompt"
+            )
         prompt = prompt[0]
     if not prompt:
         raise ApiError(422, "prompt: empty", param="prompt")
     if len(prompt) > state.limits.max_message_chars:
-        raise ApiError(422, f"prompt: {len(prompt)} characters, more than the limit of {state.limits.max_message_chars}",
-                       param="prompt")
+        raise ApiError(
+            422,
+            f"prompt: {len(prompt)} characters, more than the limit of {state.limits.max_message_chars}",
+            param="prompt",
+        )
     return prompt
 
 
-@router.post("/completions", responses={
-    200: {"content": {"text/event-stream": {}}, "description": "A text completion, or chunks when `stream` is true"},
-    429: {"description": "Too many requests waiting (see Retry-After)"}, **ERROR_RESPONSES},
-    summary="OpenAI-compatible text completion of a plain prompt (no chat template)")
+@router.post(
+    "/completions",
+    responses={
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "A text completion, or chunks when `stream` is true",
+        },
+        429: {"description": "Too many requests waiting (see Retry-After)"},
+        **ERROR_RESPONSES,
+    },
+    summary="OpenAI-compatible text completion of a plain prompt (no chat template)",
+)
 async def completions(body: CompletionRequest, state: WebState = Depends(get_state)) -> Any:
     prompt = _prompt_text(body, state)
     settings = _settings(body, state, DEFAULT_COMPLETION_TOKENS)
     treatment = _treatment(body, state)
     service = state.service
-    state.limits.check_token_budget(service.lm.tokenizer, [[{"content": prompt}]], new_tokens=settings.max_new_tokens,
-                                    param="prompt")
+    state.limits.check_token_budget(
+        service.lm.tokenizer, [[{"content": prompt}]], new_tokens=settings.max_new_tokens, param="prompt"
+    )
     completion_id = f"cmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     prepared = await service.prepare_text(prompt, settings.max_new_tokens)
     items = await service.open_stream(prepared, treatment, settings)
 
     def info(answer: Answer) -> dict[str, Any]:
-        return {"projection": answer.running_projection, "layer": service.layer, "cap": treatment.cap,
-                "alpha": treatment.alpha, "capped_tokens": answer.capped_tokens,
-                "guard_switches": [_guard(s) for s in answer.switches]}
+        return {
+            "projection": answer.running_projection,
+            "layer": service.layer,
+            "cap": treatment.cap,
+            "alpha": treatment.alpha,
+            "capped_tokens": answer.capped_tokens,
+            "guard_switches": [_guard(s) for s in answer.switches],
+        }
 
     def payload(text: str, finish: str | None, **extra: Any) -> dict[str, Any]:
-        return {"id": completion_id, "object": "text_completion", "created": created, "model": state.model_id,
-                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}], **extra}
+        return {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": created,
+            "model": state.model_id,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+            **extra,
+        }
 
     if not body.stream:
         async for item in items:
             if isinstance(item, Answer):
-                return payload(item.text, "stop" if item.stopped else "length", usage=_usage(item),
-                               personaxis=info(item))
+                return payload(
+                    item.text, "stop" if item.stopped else "length", usage=_usage(item), personaxis=info(item)
+                )
             if isinstance(item, StreamError):
                 raise ApiError(item.status, item.message)
         raise ApiError(500, "generation ended without an answer")  # pragma: no cover

@@ -48,10 +48,17 @@ def _settings(body: schemas.ChatRequest, state: WebState) -> StreamSettings:
 def _chat_response(answer: Answer, state: WebState, cap: str | None, alpha: float) -> dict[str, Any]:
     service = state.service
     return {
-        "text": answer.text, "prompt_tokens": answer.prompt_tokens, "new_tokens": answer.new_tokens,
-        "stopped": answer.stopped, "projection": answer.projections[-1] if answer.projections else None,
-        "projections": answer.projections, "layer": service.layer, "cap": cap, "alpha": alpha,
-        "floor": service.floor(cap) if cap else service.floor(), "capped_tokens": answer.capped_tokens,
+        "text": answer.text,
+        "prompt_tokens": answer.prompt_tokens,
+        "new_tokens": answer.new_tokens,
+        "stopped": answer.stopped,
+        "projection": answer.projections[-1] if answer.projections else None,
+        "projections": answer.projections,
+        "layer": service.layer,
+        "cap": cap,
+        "alpha": alpha,
+        "floor": service.floor(cap) if cap else service.floor(),
+        "capped_tokens": answer.capped_tokens,
         "guard_switches": [guard_event(s) for s in answer.switches],
     }
 
@@ -68,20 +75,34 @@ def sse(event: str, data: Any) -> str:
 def info(state: WebState = Depends(get_state)) -> dict[str, Any]:
     service = state.service
     profile = service.lm.profile
-    experiments = [{"id": e, "layers": service.experiment_layers(e), "floor": service.floor(e)} for e in service.experiment_ids]
+    experiments = [
+        {"id": e, "layers": service.experiment_layers(e), "floor": service.floor(e)} for e in service.experiment_ids
+    ]
     return {
-        "model": state.model_id, "n_layers": profile.n_layers, "hidden_size": profile.hidden_size,
-        "layer": service.layer, "steer_layer": service.steer_layer, "axis_model": service.axis.model,
+        "model": state.model_id,
+        "n_layers": profile.n_layers,
+        "hidden_size": profile.hidden_size,
+        "layer": service.layer,
+        "steer_layer": service.steer_layer,
+        "axis_model": service.axis.model,
         "run_dir": str(state.run.root) if state.run.root is not None else None,
-        "has_summary": state.run.summary is not None, "experiments": experiments,
-        "default_cap": service.default_cap, "default_alpha": service.default_alpha,
-        "raw_alpha": service.raw_alpha, "floor": service.floor(),
-        "reference": state.run.reference(), "limits": vars(state.limits),
+        "has_summary": state.run.summary is not None,
+        "experiments": experiments,
+        "default_cap": service.default_cap,
+        "default_alpha": service.default_alpha,
+        "raw_alpha": service.raw_alpha,
+        "floor": service.floor(),
+        "reference": state.run.reference(),
+        "limits": vars(state.limits),
     }
 
 
-@router.post("/chat", response_model=schemas.ChatResponse, responses=schemas.ERROR_RESPONSES,
-             summary="Answer the conversation (whole answer, with per-turn projections)")
+@router.post(
+    "/chat",
+    response_model=schemas.ChatResponse,
+    responses=schemas.ERROR_RESPONSES,
+    summary="Answer the conversation (whole answer, with per-turn projections)",
+)
 async def chat(body: schemas.ChatRequest, state: WebState = Depends(get_state)) -> dict[str, Any]:
     messages = _messages(body, state)
     settings = _settings(body, state)
@@ -91,10 +112,16 @@ async def chat(body: schemas.ChatRequest, state: WebState = Depends(get_state)) 
     return _chat_response(answer, state, body.cap, treatment.alpha)
 
 
-@router.post("/chat/stream", responses={200: {"content": {"text/event-stream": {}}, "description": "Server-sent events"},
-                                        **schemas.ERROR_RESPONSES},
-             summary="Stream the answer token by token, with the running projection", description=STREAM_DOC,
-             response_class=StreamingResponse)
+@router.post(
+    "/chat/stream",
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "Server-sent events"},
+        **schemas.ERROR_RESPONSES,
+    },
+    summary="Stream the answer token by token, with the running projection",
+    description=STREAM_DOC,
+    response_class=StreamingResponse,
+)
 async def chat_stream(body: schemas.ChatRequest, state: WebState = Depends(get_state)) -> StreamingResponse:
     messages = _messages(body, state)
     settings = _settings(body, state)
@@ -106,25 +133,43 @@ async def chat_stream(body: schemas.ChatRequest, state: WebState = Depends(get_s
 
     async def events() -> AsyncIterator[str]:
         floor = service.floor(body.cap) if body.cap else service.floor()
-        yield sse("start", {"layer": service.layer, "cap": body.cap, "alpha": treatment.alpha, "floor": floor,
-                            "prompt_tokens": len(prepared[1])})
+        yield sse(
+            "start",
+            {
+                "layer": service.layer,
+                "cap": body.cap,
+                "alpha": treatment.alpha,
+                "floor": floor,
+                "prompt_tokens": len(prepared[1]),
+            },
+        )
         async for item in items:
             if isinstance(item, TokenStep):
                 yield sse("token", {"delta": item.delta, "n_tokens": item.n_tokens, "projection": item.projection})
             elif isinstance(item, GuardSwitch):
                 yield sse("guard", guard_event(item))
             elif isinstance(item, Answer):
-                yield sse("done", {**_chat_response(item, state, body.cap, treatment.alpha),
-                                   "running_projection": item.running_projection})
+                yield sse(
+                    "done",
+                    {
+                        **_chat_response(item, state, body.cap, treatment.alpha),
+                        "running_projection": item.running_projection,
+                    },
+                )
             elif isinstance(item, StreamError):
                 yield sse("error", error_body(item.status, item.message))
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
-@router.post("/project", response_model=schemas.ProjectResponse, responses=schemas.ERROR_RESPONSES,
-             summary="Per-turn projections of a conversation (teacher-forced, one pass)")
+@router.post(
+    "/project",
+    response_model=schemas.ProjectResponse,
+    responses=schemas.ERROR_RESPONSES,
+    summary="Per-turn projections of a conversation (teacher-forced, one pass)",
+)
 async def project(body: schemas.ProjectRequest, state: WebState = Depends(get_state)) -> dict[str, Any]:
     messages = _messages(body, state)
     service = state.service

@@ -29,10 +29,19 @@ def list_transcripts(state: WebState = Depends(get_state)) -> dict[str, Any]:
         conversation = data.get("conversation") if isinstance(data, dict) else data
         if not isinstance(conversation, list):
             continue
-        meta = {k: v for k, v in data.items() if k != "conversation" and isinstance(v, str | int | float)} \
-            if isinstance(data, dict) else {}
-        items.append({"name": name, "messages": len(conversation), "meta": meta,
-                      "assistant_turns": sum(1 for m in conversation if isinstance(m, dict) and m.get("role") == "assistant")})
+        meta = (
+            {k: v for k, v in data.items() if k != "conversation" and isinstance(v, str | int | float)}
+            if isinstance(data, dict)
+            else {}
+        )
+        items.append(
+            {
+                "name": name,
+                "messages": len(conversation),
+                "meta": meta,
+                "assistant_turns": sum(1 for m in conversation if isinstance(m, dict) and m.get("role") == "assistant"),
+            }
+        )
     folder = state.run.transcripts_dir
     return {"transcripts": items, "folder": str(folder) if folder is not None else None}
 
@@ -42,15 +51,24 @@ def get_transcript(name: str, state: WebState = Depends(get_state)) -> Any:
     return state.run.transcript(name)
 
 
-@router.post("/project", response_model=schemas.TranscriptProjectResponse, responses=schemas.ERROR_RESPONSES,
-             summary="Per-turn trajectories of uploaded transcripts (one batched teacher-forced pass)")
-async def project_transcripts(body: schemas.TranscriptProjectRequest, state: WebState = Depends(get_state)) -> dict[str, Any]:
+@router.post(
+    "/project",
+    response_model=schemas.TranscriptProjectResponse,
+    responses=schemas.ERROR_RESPONSES,
+    summary="Per-turn trajectories of uploaded transcripts (one batched teacher-forced pass)",
+)
+async def project_transcripts(
+    body: schemas.TranscriptProjectRequest, state: WebState = Depends(get_state)
+) -> dict[str, Any]:
     from personaxis.monitor import MonitorError, transcript_from_data
 
     limits = state.limits
     if len(body.transcripts) > limits.max_transcripts:
-        raise ApiError(422, f"{len(body.transcripts)} transcripts in one request, more than the limit of "
-                            f"{limits.max_transcripts}", param="transcripts")
+        raise ApiError(
+            422,
+            f"{len(body.transcripts)} transcripts in one request, more than the limit of {limits.max_transcripts}",
+            param="transcripts",
+        )
     service = state.service
     treatment = service.treatment(body.cap, body.alpha)
     parsed = []
@@ -75,10 +93,22 @@ async def project_transcripts(body: schemas.TranscriptProjectRequest, state: Web
         points = []
         for row in turns:
             before = [m["content"] for m in conv[: row.message_index] if m["role"] == "user"]
-            points.append({"turn": row.turn, "message_index": row.message_index,
-                           "projection": row.projections[service.layer], "truncated": row.truncated,
-                           "user": _short(before[-1]) if before else "", "assistant": _short(conv[row.message_index]["content"])})
+            points.append(
+                {
+                    "turn": row.turn,
+                    "message_index": row.message_index,
+                    "projection": row.projections[service.layer],
+                    "truncated": row.truncated,
+                    "user": _short(before[-1]) if before else "",
+                    "assistant": _short(conv[row.message_index]["content"]),
+                }
+            )
         meta = {k: v for k, v in transcript.meta.items() if isinstance(v, str | int | float | bool)}
         trajectories.append({"name": transcript.name, "meta": meta, "turns": points})
-    return {"layer": service.layer, "cap": body.cap, "alpha": treatment.alpha,
-            "floor": service.floor(body.cap) if body.cap else service.floor(), "trajectories": trajectories}
+    return {
+        "layer": service.layer,
+        "cap": body.cap,
+        "alpha": treatment.alpha,
+        "floor": service.floor(body.cap) if body.cap else service.floor(),
+        "trajectories": trajectories,
+    }

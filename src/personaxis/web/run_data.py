@@ -44,8 +44,11 @@ class RunData:
         summary = self.summary
         if summary is None:
             where = f"{self.root}/summary.json" if self.root is not None else "no run directory was given"
-            raise ApiError(404, f"no persona space to show ({where}): run `personaxis run` first, then "
-                                "`personaxis serve --run RUN_DIR`")
+            raise ApiError(
+                404,
+                f"no persona space to show ({where}): run `personaxis run` first, then "
+                "`personaxis serve --run RUN_DIR`",
+            )
         return summary
 
     def reference(self) -> dict[str, Any]:
@@ -59,8 +62,10 @@ class RunData:
         high = max(roles, key=lambda r: r["projection"])
         return {
             "default_projection": summary.get("default_projection"),
-            "role_min": low["projection"], "role_min_name": low["name"],
-            "role_max": high["projection"], "role_max_name": high["name"],
+            "role_min": low["projection"],
+            "role_min_name": low["name"],
+            "role_max": high["projection"],
+            "role_max_name": high["name"],
         }
 
     # ----------------------------------------------------------------------------------------------- roles
@@ -91,8 +96,12 @@ class RunData:
         if not prompts:
             prompts = [s["system_prompt"] for s in samples if s.get("system_prompt")]
         return {
-            "name": name, "category": str(entry.get("category", "custom")), "description": description,
-            "system_prompts": prompts, "samples": samples, "projection": entry.get("projection"),
+            "name": name,
+            "category": str(entry.get("category", "custom")),
+            "description": description,
+            "system_prompts": prompts,
+            "samples": samples,
+            "projection": entry.get("projection"),
             "pc": list(entry.get("pc") or []),
         }
 
@@ -111,8 +120,14 @@ class RunData:
                 continue
             for rollout in data.get("rollouts", [])[:1]:
                 if isinstance(rollout, dict) and isinstance(rollout.get("answer"), str):
-                    samples.append({"prompt_index": index, "system_prompt": data.get("system_prompt"),
-                                    "question": str(rollout.get("question", "")), "answer": rollout["answer"]})
+                    samples.append(
+                        {
+                            "prompt_index": index,
+                            "system_prompt": data.get("system_prompt"),
+                            "question": str(rollout.get("question", "")),
+                            "answer": rollout["answer"],
+                        }
+                    )
             if len(samples) >= limit:
                 break
         return samples

@@ -15,19 +15,34 @@ class Message(BaseModel):
 
 
 class Treatment(BaseModel):
-    cap: str | None = Field(None, description="Capping experiment id (see /api/info), \"auto\" for guard mode (capping "
-                            "only while the projection drifts below the calibrated floor), or null for no capping.")
-    alpha: float = field("alpha", 0.0, description="Steering coefficient in units of the layer's mean residual norm "
-                         "(0: none).")
+    cap: str | None = Field(
+        None,
+        description='Capping experiment id (see /api/info), "auto" for guard mode (capping '
+        "only while the projection drifts below the calibrated floor), or null for no capping.",
+    )
+    alpha: float = field(
+        "alpha", 0.0, description="Steering coefficient in units of the layer's mean residual norm (0: none)."
+    )
 
 
 class ChatRequest(Treatment):
-    model_config = ConfigDict(json_schema_extra={"example": {
-        "messages": [{"role": "user", "content": "Who are you?"}], "cap": None, "alpha": 0.0, "max_tokens": 64}})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "messages": [{"role": "user", "content": "Who are you?"}],
+                "cap": None,
+                "alpha": 0.0,
+                "max_tokens": 64,
+            }
+        }
+    )
 
     messages: list[Message] = Field(min_length=1, description="The conversation so far, ending with a user message.")
-    max_tokens: int | None = field("max_new_tokens", None, description="Longest answer, in tokens (default 128, or "
-                                   "the server's upper limit when lower).")
+    max_tokens: int | None = field(
+        "max_new_tokens",
+        None,
+        description="Longest answer, in tokens (default 128, or the server's upper limit when lower).",
+    )
     temperature: float = field("temperature", 0.0, le=2.0, description="0 = greedy.")
     top_p: float = field("top_p", 1.0)
     seed: int | None = field("seed", 0, description="Seed for sampled answers.")
@@ -45,8 +60,9 @@ class ChatResponse(BaseModel):
     alpha: float
     floor: float | None = Field(description="The calibrated floor at `layer` for the capping experiment, if any.")
     capped_tokens: int = Field(0, description="Tokens generated while a cap acted on this answer.")
-    guard_switches: list[dict[str, Any]] = Field(default_factory=list, description="Guard mode's switches: "
-                                                 "{capping, n_tokens, projection}.")
+    guard_switches: list[dict[str, Any]] = Field(
+        default_factory=list, description="Guard mode's switches: {capping, n_tokens, projection}."
+    )
 
 
 class ProjectRequest(Treatment):
@@ -97,8 +113,11 @@ class InfoResponse(BaseModel):
     experiments: list[Experiment]
     default_cap: str | None
     default_alpha: float
-    raw_alpha: bool = Field(False, description="α is the reference's coefficient of the stored axis row (serve --raw), "
-                            "not a fraction of the residual norm.")
+    raw_alpha: bool = Field(
+        False,
+        description="α is the reference's coefficient of the stored axis row (serve --raw), "
+        "not a fraction of the residual norm.",
+    )
     floor: float | None = Field(description="The 25th-percentile floor at the monitored layer, if calibrated.")
     reference: Reference
     limits: LimitsInfo
@@ -164,7 +183,7 @@ class TranscriptList(BaseModel):
 
 class TranscriptUpload(BaseModel):
     name: str = Field(min_length=1, max_length=200)
-    data: Any = Field(description="The transcript: {\"conversation\": [{\"role\", \"content\"}, ...], ...} or a list.")
+    data: Any = Field(description='The transcript: {"conversation": [{"role", "content"}, ...], ...} or a list.')
 
 
 class TranscriptProjectRequest(Treatment):
@@ -207,6 +226,10 @@ class ErrorResponse(BaseModel):
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
-    for code, text in ((400, "Unknown capping experiment or bad option"), (404, "Not found"),
-                       (413, "Request body too large"), (422, "Malformed or oversized request"))
+    for code, text in (
+        (400, "Unknown capping experiment or bad option"),
+        (404, "Not found"),
+        (413, "Request body too large"),
+        (422, "Malformed or oversized request"),
+    )
 }

@@ -114,6 +114,7 @@ def stream_answer(
     def choose(logits: Tensor) -> int:
         uniform = torch.rand(1, generator=generator).to(device) if settings.temperature > 0 else torch.zeros(1)
         return int(sample_tokens(logits.unsqueeze(0), settings.temperature, settings.top_p, uniform)[0])
+
     stops = {int(s) for s in stop_ids}
     tracker = TextTracker(lm.tokenizer, settings.stop)
     cache = DynamicCache(config=model.config)
