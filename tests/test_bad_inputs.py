@@ -870,6 +870,23 @@ CLI_ROBUST_CASES: list[CliCase] = [
         ],
         r"--out .*drift\.txt: .*drift\.txt is a file, not a folder",
     ),
+    *[
+        CliCase(
+            f"eval-{command}-out-is-a-file",
+            lambda c, command=command: [
+                "eval",
+                command,
+                "--run",
+                str(c.run),
+                "--model",
+                str(c.model),
+                "--out",
+                str(c.file(f"{command}.txt", "x")),
+            ],
+            rf"--out .*{command}\.txt: .*{command}\.txt is a file, not a folder",
+        )
+        for command in ("steering", "drift", "jailbreak", "capability", "capping")
+    ],
     CliCase(
         "monitor-unknown-windows",
         lambda c: [

@@ -10,6 +10,7 @@ import typer
 
 from personaxis.commands import echo_err, user_errors
 from personaxis.commands.model_options import DEFAULT_PLACEMENT, ModelPlacement, model_options
+from personaxis.validate import output_folder
 
 if TYPE_CHECKING:
     from personaxis.axis import Axis
@@ -122,6 +123,7 @@ def steering(
     from personaxis.judges import IDENTITY_LABELS, make_identity_judge
 
     with user_errors():
+        output_folder(out, "--out")  # before the model loads
         loaded, path = load_axis(axis, run)
         settings = ev.SteeringSettings(
             alphas=floats(alphas),
@@ -219,6 +221,7 @@ def drift(
     from personaxis.evals.users import LocalModelUser, make_user
 
     with user_errors():
+        output_folder(out, "--out")  # before the model loads
         if from_record is not None:
             if not predict:
                 raise ValueError("--from is for --predict (re-fit the prediction on an existing drift record)")
@@ -342,6 +345,7 @@ def jailbreak(
     from personaxis.judges import HARM_LABELS, make_harm_judge
 
     with user_errors():
+        output_folder(out, "--out")  # before the model loads
         chosen = names(conditions)
         loaded, path = load_axis(axis, run)
         ops, cap_note = None, None
@@ -418,6 +422,7 @@ def capability(
     from personaxis.evals.resources import default_experiment, load_axis, load_capping, names
 
     with user_errors():
+        output_folder(out, "--out")  # before the model loads
         loaded, path = load_axis(axis, run)
         ops, cap_note = None, None
         if not no_cap:
@@ -513,6 +518,7 @@ def capping_sweep(
         return min(n, limit) if n is not None and limit is not None else (limit or n)
 
     with user_errors():
+        output_folder(out, "--out")  # before the model loads
         loaded, path = load_axis(axis, run)
         config, cap_note = load_capping(capping, run, loaded)
         chosen = ev.choose_experiments(
