@@ -136,8 +136,10 @@ def test_presets_and_recipe_defaults():
         paper.judge_traits and paper.judges_traits and not RunSettings.from_preset("paper", judge="none").judges_traits
     )
     quick = RunSettings.from_preset("quick")
-    # The reference's rule at the quick preset's scale (its results unchanged: no role of it falls back).
+    # The reference's rule at the quick presets' scale (quick-openings' results unchanged: no role of it falls back).
     assert (quick.vectors, quick.min_count, quick.temperature, quick.top_p) == ("reference", 3, 0.0, 1.0)
+    openings = RunSettings.from_preset("quick-openings")
+    assert (openings.vectors, openings.min_count, openings.judge) == ("reference", 3, "offline")
     assert not quick.judge_traits and RunSettings.from_preset("quick", vectors="reference").min_count == 50
     assert RunSettings.from_preset("quick", top_p=0.5).top_p == 0.5
     with pytest.raises(ValueError, match="top-p"):

@@ -124,6 +124,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         role_names=QUICK_ROLES,
         question_ids=QUICK_QUESTION_IDS,
         judge="none",
+        vectors="reference",  # the recipe of a judged rerun (`--judge offline`); with no judge every rollout counts
     ),
     # The former quick preset: the first 8 tokens of answers to 12 self-descriptive questions. In SmolLM2-135M who
     # is speaking shows in the opening of such an answer ("As an AI…", "I am a ghost…") and the later tokens add each
