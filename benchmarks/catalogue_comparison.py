@@ -32,40 +32,6 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "src"))
-# Our quick preset's role list before this comparison (the "role set" factor's first value).
-OLD_QUICK_ROLES = (
-    "analyst",
-    "librarian",
-    "consultant",
-    "tutor",
-    "reviewer",
-    "accountant",
-    "researcher",
-    "editor",
-    "translator",
-    "parent",
-    "exile",
-    "gambler",
-    "sailor",
-    "cynic",
-    "optimist",
-    "zealot",
-    "bard",
-    "jester",
-    "poet",
-    "playwright",
-    "opera singer",
-    "mime",
-    "ghost",
-    "oracle",
-    "demon",
-    "angel",
-    "guru",
-    "wizard",
-    "hive mind",
-    "coral reef",
-    "leviathan",
-)
 # The same mix of categories, with the 6 roles the reference lacks replaced by ones both catalogues have.
 COMMON_ROLES = (
     "analyst",
@@ -177,7 +143,9 @@ def our_questions_file(runs: Path, name: str) -> Path:
 
 
 def cell_command(cell: Cell, out: Path, ref_roles: Path, ref_questions: Path, judge: str) -> list[str]:
-    names = OLD_QUICK_ROLES if cell.roles == "quick" else COMMON_ROLES
+    from personaxis.settings import OPENINGS_ROLES  # our quick preset's roles before this comparison
+
+    names = OPENINGS_ROLES if cell.roles == "quick" else COMMON_ROLES
     command = ["personaxis", "run", "--out", str(out), "--preset", cell.preset, *SIZES, "-q"]
     if cell.prompts == "ref":
         command += ["--roles-dir", str(ref_roles)]
