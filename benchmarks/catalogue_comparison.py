@@ -32,40 +32,6 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "src"))
-# The same mix of categories, with the 6 roles the reference lacks replaced by ones both catalogues have.
-COMMON_ROLES = (
-    "analyst",
-    "librarian",
-    "consultant",
-    "tutor",
-    "reviewer",
-    "accountant",
-    "researcher",
-    "editor",
-    "translator",
-    "parent",
-    "exile",
-    "smuggler",
-    "detective",
-    "cynic",
-    "optimist",
-    "zealot",
-    "bard",
-    "jester",
-    "poet",
-    "playwright",
-    "novelist",
-    "comedian",
-    "ghost",
-    "oracle",
-    "demon",
-    "angel",
-    "guru",
-    "witch",
-    "golem",
-    "coral reef",
-    "leviathan",
-)
 SIZES = ["--prompts", "2", "--questions", "6", "--traits", "0"]
 
 
@@ -143,9 +109,11 @@ def our_questions_file(runs: Path, name: str) -> Path:
 
 
 def cell_command(cell: Cell, out: Path, ref_roles: Path, ref_questions: Path, judge: str) -> list[str]:
-    from personaxis.settings import OPENINGS_ROLES  # our quick preset's roles before this comparison
+    # Our quick preset's roles before this comparison, or the same mix of categories with the 6 roles the reference
+    # lacks replaced by ones both catalogues have (the quick preset's roles since).
+    from personaxis.settings import OPENINGS_ROLES, QUICK_ROLES
 
-    names = OPENINGS_ROLES if cell.roles == "quick" else COMMON_ROLES
+    names = OPENINGS_ROLES if cell.roles == "quick" else QUICK_ROLES
     command = ["personaxis", "run", "--out", str(out), "--preset", cell.preset, *SIZES, "-q"]
     if cell.prompts == "ref":
         command += ["--roles-dir", str(ref_roles)]
