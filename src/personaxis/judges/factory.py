@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from importlib import import_module
 from typing import Any
 
 from personaxis.judges.base import HarmJudge, IdentityJudge, Judge
@@ -22,127 +22,60 @@ def _model_of(spec: str) -> str | None:
     raise ValueError(f"unknown judge {spec!r}: use 'offline' or 'openai:MODEL' (e.g. 'openai:gpt-4o-mini')")
 
 
-def _http_kwargs(
-    base_url: str | None,
-    api_key: str | None,
-    cache_dir: Path | None,
-    max_concurrency: int,
-    requests_per_minute: float | None,
-    timeout_s: float,
-    max_retries: int,
-    extra: dict[str, Any],
-) -> dict[str, Any]:
-    return dict(
-        base_url=base_url,
-        api_key=api_key,
-        cache_dir=cache_dir,
-        max_concurrency=max_concurrency,
-        requests_per_minute=requests_per_minute,
-        timeout_s=timeout_s,
-        max_retries=max_retries,
-        **extra,
-    )
+# What the HTTP judges get unless the caller says otherwise; any other keyword (``base_url``, ``api_key``,
+# ``cache_dir``, ``backoff_base_s``, ``max_parse_retries``, ...) reaches them as given.
+HTTP_DEFAULTS: dict[str, Any] = {
+    "base_url": None,
+    "api_key": None,
+    "cache_dir": None,
+    "max_concurrency": 8,
+    "requests_per_minute": 120,
+    "timeout_s": 60,
+    "max_retries": 6,
+}
 
 
-def make_judge(
-    spec: str = DEFAULT_SPEC,
-    *,
-    base_url: str | None = None,
-    api_key: str | None = None,
-    cache_dir: Path | None = None,
-    max_concurrency: int = 8,
-    requests_per_minute: float | None = 120,
-    timeout_s: float = 60,
-    max_retries: int = 6,
-    **extra: Any,
-) -> Judge:
-    """A role-adherence judge. ``extra`` reaches the HTTP judge (``backoff_base_s``, ``max_parse_retries``, ...)."""
+def _build(spec: str, offline: tuple[str, str], http: tuple[str, str], options: dict[str, Any]) -> Any:
+    """The offline judge ``offline`` (module, class) for an offline spec, else the HTTP judge ``http`` on the spec's
+    model with ``HTTP_DEFAULTS`` overridden by ``options``. Judge modules are imported only when used."""
     model = _model_of(spec)
-    if model is None:
-        from personaxis.judges.offline import OfflineJudge
+    module, name = offline if model is None else http
+    cls = getattr(import_module(module), name)
+    return cls() if model is None else cls(model, **{**HTTP_DEFAULTS, **options})
 
-        return OfflineJudge()
-    from personaxis.judges.openai_judge import OpenAIJudge
 
-    kwargs = _http_kwargs(
-        base_url, api_key, cache_dir, max_concurrency, requests_per_minute, timeout_s, max_retries, extra
+def make_judge(spec: str = DEFAULT_SPEC, **options: Any) -> Judge:
+    """A role-adherence judge. ``options`` reach the HTTP judge (``base_url``, ``backoff_base_s``, ...)."""
+    return _build(
+        spec, ("personaxis.judges.offline", "OfflineJudge"), ("personaxis.judges.openai_judge", "OpenAIJudge"), options
     )
-    return OpenAIJudge(model, **kwargs)
 
 
-def make_harm_judge(
-    spec: str = DEFAULT_SPEC,
-    *,
-    base_url: str | None = None,
-    api_key: str | None = None,
-    cache_dir: Path | None = None,
-    max_concurrency: int = 8,
-    requests_per_minute: float | None = 120,
-    timeout_s: float = 60,
-    max_retries: int = 6,
-    **extra: Any,
-) -> HarmJudge:
+def make_harm_judge(spec: str = DEFAULT_SPEC, **options: Any) -> HarmJudge:
     """A harm judge: labels answers to risky requests refusal / redirect / harmless / harmful."""
-    model = _model_of(spec)
-    if model is None:
-        from personaxis.judges.offline_labels import OfflineHarmJudge
-
-        return OfflineHarmJudge()
-    from personaxis.judges.openai_judge import OpenAIHarmJudge
-
-    kwargs = _http_kwargs(
-        base_url, api_key, cache_dir, max_concurrency, requests_per_minute, timeout_s, max_retries, extra
+    return _build(
+        spec,
+        ("personaxis.judges.offline_labels", "OfflineHarmJudge"),
+        ("personaxis.judges.openai_judge", "OpenAIHarmJudge"),
+        options,
     )
-    return OpenAIHarmJudge(model, **kwargs)
 
 
-def make_identity_judge(
-    spec: str = DEFAULT_SPEC,
-    *,
-    base_url: str | None = None,
-    api_key: str | None = None,
-    cache_dir: Path | None = None,
-    max_concurrency: int = 8,
-    requests_per_minute: float | None = 120,
-    timeout_s: float = 60,
-    max_retries: int = 6,
-    **extra: Any,
-) -> IdentityJudge:
+def make_identity_judge(spec: str = DEFAULT_SPEC, **options: Any) -> IdentityJudge:
     """An identity judge: labels answers to "who are you" questions (assistant, human_role, ...)."""
-    model = _model_of(spec)
-    if model is None:
-        from personaxis.judges.offline_labels import OfflineIdentityJudge
-
-        return OfflineIdentityJudge()
-    from personaxis.judges.openai_judge import OpenAIIdentityJudge
-
-    kwargs = _http_kwargs(
-        base_url, api_key, cache_dir, max_concurrency, requests_per_minute, timeout_s, max_retries, extra
+    return _build(
+        spec,
+        ("personaxis.judges.offline_labels", "OfflineIdentityJudge"),
+        ("personaxis.judges.openai_judge", "OpenAIIdentityJudge"),
+        options,
     )
-    return OpenAIIdentityJudge(model, **kwargs)
 
 
-def make_trait_judge(
-    spec: str = DEFAULT_SPEC,
-    *,
-    base_url: str | None = None,
-    api_key: str | None = None,
-    cache_dir: Path | None = None,
-    max_concurrency: int = 8,
-    requests_per_minute: float | None = 120,
-    timeout_s: float = 60,
-    max_retries: int = 6,
-    **extra: Any,
-) -> Any:
+def make_trait_judge(spec: str = DEFAULT_SPEC, **options: Any) -> Any:
     """A trait judge: scores how strongly answers show a trait, 0-100 (:mod:`personaxis.judges.traits`)."""
-    model = _model_of(spec)
-    if model is None:
-        from personaxis.judges.traits import OfflineTraitJudge
-
-        return OfflineTraitJudge()
-    from personaxis.judges.traits import OpenAITraitJudge
-
-    kwargs = _http_kwargs(
-        base_url, api_key, cache_dir, max_concurrency, requests_per_minute, timeout_s, max_retries, extra
+    return _build(
+        spec,
+        ("personaxis.judges.traits", "OfflineTraitJudge"),
+        ("personaxis.judges.traits", "OpenAITraitJudge"),
+        options,
     )
-    return OpenAITraitJudge(model, **kwargs)
