@@ -258,6 +258,15 @@ def _usage(answer: Answer) -> dict[str, int]:
     }
 
 
+def _streaming_responses(description: str) -> dict[int | str, dict[str, Any]]:
+    """The documented responses of a route that answers JSON, or server-sent events when ``stream`` is true."""
+    return {
+        200: {"content": {"text/event-stream": {}}, "description": description},
+        429: {"description": "Too many requests waiting (see Retry-After)"},
+        **ERROR_RESPONSES,
+    }
+
+
 @router.get("/models", response_model=ModelList, summary="The served model")
 def models(state: WebState = Depends(get_state)) -> dict[str, Any]:
     return {
@@ -269,14 +278,7 @@ def models(state: WebState = Depends(get_state)) -> dict[str, Any]:
 @router.post(
     "/chat/completions",
     response_model=ChatCompletion,
-    responses={
-        200: {
-            "content": {"text/event-stream": {}},
-            "description": "A completion, or chunks as server-sent events when `stream` is true",
-        },
-        429: {"description": "Too many requests waiting (see Retry-After)"},
-        **ERROR_RESPONSES,
-    },
+    responses=_streaming_responses("A completion, or chunks as server-sent events when `stream` is true"),
     summary="OpenAI-compatible chat completion (with capping/steering/guard mode)",
 )
 async def chat_completions(body: ChatCompletionRequest, state: WebState = Depends(get_state)) -> Any:
@@ -389,14 +391,7 @@ def _prompt_text(body: CompletionRequest, state: WebState) -> str:
 
 @router.post(
     "/completions",
-    responses={
-        200: {
-            "content": {"text/event-stream": {}},
-            "description": "A text completion, or chunks when `stream` is true",
-        },
-        429: {"description": "Too many requests waiting (see Retry-After)"},
-        **ERROR_RESPONSES,
-    },
+    responses=_streaming_responses("A text completion, or chunks when `stream` is true"),
     summary="OpenAI-compatible text completion of a plain prompt (no chat template)",
 )
 async def completions(body: CompletionRequest, state: WebState = Depends(get_state)) -> Any:
