@@ -419,7 +419,7 @@ def _conversations(n: int) -> list[list[dict[str, str]]]:
 
 
 def section_arch(arch: str, args: argparse.Namespace, tokenizer_dir: Path, budget_s: float) -> dict[str, Any]:
-    import personaxis.generation as generation
+    import personaxis.generation.engine as generation
     from personaxis.activations import extract_turn_means
     from personaxis.chat import render_prompt
     from personaxis.generation import SamplingConfig, generate_ids
@@ -455,7 +455,7 @@ def section_arch(arch: str, args: argparse.Namespace, tokenizer_dir: Path, budge
         generation.KV_CACHE_BYTES = cap or default_cap
         try:
             config = SamplingConfig(max_new_tokens=new_tokens, batch_size=args.gen_prompts)
-            probe = generation._FastGenerator(lm, prompts, config, [], 0, None)
+            probe = generation.FastEngine(lm, prompts, config, stop_ids=[])
             rows = probe.max_rows
             del probe
             batch = prompts[:rows]  # one full running batch: the rate of a long run at this cap

@@ -5,7 +5,7 @@ from __future__ import annotations
 from tiny import CHATML, tiny_model, tiny_tokenizer
 
 from personaxis.chat import render_chat
-from personaxis.generation import _decode
+from personaxis.generation import decode_answer
 
 TRIMMING = CHATML.replace("{{ m['content'] }}", "{{ m['content'] | trim }}")
 
@@ -57,5 +57,5 @@ def test_generated_text_is_not_stripped():
     tokenizer = tiny_tokenizer()
     ids = tokenizer("\nArr, matey!  ", add_special_tokens=False)["input_ids"]
     stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    text, n_new, stopped = _decode(tokenizer, [*ids, stop], {stop})
+    text, n_new, stopped = decode_answer(tokenizer, [*ids, stop], {stop})
     assert (text, n_new, stopped) == ("\nArr, matey!  ", len(ids), True)

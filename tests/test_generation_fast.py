@@ -158,30 +158,30 @@ def test_embedded_fast_equals_hf(embedded_lm):
 
 
 def test_draw_follows_the_weights():
-    from personaxis.generation import _draw, _nucleus
+    from personaxis.generation.sampling import draw, nucleus
 
     weights = torch.tensor([[0.0, 0.5, 0.3, 0.2, 0.0]]).repeat(40000, 1)
-    counts = torch.bincount(_draw(weights, torch.rand(40000, generator=torch.Generator().manual_seed(0))), minlength=5)
+    counts = torch.bincount(draw(weights, torch.rand(40000, generator=torch.Generator().manual_seed(0))), minlength=5)
     assert counts[0] == 0 and counts[4] == 0
     assert torch.allclose(counts[1:4] / 40000.0, torch.tensor([0.5, 0.3, 0.2]), atol=0.02)
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    assert (_nucleus(probs, 0.79) > 0).tolist() == [[True, True, False, False]]
-    assert (_nucleus(probs, 0.81) > 0).tolist() == [[True, True, True, False]]
-    assert (_nucleus(probs, 1e-6) > 0).tolist() == [[True, False, False, False]]
+    assert (nucleus(probs, 0.79) > 0).tolist() == [[True, True, False, False]]
+    assert (nucleus(probs, 0.81) > 0).tolist() == [[True, True, True, False]]
+    assert (nucleus(probs, 1e-6) > 0).tolist() == [[True, False, False, False]]
 
 
 @pytest.mark.parametrize("steered", [False, True])
 def test_shared_prefixes_are_computed_once(lm, steered, monkeypatch):
-    from personaxis import generation
+    from personaxis.generation.engine import FastEngine
 
     calls: list[int] = []
-    original = generation._FastGenerator._prefill_shared
+    original = FastEngine._prefill_shared
 
     def counting(self, groups, shared):
         calls.append(sum(len(g) for g in groups))
         return original(self, groups, shared)
 
-    monkeypatch.setattr(generation._FastGenerator, "_prefill_shared", counting)
+    monkeypatch.setattr(FastEngine, "_prefill_shared", counting)
     systems = [
         "You are a pirate who sails the seven seas and sings to the moon about the ghost of the sea.",
         "You are the quick brown fox who jumps over the lazy dog and explains how rainbows form.",
@@ -216,24 +216,24 @@ def test_shared_prefixes_are_computed_once(lm, steered, monkeypatch):
 
 
 def test_prefix_groups():
-    from personaxis.generation import MIN_SHARED_PREFIX, _prefix_groups
+    from personaxis.generation.engine import MIN_SHARED_PREFIX, prefix_groups
 
     system = list(range(100, 100 + MIN_SHARED_PREFIX + 4))
     prompts = [system + [1, 2], [7, 8, 9], system + [3], system + [4, 5, 6], system]
-    groups = _prefix_groups(prompts)
+    groups = prefix_groups(prompts)
     assert len(groups) == 1
     members, length = groups[0]
     # ``system`` alone must keep one token of its own, so the shared prefix is one token shorter than it.
     assert sorted(members) == [0, 2, 3, 4] and length == len(system) - 1
-    assert _prefix_groups([[1, 2, 3], [1, 2, 4]]) == []  # too short to share
-    assert _prefix_groups([system + list(range(200)), system + [1]]) == []  # saves too little
+    assert prefix_groups([[1, 2, 3], [1, 2, 4]]) == []  # too short to share
+    assert prefix_groups([system + list(range(200)), system + [1]]) == []  # saves too little
 
 
 def test_kv_cache_budget_grows_with_free_gpu_memory(monkeypatch):
-    from personaxis import generation
+    from personaxis.generation import engine
 
-    assert generation.kv_cache_budget(torch.device("cpu")) == generation.KV_CACHE_BYTES
+    assert engine.kv_cache_budget(torch.device("cpu")) == engine.KV_CACHE_BYTES
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * 1024**3, 80 * 1024**3))
-    assert generation.kv_cache_budget(torch.device("cuda", 0)) == 20 * 1024**3
+    assert engine.kv_cache_budget(torch.device("cuda", 0)) == 20 * 1024**3
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1024**3, 80 * 1024**3))
-    assert generation.kv_cache_budget(torch.device("cuda", 0)) == generation.KV_CACHE_BYTES  # never below the floor
+    assert engine.kv_cache_budget(torch.device("cuda", 0)) == engine.KV_CACHE_BYTES  # never below the floor

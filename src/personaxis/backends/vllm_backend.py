@@ -18,7 +18,7 @@ from typing import Any
 
 from personaxis.chat import Conversation, render_prompt
 from personaxis.distributed import ray_in_use
-from personaxis.generation import Generation, SamplingConfig, _decode, _row_seed, stop_token_ids
+from personaxis.generation import Generation, SamplingConfig, decode_answer, row_seed, stop_token_ids
 from personaxis.models import ModelProfile, build_profile
 
 VLLM_HINT = "the vLLM backend needs the vllm package and a CUDA GPU: pip install 'personaxis[vllm]'"
@@ -123,7 +123,7 @@ class VLLMBackend:
             max_tokens=config.max_new_tokens,
             temperature=config.temperature if sample else 0.0,
             top_p=config.top_p if sample else 1.0,
-            seed=_row_seed(config.seed, index) if sample and config.seed is not None else None,
+            seed=row_seed(config.seed, index) if sample and config.seed is not None else None,
             stop_token_ids=stops,
             skip_special_tokens=True,
         )
@@ -143,7 +143,7 @@ class VLLMBackend:
         results = []
         for prompt, output in zip(prompts, outputs, strict=True):
             completion = output.outputs[0]
-            text, n_new, stopped = _decode(tokenizer, list(completion.token_ids), stop_set)
+            text, n_new, stopped = decode_answer(tokenizer, list(completion.token_ids), stop_set)
             stopped = stopped or getattr(completion, "finish_reason", None) == "stop"
             results.append(Generation(text=text, prompt_tokens=len(prompt), new_tokens=n_new, stopped=stopped))
         return results
