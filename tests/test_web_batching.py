@@ -112,6 +112,14 @@ def test_sampled_answers_do_not_depend_on_the_batch(service):
         for job, _ in jobs:
             service.batcher.submit(job)
     assert jobs[0][1].end.text == alone.text
+    # the same random stream as the first answer of `generate` with this seed: the same sampled answer
+    expected = generate(
+        service.lm,
+        [PROMPTS[0]],
+        SamplingConfig(max_new_tokens=10, temperature=1.2, top_p=0.9, seed=5),
+        interventions=treatment.interventions,
+    )[0]
+    assert alone.text == expected.text.strip() and alone.new_tokens == expected.new_tokens
 
 
 def test_running_projection_is_the_mean_of_the_same_pass_readings(service):
@@ -120,23 +128,27 @@ def test_running_projection_is_the_mean_of_the_same_pass_readings(service):
     end = out.end
     steps = [i for i in out.items if isinstance(i, TokenStep)]
     assert steps and steps[-1].projection == pytest.approx(end.projection)
-    # the same readings as the one-row streaming loop, which feeds each token once
-    from personaxis.web.stream import StreamEnd, stream_answer
+    # the answer is `generate_ids`'s, and each step's projection the mean of the teacher-forced readings of the answer
+    # tokens fed so far (every generated token but an end-of-turn one is fed back once)
+    from personaxis.generation import generate_ids
+    from personaxis.hooks import residual_hooks
 
     prompt = service._prompt(PROMPTS[1], 8).prompt
-    single = list(
-        stream_answer(
-            service.lm,
-            prompt,
-            StreamSettings(max_new_tokens=8),
-            stop_ids=service.stop_ids,
-            layer=service.layer,
-            unit=service.axis.unit(service.layer),
-        )
-    )
-    reference = [s for s in single if isinstance(s, TokenStep)]
-    assert [s.projection for s in steps] == pytest.approx([s.projection for s in reference], abs=1e-5)
-    assert isinstance(single[-1], StreamEnd) and single[-1].text == end.text
+    answer = generate_ids(service.lm, [prompt], SamplingConfig(max_new_tokens=8), stop_ids=service.stop_ids)[0]
+    fed = [t for t in answer if t not in set(service.stop_ids)]
+    assert len(fed) == end.new_tokens
+    unit = service.axis.unit(service.layer).to(device=service.lm.device, dtype=torch.float32)
+    seen: dict[str, torch.Tensor] = {}
+
+    def read(hidden: torch.Tensor, mask: torch.Tensor | None) -> None:
+        seen["projection"] = hidden[0].to(torch.float32) @ unit
+
+    with service.lock, torch.inference_mode(), residual_hooks(service.lm, readers={service.layer: [read]}):
+        service.lm.model(input_ids=torch.tensor([prompt + fed], device=service.lm.device))
+    readings = seen["projection"][len(prompt) :].tolist()
+    running = [sum(readings[: s.n_tokens]) / s.n_tokens for s in steps]
+    assert [s.projection for s in steps] == pytest.approx(running, abs=1e-5)
+    assert [s.n_tokens for s in steps][-1] == len(fed)
 
 
 def test_guard_switches_on_below_the_threshold_and_never_above_it(service):
