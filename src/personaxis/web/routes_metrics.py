@@ -21,6 +21,11 @@ METRICS = {
     "alarms": ("personaxis_guard_alarms_total", "counter", "Guard mode switched capping on for a row."),
     "capped_tokens": ("personaxis_capped_tokens_total", "counter", "Tokens generated while a cap acted on the row."),
     "steps": ("personaxis_decode_steps_total", "counter", "Batched decoding steps."),
+    "prefill_passes": (
+        "personaxis_prefill_passes_total",
+        "counter",
+        "Forward passes over joining prompts (chunked while other rows decode).",
+    ),
     "queue": ("personaxis_queue_requests", "gauge", "Requests waiting for a row."),
     "rows": ("personaxis_batch_rows", "gauge", "Rows decoding now."),
     "peak_rows": ("personaxis_batch_rows_peak", "gauge", "Most rows decoded side by side."),
