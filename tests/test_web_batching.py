@@ -264,6 +264,25 @@ def test_a_timed_out_request_is_a_504_or_an_error_chunk_with_its_type(tiny_llama
         assert "personaxis_requests_timed_out_total 4" in metrics and "personaxis_batch_rows 0" in metrics
 
 
+def test_the_cache_budget_bounds_the_rows_decoded_together(tiny_llama, axis):  # noqa: F811
+    probe = ModelService(tiny_llama, axis)
+    prompt = probe._prompt(PROMPTS[1], 12).prompt
+    per_row = (len(prompt) + 12 + 1) * probe.batcher.bytes_per_token
+    probe.close()
+    budget = 2 * per_row + per_row // 2  # room for two such rows, not three
+    small = ModelService(tiny_llama, axis, batcher=BatcherConfig(max_batch=8, kv_budget_bytes=budget))
+    try:
+        with small.lock:  # all four wait before the first step
+            jobs = [_job(small, PROMPTS[1], small.treatment(None, 0.1 * i), max_new=12) for i in range(4)]
+            for job, _ in jobs:
+                small.batcher.submit(job)
+        assert all(isinstance(out.end, RowEnd) for _, out in jobs)
+        counters = small.batcher.counters
+        assert counters.peak_rows == 2 and 0 < counters.peak_kv_bytes <= budget
+    finally:
+        small.close()
+
+
 # ------------------------------------------------------------------------------------------------ over HTTP
 @pytest.fixture(scope="module")
 def client(tiny_llama, axis, capping):  # noqa: F811
