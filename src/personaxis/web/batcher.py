@@ -86,6 +86,19 @@ class GuardSwitch:
     projection: float
 
 
+def guard_switch(plan: GuardPlan, projections: Sequence[float], on: bool) -> GuardSwitch | None:
+    """Guard mode's rule after a token: switch capping on when the mean projection of the last ``window`` tokens
+    falls below the threshold, off again once it rises above ``threshold + hysteresis``; ``None``: no switch."""
+    if len(projections) < plan.window:
+        return None
+    mean = sum(projections[-plan.window :]) / plan.window
+    if not on and mean < plan.threshold:
+        return GuardSwitch(True, len(projections), mean)
+    if on and mean > plan.threshold + plan.hysteresis:
+        return GuardSwitch(False, len(projections), mean)
+    return None
+
+
 @dataclass(frozen=True)
 class RowEnd:
     text: str
@@ -563,18 +576,13 @@ class Batcher:
 
     def _guard(self, row: _Row) -> None:
         plan = row.job.guard
-        if plan is None or len(row.projections) < plan.window:
+        switch = guard_switch(plan, row.projections, row.guard_on) if plan is not None else None
+        if switch is None:
             return
-        mean = sum(row.projections[-plan.window :]) / plan.window
-        if not row.guard_on and mean < plan.threshold:
-            row.guard_on = True
-            self.counters.alarms += 1
-        elif row.guard_on and mean > plan.threshold + plan.hysteresis:
-            row.guard_on = False
-        else:
-            return
+        row.guard_on = switch.on
+        self.counters.alarms += switch.on
         row.switches += 1
-        row.job.emit(GuardSwitch(row.guard_on, len(row.tracker.ids), mean))
+        row.job.emit(GuardSwitch(switch.on, len(row.tracker.ids), switch.projection))
 
     def _choose(self, logits: Tensor, indices: list[int], base: int = 0) -> None:
         """The next token of each row in ``indices``: greedy rows in one argmax, sampled rows from their own
