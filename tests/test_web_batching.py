@@ -102,7 +102,8 @@ def test_batched_greedy_answers_match_served_alone_with_mixed_treatments(service
 
 
 def test_a_joining_prompt_is_prefilled_in_chunks_between_decoding_steps(tiny_llama, axis, capping):  # noqa: F811
-    chunked = ModelService(tiny_llama, axis, capping, batcher=BatcherConfig(max_batch=8, prefill_chunk=3))
+    config = BatcherConfig(max_batch=8, prefill_chunk=3, prefix_cache=False)
+    chunked = ModelService(tiny_llama, axis, capping, batcher=config)
     try:
         cases = [
             (PROMPTS[0], chunked.treatment(None, 0.3), 24),
@@ -141,6 +142,48 @@ def test_a_joining_prompt_is_prefilled_in_chunks_between_decoding_steps(tiny_lla
         assert len(batched[1].prompt_projections) == len(late.prompt)
     finally:
         chunked.close()
+
+
+def test_a_shared_prompt_start_is_read_once(tiny_llama, axis, capping):  # noqa: F811
+    pirate = [{"role": "system", "content": "You are a pirate who sails the seven seas."}]
+    first = [*pirate, {"role": "user", "content": "What do you fear most?"}]
+    second = [*pirate, {"role": "user", "content": "Where is the treasure buried?"}]
+    third = [*pirate, {"role": "user", "content": "Tell me the longest story of your voyages and your crew."}]
+    reference = ModelService(tiny_llama, axis, capping, batcher=BatcherConfig(prefix_cache=False))
+    cached = ModelService(tiny_llama, axis, capping)
+    try:
+        answers = []
+        for svc in (reference, cached):
+            treatment = svc.treatment(EXPERIMENT, 0.2)
+            for messages in (first, second):
+                job, out = _job(svc, messages, treatment, max_new=12)
+                svc.batcher.submit(job)
+                answers.append(out.end)
+            with svc.lock:  # two prompts of different lengths join together, left-padded
+                pair = [_job(svc, m, treatment, max_new=12) for m in (third, second)]
+                for job, _ in pair:
+                    svc.batcher.submit(job)
+            answers += [out.end for _, out in pair]
+            other, other_out = _job(svc, second, svc.treatment(None, 0.0), max_new=12)
+            svc.batcher.submit(other)  # another treatment: its own prompt start
+            answers.append(other_out.end)
+        prompt = cached._prompt(second, 12).prompt
+        shared = next(
+            i for i, (a, b) in enumerate(zip(cached._prompt(first, 12).prompt, prompt, strict=False)) if a != b
+        )
+        assert shared >= 8
+        assert cached.batcher.prefixes.hits == 2 and cached.batcher.prefixes.tokens_reused == 3 * shared
+        assert reference.batcher.prefixes.hits == 0
+        snapshot = cached.batcher.snapshot()
+        assert snapshot["prefix_hits"] == 2 and snapshot["prefix_tokens"] == 3 * shared
+        assert len(answers) == 10
+        for a, b in zip(answers[:5], answers[5:], strict=True):
+            assert a.text == b.text and a.new_tokens == b.new_tokens
+            assert a.prompt_projections == pytest.approx(b.prompt_projections, abs=1e-4)
+            assert a.projection == pytest.approx(b.projection, abs=1e-4)
+    finally:
+        reference.close()
+        cached.close()
 
 
 def test_sampled_answers_do_not_depend_on_the_batch(service):

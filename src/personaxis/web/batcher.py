@@ -5,7 +5,8 @@ and its key/value cache stacked onto the batch's, left-padded), takes one token 
 (an end-of-turn token, a stop string, ``max_new_tokens``, a cancelled client, its deadline). Requests that arrive
 together are prefilled together; while other rows are decoding, that prefill runs in chunks of at most
 ``prefill_chunk`` tokens, one chunk between two decoding steps, so that a long prompt joining does not stall the
-running answers for its whole prefill. Every row keeps its own
+running answers for its whole prefill. A prompt start read before with the same treatment (the chat template's
+system turn) is not read again (:mod:`personaxis.web.prefix_cache`). Every row keeps its own
 interventions inside the one forward pass (:class:`personaxis.interventions.RowInterventions`, through the one hook
 mechanism of :mod:`personaxis.hooks`), and a reader at the monitored layer gives each token's projection from the
 same pass that fed it: the running projection costs no second pass.
@@ -38,6 +39,7 @@ from personaxis.generation import answer_generator, buffer_cache_layer_class, fo
 from personaxis.hooks import residual_hooks
 from personaxis.interventions import Operator, RowInterventions
 from personaxis.models import LoadedModel
+from personaxis.web.prefix_cache import PrefixCache
 from personaxis.web.stream import StreamSettings, TextTracker, TokenStep
 
 Interventions = dict[int, list[Operator]]
@@ -55,6 +57,7 @@ class BatcherConfig:
     timeout_s: float = 300.0  # a request not finished by then ends with a 504
     retry_after_s: int = 2  # the Retry-After of a 429
     prefill_chunk: int = 256  # prompt tokens (rows × positions) fed between two decoding steps; 0: whole prompts
+    prefix_cache: bool = True  # start prompts from the positions of a shared start read before
 
     def __post_init__(self) -> None:
         if (
@@ -259,6 +262,7 @@ class Batcher:
         pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
         self.pad_id = int(pad if pad is not None else 0)
         self.buffered = self._supports_buffer_cache()
+        self.prefixes = PrefixCache()
         self.table = RowInterventions()
         self._waiting: deque[Job] = deque()
         self._cv = threading.Condition()
@@ -311,6 +315,8 @@ class Batcher:
                 "rows": sum(not r.done for r in self._rows),
                 "kv_bytes": self._kv_bytes(),
                 "kv_budget_bytes": self.config.kv_budget_bytes,
+                "prefix_hits": self.prefixes.hits,
+                "prefix_tokens": self.prefixes.tokens_reused,
                 "max_batch": self.config.max_batch,
             }
 
@@ -438,7 +444,18 @@ class Batcher:
         ids, mask, positions, _ = pad_batch([j.prompt for j in jobs], self.pad_id, side="left", device=self.lm.device)
         live_remaining = max((r.remaining for r in self._rows if not r.done), default=0)
         reserve = max(live_remaining, *(j.settings.max_new_tokens for j in jobs)) + 1
-        return _Prefill(rows, ids, mask, positions, None, reserve)
+        prefill = _Prefill(rows, ids, mask, positions, None, reserve)
+        hit = None
+        if self.buffered and self.config.prefix_cache:
+            hit = self.prefixes.lookup([j.prompt for j in jobs], [j.interventions for j in jobs])
+        if hit is not None:  # start after the prompt start these requests share with one read before
+            cache = self._new_cache(0)
+            cache.layers, prefill.fed, projections = self.prefixes.start(
+                *hit, [len(j.prompt) for j in jobs], prefill.width, reserve, buffer_cache_layer_class()
+            )
+            prefill.cache = cache
+            prefill.projections.append(projections)
+        return prefill
 
     def _chunk_width(self, prefill: _Prefill) -> int:
         """Positions the next prefill pass feeds: all that are left when no other row waits on it."""
@@ -485,6 +502,9 @@ class Batcher:
         values = torch.cat(prefill.projections, dim=1).tolist()
         for row, row_values in zip(prefill.rows, values, strict=True):
             row.prompt_projections = row_values[prefill.width - len(row.job.prompt) :]
+        if self.buffered and self.config.prefix_cache:
+            first = prefill.rows[0]
+            self.prefixes.store(first.job.prompt, first.job.interventions, prefill.cache, 0, first.prompt_projections)
         self._drop_ended(force=True)
         if self._cache is None or not self._rows:
             self._rows, self._cache, self._mask = prefill.rows, prefill.cache, prefill.mask

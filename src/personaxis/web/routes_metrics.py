@@ -26,6 +26,12 @@ METRICS = {
         "counter",
         "Forward passes over joining prompts (chunked while other rows decode).",
     ),
+    "prefix_hits": (
+        "personaxis_prefix_cache_hits_total",
+        "counter",
+        "Joining prompts started from a prompt start read before.",
+    ),
+    "prefix_tokens": ("personaxis_prefix_cache_tokens_total", "counter", "Prompt positions not read again."),
     "queue": ("personaxis_queue_requests", "gauge", "Requests waiting for a row."),
     "rows": ("personaxis_batch_rows", "gauge", "Rows decoding now."),
     "peak_rows": ("personaxis_batch_rows_peak", "gauge", "Most rows decoded side by side."),
