@@ -3,7 +3,8 @@
 Requests to a chat server share the start of their prompt — the chat template's system turn alone is most of a short
 question's tokens on SmolLM2 (29 of about 37). A prefix's keys and values depend only on its tokens, their positions
 (every prompt starts at position 0, whatever its left padding) and the interventions acting on the prompt, so the
-batcher keeps the last prompt it read per treatment and starts a group of joining requests that share its first
+batcher keeps the start (up to ``MAX_TOKENS``) of the last prompt it read per treatment, for a few treatments, and
+starts a group of joining requests that share its first
 tokens from those positions instead of recomputing them.
 """
 
@@ -18,7 +19,8 @@ import torch
 from torch import Tensor
 
 MIN_PREFIX = 8  # shorter shared starts are not worth the copy
-MAX_ENTRIES = 16  # treatments remembered
+MAX_ENTRIES = 4  # treatments remembered
+MAX_TOKENS = 256  # of each remembered prompt: the cache holds at most MAX_ENTRIES × MAX_TOKENS positions
 
 
 @dataclass(frozen=True)
@@ -66,8 +68,10 @@ class PrefixCache:
         """Remember the prompt of ``row`` of a prefilled group (its positions are the last ``len(prompt)`` of the
         cache, left-padded)."""
         n = len(prompt)
-        keys = [layer.keys[row, :, -n:].clone() for layer in cache.layers]
-        values = [layer.values[row, :, -n:].clone() for layer in cache.layers]
+        prompt, projections = prompt[:MAX_TOKENS], projections[:MAX_TOKENS]
+        end = -n + len(prompt) or None
+        keys = [layer.keys[row, :, -n:end].clone() for layer in cache.layers]
+        values = [layer.values[row, :, -n:end].clone() for layer in cache.layers]
         self._entries[id(interventions)] = Prefix(list(prompt), interventions, keys, values, list(projections))
         self._entries.move_to_end(id(interventions))
         while len(self._entries) > MAX_ENTRIES:
