@@ -644,8 +644,9 @@ class Batcher:
         )
 
     def _kv_bytes(self) -> int:
-        joining = self._prefill.cache if self._prefill is not None else None
-        return sum(self._cache_bytes(c) for c in (self._cache, joining) if c is not None)
+        prefill, cache = self._prefill, self._cache  # read once: /metrics calls this from another thread
+        joining = prefill.cache if prefill is not None else None
+        return sum(self._cache_bytes(c) for c in (cache, joining) if c is not None)
 
     @staticmethod
     def _cache_bytes(cache: Any) -> int:
