@@ -57,8 +57,8 @@ def section_vllm_guard(work: Path, tokenizer_dir: Path | None = None, tokens: in
 
         tokenizer_dir = find_tokenizer_dir(None)
     from personaxis.backends import vllm_guard
+    from personaxis.guard import GuardPlan
     from personaxis.interventions import Add, FloorCap
-    from personaxis.web.batcher import GuardPlan
 
     model_dir = tiny_llama_folder(tokenizer_dir, work / "tiny-llama-vllm")
     layer = 2

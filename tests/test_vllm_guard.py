@@ -15,8 +15,8 @@ import torch
 
 from personaxis.backends import vllm_guard
 from personaxis.backends.vllm_guard import GuardHooks, GuardRows, GuardSpec
+from personaxis.guard import GuardPlan
 from personaxis.interventions import Add, FloorCap
-from personaxis.web.batcher import GuardPlan
 
 HIDDEN, LAYERS, MONITORED, TAU, WINDOW = 8, 4, 2, 50.0, 3
 

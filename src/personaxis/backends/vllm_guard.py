@@ -14,7 +14,7 @@ Two pieces, both loaded in the process that runs the model:
 
 Per request: ``off`` — no operator; ``always`` — the spec's steering and its caps at every token; ``auto`` — guard
 mode, the steering always and the caps only while the mean projection of the last ``window`` answer tokens is below
-the threshold (the rule of :func:`personaxis.web.batcher.guard_switch`, as in ``personaxis serve``). A token's
+the threshold (the rule of :func:`personaxis.guard.guard_switch`, as in ``personaxis serve``). A token's
 projection is read at the monitored layer in the decoding step that feeds it; a switch acts from the next token.
 
 Forward hooks need an eager engine (``enforce_eager=True``: CUDA graphs and ``torch.compile`` do not run Python
@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from personaxis.guard import GuardPlan, guard_switch
 from personaxis.interventions import Operator, RowInterventions
-from personaxis.web.batcher import GuardPlan, guard_switch
 
 SPEC_ENV = "PERSONAXIS_VLLM_GUARD"
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from personaxis.activations import pad_batch
 from personaxis.generation import answer_generator, buffer_cache_layer_class, forward_kwargs, sample_tokens
+from personaxis.guard import GuardPlan, GuardSwitch, guard_switch
 from personaxis.hooks import residual_hooks
 from personaxis.interventions import Operator, RowInterventions
 from personaxis.models import LoadedModel
@@ -68,38 +69,6 @@ class BatcherConfig:
             or self.prefill_chunk < 0
         ):
             raise ValueError(f"bad batcher settings: {self}")
-
-
-@dataclass(frozen=True)
-class GuardPlan:
-    """Capping for one row that switches on when the projection drifts below ``threshold`` (guard mode)."""
-
-    interventions: Interventions
-    threshold: float
-    window: int = 8
-    hysteresis: float = 0.0
-
-
-@dataclass(frozen=True)
-class GuardSwitch:
-    """Guard mode switched capping on or off after ``n_tokens`` tokens; ``projection`` is the window's mean."""
-
-    on: bool
-    n_tokens: int
-    projection: float
-
-
-def guard_switch(plan: GuardPlan, projections: Sequence[float], on: bool) -> GuardSwitch | None:
-    """Guard mode's rule after a token: switch capping on when the mean projection of the last ``window`` tokens
-    falls below the threshold, off again once it rises above ``threshold + hysteresis``; ``None``: no switch."""
-    if len(projections) < plan.window:
-        return None
-    mean = sum(projections[-plan.window :]) / plan.window
-    if not on and mean < plan.threshold:
-        return GuardSwitch(True, len(projections), mean)
-    if on and mean > plan.threshold + plan.hysteresis:
-        return GuardSwitch(False, len(projections), mean)
-    return None
 
 
 @dataclass(frozen=True)
