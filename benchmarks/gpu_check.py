@@ -16,6 +16,8 @@ guarded so that one failure does not hide the others; results go to stdout and t
    download) for the Llama-3-8B and Qwen3-32B configurations, through personaxis's own ``generate_ids`` (all answers
    forced to the same length with ``min_new_tokens``) and ``extract_turn_means``. The real vocabulary sizes are kept
    (the SmolLM2 tokenizer's ids are a subset), so the embedding and LM-head costs are the real ones.
+5. ``vllm-guard``: guard mode, capping and steering inside a real vLLM engine (``benchmarks/vllm_guard_check.py``;
+   skipped without the vllm package).
 
 Speed does not depend on the weights' values; behaviour is checked on the CPU with the embedded model.
 """
@@ -537,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         "--model", default=None, help="model folder for the quick preset (default: embedded, else random)"
     )
     parser.add_argument("--tokenizer", default=None, help="folder with the SmolLM2 tokenizer.json")
-    parser.add_argument("--sections", default="quick,commands,split,llama-3-8b,qwen3-32b")
+    parser.add_argument("--sections", default="quick,commands,split,vllm-guard,llama-3-8b,qwen3-32b")
     parser.add_argument("--json", type=Path, default=None, help="write the results here as they come")
     parser.add_argument("--budget", type=float, default=280.0, help="seconds for all sections (skip what does not fit)")
     parser.add_argument("--quick-batch-size", type=int, default=None)
@@ -586,6 +588,10 @@ def main(argv: list[str] | None = None) -> int:
             guarded(name, results, args.json, lambda: section_commands(args, tokenizer_dir, work))
         elif name == "split":
             guarded(name, results, args.json, lambda: section_split(args, tokenizer_dir, work))
+        elif name == "vllm-guard":
+            from vllm_guard_check import section_vllm_guard
+
+            guarded(name, results, args.json, lambda: section_vllm_guard(work, tokenizer_dir))
         elif name in ARCHS:
             share = left / max(1, len(remaining_arch))
             remaining_arch.remove(name)

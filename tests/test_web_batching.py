@@ -101,6 +101,97 @@ def test_batched_greedy_answers_match_served_alone_with_mixed_treatments(service
         assert answer.text == expected.text.strip()  # the web app shows answers without surrounding whitespace
 
 
+def test_a_joining_prompt_is_prefilled_in_chunks_between_decoding_steps(tiny_llama, axis, capping):  # noqa: F811
+    config = BatcherConfig(max_batch=8, prefill_chunk=3, prefix_cache=False)
+    chunked = ModelService(tiny_llama, axis, capping, batcher=config)
+    try:
+        cases = [
+            (PROMPTS[0], chunked.treatment(None, 0.3), 24),
+            (PROMPTS[1], chunked.treatment(EXPERIMENT, 0.0), 8),
+        ]
+        running, joining = cases
+        alone = []
+        for messages, treatment, max_new in cases:
+            job, out = _job(chunked, messages, treatment, max_new=max_new)
+            chunked.batcher.submit(job)
+            alone.append(out.end)
+        passes_alone = chunked.batcher.counters.prefill_passes
+        assert passes_alone == 2  # nothing else decoding: each prompt in one pass
+        late, late_out = _job(chunked, joining[0], joining[1], max_new=joining[2])
+        first, first_out = _job(chunked, running[0], running[1], max_new=running[2])
+        passes_seen: list[int] = []
+
+        def emit(item) -> None:  # the scheduler thread: the late request queues before the next step
+            if isinstance(item, TokenStep):
+                passes_seen.append(chunked.batcher.counters.prefill_passes)
+                if len(passes_seen) == 1:
+                    chunked.batcher.submit(late)
+            first_out(item)
+
+        first.emit = emit
+        chunked.batcher.submit(first)
+        batched = [first_out.end, late_out.end]
+        n_chunks = -(-len(late.prompt) // 3)
+        assert n_chunks > 2 and chunked.batcher.counters.prefill_passes == passes_alone + 1 + n_chunks
+        # one chunk of the joining prompt between two steps of the running answer
+        assert passes_seen[1 : 1 + n_chunks] == list(range(passes_alone + 2, passes_alone + 2 + n_chunks))
+        for a, b in zip(alone, batched, strict=True):
+            assert isinstance(a, RowEnd) and isinstance(b, RowEnd)
+            assert a.text == b.text and a.new_tokens == b.new_tokens
+            assert a.prompt_projections == pytest.approx(b.prompt_projections, abs=1e-4)
+        assert len(batched[1].prompt_projections) == len(late.prompt)
+    finally:
+        chunked.close()
+
+
+@pytest.mark.parametrize("kept", [None, 10])
+def test_a_shared_prompt_start_is_read_once(tiny_llama, axis, capping, kept, monkeypatch):  # noqa: F811
+    from personaxis.web import prefix_cache
+
+    if kept is not None:  # a cache that keeps only the first 10 positions of each prompt
+        monkeypatch.setattr(prefix_cache, "MAX_TOKENS", kept)
+    pirate = [{"role": "system", "content": "You are a pirate who sails the seven seas."}]
+    first = [*pirate, {"role": "user", "content": "What do you fear most?"}]
+    second = [*pirate, {"role": "user", "content": "Where is the treasure buried?"}]
+    third = [*pirate, {"role": "user", "content": "Tell me the longest story of your voyages and your crew."}]
+    reference = ModelService(tiny_llama, axis, capping, batcher=BatcherConfig(prefix_cache=False))
+    cached = ModelService(tiny_llama, axis, capping)
+    try:
+        answers = []
+        for svc in (reference, cached):
+            treatment = svc.treatment(EXPERIMENT, 0.2)
+            for messages in (first, second):
+                job, out = _job(svc, messages, treatment, max_new=12)
+                svc.batcher.submit(job)
+                answers.append(out.end)
+            with svc.lock:  # two prompts of different lengths join together, left-padded
+                pair = [_job(svc, m, treatment, max_new=12) for m in (third, second)]
+                for job, _ in pair:
+                    svc.batcher.submit(job)
+            answers += [out.end for _, out in pair]
+            other, other_out = _job(svc, second, svc.treatment(None, 0.0), max_new=12)
+            svc.batcher.submit(other)  # another treatment: its own prompt start
+            answers.append(other_out.end)
+        prompt = cached._prompt(second, 12).prompt
+        shared = next(
+            i for i, (a, b) in enumerate(zip(cached._prompt(first, 12).prompt, prompt, strict=False)) if a != b
+        )
+        assert shared >= 8
+        shared = min(shared, kept or shared)
+        assert cached.batcher.prefixes.hits == 2 and cached.batcher.prefixes.tokens_reused == 3 * shared
+        assert reference.batcher.prefixes.hits == 0
+        snapshot = cached.batcher.snapshot()
+        assert snapshot["prefix_hits"] == 2 and snapshot["prefix_tokens"] == 3 * shared
+        assert len(answers) == 10
+        for a, b in zip(answers[:5], answers[5:], strict=True):
+            assert a.text == b.text and a.new_tokens == b.new_tokens
+            assert a.prompt_projections == pytest.approx(b.prompt_projections, abs=1e-4)
+            assert a.projection == pytest.approx(b.projection, abs=1e-4)
+    finally:
+        reference.close()
+        cached.close()
+
+
 def test_sampled_answers_do_not_depend_on_the_batch(service):
     treatment = service.treatment(None, 0.0)
     settings = {"temperature": 1.2, "top_p": 0.9, "seed": 5}
@@ -192,6 +283,65 @@ def test_a_full_queue_is_refused_and_a_late_request_times_out(service, tiny_llam
     job.timeout_s = 1e-9
     service.batcher.submit(job)
     assert isinstance(out.end, RowError) and out.end.status == 504
+
+
+def test_a_request_past_its_deadline_mid_answer_ends_with_504_and_frees_its_row(service):
+    job, out = _job(service, PROMPTS[1], service.treatment(None, 0.0), max_new=30)
+
+    def emit(item) -> None:  # the deadline passes once the first token is out
+        if isinstance(item, TokenStep):
+            job.deadline = 0.0
+        out(item)
+
+    job.emit = emit
+    before = service.batcher.counters.timed_out
+    service.batcher.submit(job)
+    end = out.end
+    assert isinstance(end, RowError) and end.status == 504 and "timed out after 1 tokens" in end.message
+    assert [type(i) for i in out.items].count(TokenStep) == 1
+    assert service.batcher.counters.timed_out == before + 1
+    for _ in range(200):  # the scheduler frees the row (and the cache) at its next turn
+        if service.batcher.snapshot()["rows"] == 0 and service.batcher.snapshot()["kv_bytes"] == 0:
+            break
+        threading.Event().wait(0.01)
+    assert service.batcher.snapshot()["rows"] == 0 and service.batcher.snapshot()["kv_bytes"] == 0
+
+
+def test_a_timed_out_request_is_a_504_or_an_error_chunk_with_its_type(tiny_llama, axis):  # noqa: F811
+    app = create_app(tiny_llama, axis, batcher=BatcherConfig(timeout_s=1e-9))
+    body = {"model": "m", "messages": QUESTION, "max_tokens": 4}
+    with TestClient(app) as local:
+        for path in ("/v1/chat/completions", "/api/chat"):
+            response = local.post(path, json=body)
+            assert response.status_code == 504 and response.json()["error"]["type"] == "timeout"
+            assert "timed out" in response.json()["error"]["message"]
+        text = local.post("/v1/chat/completions", json={**body, "stream": True}).text
+        errors = [json.loads(line[6:]) for line in text.splitlines() if line.startswith('data: {"error"')]
+        assert errors and errors[0]["error"]["type"] == "timeout" and errors[0]["error"]["code"] == 504
+        assert text.rstrip().endswith("data: [DONE]")
+        events = _events(local.post("/api/chat/stream", json=body).text)
+        assert events[-1][0] == "error" and events[-1][1]["error"]["type"] == "timeout"
+        metrics = local.get("/metrics").text
+        assert "personaxis_requests_timed_out_total 4" in metrics and "personaxis_batch_rows 0" in metrics
+
+
+def test_the_cache_budget_bounds_the_rows_decoded_together(tiny_llama, axis):  # noqa: F811
+    probe = ModelService(tiny_llama, axis)
+    prompt = probe._prompt(PROMPTS[1], 12).prompt
+    per_row = (len(prompt) + 12 + 1) * probe.batcher.bytes_per_token
+    probe.close()
+    budget = 2 * per_row + per_row // 2  # room for two such rows, not three
+    small = ModelService(tiny_llama, axis, batcher=BatcherConfig(max_batch=8, kv_budget_bytes=budget))
+    try:
+        with small.lock:  # all four wait before the first step
+            jobs = [_job(small, PROMPTS[1], small.treatment(None, 0.1 * i), max_new=12) for i in range(4)]
+            for job, _ in jobs:
+                small.batcher.submit(job)
+        assert all(isinstance(out.end, RowEnd) for _, out in jobs)
+        counters = small.batcher.counters
+        assert counters.peak_rows == 2 and 0 < counters.peak_kv_bytes <= budget
+    finally:
+        small.close()
 
 
 # ------------------------------------------------------------------------------------------------ over HTTP
@@ -391,7 +541,9 @@ def test_guard_eval_command_refuses_bad_inputs(tmp_path, capsys, axis, capping):
     assert "error: unknown experiment 'nope'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("option", ["--max-batch", "--kv-budget-mb", "--timeout", "--guard-window"])
+@pytest.mark.parametrize(
+    "option", ["--max-batch", "--kv-budget-mb", "--request-timeout", "--timeout", "--guard-window"]
+)
 def test_serve_refuses_bad_batching_options(tmp_path, axis, option):  # noqa: F811
     from typer.testing import CliRunner
 
@@ -399,7 +551,8 @@ def test_serve_refuses_bad_batching_options(tmp_path, axis, option):  # noqa: F8
 
     axis.save(tmp_path / "axis.safetensors")
     result = CliRunner().invoke(cli, ["serve", "--run", str(tmp_path), option, "0"])
-    assert result.exit_code == 2 and "error:" in result.output and option in result.output
+    assert result.exit_code == 2 and "error:" in result.output
+    assert ("--request-timeout" if option == "--timeout" else option) in result.output
 
 
 def test_row_interventions_act_on_their_rows_only():

@@ -220,8 +220,9 @@ def test_chat_streams_answers_onto_the_chart_and_caps_them(page, server):
     assert "projection" in answer.locator(".meta").inner_text()
     assert page.locator("#running").inner_text() != "—"  # the running projection was updated while streaming
 
-    page.locator("label[for=cap-switch]").click()
-    assert page.is_checked("#cap-switch")
+    assert page.is_checked("#cap-off") and not page.is_disabled("#cap-auto")
+    page.locator("label:has(#cap-always)").click()
+    assert page.is_checked("#cap-always")
     page.select_option("#experiment", CAP_EXPERIMENT)
     _send(page, "What do you fear most?")
     capped = page.locator("#chart .series[data-series=live] .point[data-capped=true]")
@@ -237,6 +238,30 @@ def test_chat_streams_answers_onto_the_chart_and_caps_them(page, server):
     assert page.locator("#messages .msg.replay").count() == 2
     IMAGES.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(IMAGES / "chat.png"))
+
+
+def test_chat_guard_mode_marks_its_switches_in_the_streamed_answer(page, server):
+    page.goto(server + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    page.fill("#max-tokens", "16")
+    sent: list[dict] = []
+    page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.url.endswith("/api/chat/stream") else None)
+    page.locator("label:has(#cap-auto)").click()
+    info = page.request.get(server + "/api/info").json()
+    assert info["guard"] is not None and "Guard mode" in page.locator("#cap-note").inner_text()
+    # steering far below the default drives the answer under the guard's threshold: capping switches on
+    page.eval_on_selector("#alpha", "e => { e.value = -1; e.dispatchEvent(new Event('input')); }")
+    _send(page, "Tell me about yourself.")
+    mark = page.locator("#messages .msg.assistant .text .guard-switch[data-capping=true]").first
+    mark.wait_for()
+    page.locator("#chart .series[data-series=live] .point").first.wait_for()
+    assert sent and sent[0]["cap"] == "auto" and sent[0]["alpha"] == -1
+    answer = page.locator("#messages .msg.assistant").first
+    meta = answer.locator(".meta").inner_text()
+    marks = answer.locator(".guard-switch").count()
+    assert "guard (auto)" in meta and f"{marks} guard switch" in meta
+    assert answer.locator(".text").inner_text().replace(mark.inner_text(), "").strip()  # the answer's text stays
+    assert page.locator("#chart .series[data-series=live] .point[data-capped=true]").count() == 1
 
 
 def test_persona_space_finds_a_role_by_search(page, server):

@@ -91,6 +91,15 @@ def _stream_text(response) -> tuple[str, str | None]:
     return "".join(text), finish
 
 
+def _refused(r) -> bool:
+    """A 429 carries Retry-After (the server's retry_after_s) and an OpenAI rate-limit error."""
+    if r.status_code != 429:
+        return False
+    r.read()
+    assert r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "rate_limit_error"
+    return True
+
+
 def _one(base: str, i: int) -> tuple[int, str, int, str | None]:
     """(index, kind, status, answer text or None)."""
     kind = ["malformed", "oversized", "cancelled", "stream", "stream", "whole", "whole", "whole", "bad_cap", "whole"][
@@ -117,7 +126,7 @@ def _one(base: str, i: int) -> tuple[int, str, int, str | None]:
             )
         if kind == "whole":
             r = client.post("/v1/chat/completions", json=body)
-            if r.status_code != 200:
+            if _refused(r) or r.status_code != 200:
                 return i, kind, r.status_code, None
             choice = r.json()["choices"][0]
             assert choice["finish_reason"] in ("stop", "length")
@@ -127,7 +136,7 @@ def _one(base: str, i: int) -> tuple[int, str, int, str | None]:
             "/v1/chat/completions",
             json={**body, "stream": True, "max_tokens": 48 if kind == "cancelled" else body["max_tokens"]},
         ) as r:
-            if r.status_code != 200:
+            if _refused(r) or r.status_code != 200:
                 r.read()
                 return i, kind, r.status_code, None
             if kind == "cancelled":

@@ -69,7 +69,13 @@ def register(app: typer.Typer) -> None:
         max_batch: int = typer.Option(32, "--max-batch", help="Requests decoded side by side (1: one at a time)."),
         max_queue: int = typer.Option(64, "--max-queue", help="Requests waiting for a row; more get 429."),
         kv_budget_mb: float = typer.Option(1024.0, "--kv-budget-mb", help="Key/value cache of the running batch."),
-        timeout: float = typer.Option(300.0, "--timeout", help="Seconds a request may take, waiting included."),
+        timeout: float = typer.Option(
+            300.0,
+            "--request-timeout",
+            "--timeout",
+            help="Seconds a request may take, waiting included; later it ends with a 504 (an error event when "
+            "streamed) and frees its row.",
+        ),
         alpha: float = typer.Option(
             0.0, "--alpha", help="Steering coefficient applied by default on /v1 (fraction of the residual norm)."
         ),
@@ -125,7 +131,7 @@ def register(app: typer.Typer) -> None:
                 )
             if max_batch < 1 or max_queue < 0 or kv_budget_mb <= 0 or timeout <= 0 or guard_window < 1:
                 raise ValueError(
-                    "--max-batch, --kv-budget-mb, --timeout and --guard-window must be positive, --max-queue at least 0"
+                    "--max-batch, --kv-budget-mb, --request-timeout and --guard-window must be positive, --max-queue at least 0"
                 )
             from personaxis.web.batcher import BatcherConfig
 

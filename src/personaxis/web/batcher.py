@@ -2,7 +2,11 @@
 
 One scheduler thread owns the decode loop. A request joins the running batch at the next step (its prompt prefilled
 and its key/value cache stacked onto the batch's, left-padded), takes one token per step, and leaves when it ends
-(an end-of-turn token, a stop string, ``max_new_tokens``, a cancelled client, its deadline). Every row keeps its own
+(an end-of-turn token, a stop string, ``max_new_tokens``, a cancelled client, its deadline). Requests that arrive
+together are prefilled together; while other rows are decoding, that prefill runs in chunks of at most
+``prefill_chunk`` tokens, one chunk between two decoding steps, so that a long prompt joining does not stall the
+running answers for its whole prefill. A prompt start read before with the same treatment (the chat template's
+system turn) is not read again (:mod:`personaxis.web.prefix_cache`). Every row keeps its own
 interventions inside the one forward pass (:class:`personaxis.interventions.RowInterventions`, through the one hook
 mechanism of :mod:`personaxis.hooks`), and a reader at the monitored layer gives each token's projection from the
 same pass that fed it: the running projection costs no second pass.
@@ -32,9 +36,11 @@ from torch import Tensor
 
 from personaxis.activations import pad_batch
 from personaxis.generation import answer_generator, buffer_cache_layer_class, forward_kwargs, sample_tokens
+from personaxis.guard import GuardPlan, GuardSwitch, guard_switch
 from personaxis.hooks import residual_hooks
 from personaxis.interventions import Operator, RowInterventions
 from personaxis.models import LoadedModel
+from personaxis.web.prefix_cache import PrefixCache
 from personaxis.web.stream import StreamSettings, TextTracker, TokenStep
 
 Interventions = dict[int, list[Operator]]
@@ -51,29 +57,18 @@ class BatcherConfig:
     kv_budget_bytes: int = 1024**3  # key/value cache of the running batch
     timeout_s: float = 300.0  # a request not finished by then ends with a 504
     retry_after_s: int = 2  # the Retry-After of a 429
+    prefill_chunk: int = 256  # prompt tokens (rows × positions) fed between two decoding steps; 0: whole prompts
+    prefix_cache: bool = True  # start prompts from the positions of a shared start read before
 
     def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.max_queue < 0 or self.kv_budget_bytes < 1 or not self.timeout_s > 0:
+        if (
+            self.max_batch < 1
+            or self.max_queue < 0
+            or self.kv_budget_bytes < 1
+            or not self.timeout_s > 0
+            or self.prefill_chunk < 0
+        ):
             raise ValueError(f"bad batcher settings: {self}")
-
-
-@dataclass(frozen=True)
-class GuardPlan:
-    """Capping for one row that switches on when the projection drifts below ``threshold`` (guard mode)."""
-
-    interventions: Interventions
-    threshold: float
-    window: int = 8
-    hysteresis: float = 0.0
-
-
-@dataclass(frozen=True)
-class GuardSwitch:
-    """Guard mode switched capping on or off after ``n_tokens`` tokens; ``projection`` is the window's mean."""
-
-    on: bool
-    n_tokens: int
-    projection: float
 
 
 @dataclass(frozen=True)
@@ -117,6 +112,7 @@ class Counters:
     alarms: int = 0  # guard switched capping on
     capped_tokens: int = 0  # tokens fed with a cap acting on their row
     steps: int = 0  # decode steps
+    prefill_passes: int = 0  # forward passes over joining prompts (a prompt prefilled in chunks takes several)
     peak_rows: int = 0
     peak_kv_bytes: int = 0
 
@@ -137,9 +133,8 @@ class Job:
 
 
 class _Row:
-    def __init__(self, job: Job, tokenizer: Any, deadline: float) -> None:
+    def __init__(self, job: Job, tokenizer: Any) -> None:
         self.job = job
-        self.deadline = deadline
         self.tracker = TextTracker(tokenizer, job.settings.stop)
         seed = job.settings.seed
         # The random stream of `stream_answer` and of the first answer of `generate` with this seed.
@@ -162,6 +157,10 @@ class _Row:
             return merged
         return self.job.interventions
 
+    @property
+    def deadline(self) -> float:
+        return self.job.deadline
+
     def running(self) -> float | None:
         return sum(self.projections) / len(self.projections) if self.projections else None
 
@@ -174,6 +173,25 @@ def _has_cap(interventions: Interventions) -> bool:
     from personaxis.interventions import FloorCap
 
     return any(isinstance(op, FloorCap) for ops in interventions.values() for op in ops)
+
+
+@dataclass
+class _Prefill:
+    """Requests being prefilled together: their left-padded prompts, their own cache, the positions fed so far and
+    the projections read at them."""
+
+    rows: list[_Row]
+    ids: Tensor
+    mask: Tensor
+    positions: Tensor
+    cache: Any
+    reserve: int  # answer tokens the merged cache keeps room for
+    fed: int = 0
+    projections: list[Tensor] = field(default_factory=list)
+
+    @property
+    def width(self) -> int:
+        return int(self.ids.shape[1])
 
 
 def kv_bytes_per_token(lm: LoadedModel) -> int:
@@ -213,6 +231,7 @@ class Batcher:
         pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
         self.pad_id = int(pad if pad is not None else 0)
         self.buffered = self._supports_buffer_cache()
+        self.prefixes = PrefixCache()
         self.table = RowInterventions()
         self._waiting: deque[Job] = deque()
         self._cv = threading.Condition()
@@ -220,6 +239,7 @@ class Batcher:
         self._rows: list[_Row] = []
         self._cache: Any = None
         self._mask: Tensor | None = None
+        self._prefill: _Prefill | None = None
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------------------------------------ interface
@@ -264,6 +284,8 @@ class Batcher:
                 "rows": sum(not r.done for r in self._rows),
                 "kv_bytes": self._kv_bytes(),
                 "kv_budget_bytes": self.config.kv_budget_bytes,
+                "prefix_hits": self.prefixes.hits,
+                "prefix_tokens": self.prefixes.tokens_reused,
                 "max_batch": self.config.max_batch,
             }
 
@@ -276,7 +298,7 @@ class Batcher:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._closed and not self._waiting and not any(not r.done for r in self._rows):
+                while not self._closed and not self._waiting and not self._busy():
                     self._cv.wait()
                 if self._closed:
                     for job in self._waiting:
@@ -284,24 +306,30 @@ class Batcher:
                     self._waiting.clear()
                     return
                 self._expire_waiting()
-                admit = self._admissible()
+                admit = self._admissible() if self._prefill is None else []
             try:
                 with self.lock, torch.inference_mode():
-                    self._drop_ended(force=bool(admit))
+                    self._drop_ended(force=False)
                     if admit:
-                        self._admit(admit)
+                        self._prefill = self._begin_prefill(admit)
+                    if self._prefill is not None:
+                        self._prefill_chunk(self._prefill)
                     if any(not r.done for r in self._rows):
                         self._step()
                     self._note_peak()
                     if not any(not r.done for r in self._rows):  # idle: hold no cache
                         self._rows, self._cache, self._mask = [], None, None
             except Exception as exc:  # a failed forward ends every row in it; the server keeps serving
-                for row in self._rows:
+                group = self._prefill.rows if self._prefill is not None else []
+                for row in [*self._rows, *group]:
                     if not row.done:
                         row.done = True
                         row.job.emit(RowError(500, f"generation failed: {type(exc).__name__}: {exc}"))
-                self._rows, self._cache, self._mask = [], None, None
+                self._rows, self._cache, self._mask, self._prefill = [], None, None, None
             time.sleep(0)  # let a thread waiting for the model lock (a tokeniser call, a projection) take its turn
+
+    def _busy(self) -> bool:
+        return self._prefill is not None or any(not r.done for r in self._rows)
 
     def _expire_waiting(self) -> None:
         now = time.monotonic()
@@ -380,23 +408,79 @@ class Batcher:
             logits = self.lm.model(**kwargs).logits[:, -1, :]
         return logits, seen.get("projection")
 
-    def _admit(self, jobs: list[Job]) -> None:
-        rows = [_Row(job, self.lm.tokenizer, job.deadline) for job in jobs]
+    def _begin_prefill(self, jobs: list[Job]) -> _Prefill:
+        rows = [_Row(job, self.lm.tokenizer) for job in jobs]
         ids, mask, positions, _ = pad_batch([j.prompt for j in jobs], self.pad_id, side="left", device=self.lm.device)
         live_remaining = max((r.remaining for r in self._rows if not r.done), default=0)
         reserve = max(live_remaining, *(j.settings.max_new_tokens for j in jobs)) + 1
-        cache = self._new_cache(reserve)
-        logits, projection = self._forward(ids, mask, positions, cache, rows)
+        prefill = _Prefill(rows, ids, mask, positions, None, reserve)
+        hit = None
+        if self.buffered and self.config.prefix_cache:
+            hit = self.prefixes.lookup([j.prompt for j in jobs], [j.interventions for j in jobs])
+        if hit is not None:  # start after the prompt start these requests share with one read before
+            cache = self._new_cache(0)
+            cache.layers, prefill.fed, projections = self.prefixes.start(
+                *hit, [len(j.prompt) for j in jobs], prefill.width, reserve, buffer_cache_layer_class()
+            )
+            prefill.cache = cache
+            prefill.projections.append(projections)
+        return prefill
+
+    def _chunk_width(self, prefill: _Prefill) -> int:
+        """Positions the next prefill pass feeds: all that are left when no other row waits on it."""
+        left = prefill.width - prefill.fed
+        if not self.config.prefill_chunk or not any(not r.done for r in self._rows):
+            return left
+        return min(left, max(1, self.config.prefill_chunk // len(prefill.rows)))
+
+    def _prefill_chunk(self, prefill: _Prefill) -> None:
+        """Feed the next chunk of the joining prompts; once they are all fed, stack the rows onto the batch and
+        choose their first tokens. A joining request cancelled or past its deadline meanwhile ends here."""
+        now = time.monotonic()
+        for row in prefill.rows:
+            if row.done:
+                continue
+            if row.job.cancel.is_set():
+                row.done = True
+                self.counters.cancelled += 1
+            elif now > row.deadline:
+                row.done = True
+                self.counters.timed_out += 1
+                row.job.emit(RowError(504, "the request timed out while its prompt was read"))
+        if all(r.done for r in prefill.rows):
+            self._prefill = None
+            return
+        n = self._chunk_width(prefill)
+        start, stop = prefill.fed, prefill.fed + n
+        if prefill.cache is None:  # room for the whole prompt and the answers from the first chunk on
+            prefill.cache = self._new_cache(prefill.width - n + prefill.reserve)
+        logits, projection = self._forward(
+            prefill.ids[:, start:stop],
+            prefill.mask[:, :stop],
+            prefill.positions[:, start:stop],
+            prefill.cache,
+            prefill.rows,
+        )
         assert projection is not None
-        width = projection.shape[1]
-        for row, values in zip(rows, projection.tolist(), strict=True):
-            row.prompt_projections = values[width - len(row.job.prompt) :]
+        self.counters.prefill_passes += 1
+        prefill.projections.append(projection)
+        prefill.fed = stop
+        if stop < prefill.width:
+            return
+        self._prefill = None
+        values = torch.cat(prefill.projections, dim=1).tolist()
+        for row, row_values in zip(prefill.rows, values, strict=True):
+            row.prompt_projections = row_values[prefill.width - len(row.job.prompt) :]
+        if self.buffered and self.config.prefix_cache:
+            first = prefill.rows[0]
+            self.prefixes.store(first.job.prompt, first.job.interventions, prefill.cache, 0, first.prompt_projections)
+        self._drop_ended(force=True)
         if self._cache is None or not self._rows:
-            self._rows, self._cache, self._mask = rows, cache, mask
+            self._rows, self._cache, self._mask = prefill.rows, prefill.cache, prefill.mask
         else:
-            self._merge(rows, cache, mask, reserve)
-        offset = len(self._rows) - len(rows)
-        self._choose(logits, list(range(offset, len(self._rows))), base=offset)
+            self._merge(prefill.rows, prefill.cache, prefill.mask, prefill.reserve)
+        offset = len(self._rows) - len(prefill.rows)
+        self._choose(logits, [i for i in range(offset, len(self._rows)) if not self._rows[i].done], base=offset)
 
     def _merge(self, rows: list[_Row], cache: Any, mask: Tensor, reserve: int) -> None:
         assert self._mask is not None
@@ -481,18 +565,13 @@ class Batcher:
 
     def _guard(self, row: _Row) -> None:
         plan = row.job.guard
-        if plan is None or len(row.projections) < plan.window:
+        switch = guard_switch(plan, row.projections, row.guard_on) if plan is not None else None
+        if switch is None:
             return
-        mean = sum(row.projections[-plan.window :]) / plan.window
-        if not row.guard_on and mean < plan.threshold:
-            row.guard_on = True
-            self.counters.alarms += 1
-        elif row.guard_on and mean > plan.threshold + plan.hysteresis:
-            row.guard_on = False
-        else:
-            return
+        row.guard_on = switch.on
+        self.counters.alarms += switch.on
         row.switches += 1
-        row.job.emit(GuardSwitch(row.guard_on, len(row.tracker.ids), mean))
+        row.job.emit(GuardSwitch(switch.on, len(row.tracker.ids), switch.projection))
 
     def _choose(self, logits: Tensor, indices: list[int], base: int = 0) -> None:
         """The next token of each row in ``indices``: greedy rows in one argmax, sampled rows from their own
@@ -534,10 +613,14 @@ class Batcher:
         )
 
     def _kv_bytes(self) -> int:
-        if self._cache is None:
-            return 0
+        prefill, cache = self._prefill, self._cache  # read once: /metrics calls this from another thread
+        joining = prefill.cache if prefill is not None else None
+        return sum(self._cache_bytes(c) for c in (cache, joining) if c is not None)
+
+    @staticmethod
+    def _cache_bytes(cache: Any) -> int:
         total = 0
-        for layer in self._cache.layers:
+        for layer in cache.layers:
             for name in ("key_buffer", "value_buffer", "keys", "values"):
                 t = getattr(layer, name, None)
                 if isinstance(t, Tensor):
@@ -547,5 +630,6 @@ class Batcher:
         return total
 
     def _note_peak(self) -> None:
-        self.counters.peak_rows = max(self.counters.peak_rows, sum(not r.done for r in self._rows))
+        joining = sum(not r.done for r in self._prefill.rows) if self._prefill is not None else 0
+        self.counters.peak_rows = max(self.counters.peak_rows, sum(not r.done for r in self._rows) + joining)
         self.counters.peak_kv_bytes = max(self.counters.peak_kv_bytes, self._kv_bytes())

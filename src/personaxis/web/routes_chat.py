@@ -78,6 +78,16 @@ def info(state: WebState = Depends(get_state)) -> dict[str, Any]:
     experiments = [
         {"id": e, "layers": service.experiment_layers(e), "floor": service.floor(e)} for e in service.experiment_ids
     ]
+    try:
+        plan = service.guard_plan()
+        guard = {
+            "experiment": service.guard_experiment,
+            "threshold": plan.threshold,
+            "window": plan.window,
+            "hysteresis": plan.hysteresis,
+        }
+    except ApiError:  # no capping config or no calibrated threshold: the page offers no guard mode
+        guard = None
     return {
         "model": state.model_id,
         "n_layers": profile.n_layers,
@@ -91,6 +101,7 @@ def info(state: WebState = Depends(get_state)) -> dict[str, Any]:
         "default_cap": service.default_cap,
         "default_alpha": service.default_alpha,
         "raw_alpha": service.raw_alpha,
+        "guard": guard,
         "floor": service.floor(),
         "reference": state.run.reference(),
         "limits": vars(state.limits),

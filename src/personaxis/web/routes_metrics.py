@@ -21,6 +21,17 @@ METRICS = {
     "alarms": ("personaxis_guard_alarms_total", "counter", "Guard mode switched capping on for a row."),
     "capped_tokens": ("personaxis_capped_tokens_total", "counter", "Tokens generated while a cap acted on the row."),
     "steps": ("personaxis_decode_steps_total", "counter", "Batched decoding steps."),
+    "prefill_passes": (
+        "personaxis_prefill_passes_total",
+        "counter",
+        "Forward passes over joining prompts (chunked while other rows decode).",
+    ),
+    "prefix_hits": (
+        "personaxis_prefix_cache_hits_total",
+        "counter",
+        "Joining prompts started from a prompt start read before.",
+    ),
+    "prefix_tokens": ("personaxis_prefix_cache_tokens_total", "counter", "Prompt positions not read again."),
     "queue": ("personaxis_queue_requests", "gauge", "Requests waiting for a row."),
     "rows": ("personaxis_batch_rows", "gauge", "Rows decoding now."),
     "peak_rows": ("personaxis_batch_rows_peak", "gauge", "Most rows decoded side by side."),

@@ -101,6 +101,13 @@ class LimitsInfo(BaseModel):
     max_request_tokens: int
 
 
+class GuardInfo(BaseModel):
+    experiment: str = Field(description="The capping experiment guard mode switches on.")
+    threshold: float = Field(description="Capping switches on when the window's mean projection falls below this.")
+    window: int = Field(description="Tokens whose mean projection guard mode watches.")
+    hysteresis: float = Field(description="Capping switches off again above threshold + hysteresis.")
+
+
 class InfoResponse(BaseModel):
     model: str
     n_layers: int
@@ -118,6 +125,7 @@ class InfoResponse(BaseModel):
         description="α is the reference's coefficient of the stored axis row (serve --raw), "
         "not a fraction of the residual norm.",
     )
+    guard: GuardInfo | None = Field(None, description='Guard mode (`cap: "auto"`), if this server can guard.')
     floor: float | None = Field(description="The 25th-percentile floor at the monitored layer, if calibrated.")
     reference: Reference
     limits: LimitsInfo

@@ -1,4 +1,5 @@
-/* personaxis — chat page: streamed answers, live projection chart, capping switch, steering slider, capped replay. */
+/* personaxis — chat page: streamed answers, live projection chart, capping (off / always / guard mode) with the guard's
+   switches shown in the answer, steering slider, capped replay. */
 "use strict";
 
 (function () {
@@ -20,9 +21,16 @@
     return (state.info.experiments || []).find((e) => e.id === id) || null;
   }
 
-  function capOn() { return $("cap-switch").checked && !!selectedExperiment(); }
+  function capMode() {
+    const checked = document.querySelector("input[name=cap-mode]:checked");
+    return checked ? checked.value : "off";
+  }
+
+  /* A turn's answer was capped: always-on capping, or guard mode that switched capping on for some tokens. */
+  function wasCapped(t) { return !!t.cap && (t.cap !== "auto" || t.capped_tokens > 0); }
 
   function floorValue() {
+    if (capMode() === "auto" && state.info.guard) return state.info.guard.threshold;
     const exp = selectedExperiment();
     if (exp && exp.floor !== null && exp.floor !== undefined) return exp.floor;
     return state.info.floor;
@@ -30,13 +38,15 @@
 
   function treatment(forceCap) {
     const exp = selectedExperiment();
-    const cap = forceCap || capOn() ? (exp ? exp.id : null) : null;
+    const mode = forceCap ? "always" : capMode();
+    const cap = mode === "auto" ? "auto" : mode === "always" && exp ? exp.id : null;
     return { cap, alpha: Number($("alpha").value) };
   }
 
   function describe(t) {
     const parts = [];
-    if (t.cap) parts.push(`capped (${t.cap})`);
+    if (t.cap === "auto") parts.push("guard (auto)");
+    else if (t.cap) parts.push(`capped (${t.cap})`);
     if (t.alpha) parts.push(`α ${t.alpha > 0 ? "+" : ""}${t.alpha.toFixed(2)}`);
     return parts.length ? parts.join(" · ") : "no intervention";
   }
@@ -48,8 +58,8 @@
 
   function redraw() {
     const live = state.turns.map((t, i) => ({
-      x: i + 1, y: t.projection, marker: t.cap ? "diamond" : "circle", color: t.cap ? COLORS.capped : COLORS.live,
-      cls: t.cap ? "capped" : "uncapped", attrs: { "data-capped": t.cap ? "true" : "false" },
+      x: i + 1, y: t.projection, marker: wasCapped(t) ? "diamond" : "circle", color: wasCapped(t) ? COLORS.capped : COLORS.live,
+      cls: wasCapped(t) ? "capped" : "uncapped", attrs: { "data-capped": wasCapped(t) ? "true" : "false" },
       tip: tip("Live", i + 1, t.projection, t, t.answer),
     }));
     const replay = state.replay.map((t, i) => ({
@@ -110,6 +120,7 @@
   async function streamAnswer(messages, t, node, x) {
     const textNode = node.querySelector(".text");
     let done = null;
+    let capping = !!t.cap && t.cap !== "auto";
     state.controller = new AbortController();
     node.classList.add("streaming");
     try {
@@ -118,11 +129,16 @@
         temperature: Number($("temperature").value) || 0,
       }, (event, data) => {
         if (event === "token") {
-          textNode.textContent += data.delta;
-          state.pending = { x, y: data.projection, color: t.cap ? COLORS.capped : COLORS.live };
+          textNode.append(data.delta);
+          state.pending = { x, y: data.projection, color: capping ? COLORS.capped : COLORS.live };
           $("running").textContent = fmt(data.projection);
           redraw();
           node.scrollIntoView({ block: "end" });
+        } else if (event === "guard") {  // guard mode switched capping on or off: a mark where it happened
+          capping = data.capping;
+          const what = data.capping ? "guard: capping on" : "guard: capping off";
+          textNode.append(el("span", { class: "guard-switch", "data-capping": String(data.capping),
+            title: `after ${data.n_tokens} tokens; mean projection of the window ${fmt(data.projection)}` }, what));
         } else if (event === "done") {
           done = data;
         } else if (event === "error") {
@@ -137,8 +153,13 @@
       state.controller = null;
     }
     if (done) {
-      textNode.textContent = done.text || "(no answer)";
-      setMeta(node, `projection ${fmt(done.projection)} · ${describe(t)} · ${done.new_tokens} tokens`);
+      const switches = done.guard_switches || [];
+      if (!switches.length || !done.text) textNode.textContent = done.text || "(no answer)";  // else keep the marks
+      const guard = t.cap === "auto"
+        ? ` · ${switches.length} guard switch${switches.length === 1 ? "" : "es"}, ${done.capped_tokens}/${done.new_tokens} tokens capped`
+        : "";
+      setMeta(node, `projection ${fmt(done.projection)} · ${describe(t)} · ${done.new_tokens} tokens${guard}`);
+      if (wasCapped({ ...t, capped_tokens: done.capped_tokens })) node.classList.add("capped");
       $("last").textContent = fmt(done.projection);
     } else {
       setMeta(node, "stopped");
@@ -157,12 +178,12 @@
     const history = state.turns.flatMap((turn) => [{ role: "user", content: turn.user }, { role: "assistant", content: turn.answer }]);
     const messages = [...systemMessages(), ...history, { role: "user", content: text }];
     const userNode = bubble("user", text);
-    const node = bubble("assistant", "", t.cap ? "capped" : "");
+    const node = bubble("assistant", "", t.cap && t.cap !== "auto" ? "capped" : "");
     setBusy(true);
     try {
       const done = await streamAnswer(messages, t, node, state.turns.length + 1);
       if (done && done.text) {
-        state.turns.push({ user: text, answer: done.text, projection: done.projection, ...t });
+        state.turns.push({ user: text, answer: done.text, projection: done.projection, capped_tokens: done.capped_tokens, ...t });
         if (state.replay.length) { state.replay = []; state.replayLabel = ""; }
       } else {
         userNode.remove();
@@ -224,6 +245,14 @@
       return;
     }
     const floor = floorValue();
+    const guard = state.info.guard;
+    if (capMode() === "auto" && guard) {
+      note.textContent = `Guard mode: capping (${guard.experiment}) switches on when the mean projection of the last ` +
+        `${guard.window} tokens falls below ${fmt(guard.threshold)} at layer ${state.info.layer}, and off again above ` +
+        `${fmt(guard.threshold + guard.hysteresis)}; each switch is marked in the answer.`;
+      redraw();
+      return;
+    }
     note.textContent = `${exp ? experimentLabel(exp) : ""}: a floor on the projection at every token of the capped layers.` +
       (Number.isFinite(floor) ? ` At the monitored layer ${state.info.layer} the calibrated floor is ${fmt(floor)}.` : "");
     redraw();
@@ -241,10 +270,13 @@
     const select = $("experiment");
     const experiments = state.info.experiments || [];
     for (const exp of experiments) select.append(el("option", { value: exp.id }, experimentLabel(exp)));
-    const preferred = state.info.default_cap || (experiments.find((e) => /-p0\.25$/.test(e.id)) || experiments[0] || {}).id;
+    const fixed = state.info.default_cap !== "auto" ? state.info.default_cap : null;
+    const preferred = fixed || (experiments.find((e) => /-p0\.25$/.test(e.id)) || experiments[0] || {}).id;
     if (preferred) select.value = preferred;
-    $("cap-switch").checked = !!state.info.default_cap;
-    $("cap-switch").disabled = !experiments.length;
+    const mode = state.info.default_cap === "auto" && state.info.guard ? "auto" : state.info.default_cap ? "always" : "off";
+    $(`cap-${mode}`).checked = true;
+    $("cap-always").disabled = !experiments.length;
+    $("cap-auto").disabled = !state.info.guard;
     select.disabled = !experiments.length;
     $("alpha").value = state.info.default_alpha || 0;
     $("max-tokens").max = state.info.limits.max_new_tokens;
@@ -254,7 +286,7 @@
     $("alpha-reset").addEventListener("click", () => { $("alpha").value = 0; alphaText(); });
     alphaText();
     select.addEventListener("change", capNote);
-    $("cap-switch").addEventListener("change", capNote);
+    for (const radio of document.querySelectorAll("input[name=cap-mode]")) radio.addEventListener("change", capNote);
     $("composer").addEventListener("submit", send);
     $("message").addEventListener("keydown", (e) => { if (e.key === "Enter" && !e.shiftKey) send(e); });
     $("stop").addEventListener("click", () => state.controller && state.controller.abort());
