@@ -6,6 +6,8 @@ The package, one module per job:
   (:func:`sample_tokens`), each answer's random stream (:func:`answer_generator`), stop tokens and decoding;
 - :mod:`~personaxis.generation.cache`: the key/value cache adapter, the one place that touches transformers' cache
   classes;
+- :mod:`~personaxis.generation.decode`: the decode step the fast engine and the server's batcher share (the model call
+  with a cache, and the rows' cache and mask as a :class:`~personaxis.generation.decode.DecodeBatch`);
 - :mod:`~personaxis.generation.engine`: the fast engine (:class:`~personaxis.generation.engine.FastEngine`), a
   continuous-batching decode loop;
 - :mod:`~personaxis.generation.hf`: transformers' ``model.generate``, kept for comparison;

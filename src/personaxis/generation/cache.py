@@ -188,17 +188,39 @@ def stack(a: Any, b: Any, reserve: int) -> Any:
     return a
 
 
+def from_tensors(model: torch.nn.Module, keys: list[Tensor], values: list[Tensor], reserve: int) -> Any:
+    """A new buffered cache holding ``keys`` and ``values`` (one ``[rows, heads, positions, dim]`` tensor per layer),
+    with room for ``reserve`` more positions."""
+    layer_class = buffer_cache_layer_class()
+    cache = _plain_cache(model)
+    cache.layers = [layer_class.from_tensors(k, v, reserve) for k, v in zip(keys, values, strict=True)]
+    return cache
+
+
 def expand_rows(model: torch.nn.Module, prefix: Any, owner: Tensor, reserve: int) -> Any:
     """A new buffered cache whose row ``i`` is a copy of row ``owner[i]`` of ``prefix``, with room for ``reserve``
     more positions (a prefix shared by several prompts, computed once)."""
-    layer_class = buffer_cache_layer_class()
-    cache = _plain_cache(model)
-    cache.layers = [
-        layer_class.from_tensors(
-            layer.keys.index_select(0, owner.to(layer.keys.device)),
-            layer.values.index_select(0, owner.to(layer.values.device)),
-            reserve,
-        )
-        for layer in prefix.layers
-    ]
-    return cache
+    keys = [layer.keys.index_select(0, owner.to(layer.keys.device)) for layer in prefix.layers]
+    values = [layer.values.index_select(0, owner.to(layer.values.device)) for layer in prefix.layers]
+    return from_tensors(model, keys, values, reserve)
+
+
+def row_tensors(cache: Any, row: int, start: int, stop: int | None) -> tuple[list[Tensor], list[Tensor]]:
+    """Copies of the keys and values of positions ``start:stop`` of row ``row``, one ``[heads, positions, dim]``
+    tensor per layer."""
+    keys = [layer.keys[row, :, start:stop].clone() for layer in cache.layers]
+    values = [layer.values[row, :, start:stop].clone() for layer in cache.layers]
+    return keys, values
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes ``cache`` holds: its buffers (a buffered cache's spare room included), else its keys and values."""
+    total = 0
+    for layer in cache.layers:
+        for name in ("key_buffer", "value_buffer", "keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, Tensor):
+                total += t.numel() * t.element_size()
+                if name == "value_buffer":
+                    break
+    return total

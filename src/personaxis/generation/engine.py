@@ -7,7 +7,8 @@ end-of-turn token or ``max_new_tokens``) and waiting prompts take its place, so 
 goes to finished answers. The cache lives in preallocated buffers that grow in place (no copy of the whole cache per
 token); rows are dropped and added by reindexing it, new rows left-padded to the batch's current length. Position ids
 always come from the attention mask, which may have masked gaps (between a shared prefix and the rest of a prompt, or
-left padding). The cache itself is handled through :mod:`personaxis.generation.cache`.
+left padding). The decode step (model call, mask, dropping and stacking rows) is the one the server's batcher uses too,
+:mod:`personaxis.generation.decode`; the cache itself is handled through :mod:`personaxis.generation.cache`.
 
 With a :class:`personaxis.capture.ResponseCapture`, the engine records the block outputs of the generated tokens as it
 feeds them back (one more step, the blocks only, for last tokens generation never feeds back), so that response
@@ -26,6 +27,7 @@ from torch import Tensor
 
 from personaxis.activations import pad_batch
 from personaxis.generation import cache as kv
+from personaxis.generation.decode import CachedForward, DecodeBatch, mask_positions
 from personaxis.generation.sampling import SamplingConfig, answer_generator, pad_token_id, sample_tokens
 from personaxis.hooks import residual_hooks
 from personaxis.models import LoadedModel
@@ -97,19 +99,25 @@ def prefix_groups(prompts: Sequence[Sequence[int]], *, check_cost: bool = True) 
     return groups if shared_cost <= 0.8 * plain_cost else []
 
 
-class _Batch:
-    """Rows being generated side by side: their cache, attention mask, next input token and output so far."""
+class _Batch(DecodeBatch):
+    """Rows being generated side by side: their cache and attention mask (:class:`DecodeBatch`), next input token
+    and output so far."""
 
-    def __init__(self, rows: list[int], cache: Any, mask: Tensor, next_tokens: Tensor, outputs: list[list[int]]):
+    def __init__(
+        self,
+        rows: list[int],
+        cache: Any,
+        mask: Tensor,
+        next_tokens: Tensor,
+        outputs: list[list[int]],
+        *,
+        buffered: bool,
+    ):
+        super().__init__(cache, mask, buffered=buffered)
         self.rows = rows  # prompt indices
-        self.cache = cache
-        self.mask = mask  # [batch, cache length], long
         self.next_tokens = next_tokens  # [batch]: the last sampled token, the input of the next step
         self.outputs = outputs
         self.finished = [False] * len(rows)
-
-    def __len__(self) -> int:
-        return len(self.rows)
 
     @property
     def n_finished(self) -> int:
@@ -157,8 +165,8 @@ class FastEngine:
         self.min_new = min_new
         self.on_done = on_done
         self.pad_id = pad_token_id(lm.tokenizer)
-        self.cache_kw, self.has_logits_to_keep = kv.forward_kwargs(self.model)
-        self.base_cache_kw, _ = kv.forward_kwargs(lm.base_model)
+        self.forward = CachedForward.of(self.model)
+        self.blocks = CachedForward.of(lm.base_model)  # no LM head
         self.buffered = kv.supports_buffer_cache(self.model)
         self.results: list[list[int] | None] = [None] * len(prompts)
         self.generators: dict[int, torch.Generator] = {}
@@ -187,21 +195,6 @@ class FastEngine:
         return kv.new_cache(self.model, self.config.max_new_tokens if self.buffered else None)
 
     # -- model calls ----------------------------------------------------------------------------------------------
-
-    def _forward(self, input_ids: Tensor, mask: Tensor, positions: Tensor, cache: Any) -> Tensor:
-        kwargs: dict[str, Any] = {
-            "input_ids": input_ids,
-            "attention_mask": mask,
-            "position_ids": positions,
-            self.cache_kw: cache,
-            "use_cache": True,
-        }
-        if self.has_logits_to_keep:
-            width = input_ids.shape[1]
-            # An index tensor, not ``1``: slicing the last position of a longer input leaves a non-contiguous
-            # tensor, and the LM head then runs as one matrix-vector product per row (8× slower at batch 64).
-            kwargs["logits_to_keep"] = 1 if width == 1 else torch.tensor([width - 1], device=input_ids.device)
-        return self.model(**kwargs).logits[:, -1, :]
 
     def _choose(self, logits: Tensor, batch_rows: list[int], n_generated: list[int]) -> Tensor:
         """Next token per row: greedy argmax, or temperature / top-p sampling."""
@@ -246,7 +239,7 @@ class FastEngine:
             [self.prompts[i] for i in rows], self.pad_id, side="left", device=self.device
         )
         cache = self._new_cache()
-        logits = self._forward(ids, mask, positions, cache)
+        logits = self.forward.logits(ids, mask, positions, cache)
         return self._start(rows, cache, mask, logits)
 
     def _prefill_shared(self, groups: list[list[int]], shared: list[int]) -> _Batch:
@@ -256,26 +249,20 @@ class FastEngine:
         prefixes = [self.prompts[group[0]][:n] for group, n in zip(groups, shared, strict=True)]
         p_ids, p_mask, p_pos, _ = pad_batch(prefixes, self.pad_id, side="left", device=self.device)
         prefix_cache = kv.new_cache(self.model, 0)
-        self.lm.base_model(
-            input_ids=p_ids,
-            attention_mask=p_mask,
-            position_ids=p_pos,
-            use_cache=True,
-            **{self.base_cache_kw: prefix_cache},
-        )
+        self.blocks.feed(p_ids, p_mask, p_pos, prefix_cache)
         rows = [row for group in groups for row in group]
         owner = torch.tensor([g for g, group in enumerate(groups) for _ in group], dtype=torch.long, device=self.device)
         rests = [self.prompts[row][n:] for group, n in zip(groups, shared, strict=True) for row in group]
         s_ids, s_mask, _, _ = pad_batch(rests, self.pad_id, side="left", device=self.device)
         mask = torch.cat([p_mask.index_select(0, owner), s_mask], dim=1)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, p_ids.shape[1] :]
+        positions = mask_positions(mask)[:, p_ids.shape[1] :]
         cache = kv.expand_rows(self.model, prefix_cache, owner, s_ids.shape[1] + self.config.max_new_tokens)
-        logits = self._forward(s_ids, mask, positions, cache)
+        logits = self.forward.logits(s_ids, mask, positions, cache)
         return self._start(rows, cache, mask, logits)
 
     def _start(self, rows: list[int], cache: Any, mask: Tensor, logits: Tensor) -> _Batch:
         tokens = self._choose(logits, rows, [0] * len(rows))
-        batch = _Batch(rows, cache, mask, tokens, [[] for _ in rows])
+        batch = _Batch(rows, cache, mask, tokens, [[] for _ in rows], buffered=self.buffered)
         self._record(batch, tokens)
         return batch
 
@@ -295,45 +282,25 @@ class FastEngine:
                     self.on_done(1)
 
     def _select(self, batch: _Batch, keep: list[int]) -> _Batch:
+        """Keep the rows ``keep`` of ``batch`` (in place), their cache trimmed of leading padding."""
         if len(keep) == len(batch):
             return batch
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        kv.select_rows(batch.cache, index)
-        out = _Batch(
-            [batch.rows[i] for i in keep],
-            batch.cache,
-            batch.mask.index_select(0, index),
-            batch.next_tokens.index_select(0, index),
-            [batch.outputs[i] for i in keep],
-        )
-        out.finished = [batch.finished[i] for i in keep]
-        if self.buffered:
-            self._trim(out)
-        return out
-
-    def _trim(self, batch: _Batch) -> None:
-        """Drop leading cache positions that are padding in every row."""
-        used = batch.mask.any(dim=0).nonzero()
-        start = int(used[0]) if len(used) else 0
-        if start > 0:
-            kv.trim_left(batch.cache, start)
-            batch.mask = batch.mask[:, start:]
+        batch.keep(index)
+        batch.rows = [batch.rows[i] for i in keep]
+        batch.next_tokens = batch.next_tokens.index_select(0, index)
+        batch.outputs = [batch.outputs[i] for i in keep]
+        batch.finished = [batch.finished[i] for i in keep]
+        return batch
 
     def _merge(self, a: _Batch, b: _Batch) -> _Batch:
-        width = max(a.mask.shape[1], b.mask.shape[1])
-
-        def pad_mask(mask: Tensor) -> Tensor:
-            return torch.nn.functional.pad(mask, (width - mask.shape[1], 0), value=0)
-
-        out = _Batch(
-            a.rows + b.rows,
-            kv.stack(a.cache, b.cache, self.config.max_new_tokens),
-            torch.cat([pad_mask(a.mask), pad_mask(b.mask)]),
-            torch.cat([a.next_tokens, b.next_tokens]),
-            a.outputs + b.outputs,
-        )
-        out.finished = a.finished + b.finished
-        return out
+        """The rows of ``b`` stacked after those of ``a`` (in ``a``)."""
+        a.stack(b, self.config.max_new_tokens)
+        a.rows = a.rows + b.rows
+        a.next_tokens = torch.cat([a.next_tokens, b.next_tokens])
+        a.outputs = a.outputs + b.outputs
+        a.finished = a.finished + b.finished
+        return a
 
     def _admit(self, batch: _Batch | None, n: int) -> _Batch | None:
         """Prefill up to ``n`` queued prompts, in chunks of at most ``PREFILL_TOKENS`` tokens, and add them."""
@@ -371,21 +338,13 @@ class FastEngine:
     def _step(self, batch: _Batch, *, sample: bool = True) -> None:
         """Feed each row its last token; with ``sample``, choose and record the next one (else run the blocks only,
         for a capture of tokens that generation itself would not feed back)."""
-        ones = batch.mask.new_ones((len(batch), 1))
-        batch.mask = torch.cat([batch.mask, ones], dim=1)
-        positions = (batch.mask.sum(dim=1, keepdim=True) - 1).clamp(min=0)
+        positions = batch.extend()
         self._plan_capture(batch)
         try:
             if not sample:
-                self.lm.base_model(
-                    input_ids=batch.next_tokens.unsqueeze(1),
-                    attention_mask=batch.mask,
-                    position_ids=positions,
-                    use_cache=True,
-                    **{self.base_cache_kw: batch.cache},
-                )
+                self.blocks.feed(batch.next_tokens.unsqueeze(1), batch.mask, positions, batch.cache)
                 return
-            logits = self._forward(batch.next_tokens.unsqueeze(1), batch.mask, positions, batch.cache)
+            logits = self.forward.logits(batch.next_tokens.unsqueeze(1), batch.mask, positions, batch.cache)
         finally:
             if self.capture is not None:
                 self.capture.end_step()

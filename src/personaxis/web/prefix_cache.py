@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from personaxis.generation import cache as kv
+
 MIN_PREFIX = 8  # shorter shared starts are not worth the copy
 MAX_ENTRIES = 4  # treatments remembered
 MAX_TOKENS = 256  # of each remembered prompt: the cache holds at most MAX_ENTRIES × MAX_TOKENS positions
@@ -70,23 +72,23 @@ class PrefixCache:
         n = len(prompt)
         prompt, projections = prompt[:MAX_TOKENS], projections[:MAX_TOKENS]
         end = -n + len(prompt) or None
-        keys = [layer.keys[row, :, -n:end].clone() for layer in cache.layers]
-        values = [layer.values[row, :, -n:end].clone() for layer in cache.layers]
+        keys, values = kv.row_tensors(cache, row, -n, end)
         self._entries[id(interventions)] = Prefix(list(prompt), interventions, keys, values, list(projections))
         self._entries.move_to_end(id(interventions))
         while len(self._entries) > MAX_ENTRIES:
             self._entries.popitem(last=False)
 
     def start(
-        self, prefix: Prefix, shared: int, lengths: Sequence[int], width: int, reserve: int, layer_class: type
-    ) -> tuple[list[Any], int, Tensor]:
-        """Cache layers for a left-padded group whose prompts (``lengths``, padded to ``width``) all start with
-        ``shared`` tokens of ``prefix``: the first ``fed`` columns filled (the longest prompt's prefix; shorter
-        prompts' prefixes wherever they fall in those columns), and the projections of those columns."""
+        self, prefix: Prefix, shared: int, lengths: Sequence[int], width: int
+    ) -> tuple[list[Tensor], list[Tensor], int, Tensor]:
+        """Keys and values (per layer ``[rows, heads, fed, dim]``) for a left-padded group whose prompts
+        (``lengths``, padded to ``width``) all start with ``shared`` tokens of ``prefix``: the first ``fed`` columns
+        filled (the longest prompt's prefix; shorter prompts' prefixes wherever they fall in those columns), ``fed``,
+        and the projections of those columns."""
         fed = width - max(lengths) + shared
         rows = len(lengths)
         projections = torch.zeros(rows, fed)
-        layers = []
+        all_keys, all_values = [], []
         for k, v in zip(prefix.keys, prefix.values, strict=True):
             keys = k.new_zeros((rows, k.shape[0], fed, k.shape[2]))
             values = torch.zeros_like(keys)
@@ -96,7 +98,8 @@ class PrefixCache:
                 if stop > start:
                     keys[i, :, start:stop] = k[:, : stop - start]
                     values[i, :, start:stop] = v[:, : stop - start]
-            layers.append(layer_class.from_tensors(keys, values, width - fed + reserve))
+            all_keys.append(keys)
+            all_values.append(values)
         reading = torch.tensor(prefix.projections[:shared], dtype=projections.dtype)
         for i, n in enumerate(lengths):
             start = width - n
@@ -105,4 +108,4 @@ class PrefixCache:
                 projections[i, start:stop] = reading[: stop - start]
         self.hits += 1
         self.tokens_reused += shared * rows
-        return layers, fed, projections.to(prefix.keys[0].device)
+        return all_keys, all_values, fed, projections.to(prefix.keys[0].device)
