@@ -7,12 +7,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from personaxis.generation import answer_generator
+from personaxis.generation import answer_generator, sample_tokens
+from personaxis.guard import GuardSwitch, guard_switch
 from personaxis.interventions import FloorCap
-from personaxis.web.jobs import Interventions, Job
-from personaxis.web.stream import TextTracker
+from personaxis.web.jobs import Counters, Interventions, Job, RowEnd
+from personaxis.web.stream import TextTracker, TokenStep
 
 
 def has_cap(interventions: Interventions) -> bool:
@@ -60,6 +62,57 @@ class BatchRow:
     @property
     def remaining(self) -> int:
         return self.job.settings.max_new_tokens - len(self.tracker.ids)
+
+    def next_token(self, logits: Tensor, greedy: int) -> int:
+        """The row's next token from its logits ``[1, vocabulary]``: ``greedy`` (the argmax) without a temperature,
+        else drawn from the row's own generator (``sample_tokens``, as ``generate`` draws)."""
+        settings = self.job.settings
+        if settings.temperature <= 0:
+            return greedy
+        uniform = torch.rand(1, generator=self.generator).to(logits.device)
+        return int(sample_tokens(logits, settings.temperature, settings.top_p, uniform)[0])
+
+    def push(self, token: int) -> None:
+        """Make ``token`` the one the next step feeds."""
+        self.pending = token
+        self.delta = self.tracker.push(token)
+
+    def fed(self, projection: float, capped: bool, counters: Counters) -> None:
+        """The pending token was fed, with ``projection`` at the monitored layer (``capped``: a cap acted on it):
+        emit its text, then switch the guard if its rule says so."""
+        self.projections.append(projection)
+        counters.tokens += 1
+        if capped:
+            self.capped_tokens += 1
+            counters.capped_tokens += 1
+        self.job.emit(TokenStep(self.delta, len(self.tracker.ids), self.running()))
+        plan = self.job.guard
+        switch = guard_switch(plan, self.projections, self.guard_on) if plan is not None else None
+        if switch is None:
+            return
+        self.guard_on = switch.on
+        counters.alarms += switch.on
+        self.switches += 1
+        self.job.emit(GuardSwitch(switch.on, len(self.tracker.ids), switch.projection))
+
+    def finish(self, counters: Counters, *, stopped: bool) -> None:
+        """End the row: emit the text held back for a stop string, then its :class:`RowEnd`."""
+        self.done = True
+        tail = self.tracker.finish()
+        if tail:
+            self.job.emit(TokenStep(tail, len(self.tracker.ids), self.running()))
+        counters.completed += 1
+        self.job.emit(
+            RowEnd(
+                self.tracker.text,
+                len(self.tracker.ids),
+                stopped,
+                self.running(),
+                self.capped_tokens,
+                self.switches,
+                self.prompt_projections,
+            )
+        )
 
 
 @dataclass

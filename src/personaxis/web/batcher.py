@@ -40,8 +40,8 @@ from torch import Tensor
 from personaxis.activations import pad_batch
 from personaxis.generation import cache as kv
 from personaxis.generation.decode import CachedForward, DecodeBatch
-from personaxis.generation.sampling import pad_token_id, sample_tokens
-from personaxis.guard import GuardPlan, GuardSwitch, guard_switch
+from personaxis.generation.sampling import pad_token_id
+from personaxis.guard import GuardPlan, GuardSwitch
 from personaxis.hooks import residual_hooks
 from personaxis.interventions import RowInterventions
 from personaxis.models import LoadedModel
@@ -58,7 +58,6 @@ from personaxis.web.jobs import (
     TooLarge,
 )
 from personaxis.web.prefix_cache import PrefixCache
-from personaxis.web.stream import TokenStep
 
 __all__ = [
     "Batcher",
@@ -364,17 +363,11 @@ class Batcher:
                 row.done = True
                 self.counters.cancelled += 1
                 continue
-            row.projections.append(values[i])
-            self.counters.tokens += 1
-            if capped[i]:
-                row.capped_tokens += 1
-                self.counters.capped_tokens += 1
-            row.job.emit(TokenStep(row.delta, len(row.tracker.ids), row.running()))
-            self._guard(row)
+            row.fed(values[i], capped[i], self.counters)
             if row.tracker.hit_stop:
-                self._finish(row, stopped=True)
+                row.finish(self.counters, stopped=True)
             elif row.remaining <= 0:
-                self._finish(row, stopped=False)
+                row.finish(self.counters, stopped=False)
             elif now > row.deadline:
                 row.done = True
                 self.counters.timed_out += 1
@@ -384,54 +377,17 @@ class Batcher:
         if going:
             self._choose(logits, going)
 
-    def _guard(self, row: BatchRow) -> None:
-        plan = row.job.guard
-        switch = guard_switch(plan, row.projections, row.guard_on) if plan is not None else None
-        if switch is None:
-            return
-        row.guard_on = switch.on
-        self.counters.alarms += switch.on
-        row.switches += 1
-        row.job.emit(GuardSwitch(switch.on, len(row.tracker.ids), switch.projection))
-
     def _choose(self, logits: Tensor, indices: list[int], base: int = 0) -> None:
-        """The next token of each row in ``indices``: greedy rows in one argmax, sampled rows from their own
-        generator (``sample_tokens``, as ``generate`` draws); row ``i`` reads
+        """The next token of each row in ``indices`` (greedy rows in one argmax); row ``i`` reads
         ``logits[i - base]``."""
         greedy = logits.argmax(dim=-1).tolist()
         for i in indices:
             row = self._rows[i]
-            settings = row.job.settings
-            if settings.temperature > 0:
-                uniform = torch.rand(1, generator=row.generator).to(logits.device)
-                token = int(
-                    sample_tokens(logits[i - base : i - base + 1], settings.temperature, settings.top_p, uniform)[0]
-                )
-            else:
-                token = int(greedy[i - base])
+            token = row.next_token(logits[i - base : i - base + 1], int(greedy[i - base]))
             if token in self.stops:
-                self._finish(row, stopped=True)
-                continue
-            row.pending = token
-            row.delta = row.tracker.push(token)
-
-    def _finish(self, row: BatchRow, *, stopped: bool) -> None:
-        row.done = True
-        tail = row.tracker.finish()
-        if tail:
-            row.job.emit(TokenStep(tail, len(row.tracker.ids), row.running()))
-        self.counters.completed += 1
-        row.job.emit(
-            RowEnd(
-                row.tracker.text,
-                len(row.tracker.ids),
-                stopped,
-                row.running(),
-                row.capped_tokens,
-                row.switches,
-                row.prompt_projections,
-            )
-        )
+                row.finish(self.counters, stopped=True)
+            else:
+                row.push(token)
 
     def _kv_bytes(self) -> int:
         prefill, batch = self._prefill, self._batch  # read once: /metrics calls this from another thread
