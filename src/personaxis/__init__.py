@@ -5,7 +5,7 @@ The public API, importable from the package root (loaded on first use, so ``impo
     from personaxis import load_model, Axis, steering_interventions, generate, SamplingConfig
 
     lm = load_model()                                  # the embedded SmolLM2-135M-Instruct, or any HF id / folder
-    axis = Axis.load("runs/quick/axis.safetensors")     # [n_layers, hidden], points toward the Assistant
+    axis = load_axis("runs/quick/axis.safetensors")     # [n_layers, hidden], points toward the Assistant
     away = steering_interventions(axis, layers=15, alpha=-0.3)
     print(generate(lm, [[{"role": "user", "content": "Who are you?"}]], SamplingConfig(max_new_tokens=40),
                    interventions=away)[0].text)

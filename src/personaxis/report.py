@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from personaxis.io.run_layout import RunLayout
 from personaxis.store import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -144,7 +145,8 @@ def _traits_section(traits: dict[str, Any] | None) -> str:
 <table><tr><th>trait</th><th>cos(trait, axis)</th><th>projection</th><th>pairs</th></tr>{rows}</table>"""
 
 
-def write_report(root: Path, summary: dict[str, Any], space: LayerSpace) -> Path:
+def write_report(layout: RunLayout, summary: dict[str, Any], space: LayerSpace) -> Path:
+    """The run's ``report.html`` and its figures."""
     figures = {
         "persona_space.png": pca_scatter(summary, space),
         "variance.png": variance_plot(summary),
@@ -154,7 +156,7 @@ def write_report(root: Path, summary: dict[str, Any], space: LayerSpace) -> Path
     images = {}
     for name, fig in figures.items():
         png = figure_png(fig)
-        atomic_write_bytes(root / "figures" / name, png)
+        atomic_write_bytes(layout.figure(name), png)
         images[name] = png
     target = summary["target"]
     pos = summary["default_position"]
@@ -183,6 +185,6 @@ table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;pad
 {_traits_section(summary.get("trait_space"))}
 <h2>Roles</h2><table><tr><th>role</th><th>category</th><th>rollouts</th><th>judge counts</th><th>vector</th><th>projection</th></tr>{rows}</table>
 </body></html>"""
-    path = root / "report.html"
+    path = layout.report
     atomic_write_bytes(path, body.encode("utf-8"))
     return path

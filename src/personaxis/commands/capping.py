@@ -9,6 +9,8 @@ import typer
 
 from personaxis.commands import echo_err, user_errors
 from personaxis.commands.model_options import DEFAULT_PLACEMENT, ModelPlacement, model_options
+from personaxis.io.run_layout import RunLayout
+from personaxis.io.tensor_files import load_axis, save_axis, save_capping
 
 if TYPE_CHECKING:
     from personaxis.axis import Axis
@@ -107,7 +109,7 @@ def register(app: typer.Typer) -> None:
 
         Example: `personaxis calibrate --run runs/quick --reference-out runs/quick/capping.pt`, then `personaxis chat --cap layers_22:26-p0.25`.
         """
-        from personaxis.capping import calibrate as run_calibration
+        from personaxis.calibration import calibrate as run_calibration
         from personaxis.store import all_or_nothing
         from personaxis.validate import check, output_file
 
@@ -118,7 +120,7 @@ def register(app: typer.Typer) -> None:
                 check("percentile", value, option="--percentiles")
             config = run_calibration(run, axis, _floats(percentiles), _bands(bands))
             with all_or_nothing():  # both files, or neither
-                target = config.save(out or run / "capping.safetensors")
+                target = save_capping(config, out or RunLayout(run).capping)
                 written = [target]
                 if reference_out is not None:
                     from personaxis.interop import save_reference_capping
@@ -161,13 +163,12 @@ def register(app: typer.Typer) -> None:
 
         Examples: `personaxis export --axis runs/quick/axis.safetensors --format gguf --layers 12:18 --scale 0.3 --out toward.gguf`; `personaxis export --axis runs/quick/axis.safetensors --format reference --out assistant_axis.pt`.
         """
-        from personaxis.axis import Axis
         from personaxis.validate import check_all, output_file
 
         with user_errors():
             check_all(scale=scale, layer=layer)
             output_file(out, "--out")
-            loaded = Axis.load(axis)
+            loaded = load_axis(axis)
             if fmt == "reference":
                 if layer is not None or layers is not None:
                     raise ValueError("--layer/--layers apply to --format gguf; the reference format holds every layer")
@@ -242,13 +243,13 @@ def register(app: typer.Typer) -> None:
                 loaded = interop.load_reference_axis(source, model=model)
                 if measure_norms:
                     loaded = _with_measured_norms(loaded, model, placement)
-                loaded.save(out)
+                save_axis(loaded, out)
                 typer.echo(f"wrote {out}: axis [{loaded.n_layers}, {loaded.hidden_size}]")
             elif kind == "capping":
                 if out.suffix != ".safetensors":
                     raise ValueError(f"--out {out}: our capping configs are .safetensors files")
                 config = interop.load_reference_capping(source)
-                config.save(out)
+                save_capping(config, out)
                 typer.echo(
                     f"wrote {out}: {len(config.experiment_ids)} experiments, {len(config.vectors)} vectors "
                     f"(reference ceilings on −axis read as floors on +axis)"

@@ -9,7 +9,8 @@ if TYPE_CHECKING:
     from personaxis.axis import Axis
     from personaxis.capping import CappingConfig
 
-from personaxis.capping import CAPPING_NAMES
+from personaxis.io.run_layout import RunLayout
+from personaxis.io.tensor_files import load_axis, load_capping
 
 
 def axis_path(axis: Path | None, run: Path | None) -> Path:
@@ -17,27 +18,26 @@ def axis_path(axis: Path | None, run: Path | None) -> Path:
         return axis
     if run is None:
         raise ValueError("give --axis, or --run with a run directory holding axis.safetensors")
-    return run / "axis.safetensors"
+    return RunLayout(run).axis
 
 
-def load_axis(axis: Path | None, run: Path | None) -> tuple[Axis, Path]:
-    from personaxis.axis import Axis
+def resolve_axis(axis: Path | None, run: Path | None) -> tuple[Axis, Path]:
 
     path = axis_path(axis, run)
-    return Axis.load(path), path
+    return load_axis(path), path
 
 
-def load_capping(capping: Path | None, run: Path | None, axis: Axis) -> tuple[CappingConfig, dict[str, Any]]:
+def resolve_capping(capping: Path | None, run: Path | None, axis: Axis) -> tuple[CappingConfig, dict[str, Any]]:
     """The capping config from ``capping``, else beside the run's axis, else calibrated now from the run (25th
     percentile and others, the default bands). Returns it with a note of where it came from."""
-    from personaxis.capping import CappingConfig, calibrate
+    from personaxis.calibration import calibrate
 
     if capping is not None:
-        return CappingConfig.load(capping), {"path": str(capping), "source": "file"}
+        return load_capping(capping), {"path": str(capping), "source": "file"}
     if run is not None:
-        for name in CAPPING_NAMES:
-            if (run / name).is_file():
-                return CappingConfig.load(run / name), {"path": str(run / name), "source": "file"}
+        found = RunLayout(run).find_capping()
+        if found is not None:
+            return load_capping(found), {"path": str(found), "source": "file"}
         config = calibrate(run, axis)
         return config, {"path": None, "source": f"calibrated from {run} (default bands and percentiles)"}
     raise ValueError("capping needs --capping FILE or --run DIR (to calibrate from)")

@@ -2,7 +2,7 @@
 
 A trait rollout is an answer given under one side of an instruction pair (show the trait / show its opposite). The
 pipeline keeps a pair of answers (same question, same pair) when the positive answer scores at least
-:data:`personaxis.settings.TRAIT_MARGIN` above the negative one.
+:data:`personaxis.vectors.TRAIT_MARGIN` above the negative one.
 
 - :class:`OfflineTraitJudge` (no network): where the answer lies between the pair's two instructions —
   ``50 + 50·tanh(SHARPNESS · (sim(answer, positive) − sim(answer, negative)))`` with sentence-embedding cosine
