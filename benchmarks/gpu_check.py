@@ -139,9 +139,9 @@ def find_tokenizer_dir(explicit: str | None) -> Path:
     candidates = [Path(explicit)] if explicit else []
     candidates.append(Path(__file__).resolve().parent.parent / ".gpu_carry" / "smollm2-tokenizer")
     try:
-        from personaxis.models import _embedded_cache
+        from personaxis.models import EMBEDDED_MODEL_NAME, cache_dir
 
-        candidates.append(_embedded_cache())
+        candidates.append(cache_dir() / "models" / EMBEDDED_MODEL_NAME)  # the embedded model's converted cache
     except Exception:  # noqa: BLE001
         pass
     for folder in candidates:

@@ -32,6 +32,7 @@ from personaxis.interop import InteropError, safe_torch_load
 from personaxis.io.records import JudgmentsRecord, VectorIndex
 from personaxis.io.run_layout import RunLayout
 from personaxis.io.tensor_files import save_unit_activations
+from personaxis.pipeline import Pipeline
 from personaxis.settings import RECIPE_MIN_COUNT, RunSettings
 from personaxis.store import RunDirError, atomic_save_tensors, write_record
 from personaxis.vectors import recipe_counts
@@ -103,8 +104,6 @@ def import_reference_run(
 ) -> dict[str, Any]:
     """Write a run directory at ``out`` from the reference pipeline's output folder ``source``; return what was
     imported (roles, rollouts, roles left out and why)."""
-    from personaxis.pipeline import Pipeline
-
     say = log or (lambda message: None)
     src, root = Path(source), Path(out)
     acts_dir, scores_dir, vectors_dir = src / "activations", src / "scores", src / "vectors"

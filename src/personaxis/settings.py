@@ -15,6 +15,7 @@ from personaxis.data import (
     load_traits,
     reference_data_paths,
 )
+from personaxis.io.run_layout import check_folder_names, check_role_name
 
 # How role vectors are made from judged rollouts (``--vectors``), and the fewest rollouts each recipe's vectors need
 # unless ``--min-count`` says otherwise:
@@ -381,8 +382,6 @@ def build_conditions(settings: RunSettings, model_name: str) -> list[Condition]:
                         eval_prompt=trait.eval_prompt,
                     )
                 )
-    from personaxis.io.run_layout import check_folder_names, check_role_name
-
     for role in roles:
         check_role_name(role.name)
     check_folder_names([c.name for c in conditions], what="role and condition")

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from personaxis.activations import extract_turn_means
 from personaxis.axis import Axis, AxisError
 from personaxis.chat import Conversation, build_conversation
+from personaxis.data import load_questions
 from personaxis.generation import Generation, SamplingConfig, generate
 from personaxis.interventions import Add
 from personaxis.models import LoadedModel
@@ -136,9 +138,6 @@ def measure_residual_norms(
     answer's mean token norm is averaged, as a run does over its rollouts.
     """
     import torch
-
-    from personaxis.activations import extract_turn_means
-    from personaxis.data import load_questions
 
     if n_questions < 1:
         raise ValueError(f"need at least one question to measure residual norms, got {n_questions}")

@@ -185,7 +185,8 @@ def _monitor(
 ) -> None:
     from rich.table import Table
 
-    from personaxis.monitor import load_transcripts, monitor_transcripts, plot_trajectories, write_table
+    from personaxis.io.projection_files import plot_trajectories, write_table
+    from personaxis.monitor import load_transcripts, monitor_transcripts
     from personaxis.validate import check, output_folder
 
     if layers and all_layers:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from personaxis.judges.base import check_unique_keys
-from personaxis.judges.openai_judge import _HttpJudge
+from personaxis.judges.openai_judge import HttpJudge
 from personaxis.judges.prompts import Messages, fill_eval_prompt, parse_reference_score
 
 TRAIT_SCALE = 100
@@ -136,7 +136,7 @@ def parse_trait_score(reply: str) -> int | None:
     return parse_reference_score(reply, TRAIT_SCALE)
 
 
-class OpenAITraitJudge(_HttpJudge[TraitItem, int], TraitJudge):  # type: ignore[type-var]
+class OpenAITraitJudge(HttpJudge[TraitItem, int], TraitJudge):  # type: ignore[type-var]
     task = "trait"
 
     def _messages(self, item: TraitItem) -> Messages:
