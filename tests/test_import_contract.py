@@ -32,7 +32,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "personaxis"
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("base", ("validate", "progress", "threads", "data", "kernels")),
+    ("base", ("validate", "progress", "threads", "data", "kernels", "layer_selection", "options")),
     ("engine", ("models", "hooks", "chat", "generation", "activations", "capture", "interventions")),
     ("core", ("axis", "vectors", "space", "traits", "capping", "steering", "monitor")),
     ("io", ("io", "store", "interop", "report")),

@@ -38,7 +38,7 @@ def calibrate(
         source: the run directory (or an open :class:`~personaxis.pipeline.Pipeline` over it).
         axis: the axis to project on (default: the run's axis file).
         percentiles: threshold percentiles, in percent.
-        bands: ``(start, width)`` layer bands (default :func:`personaxis.capping.default_bands`).
+        bands: ``(start, end)`` layer bands, end-exclusive (default :func:`personaxis.capping.default_bands`).
         kinds: the condition kinds whose rollouts are ordinary.
 
     Returns:

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 FORMAT = "personaxis.capping/1"
 PERCENTILES: tuple[float, ...] = (1.0, 25.0, 50.0, 75.0)
 ORDINARY_KINDS: tuple[str, ...] = ("role", "default", "trait_pos", "trait_neg")
-# (start, width) as fractions of the layer count. The first two are the paper's best bands: 0.72·64 = 46, 0.125·64 = 8
+# (start, width) as fractions of the layer count (default_bands turns them into (start, end) bands). The first two are the paper's best bands: 0.72·64 = 46, 0.125·64 = 8
 # gives Qwen 3 32B's 46:54; 0.70·80 = 56, 0.20·80 = 16 gives Llama 3.3 70B's 56:72. The others vary start and width.
 BAND_FRACTIONS: tuple[tuple[float, float], ...] = (
     (0.72, 0.125),
@@ -54,6 +54,8 @@ BAND_FRACTIONS: tuple[tuple[float, float], ...] = (
     (0.50, 0.50),
 )
 CapKind = Literal["floor", "ceiling"]
+# How a config's metadata "bands" read; configs written before it was recorded hold (start, width) pairs.
+BAND_CONVENTION = "start:end"
 _ID = re.compile(r"^layers_(\d+):(\d+)-p([0-9.eE+-]+)$")
 
 
@@ -108,16 +110,25 @@ def parse_experiment_id(experiment: str) -> tuple[int, int, float] | None:
 
 
 def default_bands(n_layers: int) -> list[tuple[int, int]]:
-    """Layer bands ``(start, width)`` for an ``n_layers`` model: the paper's bands scaled, plus a few widths."""
+    """Layer bands ``(start, end)`` (end-exclusive) for an ``n_layers`` model: the paper's bands scaled, plus a few
+    widths."""
     if n_layers < 1:
         raise CappingError(f"a model needs at least one layer, got {n_layers}")
     bands: list[tuple[int, int]] = []
     for start_fraction, width_fraction in BAND_FRACTIONS:
         start = min(int(math.floor(start_fraction * n_layers + 0.5)), n_layers - 1)
         width = max(1, min(int(math.floor(width_fraction * n_layers + 0.5)), n_layers - start))
-        if (start, width) not in bands:
-            bands.append((start, width))
+        if (start, start + width) not in bands:
+            bands.append((start, start + width))
     return bands
+
+
+def recorded_bands(metadata: Mapping[str, Any]) -> list[tuple[int, int]]:
+    """The ``(start, end)`` bands a config's metadata records (older configs' ``(start, width)`` converted)."""
+    bands = [(int(a), int(b)) for a, b in metadata.get("bands") or []]
+    if metadata.get("band_convention") == BAND_CONVENTION:
+        return bands
+    return [(start, start + width) for start, width in bands]
 
 
 def check_percentiles(percentiles: Sequence[float]) -> tuple[float, ...]:
@@ -133,17 +144,16 @@ def check_percentiles(percentiles: Sequence[float]) -> tuple[float, ...]:
 
 
 def check_bands(bands: Sequence[tuple[int, int]], n_layers: int) -> list[tuple[int, int]]:
+    """Validated bands ``(start, end)``, end-exclusive: at least one layer each, within the model's layers."""
     checked = []
     for band in bands:
         try:
-            start, width = (int(x) for x in band)
+            start, end = (int(x) for x in band)
         except (TypeError, ValueError):
-            raise CappingError(f"a band is (start, width), got {band!r}") from None
-        if width < 1 or start < 0 or start + width > n_layers:
-            raise CappingError(
-                f"band start {start}, width {width} (layers {start}:{start + width}) does not fit a model of {n_layers} layers"
-            )
-        checked.append((start, width))
+            raise CappingError(f"a band is (start, end), end-exclusive, got {band!r}") from None
+        if end <= start or start < 0 or end > n_layers:
+            raise CappingError(f"band {start}:{end} (end-exclusive) does not fit a model of {n_layers} layers")
+        checked.append((start, end))
     if not checked:
         raise CappingError("give at least one layer band")
     return checked
@@ -295,19 +305,19 @@ def calibrate_from_projections(
     metadata: Mapping[str, Any] | None = None,
 ) -> CappingConfig:
     """Per-layer thresholds τ (the ``percentiles``, in percent, of ``projections [n_rollouts, n_layers]``) and one
-    floor-cap experiment per (band, percentile); ``bands`` are ``(start, width)`` pairs (default
+    floor-cap experiment per (band, percentile); ``bands`` are ``(start, end)`` pairs, end-exclusive (default
     :func:`default_bands`). ``metadata`` is recorded with what calibration itself adds."""
     percentiles = check_percentiles(percentiles)
     bands = check_bands(bands if bands is not None else default_bands(axis.n_layers), axis.n_layers)
     thresholds = torch.from_numpy(np.percentile(projections, percentiles, axis=0).astype(np.float64))
-    layers = sorted({layer for start, width in bands for layer in range(start, start + width)})
+    layers = sorted({layer for start, end in bands for layer in range(start, end)})
     vectors = {f"axis_layer_{layer}": CapVector(layer, axis.vectors[layer].clone()) for layer in layers}
     experiments = [
         Experiment(
-            experiment_id(start, start + width, p),
-            tuple(Cap(f"axis_layer_{layer}", float(thresholds[i, layer])) for layer in range(start, start + width)),
+            experiment_id(start, end, p),
+            tuple(Cap(f"axis_layer_{layer}", float(thresholds[i, layer])) for layer in range(start, end)),
         )
-        for start, width in bands
+        for start, end in bands
         for i, p in enumerate(percentiles)
     ]
     given = dict(metadata or {})
@@ -316,6 +326,7 @@ def calibrate_from_projections(
         **{k: given.pop(k) for k in ("run_dir", "rollouts") if k in given},
         "n_rollouts": int(projections.shape[0]),
         "bands": [list(b) for b in bands],
+        "band_convention": BAND_CONVENTION,
         "axis_model": axis.model,
         "projection_mean": [float(x) for x in projections.mean(0)],
         "projection_std": [float(x) for x in projections.std(0)],

@@ -33,6 +33,7 @@ from personaxis.chat import (
     validate_conversation,
 )
 from personaxis.interventions import Interventions, apply_interventions
+from personaxis.layer_selection import select_layers
 from personaxis.models import LoadedModel
 
 
@@ -343,15 +344,8 @@ def plan_windows(
 
 # ------------------------------------------------------------------------------------------------ projecting
 def _layer_list(axis: Axis, layers: Sequence[int] | Literal["all"] | int | None) -> list[int]:
-    if layers is None:
-        assert axis.target_layer is not None
-        return [axis.target_layer]
-    if layers == "all":
-        return list(range(axis.n_layers))
-    items = [layers] if isinstance(layers, int) else list(layers)
-    for layer in items:
-        axis.layer(layer)
-    return list(dict.fromkeys(items))
+    assert axis.target_layer is not None
+    return select_layers(layers, axis.n_layers, default=[axis.target_layer], check=axis.layer)
 
 
 def monitor_transcripts(

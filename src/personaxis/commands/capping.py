@@ -11,38 +11,11 @@ from personaxis.commands import echo_err, user_errors
 from personaxis.commands.model_options import DEFAULT_PLACEMENT, ModelPlacement, model_options
 from personaxis.io.run_layout import RunLayout
 from personaxis.io.tensor_files import load_axis, save_axis, save_capping
+from personaxis.options import parse_bands, parse_floats, parse_range
 
 if TYPE_CHECKING:
     from personaxis.axis import Axis
     from personaxis.capping import CappingConfig
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _range(text: str) -> tuple[int, int]:
-    """``"a:b"`` → ``(a, b)``, end-exclusive."""
-    try:
-        start, end = (int(x) for x in text.split(":"))
-    except ValueError:
-        raise ValueError(f"expected a layer range START:END (end-exclusive), got {text!r}") from None
-    if end <= start:
-        raise ValueError(f"layer range {text!r} is empty (END is exclusive and must exceed START)")
-    return start, end
-
-
-def _bands(text: str | None) -> list[tuple[int, int]] | None:
-    if not text:
-        return None
-    bands = []
-    for item in text.split(","):
-        start, end = _range(item.strip())
-        bands.append((start, end - start))
-    return bands
 
 
 def _print_thresholds(config: CappingConfig) -> None:
@@ -116,9 +89,9 @@ def register(app: typer.Typer) -> None:
         with user_errors():
             output_file(out, "--out")
             output_file(reference_out, "--reference-out")
-            for value in _floats(percentiles):
+            for value in parse_floats(percentiles):
                 check("percentile", value, option="--percentiles")
-            config = run_calibration(run, axis, _floats(percentiles), _bands(bands))
+            config = run_calibration(run, axis, parse_floats(percentiles), parse_bands(bands))
             with all_or_nothing():  # both files, or neither
                 target = save_capping(config, out or RunLayout(run).capping)
                 written = [target]
@@ -180,7 +153,9 @@ def register(app: typer.Typer) -> None:
                 if layer is not None and layers is not None:
                     raise ValueError("give --layer or --layers, not both")
                 chosen = (
-                    list(range(*_range(layers))) if layers else [layer if layer is not None else loaded.target_layer]
+                    list(range(*parse_range(layers)))
+                    if layers
+                    else [layer if layer is not None else loaded.target_layer]
                 )
                 from personaxis.interop import export_gguf
 
