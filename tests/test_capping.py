@@ -207,9 +207,9 @@ def test_calibration_equals_numpy_percentiles_of_projections_by_hand(run_dir):
     # one experiment per band and percentile, each cap at its layer's threshold
     bands = default_bands(axis.n_layers)
     assert len(config.experiment_ids) == len(bands) * 4
-    for start, width in bands:
-        exp = config.experiment(experiment_id(start, start + width, 25))
-        assert config.layers(exp.id) == list(range(start, start + width))
+    for start, end in bands:  # (start, end), end-exclusive, as the experiment ids
+        exp = config.experiment(experiment_id(start, end, 25))
+        assert config.layers(exp.id) == list(range(start, end))
         for cap in exp.caps:
             assert cap.kind == "floor" and cap.tau == float(config.thresholds[1, config.vectors[cap.vector].layer])
     # the same from a Pipeline object and an explicit axis
@@ -227,7 +227,7 @@ def test_calibration_equals_numpy_percentiles_of_projections_by_hand(run_dir):
 
 
 def test_calibrated_config_save_load_and_apply(run_dir, tmp_path, llama):
-    config = calibrate(run_dir, percentiles=(25,), bands=[(1, 2)])
+    config = calibrate(run_dir, percentiles=(25,), bands=[(1, 3)])
     assert config.experiment_ids == ["layers_1:3-p0.25"]
     path = save_capping(config, tmp_path / "capping.safetensors")
     loaded = load_capping(path)
@@ -280,11 +280,30 @@ def test_ids_and_default_bands():
     assert experiment_id(56, 72, 1) == "layers_56:72-p0.01"
     assert parse_experiment_id("layers_46:54-p0.25") == (46, 54, 25.0)
     assert parse_experiment_id("something else") is None
-    assert (46, 8) in default_bands(64)  # Qwen 3 32B's best band
-    assert (56, 16) in default_bands(80)  # Llama 3.3 70B's
+    assert (46, 54) in default_bands(64)  # Qwen 3 32B's best band, (start, end) end-exclusive
+    assert (56, 72) in default_bands(80)  # Llama 3.3 70B's
     for n in (1, 4, 30, 64, 80):
         bands = default_bands(n)
-        assert bands and all(0 <= s and w >= 1 and s + w <= n for s, w in bands) and len(set(bands)) == len(bands)
+        assert bands and all(0 <= s < e <= n for s, e in bands) and len(set(bands)) == len(bands)
+
+
+def test_one_bands_convention_from_the_command_line_to_the_config():
+    """``--bands 22:26`` is (22, 26) end-exclusive in the options, in calibration and in the experiment id; the
+    metadata of configs written before the convention was recorded ((start, width)) is read as (start, end)."""
+    from personaxis.capping import BAND_CONVENTION, calibrate_from_projections, recorded_bands
+    from personaxis.options import parse_bands
+
+    assert parse_bands("1:3,2:4") == [(1, 3), (2, 4)]
+    axis = Axis(torch.randn(4, 8, generator=torch.Generator().manual_seed(0)))
+    projections = np.arange(40, dtype=np.float64).reshape(10, 4)
+    config = calibrate_from_projections(projections, axis, (25,), parse_bands("1:3,2:4"))
+    assert config.experiment_ids == ["layers_1:3-p0.25", "layers_2:4-p0.25"]
+    assert config.layers("layers_1:3-p0.25") == [1, 2] and config.layers("layers_2:4-p0.25") == [2, 3]
+    assert config.metadata["bands"] == [[1, 3], [2, 4]] and config.metadata["band_convention"] == BAND_CONVENTION
+    assert recorded_bands(config.metadata) == [(1, 3), (2, 4)]
+    assert recorded_bands({"bands": [[1, 2], [2, 2]]}) == [(1, 3), (2, 4)]  # an older config's (start, width)
+    with pytest.raises(CappingError, match="band 3:2"):
+        calibrate_from_projections(projections, axis, (25,), [(3, 2)])
 
 
 def test_bad_configs_give_clear_errors(llama):
