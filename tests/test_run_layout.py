@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from pydantic import ValidationError
 
 from personaxis.io.records import JudgmentsRecord, ManifestRecord, Rollout, RolloutsRecord, SummaryRecord, VectorIndex
 from personaxis.io.run_layout import CAPPING_NAMES, REPORT_FIGURES, RunLayout, find_capping_beside, unit_key
+from personaxis.io.tensor_files import load_axis
 from personaxis.store import DamagedFileError, atomic_write_json, read_record, write_record
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "personaxis"
@@ -147,3 +150,21 @@ def test_optional_summary_fields_stay_out_until_set() -> None:
     assert "trait_space" not in SummaryRecord.model_validate(base).to_json()
     with_traits = SummaryRecord.model_validate({**base, "trait_space": {"layer": 1}}).to_json()
     assert with_traits["trait_space"] == {"layer": 1} and list(with_traits)[-1] == "trait_space"
+
+
+def test_tensor_files_are_the_same_bytes_in_every_process(tmp_path: Path) -> None:
+    """safetensors keeps header metadata in a hash map whose order changes per process: ours sorts it, so the axis
+    (6 header fields) written by separate processes is byte-identical."""
+    code = (
+        "import sys, torch\n"
+        "from personaxis.axis import Axis\n"
+        "from personaxis.io.tensor_files import save_axis\n"
+        "save_axis(Axis(torch.arange(8.0).reshape(2, 4) + 1, model='m', metadata={'b': 1, 'a': 2}), sys.argv[1])\n"
+    )
+    paths = [tmp_path / f"axis{i}.safetensors" for i in range(4)]
+    for path in paths:
+        subprocess.run([sys.executable, "-c", code, str(path)], check=True)
+    first = paths[0].read_bytes()
+    assert all(p.read_bytes() == first for p in paths[1:])
+    header = json.loads(first[8 : 8 + int.from_bytes(first[:8], "little")])["__metadata__"]
+    assert list(header) == sorted(header) and load_axis(paths[0]).metadata == {"b": 1, "a": 2}

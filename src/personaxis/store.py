@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from safetensors.torch import save
 from torch import Tensor
 
 from personaxis.io.records import ManifestRecord, Record, RecordT
@@ -156,11 +157,26 @@ def write_record(path: str | Path, record: Record) -> None:
     atomic_write_json(Path(path), record.to_json())
 
 
-def atomic_save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save
+def safetensors_bytes(tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file's bytes, the same for the same tensors and metadata in every process.
 
+    The safetensors library keeps the metadata in a hash map whose order changes from one process to the next, so
+    two runs wrote the same header fields in different orders; here the metadata fields are sorted (the header keeps
+    its length and padding, the tensor data is untouched)."""
     data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
-    atomic_write_bytes(path, data)
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    if len(header.get("__metadata__") or {}) < 2:
+        return data
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(text) > length or json.loads(text) != json.loads(data[8 : 8 + length]):  # pragma: no cover - defensive
+        return data
+    return data[:8] + text + b" " * (length - len(text)) + data[8 + length :]
+
+
+def atomic_save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
 
 
 def load_tensors(path: Path) -> dict[str, Tensor]:

@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
 from torch import Tensor
 
 from personaxis.axis import LAYER_CONVENTION, SIGN_CONVENTION, Axis, AxisError
@@ -21,7 +20,7 @@ from personaxis.capping import Cap, CappingConfig, CappingError, CapVector, Expe
 from personaxis.interop import load_reference_axis, load_reference_capping, save_reference_capping
 from personaxis.io.records import VectorIndex, VectorIndexRole
 from personaxis.io.run_layout import RunLayout
-from personaxis.store import atomic_save_tensors, atomic_write_bytes, load_tensors, read_record
+from personaxis.store import atomic_save_tensors, atomic_write_bytes, load_tensors, read_record, safetensors_bytes
 from personaxis.vectors import TooFewRolesError, group_tensor
 
 AXIS_FORMAT = "personaxis.axis/1"
@@ -42,7 +41,7 @@ def save_axis(axis: Axis, path: str | Path) -> Path:
         "sign": SIGN_CONVENTION,
         "metadata": json.dumps(axis.metadata, sort_keys=True),
     }
-    atomic_write_bytes(path, save(tensors, metadata=header))
+    atomic_write_bytes(path, safetensors_bytes(tensors, header))
     return path
 
 
@@ -96,7 +95,7 @@ def save_capping(config: CappingConfig, path: str | Path) -> Path:
         "metadata": config.metadata,
     }
     header = {"format": CAPPING_FORMAT, "model": config.model, "config": json.dumps(body, sort_keys=True)}
-    atomic_write_bytes(path, save(tensors, metadata=header))
+    atomic_write_bytes(path, safetensors_bytes(tensors, header))
     return path
 
 
