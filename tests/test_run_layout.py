@@ -168,3 +168,22 @@ def test_tensor_files_are_the_same_bytes_in_every_process(tmp_path: Path) -> Non
     assert all(p.read_bytes() == first for p in paths[1:])
     header = json.loads(first[8 : 8 + int.from_bytes(first[:8], "little")])["__metadata__"]
     assert list(header) == sorted(header) and load_axis(paths[0]).metadata == {"b": 1, "a": 2}
+
+
+def test_evaluation_records_read_and_write_the_published_results_unchanged(tmp_path: Path) -> None:
+    from personaxis.evals.record import read_record as read_evaluation
+    from personaxis.evals.record import write_record as write_evaluation
+
+    published = [
+        p
+        for p in sorted((SRC.parents[1] / "results").rglob("*.json"))
+        if '"personaxis.eval/1"' in p.read_text(encoding="utf-8")[:200]
+    ]
+    assert published, "the repository's results/ hold evaluation records"
+    for path in published:
+        record = read_evaluation(path)
+        written = write_evaluation(record, tmp_path, stem=path.stem)
+        assert written.read_bytes() == path.read_bytes(), path
+    with pytest.raises(ValueError, match="damaged evaluation result"):
+        (tmp_path / "bad.json").write_text(json.dumps({"format": "personaxis.eval/1", "eval": "x"}))
+        read_evaluation(tmp_path / "bad.json")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, PrivateAttr, model_validator
 
 Score = int | float | None
 
@@ -136,6 +136,41 @@ class SummaryRecord(_OpenRecord):
     traits: list[str] = []
     trait_space: dict[str, Any] | None = None
     settings: dict[str, Any] = {}
+
+
+class EvaluationRecord(_OpenRecord):
+    """``OUT/<eval>.json`` of an evaluation: provenance, settings, raw labelled items and metrics. An evaluation's own
+    top-level fields (``extra``) sit between ``sizes`` and ``metrics``; a record read from a file is written back in
+    that file's order."""
+
+    _order: list[str] = PrivateAttr(default_factory=list)
+
+    format: str
+    eval: str
+    created: str
+    git: dict[str, Any]
+    model: dict[str, Any] | None
+    axis: dict[str, Any] | None = None
+    judge: str | None = None
+    settings: Any = None
+    sizes: dict[str, Any] = {}
+    metrics: dict[str, Any]
+    items: list[Any]
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_order(cls, data: Any, handler: Any) -> EvaluationRecord:
+        record = handler(data)
+        if isinstance(data, dict):
+            record._order = list(data)
+        return record
+
+    def to_json(self) -> dict[str, Any]:
+        data = super().to_json()
+        if self._order:
+            return {**{k: data.pop(k) for k in self._order if k in data}, **data}
+        last = {key: data.pop(key) for key in ("metrics", "items") if key in data}
+        return {**data, **last}
 
 
 Record = _Record
