@@ -1,12 +1,13 @@
-"""The run directory: one file per unit of work, written atomically, plus a manifest.
+"""Writing a run directory: one file per unit of work, written atomically, plus a manifest and a lock.
 
 A file exists only once it is complete (written to a temporary name in the same folder, flushed, fsynced, then
 renamed), so a run killed at any instant leaves finished units intact and no partial file that could be read as
 complete. Resuming skips every unit whose file exists. The manifest pins the settings; resuming with other settings
 is refused.
 
-Role and condition names become folder names through :func:`slug`, which keeps distinct names distinct (plain
-lowercase names as they are, anything else with a short hash of the exact name). A run folder is locked while a
+Where each file goes is :class:`personaxis.io.run_layout.RunLayout`'s business (role and condition names become
+folder names through its ``slug``); what a JSON file holds is its record's (:mod:`personaxis.io.records`, read and
+written with :func:`read_record` and :func:`write_record`). A run folder is locked while a
 process writes to it (:meth:`RunStore.lock`): a second writer is refused with the holder's pid and host; the lock of
 a killed process is released by the operating system, so the next run takes it over. Temporary files carry their
 writer's host and pid, and start-up removes only those of writers that are gone.
