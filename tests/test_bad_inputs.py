@@ -965,7 +965,7 @@ CLI_ROBUST_CASES: list[CliCase] = [
     CliCase(
         "stage-rollout-without-answer",
         lambda c: ["extract", "--out", str(_rollout_without_answer(c.run_copy()))],
-        r"rollouts/.*\.json: damaged unit file .*lacks its 'id', 'question' or 'answer'",
+        r"rollouts/.*\.json: damaged unit file \(rollouts\.0\.answer lacks its 'answer'\); delete it and rerun",
     ),
     CliCase(
         "run-role-named-Default",

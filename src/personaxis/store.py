@@ -147,10 +147,24 @@ def read_record(path: str | Path, record: type[RecordT]) -> RecordT:
     path = Path(path)
     try:
         return record.model_validate(read_json(path))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValidationError) as exc:
+    except ValidationError as exc:
+        raise DamagedFileError(path, _what_does_not_fit(exc)) from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise
         raise DamagedFileError(path, f"{type(exc).__name__}: {exc}") from None
+
+
+def _what_does_not_fit(exc: ValidationError) -> str:
+    """``rollouts.0.answer lacks its 'answer'`` or ``scores.a: Input should be a valid integer`` (and how many more)."""
+    errors = exc.errors()
+    first = errors[0]
+    where = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "missing":
+        said = f"{where} lacks its {first['loc'][-1]!r}"
+    else:
+        said = f"{where}: {first['msg']}"
+    return said + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
 
 
 def write_record(path: str | Path, record: Record) -> None:
