@@ -11,7 +11,8 @@ Layers, lowest first (a module may import its own layer or any lower one):
 - ``base``: validation, progress bars, threads, the packaged catalogue, CPU kernels;
 - ``engine``: models, the one hook mechanism, chat templates and spans, generation (module or package: one node),
   activations, capture, intervention operators;
-- ``core``: the method as tensor functions — axis, vectors, persona space, traits, capping, steering, monitoring;
+- ``core``: the method as tensor functions — axis, vectors, persona space, traits, capping, steering, monitoring,
+  guard mode's switching rule (``personaxis/guard.py``, on main since the guard branch);
 - ``io``: every file format — the run layout and records, tensor files, the reference ``.pt`` and GGUF formats, atomic
   writes, the report;
 - ``orchestration``: settings, the pipeline and its derived stages, calibration on a run, backends, Ray, judges,
@@ -34,7 +35,7 @@ PACKAGE = "personaxis"
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("base", ("validate", "progress", "threads", "data", "kernels", "layer_selection", "options")),
     ("engine", ("models", "hooks", "chat", "generation", "activations", "capture", "interventions")),
-    ("core", ("axis", "vectors", "space", "traits", "capping", "steering", "monitor")),
+    ("core", ("axis", "vectors", "space", "traits", "capping", "steering", "monitor", "guard")),
     ("io", ("io", "store", "interop", "report")),
     (
         "orchestration",
