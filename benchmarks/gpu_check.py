@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from personaxis.io.tensor_files import save_axis
+
 ARCHS: dict[str, dict[str, Any]] = {
     "smollm2-135m": dict(
         kind="llama",
@@ -139,9 +141,9 @@ def find_tokenizer_dir(explicit: str | None) -> Path:
     candidates = [Path(explicit)] if explicit else []
     candidates.append(Path(__file__).resolve().parent.parent / ".gpu_carry" / "smollm2-tokenizer")
     try:
-        from personaxis.models import _embedded_cache
+        from personaxis.models import EMBEDDED_MODEL_NAME, cache_dir
 
-        candidates.append(_embedded_cache())
+        candidates.append(cache_dir() / "models" / EMBEDDED_MODEL_NAME)  # the embedded model's converted cache
     except Exception:  # noqa: BLE001
         pass
     for folder in candidates:
@@ -233,9 +235,10 @@ def section_commands(args: argparse.Namespace, tokenizer_dir: Path, work: Path) 
     free_memory()
     axis_path = work / "commands-axis.safetensors"
     g = torch.Generator().manual_seed(0)
-    Axis(torch.randn(n_layers, hidden, generator=g), model="check", residual_norms=torch.full((n_layers,), 10.0)).save(
-        axis_path
+    check_axis = Axis(
+        torch.randn(n_layers, hidden, generator=g), model="check", residual_norms=torch.full((n_layers,), 10.0)
     )
+    save_axis(check_axis, axis_path)
     transcript = work / "commands-transcript.json"
     transcript.write_text(
         json.dumps(
@@ -336,25 +339,21 @@ def section_quick(args: argparse.Namespace, tokenizer_dir: Path, work: Path) -> 
     sync()
     gen_s = time.perf_counter() - t0
     rollouts = [r for u in pipeline.units for r in pipeline.read_rollouts(u)]
-    new_tokens = sum(r["new_tokens"] for r in rollouts)
+    new_tokens = sum(r.new_tokens or 0 for r in rollouts)
     t0 = time.perf_counter()
     pipeline.stage_extract()
     sync()
     ext_s = time.perf_counter() - t0
     ext_tokens = sum(
-        len(
-            render_chat(
-                lm.tokenizer, build_conversation(u.system_prompt, r["question"], r["answer"]), lm.profile
-            ).input_ids
-        )
+        len(render_chat(lm.tokenizer, build_conversation(u.system_prompt, r.question, r.answer), lm.profile).input_ids)
         for u in pipeline.units
         for r in pipeline.read_rollouts(u)
-        if r["answer"].strip()
+        if r.answer.strip()
     )
     t0 = time.perf_counter()
     pipeline.run(["judge", "vectors", "axis", "space"])
     rest_s = time.perf_counter() - t0
-    summary = json.loads((pipeline.store.root / "summary.json").read_text())
+    summary = json.loads(pipeline.layout.summary.read_text())
     return {
         "weights": weights,
         "device": str(lm.device),

@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from personaxis.axis import Axis
 from personaxis.generation import SamplingConfig, generate
+from personaxis.io.tensor_files import load_axis
 from personaxis.models import load_model
 from personaxis.steering import steering_interventions
 
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     axis_file = args.axis / "axis.safetensors" if args.axis.is_dir() else args.axis
-    axis = Axis.load(axis_file)
+    axis = load_axis(axis_file)
     lm = load_model(target_layer=axis.target_layer)
     axis.check_fits(lm.profile.n_layers, lm.profile.hidden_size, lm.profile.name)
     layer = axis.target_layer if args.layer is None else args.layer

@@ -29,6 +29,7 @@ from typer.testing import CliRunner
 
 from personaxis.axis import Axis
 from personaxis.cli import app
+from personaxis.io.tensor_files import load_axis, load_capping
 from personaxis.models import LoadedModel
 from personaxis.pipeline import Pipeline
 from personaxis.settings import RunSettings
@@ -964,7 +965,7 @@ CLI_ROBUST_CASES: list[CliCase] = [
     CliCase(
         "stage-rollout-without-answer",
         lambda c: ["extract", "--out", str(_rollout_without_answer(c.run_copy()))],
-        r"rollouts/.*\.json: damaged unit file .*lacks its 'id', 'question' or 'answer'",
+        r"rollouts/.*\.json: damaged unit file \(rollouts\.0\.answer lacks its 'answer'\); delete it and rerun",
     ),
     CliCase(
         "run-role-named-Default",
@@ -1191,7 +1192,7 @@ def _render(lm: LoadedModel, conversation: Any) -> Callable[[], Any]:
 def _api_cases(lm: LoadedModel) -> list[ApiCase]:
     from personaxis import interop
     from personaxis.axis import AxisError
-    from personaxis.capping import CappingConfig, CappingError
+    from personaxis.capping import CappingError
     from personaxis.chat import ConversationError, render_prompt, validate_conversation
     from personaxis.data import CatalogueError, load_default, load_questions, load_roles, load_traits
     from personaxis.interventions import Add, FloorCap, VectorError, apply_interventions, check_vector
@@ -1277,31 +1278,31 @@ def _api_cases(lm: LoadedModel) -> list[ApiCase]:
         ),
         ApiCase(
             "axis-file-without-axis-tensor",
-            lambda c: (lambda p: lambda: Axis.load(p))(c.st("v.safetensors", {"vector": good_axis()})),
+            lambda c: (lambda p: lambda: load_axis(p))(c.st("v.safetensors", {"vector": good_axis()})),
             AxisError,
             r"no 'axis' tensor in the file \(found: vector\)",
         ),
         ApiCase(
             "axis-file-garbage",
-            lambda c: (lambda p: lambda: Axis.load(p))(c.file("g.safetensors", b"\x07" * 100)),
+            lambda c: (lambda p: lambda: load_axis(p))(c.file("g.safetensors", b"\x07" * 100)),
             AxisError,
             r"g\.safetensors: not a valid safetensors file",
         ),
         ApiCase(
             "axis-file-empty",
-            lambda c: (lambda p: lambda: Axis.load(p))(c.file("e.safetensors", b"")),
+            lambda c: (lambda p: lambda: load_axis(p))(c.file("e.safetensors", b"")),
             AxisError,
             r"e\.safetensors: not a valid safetensors file: .*header too small",
         ),
         ApiCase(
             "axis-file-wrong-sign",
-            lambda c: (lambda p: lambda: Axis.load(p))(c.axis_file("s.safetensors", good_axis(), sign="role_positive")),
+            lambda c: (lambda p: lambda: load_axis(p))(c.axis_file("s.safetensors", good_axis(), sign="role_positive")),
             AxisError,
             r"unknown sign convention 'role_positive'",
         ),
         ApiCase(
             "axis-file-bad-metadata",
-            lambda c: (lambda p: lambda: Axis.load(p))(
+            lambda c: (lambda p: lambda: load_axis(p))(
                 c.axis_file("m.safetensors", good_axis(), target_layer="middle")
             ),
             AxisError,
@@ -1309,13 +1310,13 @@ def _api_cases(lm: LoadedModel) -> list[ApiCase]:
         ),
         ApiCase(
             "axis-file-nan",
-            lambda c: (lambda p: lambda: Axis.load(p))(c.axis_file("n.safetensors", with_value(float("nan")))),
+            lambda c: (lambda p: lambda: load_axis(p))(c.axis_file("n.safetensors", with_value(float("nan")))),
             AxisError,
             r"n\.safetensors: axis holds NaN or inf",
         ),
         ApiCase(
             "axis-reference-malicious",
-            lambda c: (lambda p: lambda: Axis.load(p))(c.malicious("evil.pt")),
+            lambda c: (lambda p: lambda: load_axis(p))(c.malicious("evil.pt")),
             interop.InteropError,
             r"evil\.pt: refused",
         ),
@@ -1491,19 +1492,19 @@ def _api_cases(lm: LoadedModel) -> list[ApiCase]:
         # capping configs
         ApiCase(
             "capping-foreign-safetensors",
-            lambda c: (lambda p: lambda: CappingConfig.load(p))(c.st("c.safetensors", {"x": torch.ones(2)})),
+            lambda c: (lambda p: lambda: load_capping(p))(c.st("c.safetensors", {"x": torch.ones(2)})),
             CappingError,
             r"not a personaxis capping config",
         ),
         ApiCase(
             "capping-missing",
-            lambda c: lambda: CappingConfig.load(c.ws / "none.safetensors"),
+            lambda c: lambda: load_capping(c.ws / "none.safetensors"),
             CappingError,
             r"capping config not found",
         ),
         ApiCase(
             "capping-malicious",
-            lambda c: (lambda p: lambda: CappingConfig.load(p))(c.malicious("evil.pt", {"vectors": Payload(c.marker)})),
+            lambda c: (lambda p: lambda: load_capping(p))(c.malicious("evil.pt", {"vectors": Payload(c.marker)})),
             interop.InteropError,
             r"evil\.pt: refused",
         ),
@@ -1973,7 +1974,7 @@ def web(tmp_path_factory: pytest.TempPathFactory, lm: LoadedModel, run_dir: Path
     (transcripts / "leak.json").symlink_to(root / "outside.json")
     app_ = create_app(
         lm,
-        Axis.load(run_dir / "axis.safetensors"),
+        load_axis(run_dir / "axis.safetensors"),
         run_dir=run_dir,
         transcripts_dir=transcripts,
         limits=Limits(**WEB_LIMITS),
@@ -2120,9 +2121,9 @@ def _(path: Path, ws: Path) -> Any:
     return safe_torch_load(path)
 
 
-@_loader("Axis.load")
+@_loader("load_axis")
 def _(path: Path, ws: Path) -> Any:
-    return Axis.load(path)
+    return load_axis(path)
 
 
 @_loader("load_reference_axis")
@@ -2153,11 +2154,10 @@ def _(path: Path, ws: Path) -> Any:
     return load_reference_capping(path)
 
 
-@_loader("CappingConfig.load")
+@_loader("load_capping")
 def _(path: Path, ws: Path) -> Any:
-    from personaxis.capping import CappingConfig
 
-    return CappingConfig.load(path)
+    return load_capping(path)
 
 
 @_loader("load_model")

@@ -12,13 +12,13 @@ from safetensors.torch import load_file
 from tiny import tiny_model
 
 from personaxis.axis import Axis
+from personaxis.calibration import calibrate
 from personaxis.capping import (
     Cap,
     CappingConfig,
     CappingError,
     CapVector,
     Experiment,
-    calibrate,
     default_bands,
     experiment_id,
     parse_experiment_id,
@@ -27,6 +27,7 @@ from personaxis.chat import build_conversation, render_prompt
 from personaxis.generation import SamplingConfig, generate_ids
 from personaxis.hooks import hook_count, residual_hooks
 from personaxis.interventions import CeilingCap, FloorCap
+from personaxis.io.tensor_files import load_axis, load_capping, save_capping
 from personaxis.pipeline import Pipeline
 from personaxis.settings import RunSettings
 from personaxis.store import RunDirError
@@ -165,7 +166,7 @@ def test_reference_ceiling_on_negated_axis_gives_the_same_generations_as_our_flo
     floor = generate_ids(lm, _prompts(lm), config, interventions=ours.interventions(EXP))
     by_hand = {layer: [CeilingCap(-vectors[layer], tau=-taus[layer])] for layer in layers}  # the reference semantics
     ceiling = generate_ids(lm, _prompts(lm), config, interventions=by_hand)
-    loaded = CappingConfig.load(path)
+    loaded = load_capping(path)
     with loaded.apply(lm, EXP):
         imported = generate_ids(lm, _prompts(lm), config)
     assert floor == ceiling == imported
@@ -194,7 +195,7 @@ def test_calibration_equals_numpy_percentiles_of_projections_by_hand(run_dir):
     kinds = {f.parent.name for f in files}
     assert "default" in kinds and any(k.startswith("trait") for k in kinds) and len(kinds) >= 5
     means = torch.cat([load_file(str(f))["means"].to(torch.float64) for f in files])
-    axis = Axis.load(run_dir / "axis.safetensors")
+    axis = load_axis(run_dir / "axis.safetensors")
     unit = axis.vectors.to(torch.float64)
     unit = unit / unit.norm(dim=-1, keepdim=True)
     projections = torch.einsum("nlh,lh->nl", means, unit).numpy()
@@ -206,9 +207,9 @@ def test_calibration_equals_numpy_percentiles_of_projections_by_hand(run_dir):
     # one experiment per band and percentile, each cap at its layer's threshold
     bands = default_bands(axis.n_layers)
     assert len(config.experiment_ids) == len(bands) * 4
-    for start, width in bands:
-        exp = config.experiment(experiment_id(start, start + width, 25))
-        assert config.layers(exp.id) == list(range(start, start + width))
+    for start, end in bands:  # (start, end), end-exclusive, as the experiment ids
+        exp = config.experiment(experiment_id(start, end, 25))
+        assert config.layers(exp.id) == list(range(start, end))
         for cap in exp.caps:
             assert cap.kind == "floor" and cap.tau == float(config.thresholds[1, config.vectors[cap.vector].layer])
     # the same from a Pipeline object and an explicit axis
@@ -226,10 +227,10 @@ def test_calibration_equals_numpy_percentiles_of_projections_by_hand(run_dir):
 
 
 def test_calibrated_config_save_load_and_apply(run_dir, tmp_path, llama):
-    config = calibrate(run_dir, percentiles=(25,), bands=[(1, 2)])
+    config = calibrate(run_dir, percentiles=(25,), bands=[(1, 3)])
     assert config.experiment_ids == ["layers_1:3-p0.25"]
-    path = config.save(tmp_path / "capping.safetensors")
-    loaded = CappingConfig.load(path)
+    path = save_capping(config, tmp_path / "capping.safetensors")
+    loaded = load_capping(path)
     assert loaded.experiment_ids == config.experiment_ids and loaded.percentiles == config.percentiles
     assert torch.equal(loaded.thresholds, config.thresholds)
     for name, cv in config.vectors.items():
@@ -244,7 +245,7 @@ def test_calibrated_config_save_load_and_apply(run_dir, tmp_path, llama):
 
 
 def test_calibration_bad_inputs(run_dir, tmp_path):
-    axis = Axis.load(run_dir / "axis.safetensors")
+    axis = load_axis(run_dir / "axis.safetensors")
     with pytest.raises(CappingError, match="percentiles are in percent"):
         calibrate(run_dir, percentiles=(25, 101))
     with pytest.raises(CappingError, match="percentiles are in percent"):
@@ -279,11 +280,30 @@ def test_ids_and_default_bands():
     assert experiment_id(56, 72, 1) == "layers_56:72-p0.01"
     assert parse_experiment_id("layers_46:54-p0.25") == (46, 54, 25.0)
     assert parse_experiment_id("something else") is None
-    assert (46, 8) in default_bands(64)  # Qwen 3 32B's best band
-    assert (56, 16) in default_bands(80)  # Llama 3.3 70B's
+    assert (46, 54) in default_bands(64)  # Qwen 3 32B's best band, (start, end) end-exclusive
+    assert (56, 72) in default_bands(80)  # Llama 3.3 70B's
     for n in (1, 4, 30, 64, 80):
         bands = default_bands(n)
-        assert bands and all(0 <= s and w >= 1 and s + w <= n for s, w in bands) and len(set(bands)) == len(bands)
+        assert bands and all(0 <= s < e <= n for s, e in bands) and len(set(bands)) == len(bands)
+
+
+def test_one_bands_convention_from_the_command_line_to_the_config():
+    """``--bands 22:26`` is (22, 26) end-exclusive in the options, in calibration and in the experiment id; the
+    metadata of configs written before the convention was recorded ((start, width)) is read as (start, end)."""
+    from personaxis.capping import BAND_CONVENTION, calibrate_from_projections, recorded_bands
+    from personaxis.options import parse_bands
+
+    assert parse_bands("1:3,2:4") == [(1, 3), (2, 4)]
+    axis = Axis(torch.randn(4, 8, generator=torch.Generator().manual_seed(0)))
+    projections = np.arange(40, dtype=np.float64).reshape(10, 4)
+    config = calibrate_from_projections(projections, axis, (25,), parse_bands("1:3,2:4"))
+    assert config.experiment_ids == ["layers_1:3-p0.25", "layers_2:4-p0.25"]
+    assert config.layers("layers_1:3-p0.25") == [1, 2] and config.layers("layers_2:4-p0.25") == [2, 3]
+    assert config.metadata["bands"] == [[1, 3], [2, 4]] and config.metadata["band_convention"] == BAND_CONVENTION
+    assert recorded_bands(config.metadata) == [(1, 3), (2, 4)]
+    assert recorded_bands({"bands": [[1, 2], [2, 2]]}) == [(1, 3), (2, 4)]  # an older config's (start, width)
+    with pytest.raises(CappingError, match="band 3:2"):
+        calibrate_from_projections(projections, axis, (25,), [(3, 2)])
 
 
 def test_bad_configs_give_clear_errors(llama):
@@ -323,15 +343,15 @@ def test_empty_or_foreign_files_are_refused(tmp_path):
     empty = tmp_path / "empty.safetensors"
     empty.write_bytes(b"")
     with pytest.raises(CappingError, match="not a valid safetensors file"):
-        CappingConfig.load(empty)
+        load_capping(empty)
     from safetensors.torch import save_file
 
     other = tmp_path / "axis.safetensors"
     save_file({"axis": torch.randn(4, 8)}, str(other))
     with pytest.raises(CappingError, match="not a personaxis capping config"):
-        CappingConfig.load(other)
+        load_capping(other)
     with pytest.raises(CappingError, match="not found"):
-        CappingConfig.load(tmp_path / "missing.safetensors")
+        load_capping(tmp_path / "missing.safetensors")
 
 
 def test_floor_cap_matches_operator_semantics():
@@ -369,7 +389,7 @@ def test_cli_calibrate_writes_both_formats_and_prints_the_table(run_dir, tmp_pat
     )
     assert result.exit_code == 0, result.output
     assert "layers 1:3" in result.output and "layers 2:4" in result.output and "p25" in result.output
-    ours, theirs = CappingConfig.load(out), CappingConfig.load(ref)
+    ours, theirs = load_capping(out), load_capping(ref)
     assert (
         ours.experiment_ids
         == theirs.experiment_ids

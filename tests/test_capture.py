@@ -14,6 +14,7 @@ from personaxis.activations import extract_rendered, extract_turn_means
 from personaxis.capture import EDGE, ResponseCapture, extract_extra, extract_mode
 from personaxis.chat import RenderedChat, ResponseSpan, build_conversation, render_prompt
 from personaxis.generation import SamplingConfig, generate, generate_ids
+from personaxis.io.tensor_files import load_axis
 from personaxis.pipeline import Pipeline
 from personaxis.settings import RunSettings
 
@@ -152,7 +153,6 @@ def _numbers(value, prefix: str = "") -> dict[str, float]:
 def two_pass_agrees(one_dir, two_dir, lm) -> tuple[float, float]:
     """Recompute a finished one-pass run's activations teacher-forced on the same rollouts (and judgments) in
     ``two_dir``; return the largest relative difference of the axis vectors and of the summary's numbers."""
-    from personaxis.axis import Axis
     from personaxis.pipeline import open_existing
 
     one = open_existing(one_dir, lm=lm, show_progress=False)
@@ -161,7 +161,7 @@ def two_pass_agrees(one_dir, two_dir, lm) -> tuple[float, float]:
     for folder in ("rollouts", "judgments"):
         shutil.copytree(one_dir / folder, two_dir / folder)
     assert two.run(["extract", "vectors", "axis", "space"])["extract"] == len(two.units)
-    a, b = Axis.load(one_dir / "axis.safetensors").vectors, Axis.load(two_dir / "axis.safetensors").vectors
+    a, b = load_axis(one_dir / "axis.safetensors").vectors, load_axis(two_dir / "axis.safetensors").vectors
     axis_diff = float(((a - b).norm(dim=-1) / b.norm(dim=-1)).max())
     s1, s2 = (_numbers(json.loads((d / "summary.json").read_text())) for d in (one_dir, two_dir))
     assert s1.keys() == s2.keys()

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from personaxis.axis import Axis
 from personaxis.cli import app
+from personaxis.io.tensor_files import load_axis, save_axis, save_capping
 
 runner = CliRunner()
 N_LAYERS, HIDDEN = 30, 576  # the embedded SmolLM2-135M-Instruct
@@ -19,11 +20,12 @@ N_LAYERS, HIDDEN = 30, 576  # the embedded SmolLM2-135M-Instruct
 def axis_file(tmp_path_factory):
     g = torch.Generator().manual_seed(0)
     path = tmp_path_factory.mktemp("axis") / "axis.safetensors"
-    Axis(
+    axis = Axis(
         torch.randn(N_LAYERS, HIDDEN, generator=g),
         model="SmolLM2-135M-Instruct",
         residual_norms=torch.linspace(40, 120, N_LAYERS),
-    ).save(path)
+    )
+    save_axis(axis, path)
     return path
 
 
@@ -31,7 +33,7 @@ def axis_file(tmp_path_factory):
 def capping_file(axis_file, tmp_path_factory):
     from personaxis.capping import Cap, CappingConfig, CapVector, Experiment
 
-    axis = Axis.load(axis_file)
+    axis = load_axis(axis_file)
     thresholds = torch.linspace(-2.0, 2.0, N_LAYERS).unsqueeze(0)
     config = CappingConfig(
         {f"axis_{layer}": CapVector(layer, axis.unit(layer)) for layer in (14, 15)},
@@ -44,7 +46,7 @@ def capping_file(axis_file, tmp_path_factory):
         thresholds=thresholds,
         model="SmolLM2-135M-Instruct",
     )
-    return config.save(tmp_path_factory.mktemp("capping") / "capping.safetensors")
+    return save_capping(config, tmp_path_factory.mktemp("capping") / "capping.safetensors")
 
 
 def _transcript(n_turns: int, domain: str) -> dict:
@@ -200,6 +202,6 @@ def test_bad_inputs_give_clear_errors(axis_file, tmp_path):
 @pytest.mark.model
 def test_axis_of_another_model_is_refused(tmp_path):
     small = tmp_path / "small.safetensors"
-    Axis(torch.randn(4, 32), residual_norms=torch.ones(4)).save(small)
+    save_axis(Axis(torch.randn(4, 32), residual_norms=torch.ones(4)), small)
     result = runner.invoke(app, ["steer", "--axis", str(small), "--alpha", "0.1", "Hi"])
     assert result.exit_code == 2 and "hidden size 32" in result.stderr

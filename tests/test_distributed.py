@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny import tiny_model
 
-from personaxis.axis import Axis
+from personaxis.io.tensor_files import load_axis
 from personaxis.pipeline import STAGES, Pipeline
 from personaxis.settings import RunSettings
 from personaxis.store import load_tensors
@@ -78,8 +78,8 @@ def test_ray_run_equals_local_run_and_resumes(tmp_path, tiny_model_dir, executor
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
     torch.testing.assert_close(
-        Axis.load(distributed / "axis.safetensors").vectors,
-        Axis.load(local / "axis.safetensors").vectors,
+        load_axis(distributed / "axis.safetensors").vectors,
+        load_axis(local / "axis.safetensors").vectors,
         rtol=0,
         atol=1e-5,
     )
@@ -154,8 +154,8 @@ def test_cli_run_on_local_ray_equals_plain_cli_run(tmp_path, tiny_model_dir):
     for path in sorted((plain / "rollouts").rglob("*.json")):
         assert path.read_bytes() == (distributed / path.relative_to(plain)).read_bytes()
     torch.testing.assert_close(
-        Axis.load(distributed / "axis.safetensors").vectors,
-        Axis.load(plain / "axis.safetensors").vectors,
+        load_axis(distributed / "axis.safetensors").vectors,
+        load_axis(plain / "axis.safetensors").vectors,
         rtol=0,
         atol=1e-5,
     )

@@ -37,8 +37,8 @@ from test_judges_http import items as judge_items
 from tiny import tiny_model
 from typer.testing import CliRunner
 
-from personaxis.axis import Axis
 from personaxis.cli import app
+from personaxis.io.tensor_files import load_axis
 from personaxis.models import LoadedModel
 from personaxis.pipeline import STAGES, Pipeline, open_existing
 from personaxis.settings import RunSettings
@@ -146,7 +146,7 @@ def check_everything_present_is_complete(root: Path, n_questions: int = N_QUESTI
         elif path.suffix == ".html":
             assert path.read_text(encoding="utf-8").rstrip().endswith("</html>"), rel
     if (root / "axis.safetensors").exists():
-        Axis.load(root / "axis.safetensors")
+        load_axis(root / "axis.safetensors")
 
 
 def _rollouts(root: Path) -> dict[str, Any]:
@@ -185,7 +185,7 @@ def check_equals_reference(out: Path, reference: Path) -> None:
         torch.testing.assert_close(mine["norms"], ref["norms"], atol=1e-6, rtol=0)
     for path in sorted((reference / "judgments").rglob("*.json")):
         assert json.loads((out / path.relative_to(reference)).read_text()) == json.loads(path.read_text())
-    a, b = Axis.load(out / "axis.safetensors"), Axis.load(reference / "axis.safetensors")
+    a, b = load_axis(out / "axis.safetensors"), load_axis(reference / "axis.safetensors")
     torch.testing.assert_close(a.vectors, b.vectors, atol=1e-6, rtol=0)
     assert a.target_layer == b.target_layer and a.model == b.model and a.metadata == b.metadata
     _close(
@@ -444,8 +444,8 @@ def check_inproc_equals_reference(out: Path, reference: Path) -> None:
             load_file(str(out / path.relative_to(reference)))["means"], load_file(str(path))["means"], atol=1e-6, rtol=0
         )
     torch.testing.assert_close(
-        Axis.load(out / "axis.safetensors").vectors,
-        Axis.load(reference / "axis.safetensors").vectors,
+        load_axis(out / "axis.safetensors").vectors,
+        load_axis(reference / "axis.safetensors").vectors,
         atol=1e-6,
         rtol=0,
     )
@@ -683,7 +683,7 @@ def test_pipeline_with_a_faulty_judge_endpoint_judges_each_rollout_once_or_repor
     # every rollout with an answer was sent; each was judged exactly once, or (one role) never and reported so
     judgments = {p.parent.name: json.loads(p.read_text()) for p in (out / "judgments").rglob("*.json")}
     rollouts = {p.parent.name: json.loads(p.read_text())["rollouts"] for p in (out / "rollouts").rglob("*.json")}
-    from personaxis.store import slug
+    from personaxis.io.run_layout import slug
 
     sent = 0
     for role in roles:

@@ -23,6 +23,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from personaxis.io.tensor_files import load_capping, save_axis
+
 GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "reference-smollm2"
 pytestmark = [
     pytest.mark.model,
@@ -60,7 +62,6 @@ def axis():
 @pytest.fixture(scope="module")
 def imported_capping(tmp_path_factory):
     """The reference-format capping file read through `personaxis import --kind capping`."""
-    from personaxis.capping import CappingConfig
     from personaxis.cli import app
 
     out = tmp_path_factory.mktemp("capping") / "capping.safetensors"
@@ -68,7 +69,7 @@ def imported_capping(tmp_path_factory):
         app, ["import", "--from", str(GOLDEN / "capping_reference_format.pt"), "--kind", "capping", "--out", str(out)]
     )
     assert result.exit_code == 0, result.output
-    return CappingConfig.load(out)
+    return load_capping(out)
 
 
 def test_token_ids_and_spans_of_all_conversations(embedded_lm):
@@ -175,7 +176,7 @@ def test_steer_raw_on_the_command_line_gives_the_reference_tokens(embedded_lm, a
     reference's 40 tokens."""
     from personaxis.cli import app
 
-    axis.save(tmp_path / "axis.safetensors")
+    save_axis(axis, tmp_path / "axis.safetensors")
     setup, generations = _json("steer_setup.json"), _json("reference_generations.json")
     chosen = [i for i, p in enumerate(setup["prompts"]) if len(p) == 1]
     out = tmp_path / "steer.json"

@@ -27,6 +27,7 @@ from personaxis.interop import (
     save_reference_capping,
     save_reference_vectors,
 )
+from personaxis.io.tensor_files import load_axis, load_capping, save_axis, save_capping
 
 
 def _axis(n_layers: int = 6, hidden: int = 16) -> Axis:
@@ -79,17 +80,17 @@ def test_axis_round_trip_through_the_reference_file(tmp_path):
     path = save_reference_axis(axis, tmp_path / "assistant_axis.pt")
     raw = torch.load(path, weights_only=True, map_location="cpu")
     assert set(raw) >= {"axis", "metadata"} and torch.equal(raw["axis"], axis.vectors)
-    for loaded in (load_reference_axis(path), Axis.load(path)):
+    for loaded in (load_reference_axis(path), load_axis(path)):
         assert torch.equal(loaded.vectors, axis.vectors)
         assert torch.equal(loaded.residual_norms, axis.residual_norms)
         assert loaded.model == "tiny-test" and loaded.target_layer == 3 and loaded.metadata["n_roles"] == 7
     bare = save_reference_axis(axis, tmp_path / "bare.pt", plain=True)
     assert isinstance(torch.load(bare, weights_only=True), torch.Tensor)
-    loaded = Axis.load(bare, model="given")
+    loaded = load_axis(bare, model="given")
     assert torch.equal(loaded.vectors, axis.vectors) and loaded.model == "given" and loaded.residual_norms is None
     # and back to ours, unchanged
-    ours = load_reference_axis(path).save(tmp_path / "axis.safetensors")
-    assert torch.equal(Axis.load(ours).vectors, axis.vectors)
+    ours = save_axis(load_reference_axis(path), tmp_path / "axis.safetensors")
+    assert torch.equal(load_axis(ours).vectors, axis.vectors)
 
 
 def test_published_axis_layouts_load(tmp_path):
@@ -123,11 +124,11 @@ def test_capping_config_round_trip_and_reference_convention(tmp_path):
     first = raw["experiments"][0]
     assert first["id"] == "layers_2:5-p0.25"
     assert first["interventions"][1] == {"vector": "axis_layer_3", "cap": -float(config.thresholds[0, 3])}
-    for loaded in (load_reference_capping(path), CappingConfig.load(path)):
+    for loaded in (load_reference_capping(path), load_capping(path)):
         _same_config(config, loaded)
         assert loaded.model == "tiny-test"
     # ours → safetensors → ours
-    _same_config(config, CappingConfig.load(config.save(tmp_path / "capping.safetensors")))
+    _same_config(config, load_capping(save_capping(config, tmp_path / "capping.safetensors")))
 
 
 def test_reference_config_without_our_extras_recovers_thresholds_from_ids(tmp_path):
@@ -135,7 +136,7 @@ def test_reference_config_without_our_extras_recovers_thresholds_from_ids(tmp_pa
     ref = capping_to_reference(config)
     del ref["personaxis"]
     torch.save(ref, tmp_path / "published.pt")
-    loaded = CappingConfig.load(tmp_path / "published.pt")
+    loaded = load_capping(tmp_path / "published.pt")
     assert loaded.percentiles == (25.0, 50.0)
     for layer in (2, 3, 4):
         assert loaded.floor(layer, 25) == float(config.thresholds[0, layer])
@@ -148,7 +149,7 @@ def test_ceiling_caps_survive_the_round_trip_as_equivalent_floors(tmp_path):
     config = CappingConfig(
         {"a": CapVector(1, v)}, [Experiment("x", (Cap("a", 0.5, "ceiling"),)), Experiment("y", (Cap("a", -0.2),))]
     )
-    loaded = CappingConfig.load(save_reference_capping(config, tmp_path / "c.pt"))
+    loaded = load_capping(save_reference_capping(config, tmp_path / "c.pt"))
     h = torch.randn(30, 16, dtype=torch.float64)
     for exp in ("x", "y"):
         (before,) = config.interventions(exp)[1]
@@ -181,8 +182,8 @@ def test_a_pickle_that_would_run_code_is_refused_and_not_run(tmp_path, writer):
         load_reference_axis,
         load_reference_vectors,
         load_reference_capping,
-        Axis.load,
-        CappingConfig.load,
+        load_axis,
+        load_capping,
     ]
     for load in loaders:
         with pytest.raises(InteropError, match="refused: the file holds non-tensor objects") as info:
@@ -325,7 +326,7 @@ def _app():
 
 def test_cli_export_and_import(tmp_path):
     axis = _axis()
-    ours = axis.save(tmp_path / "axis.safetensors")
+    ours = save_axis(axis, tmp_path / "axis.safetensors")
     runner = CliRunner()
     result = runner.invoke(
         _app(),
@@ -354,14 +355,14 @@ def test_cli_export_and_import(tmp_path):
         _app(), ["import", "--from", str(tmp_path / "a.pt"), "--kind", "axis", "--out", str(tmp_path / "b.safetensors")]
     )
     assert result.exit_code == 0, result.output
-    assert torch.equal(Axis.load(tmp_path / "b.safetensors").vectors, axis.vectors)
+    assert torch.equal(load_axis(tmp_path / "b.safetensors").vectors, axis.vectors)
     save_reference_capping(_config(axis), tmp_path / "c.pt")
     result = runner.invoke(
         _app(),
         ["import", "--from", str(tmp_path / "c.pt"), "--kind", "capping", "--out", str(tmp_path / "c.safetensors")],
     )
     assert result.exit_code == 0, result.output
-    _same_config(_config(axis), CappingConfig.load(tmp_path / "c.safetensors"))
+    _same_config(_config(axis), load_capping(tmp_path / "c.safetensors"))
     result = runner.invoke(
         _app(), ["export", "--axis", str(ours), "--format", "gguf", "--layer", "0", "--out", str(tmp_path / "z.gguf")]
     )

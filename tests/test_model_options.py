@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from personaxis import models
 from personaxis.axis import Axis
 from personaxis.cli import app
+from personaxis.io.tensor_files import load_axis, save_axis
 from personaxis.kernels import OneDNNLinear, onednn_available
 from personaxis.models import ModelLoadError, ModelPlacement, load_model, resolve_device, resolve_dtype, wrap_model
 
@@ -42,8 +43,9 @@ def tiny_folder(tmp_path_factory):
     lm.model.save_pretrained(root / "model")
     lm.tokenizer.save_pretrained(root / "model")
     g = torch.Generator().manual_seed(1)
-    Axis(torch.randn(4, 32, generator=g), model="tiny", residual_norms=torch.full((4,), 3.0)).save(
-        root / "axis.safetensors"
+    save_axis(
+        Axis(torch.randn(4, 32, generator=g), model="tiny", residual_norms=torch.full((4,), 3.0)),
+        root / "axis.safetensors",
     )
     transcript = {
         "conversation": [
@@ -153,7 +155,7 @@ def test_steer_monitor_chat_serve_import_in_bfloat16_on_cpu(tiny_folder, loads, 
             *BF16,
         ]
     )
-    norms = Axis.load(imported).residual_norms
+    norms = load_axis(imported).residual_norms
     assert norms is not None and norms.shape == (4,) and bool((norms > 0).all())
     assert loads == [("cpu", torch.bfloat16)] * 5
 
@@ -224,7 +226,7 @@ def test_steer_raw_and_export_raw_add_the_same_vector(tiny_folder, tmp_path, mon
     vectors, _ = read_gguf_control_vector(out)
     assert [layer for layer, _ in added] == [2]
     assert torch.equal(added[0][1], vectors[2])
-    assert torch.equal(vectors[2], -2.0 * Axis.load(axis).vectors[2])  # the stored row, not the unit axis
+    assert torch.equal(vectors[2], -2.0 * load_axis(axis).vectors[2])  # the stored row, not the unit axis
 
 
 def test_wrap_a_model_the_user_loaded():

@@ -11,6 +11,7 @@ import torch
 from personaxis.activations import extract_turn_means
 from personaxis.axis import Axis, AxisError
 from personaxis.chat import render_chat
+from personaxis.io.projection_files import plot_trajectories, write_table
 from personaxis.monitor import (
     MonitorError,
     load_transcript,
@@ -18,9 +19,7 @@ from personaxis.monitor import (
     monitor_conversation,
     monitor_transcripts,
     plan_windows,
-    plot_trajectories,
     transcript_from_data,
-    write_table,
 )
 
 

@@ -10,16 +10,10 @@ from pathlib import Path
 import pytest
 
 from personaxis.data import load_roles, load_traits
+from personaxis.io.run_layout import MAX_FOLDER_NAME, check_folder_names, check_role_name, slug
 from personaxis.pipeline import Pipeline
 from personaxis.settings import QUICK_ROLES, RunSettings
-from personaxis.store import (
-    MAX_FOLDER_NAME,
-    all_or_nothing,
-    atomic_write_bytes,
-    check_folder_names,
-    check_role_name,
-    slug,
-)
+from personaxis.store import all_or_nothing, atomic_write_bytes
 
 
 def test_plain_names_keep_their_folder_names() -> None:

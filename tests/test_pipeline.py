@@ -14,8 +14,8 @@ import pytest
 import torch
 from tiny import tiny_model
 
-from personaxis.axis import Axis
 from personaxis.capture import extract_extra
+from personaxis.io.tensor_files import load_axis
 from personaxis.pipeline import STAGES, Pipeline, open_existing
 from personaxis.settings import RunSettings
 from personaxis.store import RunDirError
@@ -58,7 +58,7 @@ def test_run_outputs_and_resume_does_no_work(tmp_path, tiny_model_dir):
     for role in summary["roles"]:
         assert {"name", "category", "n_rollouts", "judge_counts", "projection"} <= set(role)
         assert role["n_rollouts"] == 3
-    axis = Axis.load(out / "axis.safetensors")
+    axis = load_axis(out / "axis.safetensors")
     assert axis.vectors.shape == (4, 32) and axis.residual_norms.shape == (4,)
     assert (out / "report.html").read_text().count("<img") == 4
     assert len(list((out / "vectors" / "traits").glob("*.safetensors"))) == 1
@@ -81,7 +81,7 @@ def test_axis_is_default_minus_mean_role_vector(tmp_path):
     # recompute the default vector by hand from the stored activations
     rows = [pipeline.read_activations(u)[1] for u in pipeline.units if u.condition.kind == "default"]
     torch.testing.assert_close(default, torch.cat(rows).mean(0))
-    torch.testing.assert_close(Axis.load(out / "axis.safetensors").vectors, default - torch.stack(roles).mean(0))
+    torch.testing.assert_close(load_axis(out / "axis.safetensors").vectors, default - torch.stack(roles).mean(0))
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, tiny_model_dir):
@@ -157,7 +157,7 @@ def test_sigkill_mid_stage_then_resume_equals_uninterrupted(tmp_path, tiny_model
     assert len(ids) == len(set(ids)) and sorted(ids) == sorted(_rollout_ids(reference))
     assert not [p for p in out.rglob("*.tmp")]
     torch.testing.assert_close(
-        Axis.load(out / "axis.safetensors").vectors, Axis.load(reference / "axis.safetensors").vectors
+        load_axis(out / "axis.safetensors").vectors, load_axis(reference / "axis.safetensors").vectors
     )
 
 

@@ -11,8 +11,8 @@ import torch
 from tiny import tiny_model
 from typer.testing import CliRunner
 
-from personaxis.axis import Axis
 from personaxis.cli import app
+from personaxis.io.tensor_files import load_axis
 from personaxis.pipeline import Pipeline
 from personaxis.settings import RunSettings
 from personaxis.store import load_tensors, read_json
@@ -89,7 +89,7 @@ def test_reference_recipe_keeps_fully_played_roles_only(judged_run, tmp_path):
     # Judged traits: every pair differs by 80 >= 50, but 4 pairs are fewer than the 10 a trait needs.
     index = read_json(tmp_path / "r" / "vectors" / "index.json")
     assert index["trait_details"]["calm"]["n_pairs_kept"] == 4 and index["traits"] == []
-    axis = Axis.load(tmp_path / "r" / "axis.safetensors")
+    axis = load_axis(tmp_path / "r" / "axis.safetensors")
     assert axis.metadata["vector_recipe"] == "reference" and axis.metadata["n_roles_fell_back"] == 0
     default = load_tensors(tmp_path / "r" / "vectors" / "default.safetensors")["vector"]
     expected = default - (_fully_vector(tmp_path / "r", "analyst") + _fully_vector(tmp_path / "r", "ghost")) / 2
@@ -109,7 +109,7 @@ def test_paper_recipe_keeps_fully_and_somewhat_vectors_apart(judged_run, tmp_pat
     points = sorted((r["name"], r["group"]) for r in summary["roles"])
     assert points == [("analyst", "fully"), ("bard", "somewhat"), ("ghost", "fully"), ("ghost", "somewhat")]
     assert summary["n_space_vectors"] == 4 and summary["n_roles_in_axis"] == 2 and summary["n_roles_kept"] == 3
-    axis = Axis.load(root / "axis.safetensors")
+    axis = load_axis(root / "axis.safetensors")
     default = load_tensors(root / "vectors" / "default.safetensors")["vector"]
     expected = default - (_fully_vector(root, "analyst") + _fully_vector(root, "ghost")) / 2
     torch.testing.assert_close(axis.vectors, expected)  # the axis from the fully role-playing vectors only

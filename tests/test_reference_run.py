@@ -11,8 +11,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from personaxis.axis import Axis
 from personaxis.cli import app
+from personaxis.io.tensor_files import load_axis
 from personaxis.store import load_tensors
 
 N_LAYERS, HIDDEN, PROMPTS, QUESTIONS = 3, 8, 5, 12
@@ -94,7 +94,7 @@ def test_import_reference_run_then_vectors_axis_space_calibrate(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert sorted(r["name"] for r in summary["roles"]) == ["oracle", "sailor"]
     assert [r["name"] for r in summary["dropped_roles"]] == ["clerk"] and summary["vector_recipe"] == "reference"
-    axis = Axis.load(run / "axis.safetensors")
+    axis = load_axis(run / "axis.safetensors")
     torch.testing.assert_close(
         axis.vectors, reference["default"] - (reference["sailor"] + reference["oracle"]) / 2, atol=1e-6, rtol=1e-6
     )
@@ -114,7 +114,7 @@ def test_import_vectors_only_gives_axis_and_space(tmp_path):
     for stage in ("vectors", "axis", "space"):
         result = _cli(stage, "--out", str(run), "--quiet")
         assert result.exit_code == 0, result.output
-    axis = Axis.load(run / "axis.safetensors")
+    axis = load_axis(run / "axis.safetensors")
     torch.testing.assert_close(
         axis.vectors, reference["default"] - (reference["sailor"] + reference["oracle"]) / 2, atol=1e-6, rtol=1e-6
     )

@@ -9,9 +9,8 @@ from test_judges_http import FAST, SECRET, serve  # noqa: F401  (fixture)
 from personaxis.axis import Axis
 from personaxis.judges import make_trait_judge
 from personaxis.judges.traits import OfflineTraitJudge, TraitItem, parse_trait_score, to_trait_score, trait_messages
-from personaxis.settings import TRAIT_MARGIN, TRAIT_MIN_PAIRS
 from personaxis.traits import rank_traits
-from personaxis.vectors import trait_vector
+from personaxis.vectors import TRAIT_MARGIN, TRAIT_MIN_PAIRS, trait_vector
 
 
 def _side(values: list[float], scores: list[int | None]) -> tuple[torch.Tensor, list[int | None], list[str]]:

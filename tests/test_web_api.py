@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from personaxis.axis import Axis  # noqa: E402
 from personaxis.capping import Cap, CappingConfig, CapVector, Experiment  # noqa: E402
+from personaxis.io.tensor_files import save_axis, save_capping
 from personaxis.web import create_app  # noqa: E402
 from personaxis.web.limits import Limits  # noqa: E402
 
@@ -464,8 +465,8 @@ def test_serve_command_wires_the_app(tmp_path, monkeypatch, tiny_llama, axis, ca
     from personaxis.cli import app as cli
 
     run = tmp_path / "run"
-    axis.save(run / "axis.safetensors")
-    capping.save(run / "capping.safetensors")
+    save_axis(axis, run / "axis.safetensors")
+    save_capping(capping, run / "capping.safetensors")
     seen = {}
     monkeypatch.setattr(personaxis.models, "load_model", lambda *a, **k: tiny_llama)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(app=app, **kwargs))

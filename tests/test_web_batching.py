@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from test_web_api import EXPERIMENT, HIGH_FLOOR, QUESTION, _events, axis, capping  # noqa: E402,F401
 
 from personaxis.generation import SamplingConfig, generate  # noqa: E402
+from personaxis.io.tensor_files import save_axis, save_capping
 from personaxis.web import create_app  # noqa: E402
 from personaxis.web.batcher import BatcherConfig, GuardPlan, GuardSwitch, Job, QueueFull, RowEnd, RowError  # noqa: E402
 from personaxis.web.engine import ModelService  # noqa: E402
@@ -533,10 +534,10 @@ def test_guard_eval_command_refuses_bad_inputs(tmp_path, capsys, axis, capping):
 
     assert main(["--run", str(tmp_path), "--experiment", EXPERIMENT]) == 2
     assert "error: no axis at" in capsys.readouterr().err
-    axis.save(tmp_path / "axis.safetensors")
+    save_axis(axis, tmp_path / "axis.safetensors")
     assert main(["--run", str(tmp_path), "--experiment", EXPERIMENT]) == 2
     assert "error: no capping config" in capsys.readouterr().err
-    capping.save(tmp_path / "capping.safetensors")
+    save_capping(capping, tmp_path / "capping.safetensors")
     assert main(["--run", str(tmp_path), "--experiment", "nope"]) == 2
     assert "error: unknown experiment 'nope'" in capsys.readouterr().err
 
@@ -549,7 +550,7 @@ def test_serve_refuses_bad_batching_options(tmp_path, axis, option):  # noqa: F8
 
     from personaxis.cli import app as cli
 
-    axis.save(tmp_path / "axis.safetensors")
+    save_axis(axis, tmp_path / "axis.safetensors")
     result = CliRunner().invoke(cli, ["serve", "--run", str(tmp_path), option, "0"])
     assert result.exit_code == 2 and "error:" in result.output
     assert ("--request-timeout" if option == "--timeout" else option) in result.output

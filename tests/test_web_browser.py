@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from personaxis.io.tensor_files import save_axis
+
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.is_file():
     pytest.skip(
@@ -98,8 +100,8 @@ def _build_run(lm, root: Path):
     from personaxis.capping import Cap, CappingConfig, CapVector, Experiment, experiment_id
     from personaxis.chat import build_conversation
     from personaxis.data import load_roles
+    from personaxis.io.run_layout import slug
     from personaxis.space import summarize
-    from personaxis.store import slug
 
     roles = load_roles(names=list(ANSWERS))
     conversations = [
@@ -122,7 +124,7 @@ def _build_run(lm, root: Path):
         target_layer=lm.profile.target_layer,
         residual_norms=norms,
     )
-    axis.save(root / "axis.safetensors")
+    save_axis(axis, root / "axis.safetensors")
     entries = [{"name": r.name, "category": r.category, "n_rollouts": 2, "vector_source": "canned"} for r in roles]
     summary, _ = summarize(axis, entries, role_vectors, default, model=lm.profile.name)
     (root / "summary.json").write_text(json.dumps(summary))

@@ -11,6 +11,8 @@ import pytest
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from personaxis.io.tensor_files import load_axis, load_capping
+
 RUN = Path(__file__).resolve().parents[1] / "results" / "guard-run"
 pytestmark = pytest.mark.slow
 
@@ -25,16 +27,14 @@ def _guard_events(text: str) -> list[dict]:
 
 
 def test_guard_switches_on_for_a_drifting_jailbreak_and_never_for_code(embedded_lm):
-    from personaxis.axis import Axis
-    from personaxis.capping import CappingConfig
     from personaxis.evals.guard import CODING_QUESTION
     from personaxis.evals.jailbreak import conversation_for, select_jailbreaks
     from personaxis.web import create_app
 
     if not (RUN / "axis.safetensors").is_file():
         pytest.skip(f"no axis at {RUN}")
-    axis = Axis.load(RUN / "axis.safetensors")
-    capping = CappingConfig.load(RUN / "capping.safetensors")
+    axis = load_axis(RUN / "axis.safetensors")
+    capping = load_capping(RUN / "capping.safetensors")
     jailbreak = next(j for j in select_jailbreaks(None) if j.id == "jb-005")
     app = create_app(embedded_lm, axis, capping, guard_experiment="layers_22:26-p0.25", guard_window=8)
     with TestClient(app) as client:

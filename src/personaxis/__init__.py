@@ -2,10 +2,10 @@
 
 The public API, importable from the package root (loaded on first use, so ``import personaxis`` stays cheap)::
 
-    from personaxis import load_model, Axis, steering_interventions, generate, SamplingConfig
+    from personaxis import load_model, load_axis, steering_interventions, generate, SamplingConfig
 
     lm = load_model()                                  # the embedded SmolLM2-135M-Instruct, or any HF id / folder
-    axis = Axis.load("runs/quick/axis.safetensors")     # [n_layers, hidden], points toward the Assistant
+    axis = load_axis("runs/quick/axis.safetensors")    # an Axis [n_layers, hidden], toward the Assistant
     away = steering_interventions(axis, layers=15, alpha=-0.3)
     print(generate(lm, [[{"role": "user", "content": "Who are you?"}]], SamplingConfig(max_new_tokens=40),
                    interventions=away)[0].text)
@@ -40,6 +40,12 @@ _EXPORTS: dict[str, str] = {
     "steering_interventions": "personaxis.steering",
     "steer": "personaxis.steering",
     "CappingConfig": "personaxis.capping",
+    "calibrate": "personaxis.calibration",
+    "load_axis": "personaxis.io.tensor_files",
+    "save_axis": "personaxis.io.tensor_files",
+    "load_capping": "personaxis.io.tensor_files",
+    "save_capping": "personaxis.io.tensor_files",
+    "RunLayout": "personaxis.io.run_layout",
     "Transcript": "personaxis.monitor",
     "TurnProjection": "personaxis.monitor",
     "load_transcript": "personaxis.monitor",
@@ -69,6 +75,12 @@ __all__ = [
     "steering_interventions",
     "steer",
     "CappingConfig",
+    "calibrate",
+    "load_axis",
+    "save_axis",
+    "load_capping",
+    "save_capping",
+    "RunLayout",
     "Transcript",
     "TurnProjection",
     "load_transcript",
@@ -81,9 +93,12 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from personaxis.activations import TurnActivations, extract_turn_means
     from personaxis.axis import Axis
+    from personaxis.calibration import calibrate
     from personaxis.capping import CappingConfig
     from personaxis.generation import Generation, SamplingConfig, generate
     from personaxis.interventions import Ablate, Add, CeilingCap, FloorCap, apply_interventions
+    from personaxis.io.run_layout import RunLayout
+    from personaxis.io.tensor_files import load_axis, load_capping, save_axis, save_capping
     from personaxis.models import LoadedModel, ModelProfile, load_model, wrap_model
     from personaxis.monitor import (
         Transcript,

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from personaxis.chat import Conversation, RenderedChat, render_chat
 from personaxis.hooks import StopForward, residual_hooks
+from personaxis.layer_selection import select_layers
 from personaxis.models import LoadedModel
 from personaxis.progress import progress_bar
 
@@ -67,14 +68,8 @@ def length_batches(lengths: Sequence[int], *, max_batch_size: int, max_batch_tok
 
 
 def _layer_list(lm: LoadedModel, layers: Sequence[int] | None) -> list[int]:
-    if layers is None:
-        return list(range(lm.profile.n_layers))
-    checked = [lm.profile.check_layer(layer) for layer in layers]
-    if not checked:
-        raise ValueError("no layers requested")
-    if len(set(checked)) != len(checked):
-        raise ValueError(f"duplicate layers requested: {checked}")
-    return checked
+    n_layers = lm.profile.n_layers
+    return select_layers(layers, n_layers, default=range(n_layers), check=lm.profile.check_layer)
 
 
 @torch.inference_mode()

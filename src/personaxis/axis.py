@@ -1,15 +1,16 @@
-"""The Assistant Axis: per-layer directions with metadata, projection, arithmetic, save and load.
+"""The Assistant Axis: per-layer directions with metadata, projection and arithmetic.
 
 Conventions: ``vectors[l]`` lives at the output of decoder block ``l`` (zero-based, ``hidden_states[l + 1]``), and
 points toward the Assistant: a higher projection means more Assistant-like. Projections are onto the unit axis,
 ``⟨h, â_l⟩``, in the residual stream's own units.
+
+Reading and writing axis files is the I/O layer's job: :func:`personaxis.io.tensor_files.load_axis` and
+:func:`personaxis.io.tensor_files.save_axis`.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -159,65 +160,3 @@ class Axis:
 
     def __neg__(self) -> Axis:
         return self._derive(-self.vectors, "negated")
-
-    # ------------------------------------------------------------------------------------------- storage
-    def save(self, path: str | Path) -> Path:
-        """Write safetensors (no pickle) with JSON metadata, atomically (temporary file, fsync, rename)."""
-        from safetensors.torch import save
-
-        from personaxis.store import atomic_write_bytes
-
-        path = Path(path)
-        tensors = {"axis": self.vectors.contiguous()}
-        if self.residual_norms is not None:
-            tensors["residual_norms"] = self.residual_norms.contiguous()
-        header = {
-            "format": "personaxis.axis/1",
-            "model": self.model,
-            "target_layer": str(self.target_layer),
-            "layer_convention": LAYER_CONVENTION,
-            "sign": SIGN_CONVENTION,
-            "metadata": json.dumps(self.metadata, sort_keys=True),
-        }
-        atomic_write_bytes(path, save(tensors, metadata=header))
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path, *, model: str | None = None) -> Axis:
-        """Read an axis: our safetensors, or a reference torch file (``[n_layers, hidden]`` or ``{"axis": ...}``)."""
-        path = Path(path)
-        if not path.is_file():
-            raise AxisError(f"{path}: axis file not found")
-        if path.suffix == ".safetensors":
-            return _load_safetensors(path)
-        from personaxis.interop import load_reference_axis
-
-        return load_reference_axis(path, model=model)
-
-
-def _load_safetensors(path: Path) -> Axis:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata() or {}
-            keys = set(handle.keys())
-            if "axis" not in keys:
-                raise AxisError(f"{path}: no 'axis' tensor in the file (found: {', '.join(sorted(keys)) or 'none'})")
-            vectors = handle.get_tensor("axis")
-            norms = handle.get_tensor("residual_norms") if "residual_norms" in keys else None
-    except SafetensorError as exc:
-        raise AxisError(f"{path}: not a valid safetensors file: {exc}") from None
-    if header.get("sign", SIGN_CONVENTION) != SIGN_CONVENTION:
-        raise AxisError(f"{path}: unknown sign convention {header.get('sign')!r}")
-    try:
-        metadata = json.loads(header.get("metadata", "{}"))
-        target = int(header["target_layer"]) if "target_layer" in header else None
-    except (ValueError, TypeError) as exc:
-        raise AxisError(f"{path}: malformed metadata: {exc}") from None
-    try:
-        return Axis(
-            vectors, model=header.get("model", "unknown"), target_layer=target, residual_norms=norms, metadata=metadata
-        )
-    except AxisError as exc:
-        raise AxisError(f"{path}: {exc}") from None

@@ -5,7 +5,8 @@ The paper's cap is a floor on the projection onto the unit axis at every token, 
     h ← h − â · min(⟨h, â⟩ − τ_l, 0)
 
 τ_l is a percentile of the projections ``⟨h, â_l⟩`` of ordinary rollouts' mean response activations (the role,
-trait and default rollouts of a run directory). :func:`calibrate` computes τ for every layer and percentile and makes
+trait and default rollouts of a run directory). :func:`calibrate_from_projections` computes τ for every layer and
+percentile from those projections (:func:`personaxis.calibration.calibrate` reads them from a run) and makes
 one experiment per (layer band, percentile), named like the reference configs: ``"layers_46:54-p0.25"`` caps layers
 46..53 (end-exclusive) at their 25th percentile. The paper's best: the 25th percentile on a middle-to-late band
 (Qwen 3 32B layers 46–53 of 64; Llama 3.3 70B layers 56–71 of 80).
@@ -14,21 +15,19 @@ one experiment per (layer band, percentile), named like the reference configs: `
     with config.apply(lm, "layers_22:26-p0.25"):
         answers = generate(lm, conversations)
 
-A config holds named vectors (each at one layer) and experiments (lists of caps: vector, τ, floor or ceiling). It is
-written as safetensors with JSON metadata (ours), or as the published reference torch file
-(:mod:`personaxis.interop`), where each cap is a *ceiling* on the negated axis: a ceiling on −â at −τ is exactly
+A config holds named vectors (each at one layer) and experiments (lists of caps: vector, τ, floor or ceiling). The
+I/O layer writes it (:func:`personaxis.io.tensor_files.save_capping`) as safetensors with JSON metadata (ours), or
+as the published reference torch file (:mod:`personaxis.interop`), where each cap is a *ceiling* on the negated axis: a ceiling on −â at −τ is exactly
 our floor on +â at τ.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -38,17 +37,13 @@ from torch import Tensor
 from personaxis.axis import Axis
 from personaxis.interventions import CeilingCap, FloorCap, Operator, VectorError, apply_interventions, check_vector
 
-# File names under which a capping config is looked for beside an axis (ours first, then the reference names).
-CAPPING_NAMES = ("capping.safetensors", "capping.pt", "capping_config.pt")
-
 if TYPE_CHECKING:
     from personaxis.models import LoadedModel
-    from personaxis.pipeline import Pipeline
 
 FORMAT = "personaxis.capping/1"
 PERCENTILES: tuple[float, ...] = (1.0, 25.0, 50.0, 75.0)
 ORDINARY_KINDS: tuple[str, ...] = ("role", "default", "trait_pos", "trait_neg")
-# (start, width) as fractions of the layer count. The first two are the paper's best bands: 0.72·64 = 46, 0.125·64 = 8
+# (start, width) as fractions of the layer count (default_bands turns them into (start, end) bands). The first two are the paper's best bands: 0.72·64 = 46, 0.125·64 = 8
 # gives Qwen 3 32B's 46:54; 0.70·80 = 56, 0.20·80 = 16 gives Llama 3.3 70B's 56:72. The others vary start and width.
 BAND_FRACTIONS: tuple[tuple[float, float], ...] = (
     (0.72, 0.125),
@@ -59,6 +54,8 @@ BAND_FRACTIONS: tuple[tuple[float, float], ...] = (
     (0.50, 0.50),
 )
 CapKind = Literal["floor", "ceiling"]
+# How a config's metadata "bands" read; configs written before it was recorded hold (start, width) pairs.
+BAND_CONVENTION = "start:end"
 _ID = re.compile(r"^layers_(\d+):(\d+)-p([0-9.eE+-]+)$")
 
 
@@ -113,16 +110,25 @@ def parse_experiment_id(experiment: str) -> tuple[int, int, float] | None:
 
 
 def default_bands(n_layers: int) -> list[tuple[int, int]]:
-    """Layer bands ``(start, width)`` for an ``n_layers`` model: the paper's bands scaled, plus a few widths."""
+    """Layer bands ``(start, end)`` (end-exclusive) for an ``n_layers`` model: the paper's bands scaled, plus a few
+    widths."""
     if n_layers < 1:
         raise CappingError(f"a model needs at least one layer, got {n_layers}")
     bands: list[tuple[int, int]] = []
     for start_fraction, width_fraction in BAND_FRACTIONS:
         start = min(int(math.floor(start_fraction * n_layers + 0.5)), n_layers - 1)
         width = max(1, min(int(math.floor(width_fraction * n_layers + 0.5)), n_layers - start))
-        if (start, width) not in bands:
-            bands.append((start, width))
+        if (start, start + width) not in bands:
+            bands.append((start, start + width))
     return bands
+
+
+def recorded_bands(metadata: Mapping[str, Any]) -> list[tuple[int, int]]:
+    """The ``(start, end)`` bands a config's metadata records (older configs' ``(start, width)`` converted)."""
+    bands = [(int(a), int(b)) for a, b in metadata.get("bands") or []]
+    if metadata.get("band_convention") == BAND_CONVENTION:
+        return bands
+    return [(start, start + width) for start, width in bands]
 
 
 def check_percentiles(percentiles: Sequence[float]) -> tuple[float, ...]:
@@ -138,17 +144,16 @@ def check_percentiles(percentiles: Sequence[float]) -> tuple[float, ...]:
 
 
 def check_bands(bands: Sequence[tuple[int, int]], n_layers: int) -> list[tuple[int, int]]:
+    """Validated bands ``(start, end)``, end-exclusive: at least one layer each, within the model's layers."""
     checked = []
     for band in bands:
         try:
-            start, width = (int(x) for x in band)
+            start, end = (int(x) for x in band)
         except (TypeError, ValueError):
-            raise CappingError(f"a band is (start, width), got {band!r}") from None
-        if width < 1 or start < 0 or start + width > n_layers:
-            raise CappingError(
-                f"band start {start}, width {width} (layers {start}:{start + width}) does not fit a model of {n_layers} layers"
-            )
-        checked.append((start, width))
+            raise CappingError(f"a band is (start, end), end-exclusive, got {band!r}") from None
+        if end <= start or start < 0 or end > n_layers:
+            raise CappingError(f"band {start}:{end} (end-exclusive) does not fit a model of {n_layers} layers")
+        checked.append((start, end))
     if not checked:
         raise CappingError("give at least one layer band")
     return checked
@@ -276,158 +281,57 @@ class CappingConfig:
             raise CappingError(f"no threshold for layer {layer} at percentile {percentile}")
         return value
 
-    # ------------------------------------------------------------------------------------------ storage
-    def save(self, path: str | Path) -> Path:
-        """Write our format (``.safetensors``, no pickle) or, for any other suffix, the reference torch file."""
-        path = Path(path)
-        if path.suffix != ".safetensors":
-            from personaxis.interop import save_reference_capping
-
-            return save_reference_capping(self, path)
-        from safetensors.torch import save
-
-        from personaxis.store import atomic_write_bytes
-
-        tensors = {f"vector/{name}": cv.vector.contiguous() for name, cv in self.vectors.items()}
-        if self.thresholds is not None:
-            tensors["thresholds"] = self.thresholds.contiguous()
-        body = {
-            "vectors": {name: {"layer": cv.layer} for name, cv in self.vectors.items()},
-            "experiments": [
-                {"id": e.id, "caps": [[c.vector, float(c.tau), c.kind] for c in e.caps]} for e in self.experiments
-            ],
-            "percentiles": list(self.percentiles) if self.percentiles is not None else None,
-            "metadata": self.metadata,
-        }
-        header = {"format": FORMAT, "model": self.model, "config": json.dumps(body, sort_keys=True)}
-        atomic_write_bytes(path, save(tensors, metadata=header))
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> CappingConfig:
-        """Read our safetensors format, or a reference torch file (read with ``weights_only=True`` only)."""
-        path = Path(path)
-        if not path.is_file():
-            raise CappingError(f"{path}: capping config not found")
-        if path.suffix != ".safetensors":
-            from personaxis.interop import load_reference_capping
-
-            return load_reference_capping(path)
-        return _load_safetensors(path)
-
-
-def _load_safetensors(path: Path) -> CappingConfig:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except SafetensorError as exc:
-        raise CappingError(f"{path}: not a valid safetensors file: {exc}") from None
-    if header.get("format") != FORMAT:
-        raise CappingError(f"{path}: not a personaxis capping config (format {header.get('format')!r})")
-    try:
-        body = json.loads(header["config"])
-        vectors = {name: CapVector(int(v["layer"]), tensors[f"vector/{name}"]) for name, v in body["vectors"].items()}
-        experiments = [
-            Experiment(e["id"], tuple(Cap(c[0], float(c[1]), c[2]) for c in e["caps"])) for e in body["experiments"]
-        ]
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise CappingError(f"{path}: malformed capping config ({type(exc).__name__}: {exc})") from None
-    try:
-        return CappingConfig(
-            vectors,
-            experiments,
-            percentiles=body.get("percentiles"),
-            thresholds=tensors.get("thresholds"),
-            model=header.get("model", "unknown"),
-            metadata=body.get("metadata") or {},
-        )
-    except CappingError as exc:
-        raise CappingError(f"{path}: {exc}") from None
-
 
 # -------------------------------------------------------------------------------------------------- calibration
-def run_projections(
-    pipeline: Pipeline, axis: Axis, kinds: Sequence[str] = ORDINARY_KINDS
-) -> tuple[np.ndarray, dict[str, int]]:
-    """Projections ``[n_rollouts, n_layers]`` (float64) of the mean response activations of a run's rollouts of the
-    given condition kinds onto the unit axis, and the number of rollouts per kind."""
-    from personaxis.store import RunDirError
-
-    units = [u for u in pipeline.units if u.condition.kind in kinds]
-    missing = [pipeline.activation_path(u) for u in units if not pipeline.activation_path(u).is_file()]
-    if missing:
-        raise RunDirError(
-            f"{len(missing)} unit(s) have no activations yet (e.g. {missing[0]}); "
-            f"run `personaxis extract --out {pipeline.store.root}` or `personaxis run` first"
+def rollout_projections(means: Tensor, axis: Axis) -> Tensor:
+    """Projections ``[n, n_layers]`` (float64) of rollouts' mean response activations ``[n, n_layers, hidden]`` onto
+    the unit axis at every layer."""
+    if means.shape[1:] != axis.vectors.shape:
+        raise CappingError(
+            f"activations of shape [{means.shape[1]}, {means.shape[2]}] per rollout do not fit an axis of "
+            f"{axis.n_layers} layers and hidden size {axis.hidden_size}"
         )
     unit_vectors = axis.vectors.to(torch.float64)
     unit_vectors = unit_vectors / unit_vectors.norm(dim=-1, keepdim=True)
-    rows: list[Tensor] = []
-    counts: dict[str, int] = {}
-    for unit in units:
-        _, means, _ = pipeline.read_activations(unit)
-        if means.shape[0] == 0:
-            continue
-        if means.shape[1:] != axis.vectors.shape:
-            raise CappingError(
-                f"{pipeline.activation_path(unit)}: activations of shape [{means.shape[1]}, {means.shape[2]}] per rollout "
-                f"do not fit an axis of {axis.n_layers} layers and hidden size {axis.hidden_size}"
-            )
-        rows.append(torch.einsum("nlh,lh->nl", means.to(torch.float64), unit_vectors))
-        counts[unit.condition.kind] = counts.get(unit.condition.kind, 0) + int(means.shape[0])
-    if not rows:
-        raise CappingError(f"no rollout with an answer among the {', '.join(kinds)} rollouts of {pipeline.store.root}")
-    return torch.cat(rows).numpy(), counts
+    return torch.einsum("nlh,lh->nl", means.to(torch.float64), unit_vectors)
 
 
-def calibrate(
-    source: str | Path | Pipeline,
-    axis: Axis | str | Path | None = None,
+def calibrate_from_projections(
+    projections: np.ndarray,
+    axis: Axis,
     percentiles: Sequence[float] = PERCENTILES,
     bands: Sequence[tuple[int, int]] | None = None,
     *,
-    kinds: Sequence[str] = ORDINARY_KINDS,
+    metadata: Mapping[str, Any] | None = None,
 ) -> CappingConfig:
-    """Per-layer thresholds from a run directory, and one floor-cap experiment per (band, percentile).
-
-    ``axis`` defaults to the run's ``axis.safetensors``; ``bands`` are ``(start, width)`` pairs (default
-    :func:`default_bands`); ``percentiles`` are in percent.
-    """
-    from personaxis.pipeline import Pipeline, open_existing
-
-    pipeline = source if isinstance(source, Pipeline) else open_existing(source)
-    root = pipeline.store.root
-    if axis is None:
-        axis = root / "axis.safetensors"
-    if not isinstance(axis, Axis):
-        axis = Axis.load(axis)
+    """Per-layer thresholds τ (the ``percentiles``, in percent, of ``projections [n_rollouts, n_layers]``) and one
+    floor-cap experiment per (band, percentile); ``bands`` are ``(start, end)`` pairs, end-exclusive (default
+    :func:`default_bands`). ``metadata`` is recorded with what calibration itself adds."""
     percentiles = check_percentiles(percentiles)
     bands = check_bands(bands if bands is not None else default_bands(axis.n_layers), axis.n_layers)
-    projections, counts = run_projections(pipeline, axis, kinds)
     thresholds = torch.from_numpy(np.percentile(projections, percentiles, axis=0).astype(np.float64))
-    layers = sorted({layer for start, width in bands for layer in range(start, start + width)})
+    layers = sorted({layer for start, end in bands for layer in range(start, end)})
     vectors = {f"axis_layer_{layer}": CapVector(layer, axis.vectors[layer].clone()) for layer in layers}
     experiments = [
         Experiment(
-            experiment_id(start, start + width, p),
-            tuple(Cap(f"axis_layer_{layer}", float(thresholds[i, layer])) for layer in range(start, start + width)),
+            experiment_id(start, end, p),
+            tuple(Cap(f"axis_layer_{layer}", float(thresholds[i, layer])) for layer in range(start, end)),
         )
-        for start, width in bands
+        for start, end in bands
         for i, p in enumerate(percentiles)
     ]
-    metadata = {
-        "made_by": "personaxis calibrate",
-        "run_dir": str(root),
-        "rollouts": counts,
+    given = dict(metadata or {})
+    recorded = {
+        "made_by": given.pop("made_by", "personaxis calibrate"),
+        **{k: given.pop(k) for k in ("run_dir", "rollouts") if k in given},
         "n_rollouts": int(projections.shape[0]),
         "bands": [list(b) for b in bands],
+        "band_convention": BAND_CONVENTION,
         "axis_model": axis.model,
         "projection_mean": [float(x) for x in projections.mean(0)],
         "projection_std": [float(x) for x in projections.std(0)],
+        **given,
     }
     return CappingConfig(
-        vectors, experiments, percentiles=percentiles, thresholds=thresholds, model=axis.model, metadata=metadata
+        vectors, experiments, percentiles=percentiles, thresholds=thresholds, model=axis.model, metadata=recorded
     )

@@ -15,14 +15,12 @@ joins that cluster (``"auto"``, ``"ray://head:10001"``, ``"10.0.0.1:6379"``).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from personaxis.backends.vllm_backend import ray_in_use
+from personaxis.pipeline import Pipeline, Unit
 from personaxis.settings import RunSettings
-
-if TYPE_CHECKING:
-    from personaxis.pipeline import Pipeline, Unit
 
 STAGE_METHODS = {"generate": "generate_units", "extract": "extract_units"}
 # Object store for a local Ray instance: the workers exchange only unit lists and counts (files go to disk).
@@ -33,8 +31,6 @@ class UnitWorker:
     """A Ray actor's state: one pipeline over the run directory, its model loaded on first use and kept."""
 
     def __init__(self, out: str, settings: dict[str, Any]) -> None:
-        from personaxis.pipeline import Pipeline
-
         self.pipeline = Pipeline(out, RunSettings.from_manifest(settings), show_progress=False)
 
     def run(self, stage: str, units: Sequence[Unit]) -> int:
@@ -52,12 +48,6 @@ class UnitWorker:
         import socket
 
         return socket.gethostname()
-
-
-def ray_in_use() -> bool:
-    """Whether this process is connected to Ray (without importing it)."""
-    ray = sys.modules.get("ray")
-    return bool(ray is not None and ray.is_initialized())
 
 
 class RayExecutor:

@@ -34,7 +34,9 @@ from torch import Tensor
 
 from personaxis.axis import Axis, AxisError, check_layer_vectors
 from personaxis.capping import Cap, CappingConfig, CappingError, CapVector, Experiment, parse_experiment_id
-from personaxis.store import atomic_write_bytes
+from personaxis.steering import steering_vector
+from personaxis.store import atomic_save_tensors, atomic_write_bytes
+from personaxis.validate import check
 
 GGUF_ARCH = "controlvector"
 _DIRECTION = re.compile(r"^direction\.(\d+)$")
@@ -199,8 +201,6 @@ def save_reference_vectors(vectors: Tensor, path: str | Path, *, plain: bool = F
 
 def import_vectors(source: str | Path, target: str | Path) -> Path:
     """A reference vector file → ours: safetensors ``{"vector": [n_layers, hidden]}`` with JSON-free metadata."""
-    from personaxis.store import atomic_save_tensors
-
     vectors = load_reference_vectors(source)
     target = Path(target)
     if target.suffix != ".safetensors":
@@ -347,8 +347,6 @@ def save_reference_capping(config: CappingConfig, path: str | Path) -> Path:
 def control_vectors(axis: Axis, layers: Sequence[int], *, scale: float = 1.0, raw: bool = False) -> dict[int, Tensor]:
     """What to add at each layer: ``scale · r_l · â_l`` (``scale`` in units of the layer's mean residual norm, like
     ``personaxis steer --alpha``), or ``scale · axis[l]`` as stored when ``raw``."""
-    from personaxis.validate import check
-
     try:
         check("scale", scale)
     except ValueError as exc:
@@ -359,8 +357,6 @@ def control_vectors(axis: Axis, layers: Sequence[int], *, scale: float = 1.0, ra
         raise InteropError(
             "this axis has no residual norms: export raw vectors (--raw) and give the scale in raw units"
         )
-    from personaxis.steering import steering_vector
-
     out: dict[int, Tensor] = {}
     for layer in layers:
         axis.layer(layer)

@@ -12,7 +12,6 @@ other backends, imported ones, a run with ``extra["extract"] = "teacher-forced"`
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -23,24 +22,27 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from personaxis import judges
+from personaxis.activations import extract_turn_means
+from personaxis.backends import load_run_model, make_backend
+from personaxis.capture import extract_mode
 from personaxis.chat import build_conversation
-from personaxis.models import LoadedModel, ModelPlacement
+from personaxis.derive import compute_axis, compute_vectors, write_space
+from personaxis.generation import SamplingConfig
+from personaxis.io.records import JudgmentsRecord, Rollout, RolloutsRecord
+from personaxis.io.run_layout import unit_key
+from personaxis.io.tensor_files import load_unit_activations, save_unit_activations
+from personaxis.judges import JudgeItem
+from personaxis.judges.factory import judge_model
+from personaxis.judges.traits import TraitItem
+from personaxis.models import EMBEDDED_ALIASES, EMBEDDED_MODEL_NAME, LoadedModel, ModelPlacement, check_model_source
 from personaxis.progress import progress_bar
 from personaxis.settings import Condition, RunSettings, build_conditions, build_questions
-from personaxis.store import (
-    RunDirError,
-    RunStore,
-    all_or_nothing,
-    atomic_save_tensors,
-    atomic_write_json,
-    load_tensors,
-    read_json,
-    slug,
-)
+from personaxis.store import DamagedFileError, RunDirError, RunStore, all_or_nothing, read_record, write_record
+from personaxis.threads import ThreadBudget
 
 if TYPE_CHECKING:
     from personaxis.backends import GenerationBackend
-    from personaxis.threads import ThreadBudget
 
 STAGES = ("generate", "extract", "judge", "vectors", "axis", "space")
 # Settings that only change how vectors are made from judged rollouts: a run may be asked again with others.
@@ -55,7 +57,7 @@ class Unit:
 
     @property
     def key(self) -> str:
-        return f"{slug(self.condition.name)}/p{self.prompt_index}"
+        return unit_key(self.condition.name, self.prompt_index)
 
     @property
     def system_prompt(self) -> str | None:
@@ -87,6 +89,7 @@ class Pipeline:
         placement: ModelPlacement | None = None,
     ) -> None:
         self.store = RunStore(out)
+        self.layout = self.store.layout
         self.settings = settings
         self._lm = lm
         self.placement = placement  # where the model is loaded (device, dtype, …), when it is
@@ -104,9 +107,12 @@ class Pipeline:
 
     # -------------------------------------------------------------------------------------------- set-up
     def _model_display_name(self) -> str:
-        from personaxis.models import EMBEDDED_ALIASES, EMBEDDED_MODEL_NAME
-
         return EMBEDDED_MODEL_NAME if self.settings.model.lower() in EMBEDDED_ALIASES else self.settings.model
+
+    @property
+    def model_name(self) -> str:
+        """The model's name: the loaded model's, else the one the settings give (without loading it)."""
+        return self._lm.profile.name if self._lm is not None else self._model_display_name()
 
     def manifest(self) -> dict[str, Any]:
         return {
@@ -121,12 +127,8 @@ class Pipeline:
         if self.store.read_manifest() is None:
             # A new run: check the judge and the model before anything is written.
             if self.settings.judge != "none":
-                from personaxis.judges.factory import _model_of
-
-                _model_of(self.settings.judge)
+                judge_model(self.settings.judge)
             if self._lm is None:
-                from personaxis.models import check_model_source
-
                 check_model_source(
                     None if self.settings.model == "embedded" else self.settings.model,
                     allow_download=bool(self.placement and self.placement.allow_download),
@@ -158,7 +160,7 @@ class Pipeline:
         if added and isinstance(old, dict):
             old = {**old, **added}
             existing = {**existing, "settings": old}
-            atomic_write_json(self.store.manifest_path, existing)
+            self.store.write_manifest(existing)
 
         def others(settings: dict[str, Any]) -> dict[str, Any]:
             return {k: v for k, v in settings.items() if k not in RECIPE_FIELDS}
@@ -170,14 +172,12 @@ class Pipeline:
         if not changed or not same_run:
             return
         self.log("vector recipe changed (" + ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed) + ")")
-        atomic_write_json(self.store.manifest_path, {**existing, "settings": new})
+        self.store.write_manifest({**existing, "settings": new})
         self._forget_derived("the new recipe")
 
     @property
     def lm(self) -> LoadedModel:
         if self._lm is None:
-            from personaxis.backends import load_run_model
-
             self.log(f"loading model {self.settings.model}…")
             self._lm = load_run_model(self.settings, self.placement)
         return self._lm
@@ -186,8 +186,6 @@ class Pipeline:
     def backend(self) -> GenerationBackend:
         """The generation backend named by ``settings.extra["backend"]`` (transformers unless set)."""
         if self._backend is None:
-            from personaxis.backends import make_backend
-
             self._backend = make_backend(self.settings, lambda: self.lm)
         return self._backend
 
@@ -199,13 +197,13 @@ class Pipeline:
 
     # --------------------------------------------------------------------------------------------- paths
     def rollout_path(self, unit: Unit) -> Path:
-        return self.store.root / "rollouts" / f"{unit.key}.json"
+        return self.layout.rollouts(unit.key)
 
     def activation_path(self, unit: Unit) -> Path:
-        return self.store.root / "activations" / f"{unit.key}.safetensors"
+        return self.layout.activations(unit.key)
 
     def judgment_path(self, unit: Unit) -> Path:
-        return self.store.root / "judgments" / f"{unit.key}.json"
+        return self.layout.judgments(unit.key)
 
     def _require(self, paths: Sequence[Path], stage: str) -> None:
         missing = [p for p in paths if not p.is_file()]
@@ -227,48 +225,47 @@ class Pipeline:
             sides["trait_neg"].system_prompts[unit.prompt_index] or "",
         )
 
-    def _judge_items(self, unit: Unit, rollouts: list[dict[str, Any]], known: dict[str, Any]) -> list[Any]:
+    def _judge_items(self, unit: Unit, rollouts: list[Rollout], known: dict[str, Any]) -> list[Any]:
         """What the judge is asked about a unit's answers that have no score yet."""
-        from personaxis.judges import JudgeItem
-        from personaxis.judges.traits import TraitItem
-
-        todo = [r for r in rollouts if r["answer"].strip() and known.get(r["id"]) is None]
+        todo = [r for r in rollouts if r.answer.strip() and known.get(r.id) is None]
         c = unit.condition
         if c.is_trait:
             positive, negative = self._trait_pair(unit)
             return [
                 TraitItem(
-                    key=r["id"],
+                    key=r.id,
                     trait=c.trait or c.name,
                     description=c.rubric,
                     positive=positive,
                     negative=negative,
-                    question=r["question"],
-                    answer=r["answer"],
+                    question=r.question,
+                    answer=r.answer,
                     eval_prompt=c.eval_prompt,
                 )
                 for r in todo
             ]
         return [
             JudgeItem(
-                key=r["id"],
+                key=r.id,
                 role=c.name,
                 rubric=c.rubric,
-                question=r["question"],
-                answer=r["answer"],
+                question=r.question,
+                answer=r.answer,
                 eval_prompt=c.eval_prompt,
             )
             for r in todo
         ]
 
-    def read_rollouts(self, unit: Unit) -> list[dict[str, Any]]:
+    def read_rollouts(self, unit: Unit) -> list[Rollout]:
         path = self.rollout_path(unit)
         with corrupted_unit(path):
-            rollouts = read_json(path)["rollouts"]
-            for r in rollouts:
-                if not all(isinstance(r.get(k), str) for k in ("id", "question", "answer")):
-                    raise ValueError("a rollout lacks its 'id', 'question' or 'answer' text")
-        return rollouts
+            return read_record(path, RolloutsRecord).rollouts
+
+    def read_scores(self, unit: Unit) -> dict[str, Any]:
+        """A judged unit's scores by rollout id (``None``: not scored)."""
+        path = self.judgment_path(unit)
+        with corrupted_unit(path):
+            return read_record(path, JudgmentsRecord).scores
 
     def _unscored(self, units: Iterable[Unit]) -> tuple[dict[str, dict[str, Any]], int]:
         """The judged units whose judgment file lacks a score for some non-empty answer, by key with the scores it
@@ -276,10 +273,10 @@ class Pipeline:
         out: dict[str, dict[str, Any]] = {}
         n_missing = 0
         for unit in units:
-            scores = read_json(self.judgment_path(unit))["scores"]
+            scores = self.read_scores(unit)
             if None not in scores.values():
                 continue
-            missing = sum(1 for r in self.read_rollouts(unit) if r["answer"].strip() and scores.get(r["id"]) is None)
+            missing = sum(1 for r in self.read_rollouts(unit) if r.answer.strip() and scores.get(r.id) is None)
             if missing:
                 out[unit.key] = scores
                 n_missing += missing
@@ -303,9 +300,7 @@ class Pipeline:
         size = max(1, per_chunk // max(1, len(self.questions)))
         return [units[i : i + size] for i in range(0, len(units), size)]
 
-    def _sampling_config(self) -> Any:
-        from personaxis.generation import SamplingConfig
-
+    def _sampling_config(self) -> SamplingConfig:
         return SamplingConfig(
             max_new_tokens=self.settings.max_new_tokens,
             temperature=self.settings.temperature,
@@ -330,8 +325,6 @@ class Pipeline:
     def _thread_budget(self) -> ThreadBudget:
         """The thread budget of this run, measured once before its first chunk of work."""
         if self._threads is None:
-            from personaxis.threads import ThreadBudget
-
             self._threads = ThreadBudget(self._log_over_bars)
             self._threads.settle()
         return self._threads
@@ -362,8 +355,6 @@ class Pipeline:
 
     def _capture(self) -> Any:
         """A capture for the backend's next call, when it records activations and the run extracts that way."""
-        from personaxis.capture import extract_mode
-
         if extract_mode(self.settings) != "capture" or not getattr(self.backend, "captures", False):
             return None
         return self.backend.new_capture()
@@ -380,25 +371,23 @@ class Pipeline:
             for q in self.questions:
                 a = next(answers)
                 rollouts.append(
-                    {
-                        "id": f"{unit.key}/q{q.id}",
-                        "question_id": q.id,
-                        "question": q.question,
-                        "answer": a.text,
-                        "new_tokens": a.new_tokens,
-                        "stopped": a.stopped,
-                    }
+                    Rollout(
+                        id=f"{unit.key}/q{q.id}",
+                        question_id=q.id,
+                        question=q.question,
+                        answer=a.text,
+                        new_tokens=a.new_tokens,
+                        stopped=a.stopped,
+                    )
                 )
-            atomic_write_json(
-                self.rollout_path(unit),
-                {
-                    "condition": unit.condition.name,
-                    "kind": unit.condition.kind,
-                    "prompt_index": unit.prompt_index,
-                    "system_prompt": unit.system_prompt,
-                    "rollouts": rollouts,
-                },
+            record = RolloutsRecord(
+                condition=unit.condition.name,
+                kind=unit.condition.kind,
+                prompt_index=unit.prompt_index,
+                system_prompt=unit.system_prompt,
+                rollouts=rollouts,
             )
+            write_record(self.rollout_path(unit), record)
         if capture is not None:
             self._write_captured(units, capture)
         return len(units)
@@ -406,26 +395,24 @@ class Pipeline:
     def _write_captured(self, units: Sequence[Unit], capture: Any) -> None:
         """Activation files from a capture; rollouts it cannot give (see :mod:`personaxis.capture`) are extracted
         teacher-forced."""
-        per_unit = [[r for r in self.read_rollouts(u) if r["answer"].strip()] for u in units]
-        index = {r["id"]: i for i, r in enumerate(r for u in units for r in self.read_rollouts(u))}
+        per_unit = [[r for r in self.read_rollouts(u) if r.answer.strip()] for u in units]
+        index = {r.id: i for i, r in enumerate(r for u in units for r in self.read_rollouts(u))}
         acts: dict[str, Any] = {}
         missing: list[tuple[str, Any]] = []
         for unit, rollouts in zip(units, per_unit, strict=True):
             for r in rollouts:
-                conversation = build_conversation(unit.system_prompt, r["question"], r["answer"])
-                captured = capture.turn_activations(index[r["id"]], conversation)
+                conversation = build_conversation(unit.system_prompt, r.question, r.answer)
+                captured = capture.turn_activations(index[r.id], conversation)
                 if captured is None:
-                    missing.append((r["id"], conversation))
+                    missing.append((r.id, conversation))
                 else:
-                    acts[r["id"]] = captured
+                    acts[r.id] = captured
         if missing:
-            from personaxis.activations import extract_turn_means
-
             acts.update(
                 zip([key for key, _ in missing], extract_turn_means(self.lm, [c for _, c in missing]), strict=True)
             )
         for unit, rollouts in zip(units, per_unit, strict=True):
-            self._write_activations(unit, rollouts, [acts[r["id"]] for r in rollouts])
+            self._write_activations(unit, rollouts, [acts[r.id] for r in rollouts])
 
     def stage_extract(self) -> None:
         self._require([self.rollout_path(u) for u in self.units], "generate")
@@ -451,11 +438,9 @@ class Pipeline:
 
     def extract_units(self, units: Sequence[Unit]) -> int:
         """Extract the activations of ``units``' rollouts in one batched call and write each unit's file."""
-        from personaxis.activations import extract_turn_means
-
-        per_unit = [[r for r in self.read_rollouts(u) if r["answer"].strip()] for u in units]
+        per_unit = [[r for r in self.read_rollouts(u) if r.answer.strip()] for u in units]
         conversations = [
-            build_conversation(u.system_prompt, r["question"], r["answer"])
+            build_conversation(u.system_prompt, r.question, r.answer)
             for u, rollouts in zip(units, per_unit, strict=True)
             for r in rollouts
         ]
@@ -464,30 +449,18 @@ class Pipeline:
             self._write_activations(unit, rollouts, [next(acts) for _ in rollouts])
         return len(units)
 
-    def _write_activations(self, unit: Unit, rollouts: Sequence[dict[str, Any]], unit_acts: Sequence[Any]) -> None:
+    def _write_activations(self, unit: Unit, rollouts: Sequence[Rollout], unit_acts: Sequence[Any]) -> None:
         """One unit's activation file: the means and norms of its rollouts' answers, in order."""
         dtype = getattr(torch, self.settings.store_dtype)
         n_layers, hidden = self.lm.profile.n_layers, self.lm.profile.hidden_size
         means = torch.stack([a.means[0] for a in unit_acts]) if unit_acts else torch.zeros((0, n_layers, hidden))
         norms = torch.stack([a.norms[0] for a in unit_acts]) if unit_acts else torch.zeros((0, n_layers))
-        atomic_save_tensors(
-            self.activation_path(unit),
-            {"means": means.to(dtype), "norms": norms},
-            {"ids": json.dumps([r["id"] for r in rollouts])},
-        )
+        save_unit_activations(self.activation_path(unit), [r.id for r in rollouts], means.to(dtype), norms)
 
     def read_activations(self, unit: Unit) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-        from safetensors import safe_open
-
         path = self.activation_path(unit)
         with corrupted_unit(path):
-            with safe_open(str(path), framework="pt") as handle:
-                ids = json.loads((handle.metadata() or {})["ids"])
-            tensors = load_tensors(path)
-            means, norms = tensors["means"].to(torch.float32), tensors["norms"].to(torch.float32)
-            if means.shape[0] != len(ids) or norms.shape[0] != len(ids):
-                raise ValueError(f"{len(ids)} ids but {means.shape[0]} rows")
-        return ids, means, norms
+            return load_unit_activations(path)
 
     def stage_judge(self) -> None:
         self._require([self.rollout_path(u) for u in self.units], "generate")
@@ -505,17 +478,17 @@ class Pipeline:
             return
         if self.settings.judge == "none":
             for unit in todo:
-                atomic_write_json(
+                write_record(
                     self.judgment_path(unit),
-                    {"judge": "none", "scores": {r["id"]: None for r in self.read_rollouts(unit)}},
+                    JudgmentsRecord(judge="none", scores={r.id: None for r in self.read_rollouts(unit)}),
                 )
                 self.work_done["judge"] += 1
             return
-        from personaxis.judges import make_judge, make_trait_judge
-
-        cache = self.store.root / "judge_cache"
-        role_judge = make_judge(self.settings.judge, cache_dir=cache)
-        trait_judge = make_trait_judge(self.settings.judge, cache_dir=cache) if self.settings.judges_traits else None
+        cache = self.layout.judge_cache
+        role_judge = judges.make_judge(self.settings.judge, cache_dir=cache)  # looked up here: tests script it
+        trait_judge = (
+            judges.make_trait_judge(self.settings.judge, cache_dir=cache) if self.settings.judges_traits else None
+        )
         bar = progress_bar(
             total=len(todo), desc=f"judge ({role_judge.name})", unit="unit", disable=not self.show_progress
         )
@@ -526,9 +499,9 @@ class Pipeline:
             judge = trait_judge if unit.condition.is_trait else role_judge
             assert judge is not None
             scores = {**known, **(judge.score(items) if items else {})}
-            atomic_write_json(
+            write_record(
                 self.judgment_path(unit),
-                {"judge": judge.name, "scores": {r["id"]: scores.get(r["id"]) for r in rollouts}},
+                JudgmentsRecord(judge=judge.name, scores={r.id: scores.get(r.id) for r in rollouts}),
             )
             self.work_done["judge"] += 1
             bar.update(1)
@@ -538,42 +511,32 @@ class Pipeline:
 
     def _forget_derived(self, why: str) -> None:
         """Remove the outputs computed from the judgments (vectors, axis, summary) so the next stages recompute them."""
-        derived = [
-            self.store.root / "vectors" / "index.json",
-            self.store.root / "axis.safetensors",
-            self.store.root / "summary.json",
-        ]
+        derived = self.layout.derived
         if any(p.is_file() for p in derived):
             self.log(f"{why}: vectors, axis and summary will be recomputed")
         for path in derived:
             path.unlink(missing_ok=True)
 
     def stage_vectors(self) -> None:
-        from personaxis.vectors import compute_vectors
-
         self._require([self.activation_path(u) for u in self.units], "extract")
         self._require([self.judgment_path(u) for u in self.units if self.is_judged(u.condition)], "judge")
-        if (self.store.root / "vectors" / "index.json").is_file():
+        if self.layout.vector_index.is_file():
             return
         with all_or_nothing():  # a damaged unit found halfway leaves no vector files behind
             compute_vectors(self)
         self.work_done["vectors"] += 1
 
     def stage_axis(self) -> None:
-        from personaxis.vectors import compute_axis
-
-        if (self.store.root / "axis.safetensors").is_file():
+        if self.layout.axis.is_file():
             return
-        self._require([self.store.root / "vectors" / "index.json"], "vectors")
+        self._require([self.layout.vector_index], "vectors")
         compute_axis(self)
         self.work_done["axis"] += 1
 
     def stage_space(self) -> None:
-        from personaxis.space import write_space
-
-        if (self.store.root / "summary.json").is_file() and (self.store.root / "report.html").is_file():
+        if self.layout.summary.is_file() and self.layout.report.is_file():
             return
-        self._require([self.store.root / "axis.safetensors"], "axis")
+        self._require([self.layout.axis], "axis")
         with all_or_nothing():
             write_space(self)
         self.work_done["space"] += 1
@@ -584,13 +547,18 @@ def corrupted_unit(path: Path) -> Iterator[None]:
     """Turn any failure to read a unit's file into a ``RunDirError`` that says how to redo the unit."""
     try:
         yield
+    except DamagedFileError as exc:
+        raise _damaged(path, exc.reason) from None
     except RunDirError:
         raise
     except Exception as exc:  # noqa: BLE001 - JSON, safetensors and shape errors all mean "this file is damaged"
-        raise RunDirError(
-            f"{path}: damaged unit file ({type(exc).__name__}: {exc}); delete it and rerun "
-            "`personaxis run` on the same --out to redo that unit"
-        ) from None
+        raise _damaged(path, f"{type(exc).__name__}: {exc}") from None
+
+
+def _damaged(path: Path, reason: str) -> RunDirError:
+    return RunDirError(
+        f"{path}: damaged unit file ({reason}); delete it and rerun `personaxis run` on the same --out to redo that unit"
+    )
 
 
 def _return_free_memory() -> None:

@@ -29,8 +29,13 @@ import torch
 from torch import Tensor
 
 from personaxis.interop import InteropError, safe_torch_load
+from personaxis.io.records import JudgmentsRecord, VectorIndex
+from personaxis.io.run_layout import RunLayout
+from personaxis.io.tensor_files import save_unit_activations
+from personaxis.pipeline import Pipeline
 from personaxis.settings import RECIPE_MIN_COUNT, RunSettings
-from personaxis.store import RunDirError, atomic_save_tensors, atomic_write_json, slug
+from personaxis.store import RunDirError, atomic_save_tensors, write_record
+from personaxis.vectors import recipe_counts
 
 IMPORT_KEY = "imported"
 JUDGE_NAME = "reference (imported scores)"
@@ -99,12 +104,10 @@ def import_reference_run(
 ) -> dict[str, Any]:
     """Write a run directory at ``out`` from the reference pipeline's output folder ``source``; return what was
     imported (roles, rollouts, roles left out and why)."""
-    from personaxis.pipeline import Pipeline
-
     say = log or (lambda message: None)
     src, root = Path(source), Path(out)
     acts_dir, scores_dir, vectors_dir = src / "activations", src / "scores", src / "vectors"
-    if (root / "manifest.json").exists():
+    if RunLayout(root).manifest.exists():
         raise RunDirError(f"{root} is already a run directory: import into a new --out")
     acts_files = sorted(acts_dir.glob("*.pt")) if acts_dir.is_dir() else []
     vector_files = sorted(vectors_dir.glob("*.pt")) if vectors_dir.is_dir() else []
@@ -186,14 +189,11 @@ def import_reference_run(
             (unit.condition.name, unit.prompt_index), ([], torch.zeros((0, *shape)), [])
         )
         ids = [f"{unit.key}/q{j}" for j in questions]
-        atomic_save_tensors(
-            pipeline.activation_path(unit),
-            {"means": means, "norms": torch.full((len(ids), n_layers), math.nan)},
-            {"ids": json.dumps(ids)},
-        )
+        save_unit_activations(pipeline.activation_path(unit), ids, means, torch.full((len(ids), n_layers), math.nan))
         if unit.condition.judged:
-            atomic_write_json(
-                pipeline.judgment_path(unit), {"judge": JUDGE_NAME, "scores": dict(zip(ids, scores, strict=True))}
+            write_record(
+                pipeline.judgment_path(unit),
+                JudgmentsRecord(judge=JUDGE_NAME, scores=dict(zip(ids, scores, strict=True))),
             )
     if layout["vectors_only"]:
         _write_vector_index(root, vector_files, settings.min_count)
@@ -209,20 +209,16 @@ def import_reference_run(
 
 def _write_vector_index(root: Path, files: list[Path], min_count: int) -> None:
     """The vectors stage's outputs from the reference's vectors/*.pt (a run with no activations)."""
-    from personaxis.vectors import recipe_counts
-
-    vectors = root / "vectors"
+    layout = RunLayout(root)
     entries = []
     n_layers = 0
     for path in files:
         vector = _read_vector(path)
         n_layers = vector.shape[0]
         if _is_default(path.stem):
-            atomic_save_tensors(vectors / "default.safetensors", {"vector": vector}, {"n_rollouts": "0"})
+            atomic_save_tensors(layout.default_vector, {"vector": vector}, {"n_rollouts": "0"})
             continue
-        atomic_save_tensors(
-            vectors / "roles" / f"{slug(path.stem)}.safetensors", {"fully": vector, "used": vector.clone()}
-        )
+        atomic_save_tensors(layout.role_vectors(path.stem), {"fully": vector, "used": vector.clone()})
         entries.append(
             {
                 "name": path.stem,
@@ -235,9 +231,7 @@ def _write_vector_index(root: Path, files: list[Path], min_count: int) -> None:
                 "vectors": ["fully"],
             }
         )
-    atomic_save_tensors(
-        vectors / "residual_norms.safetensors", {"norms": torch.full((n_layers,), math.nan)}, {"n_rollouts": "0"}
-    )
+    atomic_save_tensors(layout.residual_norms, {"norms": torch.full((n_layers,), math.nan)}, {"n_rollouts": "0"})
     index: dict[str, Any] = {
         "recipe": "reference",
         "min_count": min_count,
@@ -248,4 +242,4 @@ def _write_vector_index(root: Path, files: list[Path], min_count: int) -> None:
         "traits_dropped": [],
     }
     index.update(recipe_counts(entries))
-    atomic_write_json(vectors / "index.json", index)
+    write_record(layout.vector_index, VectorIndex.model_validate(index))

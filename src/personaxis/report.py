@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from personaxis.io.run_layout import REPORT_FIGURES, RunLayout
 from personaxis.store import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -144,18 +145,14 @@ def _traits_section(traits: dict[str, Any] | None) -> str:
 <table><tr><th>trait</th><th>cos(trait, axis)</th><th>projection</th><th>pairs</th></tr>{rows}</table>"""
 
 
-def write_report(root: Path, summary: dict[str, Any], space: LayerSpace) -> Path:
-    figures = {
-        "persona_space.png": pca_scatter(summary, space),
-        "variance.png": variance_plot(summary),
-        "cosine_per_layer.png": cosine_plot(summary),
-        "axis_extremes.png": extremes_plot(summary),
-    }
-    images = {}
-    for name, fig in figures.items():
-        png = figure_png(fig)
-        atomic_write_bytes(root / "figures" / name, png)
-        images[name] = png
+def write_report(layout: RunLayout, summary: dict[str, Any], space: LayerSpace) -> Path:
+    """The run's ``report.html`` and its figures."""
+    figures = (pca_scatter(summary, space), variance_plot(summary), cosine_plot(summary), extremes_plot(summary))
+    pngs = []
+    for name, fig in zip(REPORT_FIGURES, figures, strict=True):  # the layout's figure names, in this order
+        pngs.append(figure_png(fig))
+        atomic_write_bytes(layout.figure(name), pngs[-1])
+    scatter, variance, cosine, extremes = pngs
     target = summary["target"]
     pos = summary["default_position"]
     rows = "".join(
@@ -176,13 +173,13 @@ table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;pad
 <li>PC1 explains {target["pc1_explained_variance"]:.1%} of the role variance at the target layer</li>
 <li>Default position along PC1 within the role range: {pos["pc1_fraction"]:.3f}; along the axis: {pos["axis_fraction"]:.3f}
 (1 = the Assistant end of the range)</li></ul>
-{_img(images["persona_space.png"], "PC1-PC2-PC3 scatter")}
-{_img(images["axis_extremes.png"], "roles at either end")}
-{_img(images["cosine_per_layer.png"], "cosine per layer")}
-{_img(images["variance.png"], "variance explained")}
+{_img(scatter, "PC1-PC2-PC3 scatter")}
+{_img(extremes, "roles at either end")}
+{_img(cosine, "cosine per layer")}
+{_img(variance, "variance explained")}
 {_traits_section(summary.get("trait_space"))}
 <h2>Roles</h2><table><tr><th>role</th><th>category</th><th>rollouts</th><th>judge counts</th><th>vector</th><th>projection</th></tr>{rows}</table>
 </body></html>"""
-    path = root / "report.html"
+    path = layout.report
     atomic_write_bytes(path, body.encode("utf-8"))
     return path

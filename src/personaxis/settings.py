@@ -15,6 +15,7 @@ from personaxis.data import (
     load_traits,
     reference_data_paths,
 )
+from personaxis.io.run_layout import check_folder_names, check_role_name
 
 # How role vectors are made from judged rollouts (``--vectors``), and the fewest rollouts each recipe's vectors need
 # unless ``--min-count`` says otherwise:
@@ -24,10 +25,7 @@ from personaxis.data import (
 # - pooled: fully played if there are enough, else score 2 and 3 pooled, else dropped (for small runs).
 VECTOR_RECIPES = ("reference", "paper", "pooled")
 RECIPE_MIN_COUNT = {"reference": 50, "paper": 10}
-# Traits as the paper (``--judge-traits``, on in the paper preset): a pair (positive and negative answer to one question under one instruction pair) is kept when
-# the trait judge's 0-100 scores differ by at least TRAIT_MARGIN; a trait needs TRAIT_MIN_PAIRS kept pairs.
-TRAIT_MARGIN = 50
-TRAIT_MIN_PAIRS = 10
+# Traits as the paper (``--judge-traits``, on in the paper preset): see personaxis.vectors.TRAIT_MARGIN.
 
 # 31 roles spanning the persona space from clearly assistant-like professions to clearly non-assistant beings,
 # with a few human roles and temperaments between them.
@@ -384,8 +382,6 @@ def build_conditions(settings: RunSettings, model_name: str) -> list[Condition]:
                         eval_prompt=trait.eval_prompt,
                     )
                 )
-    from personaxis.store import check_folder_names, check_role_name
-
     for role in roles:
         check_role_name(role.name)
     check_folder_names([c.name for c in conditions], what="role and condition")

@@ -1,22 +1,19 @@
 """The persona space: PCA of mean-centred role vectors per layer, PC1 oriented toward the default.
 
-``persona_space(role_vectors, default, axis)`` works on plain tensors; ``write_space(pipeline)`` writes a run's
-``summary.json`` and ``report.html``.
+Plain tensors in, arrays and a JSON-ready summary out; :func:`personaxis.derive.write_space` writes a run's summary
+and report from them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from personaxis.axis import Axis
-
-if TYPE_CHECKING:
-    from personaxis.pipeline import Pipeline
 
 
 @dataclass
@@ -115,50 +112,3 @@ def summarize(
         },
     }
     return summary, target_space
-
-
-def write_space(pipeline: Pipeline) -> dict[str, Any]:
-    """``summary.json`` and ``report.html``: the PCA of the recipe's persona-space points (one per role, or with
-    ``--vectors paper`` one per role and score group), the axis, and the traits along it."""
-    from personaxis.report import write_report
-    from personaxis.store import atomic_write_json, load_tensors, read_json
-    from personaxis.vectors import load_space_points
-
-    root = pipeline.store.root
-    axis = Axis.load(root / "axis.safetensors")
-    points, point_vectors = load_space_points(pipeline)
-    default = load_tensors(root / "vectors" / "default.safetensors")["vector"]
-    index = read_json(root / "vectors" / "index.json")
-    summary, space = summarize(axis, points, point_vectors, default, model=axis.model)
-    summary["vector_recipe"] = index.get("recipe", "pooled")
-    summary["dropped_roles"] = [r for r in index["roles"] if r["vector_source"] == "dropped"]
-    summary["role_vector_sources"] = index["sources"]
-    for key in ("n_roles_kept", "n_roles_in_axis", "n_roles_fell_back", "n_roles_dropped", "n_space_vectors"):
-        summary[key] = index.get(key, 0)
-    summary["min_count"] = index["min_count"]
-    summary["default_rollouts"] = index["default"]["n_rollouts"]
-    summary["traits"] = index["traits"]
-    trait_space = _trait_analysis(root, axis, index)
-    if trait_space is not None:
-        summary["trait_space"] = trait_space
-    summary["settings"] = pipeline.settings.to_manifest()
-    atomic_write_json(root / "summary.json", summary)
-    write_report(root, summary, space)
-    return summary
-
-
-def _trait_analysis(root: Any, axis: Axis, index: dict[str, Any]) -> dict[str, Any] | None:
-    """The traits' vectors at the target layer: their PCA and where each lies along the axis (``None`` without
-    trait vectors)."""
-    from personaxis.store import load_tensors
-    from personaxis.traits import rank_traits
-
-    names = list(index.get("traits", []))
-    if not names:
-        return None
-    from personaxis.store import slug
-
-    vectors = torch.stack(
-        [load_tensors(root / "vectors" / "traits" / f"{slug(n)}.safetensors")["vector"] for n in names]
-    )
-    return rank_traits(names, vectors, axis, details=index.get("trait_details", {}))

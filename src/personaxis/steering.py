@@ -18,10 +18,13 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from personaxis.activations import extract_turn_means
 from personaxis.axis import Axis, AxisError
 from personaxis.chat import Conversation, build_conversation
+from personaxis.data import load_questions
 from personaxis.generation import Generation, SamplingConfig, generate
 from personaxis.interventions import Add
+from personaxis.layer_selection import select_layers
 from personaxis.models import LoadedModel
 
 
@@ -35,21 +38,19 @@ class SteeredAnswer:
 
 
 def resolve_layers(axis: Axis, layers: Sequence[int] | int | None) -> list[int]:
-    """Validated, de-duplicated layer indices (the axis' target layer when ``None``), in the order given."""
-    if layers is None:
-        assert axis.target_layer is not None
-        return [axis.target_layer]
-    items = [layers] if isinstance(layers, int) else list(layers)
-    if not items:
-        raise AxisError("no steering layer given")
-    out: list[int] = []
-    for layer in items:
+    """Validated, de-duplicated layer indices (the axis' target layer when ``None``), in the order given
+    (:func:`personaxis.layer_selection.select_layers`)."""
+
+    def check(layer: int) -> None:
         if isinstance(layer, bool) or not isinstance(layer, int):
             raise AxisError(f"a layer index must be an int, got {layer!r}")
         axis.layer(layer)  # raises IndexError with the valid range
-        if layer not in out:
-            out.append(layer)
-    return out
+
+    assert axis.target_layer is not None
+    try:
+        return select_layers(layers, axis.n_layers, default=[axis.target_layer], what="steering layer", check=check)
+    except ValueError as exc:
+        raise AxisError(str(exc)) from None
 
 
 def raw_coefficient(axis: Axis, layer: int, alpha: float, *, raw: bool = False) -> float:
@@ -136,9 +137,6 @@ def measure_residual_norms(
     answer's mean token norm is averaged, as a run does over its rollouts.
     """
     import torch
-
-    from personaxis.activations import extract_turn_means
-    from personaxis.data import load_questions
 
     if n_questions < 1:
         raise ValueError(f"need at least one question to measure residual norms, got {n_questions}")

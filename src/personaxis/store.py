@@ -1,12 +1,13 @@
-"""The run directory: one file per unit of work, written atomically, plus a manifest.
+"""Writing a run directory: one file per unit of work, written atomically, plus a manifest and a lock.
 
 A file exists only once it is complete (written to a temporary name in the same folder, flushed, fsynced, then
 renamed), so a run killed at any instant leaves finished units intact and no partial file that could be read as
 complete. Resuming skips every unit whose file exists. The manifest pins the settings; resuming with other settings
 is refused.
 
-Role and condition names become folder names through :func:`slug`, which keeps distinct names distinct (plain
-lowercase names as they are, anything else with a short hash of the exact name). A run folder is locked while a
+Where each file goes is :class:`personaxis.io.run_layout.RunLayout`'s business (role and condition names become
+folder names through its ``slug``); what a JSON file holds is its record's (:mod:`personaxis.io.records`, read and
+written with :func:`read_record` and :func:`write_record`). A run folder is locked while a
 process writes to it (:meth:`RunStore.lock`): a second writer is refused with the holder's pid and host; the lock of
 a killed process is released by the operating system, so the next run takes it over. Temporary files carry their
 writer's host and pid, and start-up removes only those of writers that are gone.
@@ -16,80 +17,34 @@ from __future__ import annotations
 
 import contextvars
 import errno
-import hashlib
 import json
 import os
 import re
 import socket
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+from safetensors.torch import save
 from torch import Tensor
 
-MANIFEST = "manifest.json"
-LOCK = ".personaxis.lock"
-# Names kept as they are (spaces become hyphens): lowercase ASCII words joined by single spaces or hyphens.
-_PLAIN_NAME = re.compile(r"[a-z0-9]+(?:[ -][a-z0-9]+)*")
-_NOT_WORD = re.compile(r"[^a-z0-9]+")
-MAX_FOLDER_NAME = 64  # well under every file system's limit, with room for the unit's suffix
-_HASH_CHARS = 10
-RESERVED_NAMES = ("default",)
-RESERVED_PREFIXES = ("trait-",)
+from personaxis.io.records import ManifestRecord, Record, RecordT
+from personaxis.io.run_layout import RunLayout
 
 
 class RunDirError(RuntimeError):
     """The run directory cannot be used (settings differ, disk full, no permission, …)."""
 
 
-def slug(name: str) -> str:
-    """The folder (or file) name of a role or condition; distinct names give distinct folder names.
+class DamagedFileError(RunDirError):
+    """A file of the run cannot be read as its record (``reason`` says why)."""
 
-    Plain names (lowercase ASCII words separated by single spaces or hyphens, at most 64 characters) keep their
-    form with spaces as hyphens: ``"opera singer"`` → ``opera-singer``. Any other name is its lowercase words (cut
-    to fit), ``--`` and a hash of the exact name: ``"Smith"`` → ``smith--<hash>``, so it cannot meet a plain name
-    (which never holds ``--``), another spelling or another case. Only ``"a b"`` and ``"a-b"`` share a folder:
-    :func:`check_folder_names` refuses such a pair.
-    """
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"cannot make a file name from {name!r}: the name is empty")
-    if _PLAIN_NAME.fullmatch(name) and len(name) <= MAX_FOLDER_NAME:
-        return name.replace(" ", "-")
-    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_CHARS]
-    words = _NOT_WORD.sub("-", name.lower()).strip("-")[: MAX_FOLDER_NAME - _HASH_CHARS - 2].strip("-")
-    return f"{words or 'name'}--{digest}"
-
-
-def check_folder_names(names: Iterable[str], *, what: str = "role") -> None:
-    """Refuse names whose folders would clash (``"a b"`` and ``"a-b"``, or the same name twice), before anything
-    is written."""
-    seen: dict[str, str] = {}
-    for name in names:
-        folder = slug(name)
-        if folder in seen:
-            other = seen[folder]
-            why = (
-                "the same name twice" if other == name else f"{other!r} and {name!r} would share the folder {folder!r}"
-            )
-            raise ValueError(f"{what} names clash: {why}; rename one of them")
-        seen[folder] = name
-
-
-def check_role_name(name: str) -> None:
-    """Refuse a role name that is empty, reserved (``default``, ``trait-…``: the run's own conditions, in any case)
-    or holds control characters."""
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"role name {name!r} is empty")
-    folded = name.strip().casefold()
-    if folded in RESERVED_NAMES or folded.startswith(RESERVED_PREFIXES):
-        raise ValueError(
-            f"role name {name!r} is reserved (the run's own conditions are named "
-            f"{', '.join(repr(n) for n in RESERVED_NAMES)} and 'trait-…'); rename the role"
-        )
-    if any(ord(c) < 32 or 0xD800 <= ord(c) <= 0xDFFF for c in name):
-        raise ValueError(f"role name {name!r} holds control characters or lone surrogates")
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: damaged file ({reason})")
+        self.path, self.reason = path, reason
 
 
 @contextmanager
@@ -186,11 +141,57 @@ def read_json(path: Path) -> Any:
         return json.load(handle)
 
 
-def atomic_save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save
+def read_record(path: str | Path, record: type[RecordT]) -> RecordT:
+    """Read and validate one JSON file of a run (:mod:`personaxis.io.records`); a file that does not fit its record
+    is reported as damaged (``RunDirError``)."""
+    path = Path(path)
+    try:
+        return record.model_validate(read_json(path))
+    except ValidationError as exc:
+        raise DamagedFileError(path, _what_does_not_fit(exc)) from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise DamagedFileError(path, f"{type(exc).__name__}: {exc}") from None
 
+
+def _what_does_not_fit(exc: ValidationError) -> str:
+    """``rollouts.0.answer lacks its 'answer'`` or ``scores.a: Input should be a valid integer`` (and how many more)."""
+    errors = exc.errors()
+    first = errors[0]
+    where = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "missing":
+        said = f"{where} lacks its {first['loc'][-1]!r}"
+    else:
+        said = f"{where}: {first['msg']}"
+    return said + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
+
+
+def write_record(path: str | Path, record: Record) -> None:
+    """Write one JSON file of a run atomically, exactly as :func:`atomic_write_json` writes its JSON object."""
+    atomic_write_json(Path(path), record.to_json())
+
+
+def safetensors_bytes(tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file's bytes, the same for the same tensors and metadata in every process.
+
+    The safetensors library keeps the metadata in a hash map whose order changes from one process to the next, so
+    two runs wrote the same header fields in different orders; here the metadata fields are sorted (the header keeps
+    its length and padding, the tensor data is untouched)."""
     data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
-    atomic_write_bytes(path, data)
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    if len(header.get("__metadata__") or {}) < 2:
+        return data
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(text) > length or json.loads(text) != json.loads(data[8 : 8 + length]):  # pragma: no cover - defensive
+        return data
+    return data[:8] + text + b" " * (length - len(text)) + data[8 + length :]
+
+
+def atomic_save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
 
 
 def load_tensors(path: Path) -> dict[str, Tensor]:
@@ -203,12 +204,13 @@ class RunStore:
     """Paths and read/write helpers for one run directory."""
 
     def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+        self.layout = RunLayout(root)
+        self.root = self.layout.root
 
     # manifest -------------------------------------------------------------------------------------------
     @property
     def manifest_path(self) -> Path:
-        return self.root / MANIFEST
+        return self.layout.manifest
 
     def read_manifest(self) -> dict[str, Any] | None:
         if not self.manifest_path.exists():
@@ -223,12 +225,22 @@ class RunStore:
                 f"{self.manifest_path}: not a personaxis manifest (expected an object with a 'settings' "
                 "object); use a new --out directory"
             )
+        try:
+            ManifestRecord.model_validate(manifest)
+        except ValidationError as exc:
+            raise RunDirError(
+                f"{self.manifest_path}: not a personaxis manifest ({exc.error_count()} field(s) do not fit); "
+                "use a new --out directory"
+            ) from None
         return manifest
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        write_record(self.manifest_path, ManifestRecord.model_validate(manifest))
 
     # lock -----------------------------------------------------------------------------------------------
     @property
     def lock_path(self) -> Path:
-        return self.root / LOCK
+        return self.layout.lock
 
     def acquire_lock(self) -> None:
         """Hold the run folder for this process (released by :meth:`release_lock`, or by the operating system when
@@ -290,7 +302,7 @@ class RunStore:
                 raise RunDirError(f"{self.root} exists and is not a directory")
             with _io_errors(self.root):
                 self.root.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.manifest_path, manifest)
+            self.write_manifest(manifest)
             return
         keys = sorted(set(existing) | set(manifest))
         differing = [k for k in keys if k != "created" and existing.get(k) != manifest.get(k)]
@@ -302,18 +314,6 @@ class RunStore:
             )
 
     # units ----------------------------------------------------------------------------------------------
-    def unit_path(self, stage: str, condition: str, unit: str, suffix: str) -> Path:
-        return self.root / stage / slug(condition) / f"{unit}{suffix}"
-
-    def stage_path(self, name: str) -> Path:
-        return self.root / name
-
-    def is_done(self, path: Path) -> bool:
-        return path.is_file()
-
-    def save_torch_free(self, path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
-        atomic_save_tensors(path, tensors, metadata)
-
     def clean_partials(self) -> int:
         """Remove temporary files that writers of this host left when they were killed (their pid is gone); keep
         every other file, including a live writer's file in progress. Return how many were removed."""

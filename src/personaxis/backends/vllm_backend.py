@@ -13,11 +13,11 @@ given). ``close()`` frees the engine so that the extraction stage can load the t
 from __future__ import annotations
 
 import gc
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 from personaxis.chat import Conversation, render_prompt
-from personaxis.distributed import ray_in_use
 from personaxis.generation import Generation, SamplingConfig, decode_answer, row_seed, stop_token_ids
 from personaxis.models import ModelProfile, build_profile
 
@@ -42,6 +42,12 @@ def visible_gpus() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def ray_in_use() -> bool:
+    """Whether this process is connected to Ray (without importing it)."""
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
 
 
 class VLLMBackend:

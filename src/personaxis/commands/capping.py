@@ -9,38 +9,13 @@ import typer
 
 from personaxis.commands import echo_err, user_errors
 from personaxis.commands.model_options import DEFAULT_PLACEMENT, ModelPlacement, model_options
+from personaxis.io.run_layout import RunLayout
+from personaxis.io.tensor_files import load_axis, save_axis, save_capping
+from personaxis.options import parse_bands, parse_floats, parse_range
 
 if TYPE_CHECKING:
     from personaxis.axis import Axis
     from personaxis.capping import CappingConfig
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _range(text: str) -> tuple[int, int]:
-    """``"a:b"`` → ``(a, b)``, end-exclusive."""
-    try:
-        start, end = (int(x) for x in text.split(":"))
-    except ValueError:
-        raise ValueError(f"expected a layer range START:END (end-exclusive), got {text!r}") from None
-    if end <= start:
-        raise ValueError(f"layer range {text!r} is empty (END is exclusive and must exceed START)")
-    return start, end
-
-
-def _bands(text: str | None) -> list[tuple[int, int]] | None:
-    if not text:
-        return None
-    bands = []
-    for item in text.split(","):
-        start, end = _range(item.strip())
-        bands.append((start, end - start))
-    return bands
 
 
 def _print_thresholds(config: CappingConfig) -> None:
@@ -107,18 +82,18 @@ def register(app: typer.Typer) -> None:
 
         Example: `personaxis calibrate --run runs/quick --reference-out runs/quick/capping.pt`, then `personaxis chat --cap layers_22:26-p0.25`.
         """
-        from personaxis.capping import calibrate as run_calibration
+        from personaxis.calibration import calibrate as run_calibration
         from personaxis.store import all_or_nothing
         from personaxis.validate import check, output_file
 
         with user_errors():
             output_file(out, "--out")
             output_file(reference_out, "--reference-out")
-            for value in _floats(percentiles):
+            for value in parse_floats(percentiles):
                 check("percentile", value, option="--percentiles")
-            config = run_calibration(run, axis, _floats(percentiles), _bands(bands))
+            config = run_calibration(run, axis, parse_floats(percentiles), parse_bands(bands))
             with all_or_nothing():  # both files, or neither
-                target = config.save(out or run / "capping.safetensors")
+                target = save_capping(config, out or RunLayout(run).capping)
                 written = [target]
                 if reference_out is not None:
                     from personaxis.interop import save_reference_capping
@@ -161,13 +136,12 @@ def register(app: typer.Typer) -> None:
 
         Examples: `personaxis export --axis runs/quick/axis.safetensors --format gguf --layers 12:18 --scale 0.3 --out toward.gguf`; `personaxis export --axis runs/quick/axis.safetensors --format reference --out assistant_axis.pt`.
         """
-        from personaxis.axis import Axis
         from personaxis.validate import check_all, output_file
 
         with user_errors():
             check_all(scale=scale, layer=layer)
             output_file(out, "--out")
-            loaded = Axis.load(axis)
+            loaded = load_axis(axis)
             if fmt == "reference":
                 if layer is not None or layers is not None:
                     raise ValueError("--layer/--layers apply to --format gguf; the reference format holds every layer")
@@ -179,7 +153,9 @@ def register(app: typer.Typer) -> None:
                 if layer is not None and layers is not None:
                     raise ValueError("give --layer or --layers, not both")
                 chosen = (
-                    list(range(*_range(layers))) if layers else [layer if layer is not None else loaded.target_layer]
+                    list(range(*parse_range(layers)))
+                    if layers
+                    else [layer if layer is not None else loaded.target_layer]
                 )
                 from personaxis.interop import export_gguf
 
@@ -242,13 +218,13 @@ def register(app: typer.Typer) -> None:
                 loaded = interop.load_reference_axis(source, model=model)
                 if measure_norms:
                     loaded = _with_measured_norms(loaded, model, placement)
-                loaded.save(out)
+                save_axis(loaded, out)
                 typer.echo(f"wrote {out}: axis [{loaded.n_layers}, {loaded.hidden_size}]")
             elif kind == "capping":
                 if out.suffix != ".safetensors":
                     raise ValueError(f"--out {out}: our capping configs are .safetensors files")
                 config = interop.load_reference_capping(source)
-                config.save(out)
+                save_capping(config, out)
                 typer.echo(
                     f"wrote {out}: {len(config.experiment_ids)} experiments, {len(config.vectors)} vectors "
                     f"(reference ceilings on −axis read as floors on +axis)"

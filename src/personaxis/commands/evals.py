@@ -119,15 +119,16 @@ def steering(
     from personaxis.evals import steering_sweep as ev
     from personaxis.evals.judging import judge_name, label_items
     from personaxis.evals.record import axis_info, make_record, model_info
-    from personaxis.evals.resources import floats, layer_set, load_axis
+    from personaxis.evals.resources import resolve_axis
     from personaxis.judges import IDENTITY_LABELS, make_identity_judge
+    from personaxis.options import parse_floats, parse_layers
 
     with user_errors():
         output_folder(out, "--out")  # before the model loads
-        loaded, path = load_axis(axis, run)
+        loaded, path = resolve_axis(axis, run)
         settings = ev.SteeringSettings(
-            alphas=floats(alphas),
-            layer_sets=tuple(layer_set(s) for s in layers) if layers else None,
+            alphas=parse_floats(alphas),
+            layer_sets=tuple(parse_layers(s) for s in layers) if layers else None,
             n_roles=roles,
             prompts_per_role=prompts,
             n_questions=questions,
@@ -217,8 +218,9 @@ def drift(
     """
     from personaxis.evals import drift as ev
     from personaxis.evals.record import axis_info, make_record, model_info, read_record
-    from personaxis.evals.resources import default_experiment, load_axis, load_capping, names
+    from personaxis.evals.resources import default_experiment, resolve_axis, resolve_capping
     from personaxis.evals.users import LocalModelUser, make_user
+    from personaxis.options import parse_names
 
     with user_errors():
         output_folder(out, "--out")  # before the model loads
@@ -227,9 +229,9 @@ def drift(
                 raise ValueError("--from is for --predict (re-fit the prediction on an existing drift record)")
             record = read_record(from_record)
         else:
-            loaded, path = load_axis(axis, run)
+            loaded, path = resolve_axis(axis, run)
             settings = ev.DriftSettings(
-                domains=names(domains),
+                domains=parse_names(domains),
                 conversations_per_domain=limit or conversations,
                 turns=turns,
                 max_new_tokens=max_new_tokens,
@@ -241,7 +243,7 @@ def drift(
             assert target_layer is not None
             config, cap_note, ops = None, None, None
             try:
-                config, cap_note = load_capping(capping, run, loaded)
+                config, cap_note = resolve_capping(capping, run, loaded)
             except Exception as exc:  # noqa: BLE001 - reference lines are optional unless --cap asks for capping
                 if cap:
                     raise
@@ -341,16 +343,17 @@ def jailbreak(
     from personaxis.evals import jailbreak as ev
     from personaxis.evals.judging import judge_name, label_items
     from personaxis.evals.record import axis_info, make_record, model_info
-    from personaxis.evals.resources import default_experiment, load_axis, load_capping, names
+    from personaxis.evals.resources import default_experiment, resolve_axis, resolve_capping
     from personaxis.judges import HARM_LABELS, make_harm_judge
+    from personaxis.options import parse_names
 
     with user_errors():
         output_folder(out, "--out")  # before the model loads
-        chosen = names(conditions)
-        loaded, path = load_axis(axis, run)
+        chosen = parse_names(conditions)
+        loaded, path = resolve_axis(axis, run)
         ops, cap_note = None, None
         if any(c.endswith("_capped") for c in chosen):
-            config, cap_note = load_capping(capping, run, loaded)
+            config, cap_note = resolve_capping(capping, run, loaded)
             experiment = experiment or default_experiment(config)
             ops = config.interventions(experiment)
         settings = ev.JailbreakSettings(
@@ -419,14 +422,15 @@ def capability(
     from personaxis.evals import capability as ev
     from personaxis.evals.lm_eval_bridge import run_lm_eval
     from personaxis.evals.record import axis_info, make_record, model_info
-    from personaxis.evals.resources import default_experiment, load_axis, load_capping, names
+    from personaxis.evals.resources import default_experiment, resolve_axis, resolve_capping
+    from personaxis.options import parse_names
 
     with user_errors():
         output_folder(out, "--out")  # before the model loads
-        loaded, path = load_axis(axis, run)
+        loaded, path = resolve_axis(axis, run)
         ops, cap_note = None, None
         if not no_cap:
-            config, cap_note = load_capping(capping, run, loaded)
+            config, cap_note = resolve_capping(capping, run, loaded)
             experiment = experiment or default_experiment(config)
             ops = config.interventions(experiment)
         n_ar = min(arithmetic, limit) if arithmetic is not None and limit is not None else (limit or arithmetic)
@@ -439,7 +443,7 @@ def capability(
             max_new_tokens=max_new_tokens,
             seed=seed,
             batch_size=batch_size,
-            lm_eval_tasks=names(lm_eval),
+            lm_eval_tasks=parse_names(lm_eval),
             lm_eval_limit=lm_eval_limit,
         )
         lm = _model(model, loaded, placement)
@@ -510,22 +514,22 @@ def capping_sweep(
     from personaxis.evals import capping_sweep as ev
     from personaxis.evals.judging import judge_name, label_items
     from personaxis.evals.record import axis_info, make_record, model_info
-    from personaxis.evals.resources import bands as parse_bands
-    from personaxis.evals.resources import floats, load_axis, load_capping, names
+    from personaxis.evals.resources import resolve_axis, resolve_capping
     from personaxis.judges import HARM_LABELS, make_harm_judge
+    from personaxis.options import parse_bands, parse_floats, parse_names
 
     def cut(n: int | None) -> int | None:
         return min(n, limit) if n is not None and limit is not None else (limit or n)
 
     with user_errors():
         output_folder(out, "--out")  # before the model loads
-        loaded, path = load_axis(axis, run)
-        config, cap_note = load_capping(capping, run, loaded)
+        loaded, path = resolve_axis(axis, run)
+        config, cap_note = resolve_capping(capping, run, loaded)
         chosen = ev.choose_experiments(
             config,
-            names(experiments),
+            parse_names(experiments),
             bands=parse_bands(bands),
-            percentiles=floats(percentiles) if percentiles else None,
+            percentiles=parse_floats(percentiles) if percentiles else None,
         )
         settings = ev.CappingSweepSettings(
             experiments=tuple(chosen),

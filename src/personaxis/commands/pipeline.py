@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
 from personaxis.commands import echo_err, user_errors
 from personaxis.commands.model_options import DEFAULT_PLACEMENT, ModelPlacement, model_options
+from personaxis.io.records import SummaryRecord
+from personaxis.io.run_layout import RunLayout
+from personaxis.store import read_record
 
 STAGE_HELP = {
     "generate": "Generate role, default and trait rollouts (creates the run directory).",
@@ -192,7 +194,8 @@ def register(app: typer.Typer) -> None:
             finally:
                 if executor is not None:
                     executor.shutdown()
-        summary = json.loads((out / "summary.json").read_text())
+        layout = RunLayout(out)
+        summary = read_record(layout.summary, SummaryRecord).to_json()
         target = summary["target"]
         echo_err(f"work done this call: {done}")
         traits = summary.get("trait_space")
@@ -217,7 +220,7 @@ def register(app: typer.Typer) -> None:
             f"PC1 explains {target['pc1_explained_variance']:.1%}; default at {summary['default_position']['pc1_fraction']:.2f} "
             f"of the role range along PC1{trait_line}"
         )
-        typer.echo(f"wrote {out / 'axis.safetensors'}, {out / 'summary.json'}, {out / 'report.html'}")
+        typer.echo(f"wrote {layout.axis}, {layout.summary}, {layout.report}")
 
     for stage, help_text in STAGE_HELP.items():
         _register_stage(app, stage, help_text)
@@ -235,7 +238,7 @@ def _register_stage(app: typer.Typer, stage: str, help_text: str) -> None:
         from personaxis.pipeline import Pipeline, open_existing
 
         with user_errors():
-            if stage == "generate" and not (out / "manifest.json").exists():
+            if stage == "generate" and not RunLayout(out).manifest.exists():
                 settings = _settings(
                     preset, model, None, None, None, None, None, None, judge, None, None, None, None, None, None, None
                 )

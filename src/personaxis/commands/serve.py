@@ -7,27 +7,19 @@ from typing import Any
 
 import typer
 
-from personaxis.capping import CAPPING_NAMES
 from personaxis.commands import echo_err, user_errors
 from personaxis.commands.model_options import DEFAULT_PLACEMENT, ModelPlacement, model_options
+from personaxis.io.run_layout import RunLayout
+from personaxis.io.tensor_files import load_axis, load_capping
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def find_capping(run_dir: Path) -> Path | None:
-    """The capping config that `personaxis calibrate` left beside the run's axis, if any."""
-    for name in CAPPING_NAMES:
-        if (run_dir / name).is_file():
-            return run_dir / name
-    return None
-
-
-def load_capping(path: Path | None) -> Any | None:
+def load_capping_if_given(path: Path | None) -> Any | None:
     if path is None:
         return None
-    from personaxis.capping import CappingConfig
 
-    return CappingConfig.load(path)
+    return load_capping(path)
 
 
 def register(app: typer.Typer) -> None:
@@ -108,7 +100,6 @@ def register(app: typer.Typer) -> None:
         """
         import uvicorn
 
-        from personaxis.axis import Axis
         from personaxis.web.app import create_app
         from personaxis.web.limits import Limits
 
@@ -117,14 +108,14 @@ def register(app: typer.Typer) -> None:
 
             check_all(port=port, alpha=alpha, max_new_tokens=max_new_tokens, max_upload_mb=max_upload_mb, layer=layer)
             check("max_tokens", max_request_tokens, option="--max-request-tokens")
-            axis_path = axis or run / "axis.safetensors"
+            axis_path = axis or RunLayout(run).axis
             if not axis_path.is_file():
                 raise FileNotFoundError(
                     f"no axis at {axis_path}: run `personaxis run --out {run}` first, or give --axis"
                 )
-            loaded_axis = Axis.load(axis_path)
-            capping_path = capping or find_capping(run)
-            config = load_capping(capping_path)
+            loaded_axis = load_axis(axis_path)
+            capping_path = capping or RunLayout(run).find_capping()
+            config = load_capping_if_given(capping_path)
             if cap is not None and config is None:
                 raise ValueError(
                     f"--cap {cap}: no capping config (run `personaxis calibrate --run {run}` or give --capping)"

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from personaxis.interventions import Interventions
     from personaxis.models import LoadedModel
 
-from personaxis.capping import CAPPING_NAMES
+from personaxis.io.run_layout import CAPPING_NAMES, RunLayout, find_capping_beside
+from personaxis.io.tensor_files import load_axis, load_capping
 
 SPARKS = "▁▂▃▄▅▆▇█"
 AXIS_HELP = "Axis file (.safetensors, or a reference .pt), or a run directory holding axis.safetensors."
@@ -41,7 +42,7 @@ class _Setup:
 
 def _axis_file(path: Path) -> tuple[Path, Path | None]:
     if path.is_dir():
-        file = path / "axis.safetensors"
+        file = RunLayout(path).axis
         if not file.is_file():
             raise FileNotFoundError(
                 f"{path}: no axis.safetensors in this folder (make one with `personaxis run --out {path}`)"
@@ -53,12 +54,11 @@ def _axis_file(path: Path) -> tuple[Path, Path | None]:
 
 
 def _setup(axis_path: Path, model: str | None, placement: ModelPlacement) -> _Setup:
-    from personaxis.axis import Axis
 
     file, run_dir = _axis_file(axis_path)
-    axis = Axis.load(file)
-    if model is None and run_dir is not None and (run_dir / "manifest.json").is_file():
-        model = json.loads((run_dir / "manifest.json").read_text()).get("settings", {}).get("model")
+    axis = load_axis(file)
+    if model is None and run_dir is not None and RunLayout(run_dir).manifest.is_file():
+        model = json.loads(RunLayout(run_dir).manifest.read_text()).get("settings", {}).get("model")
     name = model or "embedded"
     echo_err(f"loading model {name}…")
     lm = placement.load(None if name == "embedded" else name, target_layer=axis.target_layer)
@@ -70,7 +70,7 @@ def _capping(path: Path | None, run_dir: Path | None) -> Any | None:
     """A CappingConfig from ``path`` (a file or a run directory), else the one beside the run's axis, else None."""
     folder = path if path is not None and path.is_dir() else (run_dir if path is None else None)
     if folder is not None:
-        found = next((folder / n for n in CAPPING_NAMES if (folder / n).is_file()), None)
+        found = find_capping_beside(folder)
         if found is None and path is not None:
             raise FileNotFoundError(
                 f"{path}: no capping config in this folder ({', '.join(CAPPING_NAMES)}); make one "
@@ -79,11 +79,7 @@ def _capping(path: Path | None, run_dir: Path | None) -> Any | None:
         path = found
     if path is None:
         return None
-    try:
-        from personaxis.capping import CappingConfig
-    except ImportError as exc:  # pragma: no cover - capping ships with the package
-        raise ValueError(f"capping is not available in this installation: {exc}") from None
-    return CappingConfig.load(path)
+    return load_capping(path)
 
 
 def _floor(config: Any | None, layer: int, experiment: str | None = None) -> float | None:
@@ -189,7 +185,8 @@ def _monitor(
 ) -> None:
     from rich.table import Table
 
-    from personaxis.monitor import load_transcripts, monitor_transcripts, plot_trajectories, write_table
+    from personaxis.io.projection_files import plot_trajectories, write_table
+    from personaxis.monitor import load_transcripts, monitor_transcripts
     from personaxis.validate import check, output_folder
 
     if layers and all_layers:

@@ -21,6 +21,8 @@ from typing import Any
 from personaxis.evals.capability import capability_prompts, score_item
 from personaxis.evals.jailbreak import conversation_for, select_jailbreaks
 from personaxis.evals.stats import success_rate
+from personaxis.io.run_layout import RunLayout
+from personaxis.io.tensor_files import load_axis, load_capping
 
 NAME = "guard"
 CONDITIONS: tuple[str, ...] = ("none", "always", "guard")
@@ -280,23 +282,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--demo-only", action="store_true", help="keep OUT/guard.json's answers; redo the stream section")
     args = p.parse_args(argv)
-    axis_path = args.run / "axis.safetensors"
+    axis_path = RunLayout(args.run).axis
     if not axis_path.is_file():
         return _fail(f"no axis at {axis_path}")
-    from personaxis.commands.serve import find_capping
 
-    capping_path = args.capping or find_capping(args.run)
+    capping_path = args.capping or RunLayout(args.run).find_capping()
     if capping_path is None or not capping_path.is_file():
         return _fail(f"no capping config in {args.run}: run `personaxis calibrate --run {args.run}` or give --capping")
     if min(args.jailbreaks, args.arithmetic, args.instructions) < 0 or args.max_new_tokens < 1 or args.window < 1:
         return _fail("counts must be at least 0, --max-new-tokens and --window at least 1")
-    from personaxis.axis import Axis
-    from personaxis.capping import CappingConfig
     from personaxis.evals.record import axis_info, make_record, model_info, write_record
     from personaxis.models import load_model
 
-    axis = Axis.load(axis_path)
-    capping = CappingConfig.load(capping_path)
+    axis = load_axis(axis_path)
+    capping = load_capping(capping_path)
     if args.experiment not in capping.experiment_ids:
         return _fail(f"unknown experiment {args.experiment!r}; known: {', '.join(capping.experiment_ids[:8])}, ...")
     lm = load_model(None if args.model == "embedded" else args.model, target_layer=axis.target_layer)

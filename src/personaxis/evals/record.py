@@ -13,7 +13,11 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from personaxis.store import atomic_write_bytes, atomic_write_json, read_json
+from pydantic import ValidationError
+
+from personaxis.io.records import EvaluationRecord
+from personaxis.store import atomic_write_bytes, read_json
+from personaxis.store import write_record as write_run_record
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -110,7 +114,7 @@ def make_record(
 def write_record(record: dict[str, Any], out_dir: str | Path, stem: str | None = None) -> Path:
     """Write ``OUT/<stem or eval>.json`` atomically and return its path."""
     path = Path(out_dir) / f"{stem or record['eval']}.json"
-    atomic_write_json(path, record)
+    write_run_record(path, EvaluationRecord.model_validate(record))
     return path
 
 
@@ -121,7 +125,10 @@ def read_record(path: str | Path) -> dict[str, Any]:
         raise ValueError(
             f"{path}: not a personaxis evaluation result (format {data.get('format') if isinstance(data, dict) else None!r})"
         )
-    return data
+    try:
+        return EvaluationRecord.model_validate(data).to_json()
+    except ValidationError as exc:
+        raise ValueError(f"{path}: a damaged evaluation result ({exc.error_count()} field(s) do not fit)") from None
 
 
 def new_figure(width: float = 7.5, height: float = 4.5) -> Figure:

@@ -11,7 +11,7 @@ DEFAULT_SPEC = "offline"
 _OFFLINE = {"", "offline", "offline-v1", "default", "local"}
 
 
-def _model_of(spec: str) -> str | None:
+def judge_model(spec: str) -> str | None:
     """The model of an ``openai:MODEL`` spec, ``None`` for the offline judge; ``ValueError`` otherwise."""
     key = (spec or "").strip()
     if key.lower() in _OFFLINE:
@@ -38,7 +38,7 @@ HTTP_DEFAULTS: dict[str, Any] = {
 def _build(spec: str, offline: tuple[str, str], http: tuple[str, str], options: dict[str, Any]) -> Any:
     """The offline judge ``offline`` (module, class) for an offline spec, else the HTTP judge ``http`` on the spec's
     model with ``HTTP_DEFAULTS`` overridden by ``options``. Judge modules are imported only when used."""
-    model = _model_of(spec)
+    model = judge_model(spec)
     module, name = offline if model is None else http
     cls = getattr(import_module(module), name)
     return cls() if model is None else cls(model, **{**HTTP_DEFAULTS, **options})

@@ -47,7 +47,7 @@ def default_cache_dir() -> Path:
     return cache_dir() / "judges"
 
 
-class _HttpJudge(Generic[ItemT, ValueT]):
+class HttpJudge(Generic[ItemT, ValueT]):
     """Shared machinery: cache lookup, de-duplication, the worker pool, parse retries."""
 
     task = "base"
@@ -187,7 +187,7 @@ class _HttpJudge(Generic[ItemT, ValueT]):
         return None
 
 
-class OpenAIJudge(_HttpJudge[JudgeItem, int]):
+class OpenAIJudge(HttpJudge[JudgeItem, int]):
     """Role-adherence judge: scores each rollout 0..3 per its role's rubric, or, for a role that brings the
     reference's judge prompt (``item.eval_prompt``), exactly as the reference does: that prompt filled with the
     question and answer is the only message, and the score is the reply's first whole number in 0..3."""
@@ -207,7 +207,7 @@ class OpenAIJudge(_HttpJudge[JudgeItem, int]):
         return self._run(items, show_progress)
 
 
-class _LabelJudge(_HttpJudge[LabelItem, str]):
+class _LabelJudge(HttpJudge[LabelItem, str]):
     def label(self, items: Sequence[LabelItem], *, show_progress: bool = False) -> dict[str, str | None]:
         return self._run(items, show_progress)
 

@@ -2,7 +2,7 @@
 
 A trait rollout is an answer given under one side of an instruction pair (show the trait / show its opposite). The
 pipeline keeps a pair of answers (same question, same pair) when the positive answer scores at least
-:data:`personaxis.settings.TRAIT_MARGIN` above the negative one.
+:data:`personaxis.vectors.TRAIT_MARGIN` above the negative one.
 
 - :class:`OfflineTraitJudge` (no network): where the answer lies between the pair's two instructions —
   ``50 + 50·tanh(SHARPNESS · (sim(answer, positive) − sim(answer, negative)))`` with sentence-embedding cosine
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from personaxis.judges.base import check_unique_keys
-from personaxis.judges.openai_judge import _HttpJudge
+from personaxis.judges.openai_judge import HttpJudge
 from personaxis.judges.prompts import Messages, fill_eval_prompt, parse_reference_score
 
 TRAIT_SCALE = 100
@@ -136,7 +136,7 @@ def parse_trait_score(reply: str) -> int | None:
     return parse_reference_score(reply, TRAIT_SCALE)
 
 
-class OpenAITraitJudge(_HttpJudge[TraitItem, int], TraitJudge):  # type: ignore[type-var]
+class OpenAITraitJudge(HttpJudge[TraitItem, int], TraitJudge):  # type: ignore[type-var]
     task = "trait"
 
     def _messages(self, item: TraitItem) -> Messages:

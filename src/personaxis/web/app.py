@@ -1,6 +1,6 @@
 """The app factory: pages, static assets, the JSON API, the OpenAI-compatible endpoint, limits and error handling.
 
-    app = create_app(load_model(), Axis.load("runs/quick/axis.safetensors"), run_dir="runs/quick")
+    app = create_app(load_model(), load_axis("runs/quick/axis.safetensors"), run_dir="runs/quick")
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Every asset the pages use is served from ``personaxis/web/static`` (no CDN; the Content-Security-Policy header

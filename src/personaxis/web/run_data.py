@@ -1,5 +1,7 @@
-"""What the pages read from disk: a run directory's ``summary.json``, role prompts and sample answers, and a folder
-of transcripts. Only names the app itself listed are ever opened (no path from a request reaches the file system)."""
+"""What the pages read from disk: a run directory's summary, role prompts and sample answers, and a folder of
+transcripts, at the paths of :class:`personaxis.io.run_layout.RunLayout`. Files are read leniently (a page shows what
+it can of a partial or older run) rather than validated as :mod:`personaxis.io.records`. Only names the app itself listed are ever opened (no path from
+a request reaches the file system)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from personaxis.io.run_layout import RunLayout, unit_key
 from personaxis.web.errors import ApiError
 
 
@@ -22,6 +25,7 @@ class RunData:
 
     def __init__(self, run_dir: str | Path | None, transcripts_dir: str | Path | None = None) -> None:
         self.root = Path(run_dir) if run_dir is not None else None
+        self.layout = RunLayout(self.root) if self.root is not None else None
         self._transcripts_dir = Path(transcripts_dir) if transcripts_dir is not None else None
         self._summary: dict[str, Any] | None = None
 
@@ -30,20 +34,20 @@ class RunData:
         """The folder given, else ``RUN/transcripts``."""
         if self._transcripts_dir is not None:
             return self._transcripts_dir
-        return self.root / "transcripts" if self.root is not None else None
+        return self.layout.transcripts if self.layout is not None else None
 
     # --------------------------------------------------------------------------------------------- summary
     @property
     def summary(self) -> dict[str, Any] | None:
-        if self._summary is None and self.root is not None:
-            data = _read_json(self.root / "summary.json")
+        if self._summary is None and self.layout is not None:
+            data = _read_json(self.layout.summary)
             self._summary = data if isinstance(data, dict) and isinstance(data.get("roles"), list) else None
         return self._summary
 
     def require_summary(self) -> dict[str, Any]:
         summary = self.summary
         if summary is None:
-            where = f"{self.root}/summary.json" if self.root is not None else "no run directory was given"
+            where = str(self.layout.summary) if self.layout is not None else "no run directory was given"
             raise ApiError(
                 404,
                 f"no persona space to show ({where}): run `personaxis run` first, then "
@@ -70,7 +74,7 @@ class RunData:
 
     # ----------------------------------------------------------------------------------------------- roles
     def _settings(self) -> dict[str, Any]:
-        manifest = _read_json(self.root / "manifest.json") if self.root is not None else None
+        manifest = _read_json(self.layout.manifest) if self.layout is not None else None
         if isinstance(manifest, dict) and isinstance(manifest.get("settings"), dict):
             return manifest["settings"]
         summary = self.summary or {}
@@ -106,14 +110,11 @@ class RunData:
         }
 
     def _samples(self, name: str, limit: int = 3) -> list[dict[str, Any]]:
-        if self.root is None:
+        if self.layout is None:
             return []
-        from personaxis.store import slug
-
-        folder = self.root / "rollouts" / slug(name)
         samples: list[dict[str, Any]] = []
         for index in range(10):
-            data = _read_json(folder / f"p{index}.json")
+            data = _read_json(self.layout.rollouts(unit_key(name, index)))
             if not isinstance(data, dict):
                 if index > 0:
                     break
