@@ -112,3 +112,26 @@ def test_guarded_vllm_engine(tmp_path: Path):
 
     result = section_vllm_guard(tmp_path)
     assert result["ok"], result
+
+
+def test_spec_file_round_trips_through_a_weights_only_load(tmp_path):
+    unit = torch.zeros(HIDDEN)
+    unit[0] = 1.0
+    spec = GuardSpec(
+        steering={1: [Add(unit, alpha=0.5)]},
+        plan=GuardPlan({MONITORED: [FloorCap(unit, tau=TAU)]}, threshold=TAU, window=WINDOW, hysteresis=1.0),
+        layer=MONITORED,
+        unit=unit,
+    )
+    path = spec.save(tmp_path / "spec.pt")
+    torch.load(path, weights_only=True)  # plain data only: nothing is unpickled
+    back = GuardSpec.load(path)
+    assert (back.layer, back.plan.threshold, back.plan.window, back.plan.hysteresis) == (MONITORED, TAU, WINDOW, 1.0)
+    (add,) = back.steering[1]
+    (cap,) = back.plan.interventions[MONITORED]
+    assert type(add) is Add and add.alpha == 0.5 and torch.equal(add.vector, unit)
+    assert type(cap) is FloorCap and cap.tau == TAU and torch.equal(cap.vector, unit)
+    assert torch.equal(back.unit, unit)
+    torch.save({"format": "something else"}, tmp_path / "other.pt")
+    with pytest.raises(TypeError, match="no guard spec"):
+        GuardSpec.load(tmp_path / "other.pt")

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from personaxis.guard import GuardPlan, guard_switch
-from personaxis.interventions import Operator, RowInterventions
+from personaxis.interventions import Ablate, Add, CeilingCap, FloorCap, Operator, RowInterventions
 
 SPEC_ENV = "PERSONAXIS_VLLM_GUARD"
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -54,15 +54,59 @@ class GuardSpec:
     unit: Tensor
 
     def save(self, path: Path) -> Path:
-        torch.save(self, path)
+        """Write the spec as plain tensors, numbers and names (read back with ``torch.load(weights_only=True)``: no
+        pickled objects cross the process boundary)."""
+        plan = self.plan
+        torch.save(
+            {
+                "format": SPEC_FORMAT,
+                "steering": _plain_interventions(self.steering),
+                "caps": _plain_interventions(plan.interventions),
+                "threshold": float(plan.threshold),
+                "window": int(plan.window),
+                "hysteresis": float(plan.hysteresis),
+                "layer": int(self.layer),
+                "unit": self.unit.detach().cpu(),
+            },
+            path,
+        )
         return path
 
     @staticmethod
     def load(path: str | Path) -> GuardSpec:
-        spec = torch.load(path, weights_only=False)
-        if not isinstance(spec, GuardSpec):
-            raise TypeError(f"{path} holds no GuardSpec")
-        return spec
+        data = torch.load(path, weights_only=True, map_location="cpu")
+        if not isinstance(data, dict) or data.get("format") != SPEC_FORMAT:
+            raise TypeError(f"{path} holds no guard spec (format {SPEC_FORMAT})")
+        plan = GuardPlan(
+            _operators(data["caps"]), float(data["threshold"]), int(data["window"]), float(data["hysteresis"])
+        )
+        return GuardSpec(_operators(data["steering"]), plan, int(data["layer"]), data["unit"])
+
+
+SPEC_FORMAT = "personaxis-vllm-guard-1"
+_OPERATOR_KINDS: dict[str, type[Operator]] = {k.__name__: k for k in (Add, Ablate, FloorCap, CeilingCap)}
+
+
+def _plain_interventions(interventions: Interventions) -> dict[int, list[dict[str, Any]]]:
+    """Operators as ``{"kind": class name, "vector": tensor, <init fields>}`` per layer."""
+    plain: dict[int, list[dict[str, Any]]] = {}
+    for layer, ops in interventions.items():
+        plain[int(layer)] = [
+            {"kind": type(op).__name__, **{f.name: getattr(op, f.name) for f in fields(op) if f.init}} for op in ops
+        ]
+    return plain
+
+
+def _operators(plain: dict[int, list[dict[str, Any]]]) -> dict[int, list[Operator]]:
+    out: dict[int, list[Operator]] = {}
+    for layer, ops in plain.items():
+        out[int(layer)] = []
+        for op in ops:
+            kind = _OPERATOR_KINDS.get(str(op.get("kind")))
+            if kind is None:
+                raise TypeError(f"unknown operator {op.get('kind')!r} in a guard spec")
+            out[int(layer)].append(kind(**{k: v for k, v in op.items() if k != "kind"}))
+    return out
 
 
 @dataclass
