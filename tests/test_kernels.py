@@ -199,3 +199,28 @@ def test_released_pages_leave_memory_and_keep_their_values(tmp_path):
         got = layer(x)
     assert _resident_kb(path) < 64  # packing released the original
     torch.testing.assert_close(got, x @ values.t(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc/self/smaps are Linux's")
+def test_released_file_pages_are_marked_random(tmp_path, monkeypatch):
+    """A tied LM head is packed and its weight released, but the embedding still reads rows of it: dropped file
+    pages are marked as read at random (so a row read does not map the 64 KiB around it), written pages are not."""
+    values = torch.randn(256, 1024)
+    path = tmp_path / "embedding.bin"
+    values.numpy().tofile(path)
+    mapped = torch.from_file(str(path), shared=False, size=values.numel()).view(256, 1024)
+    real = kernels._madvise()
+    calls: list[int] = []
+
+    def recording(start: int, length: int, advice: int) -> int:
+        calls.append(advice)
+        return real(start, length, advice)
+
+    monkeypatch.setattr(kernels, "_MADVISE", recording)
+    assert kernels.release_pages(mapped)
+    assert calls == [kernels._MADV_RANDOM, kernels._MADV_DONTNEED]
+    assert torch.equal(nn.functional.embedding(torch.tensor([3, 200]), mapped), values[[3, 200]])
+    calls.clear()
+    anonymous = values.clone()
+    assert kernels.release_pages(anonymous)
+    assert calls == [kernels._MADV_PAGEOUT] and torch.equal(anonymous, values)
