@@ -66,6 +66,27 @@ def test_packed_weight_follows_in_place_changes():
         torch.testing.assert_close(layer(x), layer.bias.expand(4, 8))
 
 
+def test_weights_are_packed_on_first_use_only(monkeypatch):
+    """Converting packs nothing (loading costs what PyTorch's layers cost); each layer packs its weight on its first
+    forward, once, and releases the original there."""
+    model = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 6))
+    x = torch.randn(5, 12)
+    expected = model(x).detach()
+    packed: list[tuple[int, ...]] = []
+    released: list[tuple[int, ...]] = []
+    real_pack, real_release = kernels.pack_weight, kernels.release_pages
+    monkeypatch.setattr(kernels, "pack_weight", lambda w: packed.append(tuple(w.shape)) or real_pack(w))
+    monkeypatch.setattr(kernels, "release_pages", lambda w: released.append(tuple(w.shape)) or real_release(w))
+    assert use_onednn_linears(model, pack=True) == 2
+    assert packed == [] and all(m._onednn_weight is None for m in model if isinstance(m, OneDNNLinear))
+    with torch.no_grad():
+        first = model(x)
+        second = model(x)
+    assert packed == [(24, 12), (6, 24)] and released == packed  # once per layer, in the order the forward runs
+    torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(first, second)
+
+
 def test_only_plain_linears_are_converted_and_can_be_restored():
     model = _model()
     assert use_onednn_linears(model) == 2
