@@ -245,3 +245,42 @@ def test_released_file_pages_are_marked_random(tmp_path, monkeypatch):
     anonymous = values.clone()
     assert kernels.release_pages(anonymous)
     assert calls == [kernels._MADV_PAGEOUT] and torch.equal(anonymous, values)
+
+
+# Whether blocks of 8, 8, 8 and 1.5 MiB, each freed before the next, were separate mappings (glibc marks such a
+# block's header with IS_MMAPPED, bit 2 of the size word before it), in a fresh process after converting a layer.
+_LARGE_BLOCKS_SCRIPT = """
+import ctypes, sys, torch
+from torch import nn
+from personaxis.kernels import use_onednn_linears
+use_onednn_linears(nn.Linear(8, 8), pack=sys.argv[1] == "pack")
+flags = []
+for size in (8 << 20, 8 << 20, 8 << 20, 3 << 19):
+    block = torch.empty(size, dtype=torch.uint8)
+    flags.append(bool(ctypes.c_size_t.from_address(block.data_ptr() - 8).value & 2))
+    del block
+print(flags)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux's")
+def test_large_blocks_get_their_own_mapping_once_weights_are_packed():
+    """After converting with packing, every block of a megabyte or more is a mapping of its own (returned to the
+    system when freed), not a piece of the heap that a long-lived packed weight next to it would pin; without
+    packing glibc's own rule stands (its threshold rises to the size of a freed block)."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+
+    def flags(mode: str) -> str:
+        run = subprocess.run(
+            [sys.executable, "-c", _LARGE_BLOCKS_SCRIPT, mode], env=env, capture_output=True, text=True
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        return run.stdout.strip()
+
+    plain = flags("plain")
+    if plain != "[True, False, False, False]":
+        pytest.skip(f"not glibc's allocator as known ({plain})")
+    assert flags("pack") == "[True, True, True, True]"
