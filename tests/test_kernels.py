@@ -284,3 +284,29 @@ def test_large_blocks_get_their_own_mapping_once_weights_are_packed():
     if plain != "[True, False, False, False]":
         pytest.skip(f"not glibc's allocator as known ({plain})")
     assert flags("pack") == "[True, True, True, True]"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc/self/smaps are Linux's")
+def test_a_weights_file_is_checked_once(tmp_path, monkeypatch):
+    """Releasing weights splits their file's mapping into pieces (``MADV_RANDOM`` on some of them); the file is still
+    checked for written pages once, and a weight lying across pieces is still dropped (not just offered)."""
+    values = torch.randn(3, 64 * 1024)  # three weights of 256 KiB, one file
+    path = tmp_path / "weights.bin"
+    values.numpy().tofile(path)
+    mapped = torch.from_file(str(path), shared=False, size=values.numel()).view(3, -1)
+    assert torch.equal(mapped, values)
+    opened: list[str] = []
+    monkeypatch.setattr(
+        kernels, "open", lambda name, *a, **k: opened.append(str(name)) or open(name, *a, **k), raising=False
+    )
+    advised: list[int] = []
+    real = kernels._madvise()
+    monkeypatch.setattr(
+        kernels, "_MADVISE", lambda start, length, advice: advised.append(advice) or real(start, length, advice)
+    )
+    kernels._CLEAN_FILES.clear()
+    assert kernels.release_pages(mapped[1])  # the middle weight: its pages become a piece of their own
+    assert kernels.release_pages(mapped[0]) and kernels.release_pages(mapped)  # the whole file, across the pieces
+    assert opened.count("/proc/self/smaps") == 1
+    assert advised == [kernels._MADV_RANDOM, kernels._MADV_DONTNEED] * 3
+    assert _resident_kb(path) < 64 and torch.equal(mapped, values)

@@ -95,42 +95,55 @@ def _madvise() -> Any:
     return libc.madvise
 
 
-# File mappings checked for written pages: (start, end, inode, path) → never written. /proc/self/smaps takes ~0.1 s
-# to read, so each mapping is checked once (a model's weights file is one mapping; weights are not written after
-# loading, and a written tensor has a version above 0, see ``release_pages``).
-_CLEAN_MAPPINGS: dict[tuple[int, int, str, str], bool] = {}
+# Files mapped privately and checked for written pages: (inode, path) → no page written. /proc/self/smaps takes ~0.1 s
+# to read, so each file is checked once (a model's weights file is one mapping; weights are not written after
+# loading, and a written tensor has a version above 0, see ``release_pages``). Keyed by the file, not by the mapping's
+# bounds: ``MADV_RANDOM`` on a released weight splits the mapping into pieces, and a check per piece read smaps for
+# every weight (1.2 s for the embedded model's 211).
+_CLEAN_FILES: dict[tuple[str, str], bool] = {}
 
 
-def _mapping_of(address: int, end: int) -> tuple[int, int, str, str] | None:
-    """The file mapping holding ``[address, end)`` (from /proc/self/maps), or None (anonymous memory, unknown)."""
+def _file_of(address: int, end: int) -> tuple[str, str] | None:
+    """The file (inode, path) whose private mapping covers ``[address, end)`` without gaps, possibly in several
+    pieces (from /proc/self/maps), or None (anonymous memory, several files, unknown)."""
+    found: tuple[str, str] | None = None
+    covered = address
     with open("/proc/self/maps", encoding="utf-8", errors="replace") as handle:
         for line in handle:
             head = line.split(maxsplit=5)
             low, high = (int(x, 16) for x in head[0].split("-"))
-            if low <= address and end <= high:
-                path = head[5].strip() if len(head) == 6 else ""
-                return (low, high, head[4], path) if path.startswith("/") and head[4] != "0" else None
+            if high <= covered or low >= end:
+                continue
+            path = head[5].strip() if len(head) == 6 else ""
+            file = (head[4], path)
+            if low > covered or not path.startswith("/") or head[4] == "0" or (found is not None and file != found):
+                return None
+            found, covered = file, high
+            if covered >= end:
+                return found
     return None
 
 
 def _clean_file_mapping(address: int, end: int) -> bool:
-    """Whether ``[address, end)`` lies in one private mapping of a file none of whose pages was written (no
-    anonymous copy-on-write pages): dropping such pages loses nothing, they are read again from the file."""
+    """Whether ``[address, end)`` lies in a private mapping of a file none of whose pages was written (no anonymous
+    copy-on-write pages): dropping such pages loses nothing, they are read again from the file."""
     try:
-        mapping = _mapping_of(address, end)
-        if mapping is None:
+        file = _file_of(address, end)
+        if file is None:
             return False
-        if mapping not in _CLEAN_MAPPINGS:
-            header = f"{mapping[0]:x}-{mapping[1]:x} "
+        if file not in _CLEAN_FILES:
+            anonymous, seen = 0, False
             with open("/proc/self/smaps", encoding="utf-8", errors="replace") as handle:
                 inside = False
                 for line in handle:
-                    if line.startswith(header):
-                        inside = True
-                    elif inside and line.startswith("Anonymous:"):
-                        _CLEAN_MAPPINGS[mapping] = int(line.split()[1]) == 0
-                        break
-        return _CLEAN_MAPPINGS.get(mapping, False)
+                    head = line.split(maxsplit=5)
+                    if "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's header line
+                        inside = (head[4], head[5].strip() if len(head) == 6 else "") == file
+                        seen = seen or inside
+                    elif inside and head[0] == "Anonymous:":
+                        anonymous += int(head[1])
+            _CLEAN_FILES[file] = seen and anonymous == 0
+        return _CLEAN_FILES[file]
     except (OSError, ValueError, IndexError):
         return False
 
