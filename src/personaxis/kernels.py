@@ -187,8 +187,8 @@ def separate_large_blocks() -> bool:
     when freed (glibc's ``M_MMAP_THRESHOLD``; glibc otherwise raises that threshold up to 32 MiB as large blocks are
     freed, and serves them from its heap). Packed weights are allocated on first use, in the middle of generation's
     KV caches and activations: in the heap, the long-lived packed copies pinned the freed blocks around them, and the
-    quick preset's resident set never came back down between batches (peak 1,663 MiB against 1,500 with this, and
-    1,492 with PyTorch's layers). A block of a megabyte or more costs a few hundred page faults when allocated,
+    quick preset's resident set never came back down between batches (peak 1,663 MiB against 1,500-1,539 with
+    this, and 1,492 with PyTorch's layers). A block of a megabyte or more costs a few hundred page faults when allocated,
     small beside the work done on it. Leaves a threshold the user set (``MALLOC_MMAP_THRESHOLD_``) alone; Linux
     with glibc only. Returns whether the threshold was set."""
     global _LARGE_BLOCKS_SEPARATE
