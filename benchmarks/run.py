@@ -63,6 +63,22 @@ wall = time.perf_counter() - start
 print(json.dumps({{"rollouts_per_s": {n} / wall, "threads": torch.get_num_threads()}}))
 """
 HOG = "while True: pass"
+# Instruction-set limits, set before the libraries start (they read them once): oneDNN's documented dispatcher
+# control (``DNNL_`` is its older spelling), MKL's, and PyTorch's own vectorised kernels. ``native``: no limit.
+ISA_ENV: dict[str, dict[str, str]] = {
+    "native": {},
+    "avx2": {
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "DNNL_MAX_CPU_ISA": "AVX2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+        "ATEN_CPU_CAPABILITY": "avx2",
+    },
+}
+# Prints the instruction sets PyTorch's kernels and oneDNN dispatch to (oneDNN says it in its verbose output).
+ISA_PROBE = (
+    "import torch; print('aten', torch.backends.cpu.get_cpu_capability(), flush=True); "
+    "torch.ops.mkldnn._linear_pointwise(torch.ones(2, 8), torch.ones(4, 8), None, 'none', [], '')"
+)
 HERE = Path(__file__).resolve().parent
 
 QUESTIONS = [
@@ -261,6 +277,13 @@ class Bench:
 
             start = time.perf_counter()
             self._lm = load_model(self.args.model, device=self.args.device)
+            load_s = time.perf_counter() - start
+            # One short forward, as every command's first step: it includes what the layers prepare on first use.
+            start = time.perf_counter()
+            with torch.no_grad():
+                self._lm.model(torch.tensor([[1, 2, 3]], device=self._lm.device))
+            sync()
+            first_s = time.perf_counter() - start
             name = self._lm.profile.name
             flops = model_flops(self._lm)
             self.results["model"] = {
@@ -268,7 +291,8 @@ class Bench:
                 "layers": self._lm.profile.n_layers,
                 "hidden": self._lm.profile.hidden_size,
                 "dtype": str(self._lm.model.dtype),
-                "load_s": round(time.perf_counter() - start, 2),
+                "load_s": round(load_s, 2),
+                "first_forward_s": round(first_s, 2),
                 **flops,
             }
             self.say(
@@ -1164,7 +1188,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default=None, help="torch device for the model, e.g. cuda (default: cpu)")
     p.add_argument("--json", default=str(HERE / "results.json"), help="where to write the results")
+    p.add_argument(
+        "--isa",
+        default=None,
+        help=f"run the sections once per instruction-set limit, in child processes, and compare them "
+        f"(comma-separated, from {','.join(ISA_ENV)}; e.g. native,avx2 shows an AVX2-only machine on this one)",
+    )
     args = p.parse_args(argv)
+    if args.isa is not None:
+        args.isa = [i.strip().lower() for i in args.isa.split(",") if i.strip()]
+        bad = sorted(set(args.isa) - set(ISA_ENV))
+        if bad or not args.isa:
+            p.error(f"unknown --isa {bad}; choose from {','.join(ISA_ENV)}")
     small = args.quick
     defaults = {
         "batches": "1,4" if small else "1,16,64",
@@ -1196,8 +1231,120 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def probe_isa(env: dict[str, str]) -> dict[str, str]:
+    """The instruction sets that PyTorch's kernels and oneDNN use under ``env`` (a fresh process: both read their
+    limits once, when they start)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", ISA_PROBE],
+        env={**os.environ, **env, "ONEDNN_VERBOSE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    found = {"aten": "?", "onednn": "?"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("aten "):
+            found["aten"] = line.split(" ", 1)[1].strip()
+        elif ",info,cpu,isa:" in line:
+            found["onednn"] = line.split("isa:", 1)[1].strip()
+    return found
+
+
+def _without_options(argv: Sequence[str], names: Sequence[str]) -> list[str]:
+    """``argv`` without the options ``names`` and their values (``--x v`` or ``--x=v``)."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item in names:
+            skip = True
+        elif not any(item.startswith(name + "=") for name in names):
+            out.append(item)
+    return out
+
+
+def isa_figures(results: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The figures of one child run that the instruction-set table compares."""
+    rows: list[tuple[str, Any]] = []
+    limits = results.get("limits", {})
+    for key, label in (
+        ("matmul_torch_gflops", "matmul, `torch.mm` (GFLOP/s)"),
+        ("matmul_onednn_gflops", "matmul, oneDNN packed (GFLOP/s)"),
+        ("matvec_torch_gbs", "matrix × vector, torch (GB/s)"),
+        ("matvec_onednn_gbs", "matrix × vector, oneDNN (GB/s)"),
+        ("batch1_tokens_per_s_matvec", "batch-1 limit at the matrix × vector rate (tokens/s)"),
+    ):
+        if key in limits:
+            rows.append((label, limits[key]))
+    model = results.get("model", {})
+    for key, label in (("load_s", "model load (s)"), ("first_forward_s", "first forward after loading (s)")):
+        if key in model:
+            rows.append((label, model[key]))
+    for case in results.get("generation", {}).get("cases", []):
+        hf_onednn = case.get("hf_onednn_tokens_per_s")
+        rows.append(
+            (
+                f"gen {case['case']}: generate / on oneDNN / personaxis (tokens/s)",
+                f"{case['hf_tokens_per_s']} / {'—' if hf_onednn is None else hf_onednn} / "
+                f"{case['fast_tokens_per_s']} ({case['speedup']:.2f}×)",
+            )
+        )
+    return rows
+
+
+def run_per_isa(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run the benchmark once per instruction set in ``args.isa``, each in a child process with the limits of
+    :data:`ISA_ENV` set, and put their figures side by side in one report and one JSON file."""
+    child_argv = _without_options(argv, ("--isa", "--json"))
+    results: dict[str, Any] = {"machine": machine(), "args": vars(args).copy(), "isa": {}}
+    with tempfile.TemporaryDirectory(prefix="personaxis-bench-isa-") as tmp:
+        for isa in args.isa:
+            env = ISA_ENV[isa]
+            probe = probe_isa(env)
+            print(f"\n## instruction sets: {isa} (PyTorch kernels {probe['aten']}, oneDNN {probe['onednn']})\n")
+            out = Path(tmp) / f"{isa}.json"
+            code = subprocess.call(
+                [sys.executable, str(Path(__file__).resolve()), *child_argv, "--json", str(out)],
+                env={**os.environ, **env},
+            )
+            if code != 0 or not out.exists():
+                print(f"the {isa} run exited with {code}", file=sys.stderr)
+                return code or 1
+            results["isa"][isa] = {"env": env, "probe": probe, **json.loads(out.read_text())}
+    results["machine"]["load_average_end"] = round(load(), 2)
+    figures = {isa: dict(isa_figures(run)) for isa, run in results["isa"].items()}
+    labels = list(dict.fromkeys(label for rows in figures.values() for label in rows))
+    rows = [
+        [
+            "instruction sets used",
+            *(f"{r['probe']['aten']}; oneDNN {r['probe']['onednn']}" for r in results["isa"].values()),
+        ]
+    ]
+    rows += [[label, *(figures[isa].get(label, "—") for isa in args.isa)] for label in labels]
+    loads = ", ".join(
+        f"{isa}: {r['machine']['load_average_start']} → {r['machine'].get('load_average_end')}"
+        for isa, r in results["isa"].items()
+    )
+    table = rows_table(["figure", *args.isa], rows)
+    limits = "; ".join(
+        f"{isa}: {' '.join(f'{k}={v}' for k, v in ISA_ENV[isa].items()) or 'no limit'}" for isa in args.isa
+    )
+    text = (
+        f"### Instruction sets\n\n{table}\n\nEach column is a separate process with these limits: {limits}. "
+        f"Load average (start → end) {loads}.\n"
+    )
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print("\n" + text)
+    print(f"\nresults written to {path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.isa:
+        return run_per_isa(args, list(sys.argv[1:] if argv is None else argv))
     if args.threads:
         torch.set_num_threads(args.threads)
     bench = Bench(args)

@@ -79,3 +79,25 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
         "Quick preset in one pass, and on a busy machine",
     ):
         assert title in proc.stdout
+
+
+def test_benchmark_compares_instruction_sets(tmp_path: Path) -> None:
+    """``--isa native,avx2`` runs the sections once per instruction-set limit in child processes and puts both in
+    one JSON file; the AVX2 child really runs PyTorch's kernels and oneDNN at AVX2."""
+    out = tmp_path / "isa.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--sections", "limits", "--quick", "--isa", "native,avx2", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert list(results["isa"]) == ["native", "avx2"]
+    for run in results["isa"].values():
+        assert run["limits"]["matmul_torch_gflops"] > 0
+    avx2 = results["isa"]["avx2"]
+    assert avx2["env"]["ONEDNN_MAX_CPU_ISA"] == "AVX2" and avx2["probe"]["aten"] == "AVX2"
+    if onednn_available():
+        assert "AVX2" in avx2["probe"]["onednn"] and "512" not in avx2["probe"]["onednn"]
+    assert "### Instruction sets" in proc.stdout and "| figure | native | avx2 |" in proc.stdout

@@ -66,6 +66,27 @@ def test_packed_weight_follows_in_place_changes():
         torch.testing.assert_close(layer(x), layer.bias.expand(4, 8))
 
 
+def test_weights_are_packed_on_first_use_only(monkeypatch):
+    """Converting packs nothing (loading costs what PyTorch's layers cost); each layer packs its weight on its first
+    forward, once, and releases the original there."""
+    model = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 6))
+    x = torch.randn(5, 12)
+    expected = model(x).detach()
+    packed: list[tuple[int, ...]] = []
+    released: list[tuple[int, ...]] = []
+    real_pack, real_release = kernels.pack_weight, kernels.release_pages
+    monkeypatch.setattr(kernels, "pack_weight", lambda w: packed.append(tuple(w.shape)) or real_pack(w))
+    monkeypatch.setattr(kernels, "release_pages", lambda w: released.append(tuple(w.shape)) or real_release(w))
+    assert use_onednn_linears(model, pack=True) == 2
+    assert packed == [] and all(m._onednn_weight is None for m in model if isinstance(m, OneDNNLinear))
+    with torch.no_grad():
+        first = model(x)
+        second = model(x)
+    assert packed == [(24, 12), (6, 24)] and released == packed  # once per layer, in the order the forward runs
+    torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(first, second)
+
+
 def test_only_plain_linears_are_converted_and_can_be_restored():
     model = _model()
     assert use_onednn_linears(model) == 2
@@ -199,3 +220,93 @@ def test_released_pages_leave_memory_and_keep_their_values(tmp_path):
         got = layer(x)
     assert _resident_kb(path) < 64  # packing released the original
     torch.testing.assert_close(got, x @ values.t(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc/self/smaps are Linux's")
+def test_released_file_pages_are_marked_random(tmp_path, monkeypatch):
+    """A tied LM head is packed and its weight released, but the embedding still reads rows of it: dropped file
+    pages are marked as read at random (so a row read does not map the 64 KiB around it), written pages are not."""
+    values = torch.randn(256, 1024)
+    path = tmp_path / "embedding.bin"
+    values.numpy().tofile(path)
+    mapped = torch.from_file(str(path), shared=False, size=values.numel()).view(256, 1024)
+    real = kernels._madvise()
+    calls: list[int] = []
+
+    def recording(start: int, length: int, advice: int) -> int:
+        calls.append(advice)
+        return real(start, length, advice)
+
+    monkeypatch.setattr(kernels, "_MADVISE", recording)
+    assert kernels.release_pages(mapped)
+    assert calls == [kernels._MADV_RANDOM, kernels._MADV_DONTNEED]
+    assert torch.equal(nn.functional.embedding(torch.tensor([3, 200]), mapped), values[[3, 200]])
+    calls.clear()
+    anonymous = values.clone()
+    assert kernels.release_pages(anonymous)
+    assert calls == [kernels._MADV_PAGEOUT] and torch.equal(anonymous, values)
+
+
+# Whether blocks of 8, 8, 8 and 1.5 MiB, each freed before the next, were separate mappings (glibc marks such a
+# block's header with IS_MMAPPED, bit 2 of the size word before it), in a fresh process after converting a layer.
+_LARGE_BLOCKS_SCRIPT = """
+import ctypes, sys, torch
+from torch import nn
+from personaxis.kernels import use_onednn_linears
+use_onednn_linears(nn.Linear(8, 8), pack=sys.argv[1] == "pack")
+flags = []
+for size in (8 << 20, 8 << 20, 8 << 20, 3 << 19):
+    block = torch.empty(size, dtype=torch.uint8)
+    flags.append(bool(ctypes.c_size_t.from_address(block.data_ptr() - 8).value & 2))
+    del block
+print(flags)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux's")
+def test_large_blocks_get_their_own_mapping_once_weights_are_packed():
+    """After converting with packing, every block of a megabyte or more is a mapping of its own (returned to the
+    system when freed), not a piece of the heap that a long-lived packed weight next to it would pin; without
+    packing glibc's own rule stands (its threshold rises to the size of a freed block)."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+
+    def flags(mode: str) -> str:
+        run = subprocess.run(
+            [sys.executable, "-c", _LARGE_BLOCKS_SCRIPT, mode], env=env, capture_output=True, text=True
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        return run.stdout.strip()
+
+    plain = flags("plain")
+    if plain != "[True, False, False, False]":
+        pytest.skip(f"not glibc's allocator as known ({plain})")
+    assert flags("pack") == "[True, True, True, True]"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc/self/smaps are Linux's")
+def test_a_weights_file_is_checked_once(tmp_path, monkeypatch):
+    """Releasing weights splits their file's mapping into pieces (``MADV_RANDOM`` on some of them); the file is still
+    checked for written pages once, and a weight lying across pieces is still dropped (not just offered)."""
+    values = torch.randn(3, 64 * 1024)  # three weights of 256 KiB, one file
+    path = tmp_path / "weights.bin"
+    values.numpy().tofile(path)
+    mapped = torch.from_file(str(path), shared=False, size=values.numel()).view(3, -1)
+    assert torch.equal(mapped, values)
+    opened: list[str] = []
+    monkeypatch.setattr(
+        kernels, "open", lambda name, *a, **k: opened.append(str(name)) or open(name, *a, **k), raising=False
+    )
+    advised: list[int] = []
+    real = kernels._madvise()
+    monkeypatch.setattr(
+        kernels, "_MADVISE", lambda start, length, advice: advised.append(advice) or real(start, length, advice)
+    )
+    kernels._CLEAN_FILES.clear()
+    assert kernels.release_pages(mapped[1])  # the middle weight: its pages become a piece of their own
+    assert kernels.release_pages(mapped[0]) and kernels.release_pages(mapped)  # the whole file, across the pieces
+    assert opened.count("/proc/self/smaps") == 1
+    assert advised == [kernels._MADV_RANDOM, kernels._MADV_DONTNEED] * 3
+    assert _resident_kb(path) < 64 and torch.equal(mapped, values)
