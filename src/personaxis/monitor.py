@@ -62,7 +62,21 @@ class Transcript:
 class TurnProjection:
     """One assistant turn on the axis. ``context_tokens`` counts every token the model saw up to the end of this
     response. When the history did not fit, ``truncated`` is set: the model saw the system prompt (unless it was
-    dropped too) and the messages from ``history_start`` on; ``dropped_messages`` counts what it did not see."""
+    dropped too) and the messages from ``history_start`` on; ``dropped_messages`` counts what it did not see.
+
+    Attributes:
+        transcript: the transcript's name.
+        turn: the assistant turn's index among the transcript's assistant turns (zero-based).
+        message_index: its index in the conversation's messages.
+        projections: ``{layer: ⟨h, â_l⟩}``, the turn's mean block output projected on the unit axis, in the residual
+            stream's units (higher = more Assistant-like).
+        truncated: whether the model saw less than the whole history (or a clipped response).
+        history_start: the index of the first non-system message the model saw.
+        dropped_messages: messages left out before it (the system prompt included when it was dropped).
+        context_tokens: the tokens the model saw up to the end of this response.
+        response_tokens: the tokens of this response.
+        window: the index of the window it was scored in.
+    """
 
     transcript: str
     turn: int
