@@ -22,7 +22,15 @@ from personaxis.progress import progress_bar
 
 @dataclass
 class TurnActivations:
-    """Activations of one conversation: ``means[turn, layer_index, hidden]`` over its response tokens."""
+    """Activations of one conversation: ``means[turn, layer_index, hidden]`` over its response tokens.
+
+    Attributes:
+        means: ``[n_turns, n_layers_requested, hidden]`` float32, the mean block output over each assistant turn's
+            content tokens.
+        norms: ``[n_turns, n_layers_requested]``, the mean L2 norm of the block output over the same tokens.
+        n_tokens: the number of content tokens of each turn.
+        layers: the block indices of the second dimension, in order.
+    """
 
     means: Tensor  # [n_turns, n_layers_requested, hidden], float32
     norms: Tensor  # [n_turns, n_layers_requested], mean L2 norm of the block output over the response tokens
@@ -160,6 +168,26 @@ def extract_turn_means(
     Layers default to all blocks. Batches of 8 measured fastest on a 2-core CPU (cache-sized matrices); raise
     ``max_batch_size`` on a GPU. Batches are length-sorted and padded on ``padding_side``; results come back in
     input order.
+
+    Args:
+        lm: the model.
+        conversations: chats of ``{"role", "content"}`` messages, each with at least one assistant turn; each is
+            rendered with the model's chat template.
+        layers: zero-based block indices (block ``l``'s output, see docs/design.md "Conventions"), ``None`` for
+            every block; duplicates are dropped, order kept.
+        max_batch_size: the most conversations in one forward pass.
+        max_batch_tokens: the most ``batch size × longest length`` tokens in one forward pass.
+        padding_side: ``"right"`` or ``"left"``.
+        show_progress: show a progress bar over tokens.
+
+    Returns:
+        One :class:`TurnActivations` per conversation, in input order, with the means and mean token norms of each
+        assistant turn at each requested layer.
+
+    Raises:
+        ValueError: a conversation is longer than the model's context, has no assistant turn, or a layer selection
+            is empty (:class:`~personaxis.chat.ConversationError`, a ``ValueError``, for malformed messages).
+        IndexError: a layer is out of range.
     """
     rendered = [render_chat(lm.tokenizer, c, lm.profile, require_assistant=True) for c in conversations]
     limit = lm.profile.max_context

@@ -48,7 +48,17 @@ def check_layer_vectors(
 
 @dataclass
 class Axis:
-    """Per-layer directions ``[n_layers, hidden]`` toward the Assistant, with what is known about them."""
+    """Per-layer directions ``[n_layers, hidden]`` toward the Assistant, with what is known about them.
+
+    Attributes:
+        vectors: ``[n_layers, hidden]`` float32 on the CPU; row ``l`` is the direction at the output of decoder block
+            ``l`` (zero-based), pointing toward the Assistant (higher projection = more Assistant-like).
+        model: the name of the model it was computed on.
+        target_layer: the default layer for steering and monitoring (``n_layers // 2`` unless given).
+        residual_norms: ``[n_layers]``, the mean L2 norm of block outputs on ordinary rollouts, per layer: the unit
+            of the default steering α; ``None`` when not measured (an imported reference axis).
+        metadata: how the axis was made (JSON-able).
+    """
 
     vectors: Tensor
     model: str = "unknown"

@@ -160,7 +160,20 @@ def check_bands(bands: Sequence[tuple[int, int]], n_layers: int) -> list[tuple[i
 
 
 class CappingConfig:
-    """Named vectors and capping experiments; optionally the calibrated thresholds ``[n_percentiles, n_layers]``."""
+    """Named vectors and capping experiments; optionally the calibrated thresholds ``[n_percentiles, n_layers]``.
+
+    Attributes:
+        vectors: ``{name: CapVector(layer, vector)}``, a direction ``[hidden]`` at a zero-based block index; all share
+            one hidden size.
+        experiments: the experiments, each an id (``"layers_46:54-p0.25"``: band ``46:54``, end-exclusive, at the 25th
+            percentile) and its caps (a floor or ceiling ``tau`` on the projection onto a named vector, in the
+            residual stream's units).
+        percentiles: the calibration percentiles, in percent, or ``None``.
+        thresholds: ``[n_percentiles, n_layers]`` float64, the projection on the axis at each percentile and layer,
+            or ``None``.
+        model: the name of the model it was made for.
+        metadata: how it was made (JSON-able).
+    """
 
     def __init__(
         self,

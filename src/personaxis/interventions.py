@@ -53,7 +53,11 @@ def _unit(direction: Tensor) -> Tensor:
 
 @dataclass(frozen=True, eq=False)
 class Operator:
-    """Base class: ``vector`` is the direction the operator acts along."""
+    """Base class: ``vector`` is the direction the operator acts along.
+
+    Attributes:
+        vector: a 1-D tensor ``[hidden]`` (finite; nonzero for the operators that need a direction).
+    """
 
     vector: Tensor
 
@@ -72,7 +76,12 @@ class Operator:
 
 @dataclass(frozen=True, eq=False)
 class Add(Operator):
-    """``h ← h + alpha · vector`` (the vector as given, not normalised)."""
+    """``h ← h + alpha · vector`` (the vector as given, not normalised).
+
+    Attributes:
+        vector: the vector added, ``[hidden]`` (may be zero).
+        alpha: its coefficient, in the vector's own units.
+    """
 
     alpha: float = 1.0
     _needs_direction = False
@@ -84,7 +93,13 @@ class Add(Operator):
 
 @dataclass(frozen=True, eq=False)
 class Ablate(Operator):
-    """Project out the direction: ``h ← h − â⟨h, â⟩``, then optionally add back ``add_back · â``."""
+    """Project out the direction: ``h ← h − â⟨h, â⟩``, then optionally add back ``add_back · â``.
+
+    Attributes:
+        vector: the direction ``[hidden]`` (nonzero; normalised to ``â``).
+        add_back: the projection to set after removing it, in the residual stream's units; ``None`` leaves zero.
+        unit: ``â``, computed from ``vector``.
+    """
 
     add_back: float | None = None
     unit: Tensor = field(init=False, repr=False)
@@ -104,7 +119,13 @@ class Ablate(Operator):
 
 @dataclass(frozen=True, eq=False)
 class FloorCap(Operator):
-    """Floor on the projection: ``h ← h − â · min(⟨h, â⟩ − tau, 0)``; never lowers a projection."""
+    """Floor on the projection: ``h ← h − â · min(⟨h, â⟩ − tau, 0)``; never lowers a projection.
+
+    Attributes:
+        vector: the direction ``[hidden]`` (nonzero; normalised to ``â``).
+        tau: the threshold on ``⟨h, â⟩``, in the residual stream's units (finite).
+        unit: ``â``, computed from ``vector``.
+    """
 
     tau: float = 0.0
     unit: Tensor = field(init=False, repr=False)
@@ -126,7 +147,10 @@ class FloorCap(Operator):
 
 @dataclass(frozen=True, eq=False)
 class CeilingCap(FloorCap):
-    """Ceiling on the projection: ``h ← h − â · max(⟨h, â⟩ − tau, 0)``; never raises a projection."""
+    """Ceiling on the projection: ``h ← h − â · max(⟨h, â⟩ − tau, 0)``; never raises a projection.
+
+    Attributes (as :class:`FloorCap`): ``vector``, the direction; ``tau``, the ceiling on ``⟨h, â⟩``; ``unit``, ``â``.
+    """
 
     def _excess(self, projection: Tensor) -> Tensor:
         return torch.clamp(projection - self.tau, min=0.0)
@@ -156,7 +180,22 @@ def _writer(op: Operator):
 
 @contextmanager
 def apply_interventions(lm: LoadedModel, interventions: Interventions | None) -> Iterator[None]:
-    """Apply per-layer operators to block outputs within the ``with`` block (nothing when empty)."""
+    """Apply per-layer operators to block outputs within the ``with`` block (nothing when empty).
+
+    Args:
+        lm: the model.
+        interventions: operators (:class:`Add`, :class:`Ablate`, :class:`FloorCap`, :class:`CeilingCap`) per layer,
+            keyed by zero-based block index (they act on block ``l``'s output, every token of every forward pass);
+            at one layer they run in the order given. ``None`` or empty applies nothing.
+
+    Returns:
+        A context manager; the hooks are removed when the ``with`` block ends, also on an error.
+
+    Raises:
+        IndexError: a layer is out of range for the model.
+        TypeError: an entry is not an intervention operator.
+        VectorError: an operator's vector does not match the model's hidden size.
+    """
     interventions = interventions or {}
     for layer, ops in interventions.items():
         lm.profile.check_layer(layer)

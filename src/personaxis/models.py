@@ -144,7 +144,21 @@ class ModelPlacement:
 
 @dataclass(frozen=True)
 class ModelProfile:
-    """What the rest of personaxis needs to know about a model."""
+    """What the rest of personaxis needs to know about a model.
+
+    Attributes:
+        name: the model id or folder it was loaded from (or the name given to :func:`wrap_model`).
+        n_layers: the number of decoder blocks.
+        hidden_size: the width of the residual stream.
+        target_layer: the default layer for the axis, steering and monitoring (zero-based block index).
+        supports_system_role: whether the chat template takes a system message.
+        layers_path: the attribute path of the decoder block list (``"model.layers"``).
+        template_kwargs: extra keywords for ``apply_chat_template`` (``enable_thinking=False`` where the template
+            has it).
+        builtin_system_prompt: the system prompt the template inserts by itself, if any.
+        max_context: the model's context length in tokens, when the config says.
+        revision: the commit hash of the loaded weights, when known.
+    """
 
     name: str
     n_layers: int
@@ -172,7 +186,13 @@ class ModelProfile:
 
 @dataclass
 class LoadedModel:
-    """A causal LM, its tokenizer and its profile, loaded for personaxis."""
+    """A causal LM, its tokenizer and its profile, loaded for personaxis.
+
+    Attributes:
+        model: the transformers model, in eval mode without gradients.
+        tokenizer: its tokenizer (with a pad token).
+        profile: the :class:`ModelProfile` (layers, hidden size, target layer, template capabilities).
+    """
 
     model: nn.Module
     tokenizer: Any
@@ -415,6 +435,27 @@ def load_model(
     2-2.6x faster generation on x86-64 CPUs, equal to PyTorch's up to float rounding). ``None`` (the default) does so
     for a float32 model on an x86-64 CPU unless ``PERSONAXIS_KERNELS=torch``; ``False`` keeps PyTorch's layers;
     ``True`` asks for them wherever the build has oneDNN. It changes the module classes of this model only.
+
+    Args:
+        name_or_path: ``None`` or ``"embedded"`` for the embedded model, else a local model folder or a Hugging Face
+            model id.
+        device: where to run the model (see above); ignored when ``device_map`` is given.
+        dtype: the weights' dtype (see above).
+        target_layer: the model's default layer for the axis and steering, a zero-based block index (the output of
+            decoder block ``l``, see docs/design.md "Conventions"); default ``n_layers // 2``.
+        allow_download: let transformers download a model id that is not in the local cache.
+        device_map: transformers' placement, passed to ``from_pretrained`` as is.
+        trust_remote_code: run the model's own Python code (``auto_map``).
+        fast_cpu_linears: use the oneDNN linear layers (see above).
+
+    Returns:
+        The model (eval mode, no gradients), its tokenizer and its :class:`ModelProfile`.
+
+    Raises:
+        ModelLoadError: the path does not exist, the model is neither a local folder nor a cached id (nor
+            downloadable), its weights hold pickled objects other than tensors, or its decoder blocks or hidden size
+            cannot be found.
+        IndexError: ``target_layer`` is out of range for the model.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -474,6 +515,23 @@ def wrap_model(
     The model is put in eval mode without gradients; its device, dtype and layers stay as they are
     (``fast_cpu_linears=False``, the default here: pass ``None`` or ``True`` to opt in to the oneDNN layers, see
     :func:`load_model`). A tokenizer without a pad token gets its end-of-sequence token as one.
+
+    Args:
+        model: a causal language model whose decoder blocks sit in an ``nn.ModuleList`` (``model.model.layers`` and
+            the other usual places, or the longest list matching the config's layer count).
+        tokenizer: its tokenizer, with the chat template used to render conversations.
+        name: the model's name in files and messages (default: ``model.config.name_or_path``, else the class name).
+        target_layer: the default layer for the axis and steering, a zero-based block index (the output of decoder
+            block ``l``); default ``n_layers // 2``.
+        fast_cpu_linears: ``False`` keeps PyTorch's layers; ``None`` uses the oneDNN layers when every parameter is a
+            float32 CPU tensor (unless ``PERSONAXIS_KERNELS=torch``); ``True`` wherever the build has oneDNN.
+
+    Returns:
+        The wrapped model, tokenizer and their :class:`ModelProfile`.
+
+    Raises:
+        ModelLoadError: the decoder blocks or the hidden size cannot be found.
+        IndexError: ``target_layer`` is out of range for the model.
     """
     model.eval()
     model.requires_grad_(False)

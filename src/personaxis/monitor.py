@@ -43,6 +43,15 @@ class MonitorError(ValueError):
 
 @dataclass
 class Transcript:
+    """A conversation to monitor.
+
+    Attributes:
+        name: how results name it (the file stem for a file).
+        conversation: the validated ``{"role", "content"}`` messages.
+        meta: the other keys of the transcript's JSON object.
+        source: the file it was read from, if any.
+    """
+
     name: str
     conversation: Conversation
     meta: dict[str, Any] = field(default_factory=dict)
@@ -53,7 +62,21 @@ class Transcript:
 class TurnProjection:
     """One assistant turn on the axis. ``context_tokens`` counts every token the model saw up to the end of this
     response. When the history did not fit, ``truncated`` is set: the model saw the system prompt (unless it was
-    dropped too) and the messages from ``history_start`` on; ``dropped_messages`` counts what it did not see."""
+    dropped too) and the messages from ``history_start`` on; ``dropped_messages`` counts what it did not see.
+
+    Attributes:
+        transcript: the transcript's name.
+        turn: the assistant turn's index among the transcript's assistant turns (zero-based).
+        message_index: its index in the conversation's messages.
+        projections: ``{layer: ⟨h, â_l⟩}``, the turn's mean block output projected on the unit axis, in the residual
+            stream's units (higher = more Assistant-like).
+        truncated: whether the model saw less than the whole history (or a clipped response).
+        history_start: the index of the first non-system message the model saw.
+        dropped_messages: messages left out before it (the system prompt included when it was dropped).
+        context_tokens: the tokens the model saw up to the end of this response.
+        response_tokens: the tokens of this response.
+        window: the index of the window it was scored in.
+    """
 
     transcript: str
     turn: int
@@ -112,6 +135,18 @@ def transcript_from_data(data: Any, name: str = "transcript", source: str | None
 
 
 def load_transcript(path: str | Path) -> Transcript:
+    """Read one transcript file: JSON with ``conversation: [{"role", "content"}, ...]`` (or a bare list of messages).
+
+    Args:
+        path: the JSON file (UTF-8).
+
+    Returns:
+        The :class:`Transcript`, named after the file's stem; keys other than ``conversation`` go to its ``meta``.
+
+    Raises:
+        MonitorError: the file is missing, not UTF-8, not valid JSON, has no ``conversation``, or the conversation is
+            malformed or has no assistant turn.
+    """
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -365,6 +400,29 @@ def monitor_transcripts(
     per batch, stopped after the deepest requested layer). ``interventions`` (steering, capping) are applied during
     the pass, so the projections show the stream the model actually had. ``windows``: how conversations longer
     than the context are cut (:func:`plan_windows`).
+
+    Args:
+        lm: the model.
+        axis: the axis to project on; it must fit the model (same layer count and hidden size).
+        transcripts: the conversations, each with at least one assistant turn.
+        layers: zero-based block indices (block ``l``'s output, see docs/design.md "Conventions"): an int, a list
+            (duplicates dropped, order kept), ``"all"``, or ``None`` for the axis' target layer.
+        max_tokens: the longest window in tokens (default: the model's context).
+        interventions: operators per layer applied during the forward passes, as in
+            :func:`~personaxis.interventions.apply_interventions`.
+        show_progress: show a progress bar over tokens.
+        windows: ``"chunked"`` (the default) or ``"longest"``.
+
+    Returns:
+        One :class:`TurnProjection` per assistant turn, transcript by transcript in order: ``projections[layer]`` is
+        ``⟨h, â_l⟩``, the turn's mean block output projected on the unit axis, in the residual stream's units
+        (higher = more Assistant-like).
+
+    Raises:
+        AxisError: the axis does not fit the model.
+        MonitorError: a transcript's conversation is malformed or refused by the chat template.
+        ValueError: no layer is chosen.
+        IndexError: a layer is out of range.
     """
     axis.check_fits(lm.profile.n_layers, lm.profile.hidden_size, lm.profile.name)
     layer_list = _layer_list(axis, layers)
@@ -411,5 +469,21 @@ def monitor_transcripts(
 def monitor_conversation(
     lm: LoadedModel, axis: Axis, conversation: Sequence[Any], **kwargs: Any
 ) -> list[TurnProjection]:
-    """Per-turn projections of one conversation (a list of ``{"role", "content"}`` messages)."""
+    """Per-turn projections of one conversation (a list of ``{"role", "content"}`` messages).
+
+    Args:
+        lm: the model.
+        axis: the axis to project on.
+        conversation: the messages, with at least one assistant turn.
+        **kwargs: the keywords of :func:`monitor_transcripts` (``layers``, ``max_tokens``, ``interventions``,
+            ``show_progress``, ``windows``).
+
+    Returns:
+        One :class:`TurnProjection` per assistant turn (transcript name ``"conversation"``), as
+        :func:`monitor_transcripts` gives them.
+
+    Raises:
+        MonitorError: the conversation is malformed or has no assistant turn; and the errors of
+            :func:`monitor_transcripts`.
+    """
     return monitor_transcripts(lm, axis, [transcript_from_data(list(conversation), name="conversation")], **kwargs)

@@ -75,7 +75,21 @@ class Executor(Protocol):
 
 
 class Pipeline:
-    """One run directory and the stages that fill it."""
+    """One run directory and the stages that fill it.
+
+    Attributes:
+        store: the run's files (:class:`~personaxis.store.RunStore`); ``layout``, their paths
+            (:class:`~personaxis.io.run_layout.RunLayout`).
+        settings: the :class:`~personaxis.settings.RunSettings` of the run.
+        conditions: what the model is prompted as (roles, the default, trait sides), from the settings.
+        questions: the questions each system prompt is asked.
+        units: the units of work, one per (condition, system prompt).
+        placement: where the model is loaded (device, dtype, ...), when given.
+        executor: runs a stage's chunks of units elsewhere (Ray workers, :class:`Executor`), or ``None`` to run them here.
+        log: a function that receives progress messages.
+        show_progress: show progress bars.
+        work_done: how many units each stage did in this process.
+    """
 
     def __init__(
         self,

@@ -176,6 +176,36 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class RunSettings:
+    """What a run generates and how: recorded in the run's manifest, so a resumed run uses the same settings.
+
+    Attributes:
+        model: the model (``"embedded"``, a Hugging Face id or a folder).
+        preset: the preset the settings came from (``"quick"``, ``"paper"``, ...).
+        n_roles: how many roles of the catalogue (or of ``roles_dir``); ``None`` for all.
+        role_names: the roles by name, or ``None``.
+        prompts_per_role: system prompts per role and condition (1-5).
+        n_questions: questions each system prompt is asked.
+        persona_questions_only: draw the questions from the persona questions of the catalogue only.
+        question_ids: the questions by id (topped up with persona questions to ``n_questions``), or ``None``.
+        n_traits: how many traits get positive/negative vectors (0 for none).
+        pairs_per_trait: system prompt pairs per trait (1-5).
+        max_new_tokens: the longest answer, in tokens.
+        temperature: sampling temperature (0: greedy).
+        top_p: nucleus sampling mass, in ``(0, 1]``.
+        seed: the sampling seed.
+        judge: the role-adherence judge: ``"offline"``, ``"openai:MODEL"`` or ``"none"``.
+        min_count: the fewest judged rollouts a role vector needs.
+        vectors: the role vector recipe: ``"reference"``, ``"paper"`` or ``"pooled"``.
+        judge_traits: judge trait rollouts 0-100 and keep only clear pairs (the paper's traits).
+        target_layer: the axis' default layer (zero-based block index), or ``None`` for ``n_layers // 2``.
+        roles_dir: a folder of role definitions replacing the catalogue's, or ``None``.
+        questions_path: a questions file replacing the catalogue's, or ``None``.
+        traits_dir: a folder of trait definitions replacing the catalogue's, or ``None``.
+        store_dtype: the dtype activation means are stored in (``"float32"``, ``"float16"`` or ``"bfloat16"``).
+        data_version: the version of the packaged role, question and trait catalogue.
+        extra: other recorded options (backend, batch size, an imported run's description, ...).
+    """
+
     model: str = "embedded"
     preset: str = "quick"
     n_roles: int | None = 31

@@ -79,6 +79,24 @@ def steering_interventions(
     α is a fraction of each layer's mean residual norm (``raw=False``, needs ``axis.residual_norms``) or, with
     ``raw=True``, the reference's coefficient of the stored axis row. With several layers, the same α applies at each
     one, in that layer's own units.
+
+    Args:
+        axis: the axis to steer along.
+        layers: zero-based block indices (block ``l``'s output, see docs/design.md "Conventions"): an int, a list
+            (duplicates dropped, order kept), ``"all"``, or ``None`` for the axis' target layer.
+        alpha: the steering coefficient; by default a fraction of the layer's mean residual norm ``r_l``
+            (``h ← h + α · r_l · â_l``), with ``raw`` the coefficient of the stored axis row (``h ← h + α · axis[l]``).
+            ``α > 0`` pushes toward the Assistant, ``α < 0`` away from it.
+        raw: take ``alpha`` in the reference implementation's units.
+
+    Returns:
+        ``{layer: [Add(...)]}``, one :class:`~personaxis.interventions.Add` per layer, for
+        :func:`~personaxis.generation.generate` or :func:`~personaxis.interventions.apply_interventions`.
+
+    Raises:
+        AxisError: ``alpha`` is not finite, no layer is chosen, a layer is not an int, or (``raw=False``) the axis has
+            no residual norms.
+        IndexError: a layer is out of range for the axis.
     """
     alpha = float(alpha)
     if alpha != alpha or alpha in (float("inf"), float("-inf")):
@@ -116,6 +134,28 @@ def steer(
     """Answer each prompt twice, without and with steering, with the same sampling settings and seeds.
 
     A prompt is a user message (optionally after ``system_prompt``) or a whole conversation ending in a user turn.
+
+    Args:
+        lm: the model.
+        axis: the axis to steer along; it must fit the model (same layer count and hidden size).
+        prompts: user messages, or conversations of ``{"role", "content"}`` messages ending with a user turn.
+        layers: the layers steered, as in :func:`steering_interventions` (``None``: the axis' target layer).
+        alpha: the steering coefficient, as in :func:`steering_interventions` (a fraction of the layer's mean
+            residual norm unless ``raw``; negative steers away from the Assistant).
+        config: sampling settings (default :class:`~personaxis.generation.SamplingConfig`: greedy).
+        raw: take ``alpha`` in the reference implementation's units (the coefficient of the stored axis row).
+        system_prompt: a system message put before each string prompt (not before whole conversations).
+        show_progress: show progress bars for the two generation passes.
+
+    Returns:
+        One :class:`SteeredAnswer` per prompt, in order: the prompt (a conversation's last message), the unsteered
+        and the steered :class:`~personaxis.generation.Generation`.
+
+    Raises:
+        AxisError: the axis does not fit the model, or the steering settings are invalid (see
+            :func:`steering_interventions`).
+        IndexError: a layer is out of range for the axis.
+        ValueError: a prompt plus ``max_new_tokens`` exceeds the model's context.
     """
     axis.check_fits(lm.profile.n_layers, lm.profile.hidden_size, lm.profile.name)
     ops = steering_interventions(axis, layers, alpha, raw=raw)

@@ -76,7 +76,14 @@ ENGINES: tuple[str, ...] = ("fast", "hf")
 
 @dataclass(frozen=True)
 class Generation:
-    """One generated answer."""
+    """One generated answer.
+
+    Attributes:
+        text: the answer's text up to the end-of-turn token, without special tokens (whitespace kept).
+        prompt_tokens: the number of tokens of the rendered prompt.
+        new_tokens: the number of answer tokens, not counting the end-of-turn token.
+        stopped: ``True`` when it ended on an end-of-turn token, ``False`` when cut at ``max_new_tokens``.
+    """
 
     text: str
     prompt_tokens: int

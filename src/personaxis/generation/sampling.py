@@ -25,6 +25,14 @@ class SamplingConfig:
     """How to generate: greedy when ``temperature == 0``; sampled answers are seeded from ``seed`` and their index.
 
     ``batch_size`` is the number of answers generated side by side (the fast engine keeps that many running).
+
+    Attributes:
+        max_new_tokens: the most tokens generated per answer (at least 1).
+        temperature: ``0`` for greedy decoding, else the sampling temperature.
+        top_p: the nucleus sampling mass, in ``(0, 1]``.
+        seed: the seed of a sampled call (answer ``i`` has its own stream); ``None`` draws from torch's global
+            generator.
+        batch_size: answers generated side by side (at least 1).
     """
 
     max_new_tokens: int = 128

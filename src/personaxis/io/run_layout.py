@@ -98,7 +98,12 @@ def unit_key(condition: str, prompt_index: int) -> str:
 
 
 class RunLayout:
-    """Every path of one run directory."""
+    """Every path of one run directory.
+
+    It holds only ``root``, the run directory; each property or method gives one file or folder under it (the
+    manifest, the axis, the vector index, a unit's rollouts, activations and judgments, a role's vectors, ...), as
+    listed in docs/design.md "The run directory". Nothing is read or created by the layout itself.
+    """
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)

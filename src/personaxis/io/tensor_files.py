@@ -28,7 +28,16 @@ AXIS_FORMAT = "personaxis.axis/1"
 
 # ------------------------------------------------------------------------------------------------------------ axis
 def save_axis(axis: Axis, path: str | Path) -> Path:
-    """Write an axis as safetensors (no pickle) with JSON metadata, atomically (temporary file, fsync, rename)."""
+    """Write an axis as safetensors (no pickle) with JSON metadata, atomically (temporary file, fsync, rename).
+
+    Args:
+        axis: the axis; its vectors ``[n_layers, hidden]``, residual norms (when present), model name, target layer
+            and metadata are written, with the layer and sign conventions.
+        path: the file to write (``.safetensors`` by convention; the format does not depend on the suffix).
+
+    Returns:
+        ``path``, as a :class:`~pathlib.Path`.
+    """
     path = Path(path)
     tensors = {"axis": axis.vectors.contiguous()}
     if axis.residual_norms is not None:
@@ -46,7 +55,24 @@ def save_axis(axis: Axis, path: str | Path) -> Path:
 
 
 def load_axis(path: str | Path, *, model: str | None = None) -> Axis:
-    """Read an axis: our safetensors, or a reference torch file (``[n_layers, hidden]`` or ``{"axis": ...}``)."""
+    """Read an axis: our safetensors, or a reference torch file (``[n_layers, hidden]`` or ``{"axis": ...}``).
+
+    Args:
+        path: a ``.safetensors`` file written by :func:`save_axis`; any other suffix is read as the reference's torch
+            file (with ``weights_only=True``).
+        model: the model name to record on an axis read from a reference file (which keeps none); our files carry
+            their own.
+
+    Returns:
+        The :class:`~personaxis.axis.Axis`: float32 vectors ``[n_layers, hidden]`` pointing toward the Assistant,
+        with its residual norms (``None`` when the file has none, as the reference's files), target layer and
+        metadata.
+
+    Raises:
+        AxisError: the file is missing, not a valid axis file, has an unknown sign convention or malformed metadata
+            (:class:`~personaxis.interop.InteropError`, an ``AxisError``, for a reference file that is unreadable,
+            refused as unsafe or too large, or holds something else).
+    """
     path = Path(path)
     if not path.is_file():
         raise AxisError(f"{path}: axis file not found")
@@ -79,7 +105,16 @@ def load_axis(path: str | Path, *, model: str | None = None) -> Axis:
 
 # --------------------------------------------------------------------------------------------------------- capping
 def save_capping(config: CappingConfig, path: str | Path) -> Path:
-    """Write our format (``.safetensors``, no pickle) or, for any other suffix, the reference torch file."""
+    """Write our format (``.safetensors``, no pickle) or, for any other suffix, the reference torch file.
+
+    Args:
+        config: the capping config: named vectors with their layers, the experiments, and the calibrated thresholds
+            and percentiles when present (the reference's format keeps them under an extra ``"personaxis"`` key).
+        path: the file to write; ``.safetensors`` selects our format, written atomically.
+
+    Returns:
+        ``path``, as a :class:`~pathlib.Path`.
+    """
     path = Path(path)
     if path.suffix != ".safetensors":
         return save_reference_capping(config, path)
@@ -100,7 +135,21 @@ def save_capping(config: CappingConfig, path: str | Path) -> Path:
 
 
 def load_capping(path: str | Path) -> CappingConfig:
-    """Read our safetensors format, or a reference torch file (read with ``weights_only=True`` only)."""
+    """Read our safetensors format, or a reference torch file (read with ``weights_only=True`` only).
+
+    Args:
+        path: a ``.safetensors`` file written by :func:`save_capping`, or (any other suffix) the reference's torch
+            file.
+
+    Returns:
+        The :class:`~personaxis.capping.CappingConfig`; its thresholds ``[n_percentiles, n_layers]`` are ``None``
+        when the file has none (a reference file written by the reference implementation).
+
+    Raises:
+        CappingError: the file is missing, not a valid safetensors file, not a personaxis capping config, or
+            malformed.
+        InteropError: a reference file is unreadable, refused as unsafe or too large, or malformed.
+    """
     path = Path(path)
     if not path.is_file():
         raise CappingError(f"{path}: capping config not found")

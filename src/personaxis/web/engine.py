@@ -272,7 +272,24 @@ class ModelService:
         return Treatment(cap, alpha, merge_interventions(*parts))
 
     # ------------------------------------------------------------------------------------------- model calls
-    def _prompt(self, messages: Sequence[Any], max_new_tokens: int) -> Prepared:
+    def prepare_prompt(self, messages: Sequence[Any], max_new_tokens: int) -> Prepared:
+        """Validate a conversation and render it as the prompt of the next assistant answer.
+
+        Not locked: a caller that shares the service with running requests holds :attr:`lock` around it (the
+        tokenizer is shared state), as the app's request path does.
+
+        Args:
+            messages: ``{"role", "content"}`` messages ending with a user message.
+            max_new_tokens: the answer's token budget, checked with the prompt against the model's context.
+
+        Returns:
+            The :class:`Prepared` request: the validated conversation, the prompt token ids (with the generation
+            prompt), and the token spans of its earlier assistant turns.
+
+        Raises:
+            ApiError: 422 when the conversation is malformed, does not end with a user message, or with
+                ``max_new_tokens`` exceeds the model's context.
+        """
         try:
             conversation = validate_conversation(messages)
             normalized = normalize_conversation(conversation, self.lm.profile)
@@ -408,7 +425,7 @@ class ModelService:
 
     def _prepare_locked(self, messages: Sequence[Any], max_new_tokens: int) -> Prepared:
         with self.lock:  # the tokenizer is shared state too
-            prepared = self._prompt(messages, max_new_tokens)
+            prepared = self.prepare_prompt(messages, max_new_tokens)
         try:
             self.batcher.check_fits(len(prepared.prompt), max_new_tokens)
         except TooLarge as exc:
