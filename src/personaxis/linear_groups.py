@@ -87,9 +87,8 @@ class LinearGroup:
         if state is not None and any(p is not None for p in state[2]):
             self.wasted += 1
             if self.wasted > MAX_WASTED:
-                member = self.members[index]
                 self.dissolve()
-                return member.forward(x)
+                return self.members[index].forward(x)
         weight, bias = self._weight()
         fresh: list[Tensor | None] = list(kernels.onednn_linear(x, weight, bias).split(self.sizes, dim=-1))
         part = fresh[index]
@@ -103,7 +102,7 @@ class LinearGroup:
         for member in self.members:
             member.__dict__.pop("_onednn_group", None)
             member.__dict__.pop("_onednn_group_index", None)
-        self.members, self.packed, self.bias, self.state = [], None, None, None
+        self.packed, self.bias, self.state = None, None, None
 
 
 def _groupable(members: Sequence[nn.Module]) -> bool:
