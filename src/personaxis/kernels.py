@@ -13,9 +13,6 @@ copies cost as much memory as the weights; when they would not fit in a quarter 
 on the weights as they are (about 1.5× slower than packed at batches of 16 or more, the same for one row). Results
 equal ``F.linear`` up to float rounding (another summation order).
 
-Sibling projections that read one input (an attention's q/k/v, an MLP's gate/up) share one packed weight and run as
-one wider product (:mod:`personaxis.linear_groups`; ``PERSONAXIS_LINEAR_GROUPS=0`` turns that off).
-
 Memory: a packed copy replaces its original in the resident set (:func:`release_pages`), and large blocks get their
 own mappings once weights are packed (:func:`separate_large_blocks`), so the peak RSS stays that of PyTorch's layers.
 
@@ -28,16 +25,12 @@ import os
 import platform
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from personaxis.linear_groups import LinearGroup
-
 KERNELS_ENV = "PERSONAXIS_KERNELS"
-GROUPS_ENV = "PERSONAXIS_LINEAR_GROUPS"
 # Packed copies may use at most this share of the memory available when the model is converted.
 PACK_MEMORY_FRACTION = 0.25
 # Allocations from this size up get their own memory mapping once weights are packed (see ``separate_large_blocks``).
@@ -226,8 +219,6 @@ class OneDNNLinear(nn.Linear):
     _onednn_pack: bool = True
     _onednn_weight: Tensor | None = None
     _onednn_key: tuple[int, int] | None = None
-    _onednn_group: LinearGroup | None = None  # siblings reading the same input (:mod:`personaxis.linear_groups`)
-    _onednn_group_index: int = 0
 
     def _weight_for_onednn(self, weight: Tensor) -> Tensor:
         if not self._onednn_pack:
@@ -249,9 +240,6 @@ class OneDNNLinear(nn.Linear):
             and x.dim() >= 2
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         ):
-            group = self._onednn_group
-            if group is not None:
-                return group.output(self._onednn_group_index, x)
             return onednn_linear(x, self._weight_for_onednn(weight), self.bias)
         return nn.functional.linear(x, weight, self.bias)
 
@@ -266,18 +254,12 @@ def _plain_linears(model: nn.Module) -> list[nn.Linear]:
     ]
 
 
-def use_onednn_linears(
-    model: nn.Module, *, pack: bool | None = None, force: bool = False, group: bool | None = None
-) -> int:
+def use_onednn_linears(model: nn.Module, *, pack: bool | None = None, force: bool = False) -> int:
     """Turn the model's plain ``nn.Linear`` modules into :class:`OneDNNLinear` in place; returns how many.
 
-    ``pack=None`` packs weights when their copies fit in ``PACK_MEMORY_FRACTION`` of the available memory. With packed
-    weights, sibling projections reading one input (q/k/v, gate/up) run as one product
-    (:mod:`personaxis.linear_groups`) unless ``group=False`` or ``PERSONAXIS_LINEAR_GROUPS=0``. Nothing changes when
-    oneDNN is unavailable or (unless ``force``) ``PERSONAXIS_KERNELS=torch``.
+    ``pack=None`` packs weights when their copies fit in ``PACK_MEMORY_FRACTION`` of the available memory. Nothing
+    changes when oneDNN is unavailable or (unless ``force``) ``PERSONAXIS_KERNELS=torch``.
     """
-    if group is None:
-        group = os.environ.get(GROUPS_ENV, "1").strip() not in ("0", "false", "no", "off")
     if not (onednn_available() if force else kernels_enabled()):
         return 0
     linears = _plain_linears(model)
@@ -291,18 +273,11 @@ def use_onednn_linears(
     for module in linears:
         module.__class__ = OneDNNLinear
         module._onednn_pack = pack
-    if pack and group:
-        from personaxis.linear_groups import group_sibling_linears
-
-        group_sibling_linears(model)
     return len(linears)
 
 
 def restore_linears(model: nn.Module) -> int:
     """Undo :func:`use_onednn_linears` (drops the packed copies); returns how many modules changed back."""
-    from personaxis.linear_groups import dissolve_groups
-
-    dissolve_groups(model)
     changed = 0
     for module in model.modules():
         if type(module) is OneDNNLinear:
