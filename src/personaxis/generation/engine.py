@@ -197,11 +197,13 @@ class FastEngine:
     # -- model calls ----------------------------------------------------------------------------------------------
 
     def _choose(self, logits: Tensor, batch_rows: list[int], n_generated: list[int]) -> Tensor:
-        """Next token per row: greedy argmax, or temperature / top-p sampling."""
+        """Next token per row: greedy argmax, or temperature / top-p sampling. ``logits`` are this step's own (the
+        stop tokens of rows below ``min_new_tokens`` are masked in place, not in a copy of the whole vocabulary)."""
         if self.min_new and self.stops:
             early = [i for i, n in enumerate(n_generated) if n < self.min_new]
-            if early:
-                logits = logits.clone()
+            if len(early) == len(n_generated):
+                logits.index_fill_(1, self.stop_tensor, -math.inf)
+            elif early:
                 rows = torch.tensor(early, dtype=torch.long, device=logits.device)
                 logits[rows.unsqueeze(1), self.stop_tensor.unsqueeze(0)] = -math.inf
         if self.config.temperature == 0:
