@@ -63,7 +63,8 @@ def _request(mode: str, name: str) -> tuple[Params, list[int]]:
     return Params({"personaxis": {"mode": mode, "id": name}}), []
 
 
-def test_hooks_treat_each_row_as_its_request_says_and_follow_moves():
+def _spec() -> tuple[torch.Tensor, GuardSpec]:
+    """Steering on layer 1, a floor cap on the monitored layer, along the first coordinate."""
     unit = torch.zeros(HIDDEN)
     unit[0] = 1.0
     spec = GuardSpec(
@@ -72,6 +73,11 @@ def test_hooks_treat_each_row_as_its_request_says_and_follow_moves():
         layer=MONITORED,
         unit=unit,
     )
+    return unit, spec
+
+
+def test_hooks_treat_each_row_as_its_request_says_and_follow_moves():
+    unit, spec = _spec()
     plain, guarded = Stack(), Stack()
     guarded.load_state_dict(plain.state_dict())
     GuardHooks(spec).attach(guarded.layers, guarded)
@@ -115,14 +121,7 @@ def test_guarded_vllm_engine(tmp_path: Path):
 
 
 def test_spec_file_round_trips_through_a_weights_only_load(tmp_path):
-    unit = torch.zeros(HIDDEN)
-    unit[0] = 1.0
-    spec = GuardSpec(
-        steering={1: [Add(unit, alpha=0.5)]},
-        plan=GuardPlan({MONITORED: [FloorCap(unit, tau=TAU)]}, threshold=TAU, window=WINDOW, hysteresis=1.0),
-        layer=MONITORED,
-        unit=unit,
-    )
+    unit, spec = _spec()
     path = spec.save(tmp_path / "spec.pt")
     torch.load(path, weights_only=True)  # plain data only: nothing is unpickled
     back = GuardSpec.load(path)
