@@ -48,7 +48,7 @@ class Collector:
 
 
 def _job(service: ModelService, messages, treatment, max_new: int = 10, **kw) -> tuple[Job, Collector]:
-    prompt = service._prompt(messages, max_new).prompt
+    prompt = service.prepare_prompt(messages, max_new).prompt
     out = Collector()
     return Job(
         prompt, StreamSettings(max_new_tokens=max_new, **kw), treatment.interventions, out, guard=treatment.guard
@@ -173,9 +173,9 @@ def test_a_shared_prompt_start_is_read_once(tiny_llama, axis, capping, kept, mon
             other, other_out = _job(svc, second, svc.treatment(None, 0.0), max_new=12)
             svc.batcher.submit(other)  # another treatment: its own prompt start
             answers.append(other_out.end)
-        prompt = cached._prompt(second, 12).prompt
+        prompt = cached.prepare_prompt(second, 12).prompt
         shared = next(
-            i for i, (a, b) in enumerate(zip(cached._prompt(first, 12).prompt, prompt, strict=False)) if a != b
+            i for i, (a, b) in enumerate(zip(cached.prepare_prompt(first, 12).prompt, prompt, strict=False)) if a != b
         )
         assert shared >= 8
         shared = min(shared, kept or shared)
@@ -225,7 +225,7 @@ def test_running_projection_is_the_mean_of_the_same_pass_readings(service):
     from personaxis.generation import generate_ids
     from personaxis.hooks import residual_hooks
 
-    prompt = service._prompt(PROMPTS[1], 8).prompt
+    prompt = service.prepare_prompt(PROMPTS[1], 8).prompt
     answer = generate_ids(service.lm, [prompt], SamplingConfig(max_new_tokens=8), stop_ids=service.stop_ids)[0]
     fed = [t for t in answer if t not in set(service.stop_ids)]
     assert len(fed) == end.new_tokens
@@ -328,7 +328,7 @@ def test_a_timed_out_request_is_a_504_or_an_error_chunk_with_its_type(tiny_llama
 
 def test_the_cache_budget_bounds_the_rows_decoded_together(tiny_llama, axis):  # noqa: F811
     probe = ModelService(tiny_llama, axis)
-    prompt = probe._prompt(PROMPTS[1], 12).prompt
+    prompt = probe.prepare_prompt(PROMPTS[1], 12).prompt
     per_row = (len(prompt) + 12 + 1) * probe.batcher.bytes_per_token
     probe.close()
     budget = 2 * per_row + per_row // 2  # room for two such rows, not three
@@ -515,7 +515,7 @@ def test_per_turn_projections_come_from_the_serving_passes(service):
     from test_web_api import FIXED
 
     messages = [*FIXED, {"role": "user", "content": "Why?"}]
-    prepared = service._prompt(messages, 8)
+    prepared = service.prepare_prompt(messages, 8)
     treatment = service.treatment(EXPERIMENT, 0.0)
     job = Job(prepared.prompt, StreamSettings(max_new_tokens=8), treatment.interventions, Collector())
     service.batcher.submit(job)
