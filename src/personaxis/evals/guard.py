@@ -90,7 +90,8 @@ def run_guard_eval(
         for condition in CONDITIONS:
             treatment = service.treatment(_cap(condition, settings.experiment), 0.0)
             for case in cases:
-                prompt = service.prepare_prompt(case["conversation"], settings.max_new_tokens).prompt
+                with service.lock:  # the tokenizer is shared with the batcher's thread, as in the app's request path
+                    prompt = service.prepare_prompt(case["conversation"], settings.max_new_tokens).prompt
                 record = {k: v for k, v in case.items() if k != "conversation"}
                 record.update(condition=condition, key=f"{condition}|{case['kind']}|{case['id']}", switches=[])
                 records.append(record)
