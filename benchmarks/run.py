@@ -414,15 +414,16 @@ class Bench:
         return out
 
     def _gen_case(self, label: str, prompts: list[list[int]], config: Any, min_new: int) -> dict[str, Any]:
-        """Time ``generate_ids`` on the same prompts and settings: plain ``generate`` (PyTorch's linear layers),
+        """Time ``generate_ids`` on the same prompts and settings: plain ``generate`` (PyTorch's linear layers and "sdpa" attention),
         ``generate`` on personaxis' oneDNN layers, and the personaxis engine."""
+        from personaxis.decode_attention import sdpa_attention
         from personaxis.generation import generate_ids
         from personaxis.kernels import onednn_linear_count, torch_linears
 
         lm, flops, peak = self.lm, model_flops(self.lm), self._peak()
 
         def hf_plain() -> list[list[int]]:
-            with torch_linears(lm.model):
+            with torch_linears(lm.model), sdpa_attention(lm.model):
                 return generate_ids(lm, prompts, config, min_new_tokens=min_new, engine="hf")
 
         runs: dict[str, Callable[[], Any]] = {"hf": hf_plain}

@@ -237,3 +237,37 @@ def test_kv_cache_budget_grows_with_free_gpu_memory(monkeypatch):
     assert engine.kv_cache_budget(torch.device("cuda", 0)) == 20 * 1024**3
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1024**3, 80 * 1024**3))
     assert engine.kv_cache_budget(torch.device("cuda", 0)) == engine.KV_CACHE_BYTES  # never below the floor
+
+
+def test_a_finished_batch_frees_its_cache_before_the_next_prefill(tiny_llama, monkeypatch):
+    """When every row of a batch is done, its key/value cache is gone before the next prompts' cache is made: the
+    peak holds one batch's cache, not two (200 MB of the quick preset's peak at 32 rows)."""
+    import gc
+    import weakref
+
+    from personaxis.generation import cache as kv
+    from personaxis.generation import engine
+
+    made: list[weakref.ref] = []
+    plain_cache = kv._plain_cache
+
+    def recorded(model):
+        cache = plain_cache(model)
+        made.append(weakref.ref(cache))
+        return cache
+
+    alive: list[int] = []
+    prefill = engine.FastEngine._prefill
+
+    def counting(self, rows):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in made))
+        return prefill(self, rows)
+
+    monkeypatch.setattr(kv, "_plain_cache", recorded)
+    monkeypatch.setattr(engine.FastEngine, "_prefill", counting)
+    prompts = [[5, 6, 7], [8, 9, 10], [11, 12, 13], [14, 15, 16], [17, 18, 19], [20, 21, 22]]
+    config = SamplingConfig(max_new_tokens=4, batch_size=3)
+    out = generate_ids(tiny_llama, prompts, config, min_new_tokens=4, stop_ids=[])
+    assert [len(o) for o in out] == [4] * 6
+    assert alive == [0, 0]  # two batches of three, each prefilled with no cache alive

@@ -16,6 +16,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from personaxis.decode_attention import use_decode_attention
 from personaxis.kernels import use_onednn_linears
 from personaxis.models import LoadedModel, build_profile
 
@@ -76,5 +77,6 @@ def tiny_model(kind: str = "llama", *, dtype: torch.dtype = torch.float32, seed:
         raise ValueError(kind)
     model.to(dtype).eval().requires_grad_(False)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    use_onednn_linears(model)  # as load_model does
+    if use_onednn_linears(model):  # as load_model does
+        use_decode_attention(model)
     return LoadedModel(model=model, tokenizer=tokenizer, profile=build_profile(model, tokenizer, f"tiny-{kind}"))

@@ -59,11 +59,47 @@ def extract_extra(mode: str) -> dict[str, str]:
 EDGE = 4
 
 
-@dataclass
-class _LayerStore:
-    slots: Tensor  # [n_prompts * 2 * EDGE, hidden]: the first EDGE tokens, then a ring of the last EDGE
-    body: Tensor  # [n_prompts, hidden]: the sum of the tokens between
-    norms: Tensor  # [n_prompts * max_new_tokens]
+class _DeviceStore:
+    """The records of the captured layers that live on one device, stacked (index ``i`` is layer ``layers[i]``), and
+    the current step's block outputs of those layers: each reader copies its layer's rows into ``step``, and
+    :meth:`ResponseCapture.end_step` files them for every layer at once (a handful of operations per step instead of
+    five per layer)."""
+
+    def __init__(self, layers: list[int], n_prompts: int, max_new_tokens: int, like: Tensor) -> None:
+        hidden = like.shape[-1]
+        zeros = dict(dtype=torch.float32, device=like.device)
+        self.layers = layers
+        self.index = {layer: i for i, layer in enumerate(layers)}
+        self.slots = torch.zeros((len(layers), n_prompts * 2 * EDGE, hidden), **zeros)  # first EDGE, ring of last
+        self.body = torch.zeros((len(layers), n_prompts, hidden), **zeros)  # the sum of the tokens between
+        self.norms = torch.zeros((len(layers), n_prompts * max_new_tokens), **zeros)
+        self.step = torch.zeros((len(layers), like.shape[0], hidden), **zeros)
+        self.read: set[int] = set()
+
+    def take(self, layer: int, rows: Tensor, plan: _StepPlan) -> None:
+        """Copy ``rows`` ``[batch, hidden]`` (this step's outputs of ``layer``), those the plan records, into
+        ``step``."""
+        n = len(plan.batch_index)
+        if self.step.shape[1] < n:  # more rows than any step before (at a step's first layer)
+            self.step = self.step.new_zeros((self.step.shape[0], n, self.step.shape[2]))
+        target = self.step[self.index[layer], :n]
+        if plan.all_rows and n == rows.shape[0]:
+            target.copy_(rows)
+        elif rows.dtype is torch.float32:
+            torch.index_select(rows, 0, plan.batch_index, out=target)
+        else:
+            target.copy_(rows.index_select(0, plan.batch_index))
+        self.read.add(layer)
+
+    def file(self, plan: _StepPlan) -> None:
+        """File the step's outputs (when every layer was read: a forward that failed half-way records nothing)."""
+        if len(self.read) == len(self.layers):
+            h = self.step[:, : len(plan.batch_index)]
+            if len(plan.evict_slot):
+                self.body.index_add_(1, plan.evict_prompt, self.slots.index_select(1, plan.evict_slot))
+            self.slots.index_copy_(1, plan.write_slot, h)
+            self.norms.index_copy_(1, plan.norm_index, h.norm(dim=-1))
+        self.read.clear()
 
 
 @dataclass
@@ -73,6 +109,7 @@ class _StepPlan:
     norm_index: Tensor
     evict_slot: Tensor  # slots whose token moves into the body sum before being overwritten
     evict_prompt: Tensor
+    all_rows: bool  # batch_index is every row of the batch, in order
 
 
 class ResponseCapture:
@@ -88,7 +125,8 @@ class ResponseCapture:
         self.fed: list[int] = []  # tokens recorded per prompt, in generation order
         self.prompts: list[list[int]] = []
         self.new_ids: list[list[int]] = []
-        self._stores: dict[int, _LayerStore] = {}
+        self._stores: dict[torch.device, _DeviceStore] = {}
+        self._layer_device: dict[int, torch.device] = {}
         self._plan: _StepPlan | None = None
         self._plan_on: dict[torch.device, _StepPlan] = {}
 
@@ -102,6 +140,7 @@ class ResponseCapture:
         self.prompts = [list(p) for p in prompts]
         self.new_ids = [[] for _ in prompts]
         self._stores = {}
+        self._layer_device = {}
 
     def readers(self) -> dict[int, list[Reader]]:
         return {layer: [self._reader(layer)] for layer in self.layers}
@@ -125,18 +164,24 @@ class ResponseCapture:
                 evict_prompt.append(prompt)
             self.fed[prompt] = g + 1
         longs = dict(dtype=torch.long)
+        rows = list(batch_rows)
         self._plan = _StepPlan(
-            batch_index=torch.tensor(list(batch_rows), **longs),
+            batch_index=torch.tensor(rows, **longs),
             write_slot=torch.tensor(write, **longs),
             norm_index=torch.tensor(
                 [p * self.max_new_tokens + g for p, g in zip(prompts, token_indices, strict=True)], **longs
             ),
             evict_slot=torch.tensor(evict_slot, **longs),
             evict_prompt=torch.tensor(evict_prompt, **longs),
+            all_rows=rows == list(range(len(rows))),
         )
         self._plan_on = {}
 
     def end_step(self) -> None:
+        """File the step's records (every layer at once, per device)."""
+        if self._plan is not None:
+            for device, store in self._stores.items():
+                store.file(self._plan_for(device))
         self._plan = None
         self._plan_on = {}
 
@@ -150,34 +195,28 @@ class ResponseCapture:
         plan = self._plan_on.get(device)
         if plan is None:
             assert self._plan is not None
-            plan = _StepPlan(*(t.to(device) for t in vars(self._plan).values()))
+            plan = _StepPlan(*(t.to(device) if isinstance(t, Tensor) else t for t in vars(self._plan).values()))
             self._plan_on[device] = plan
         return plan
 
-    def _store(self, layer: int, like: Tensor) -> _LayerStore:
-        store = self._stores.get(layer)
-        if store is None:
-            hidden = like.shape[-1]
-            zeros = dict(dtype=torch.float32, device=like.device)
-            store = _LayerStore(
-                slots=torch.zeros((self.n_prompts * 2 * EDGE, hidden), **zeros),
-                body=torch.zeros((self.n_prompts, hidden), **zeros),
-                norms=torch.zeros(self.n_prompts * self.max_new_tokens, **zeros),
-            )
-            self._stores[layer] = store
-        return store
+    def _store(self, layer: int, like: Tensor) -> _DeviceStore:
+        """The store of ``layer``'s device (that of its block's parameters), all made at the first decode step."""
+        if not self._stores:
+            for x in self.layers:
+                params = list(self.lm.layers[x].parameters())
+                self._layer_device[x] = params[0].device if params else like.device
+            for device in dict.fromkeys(self._layer_device.values()):
+                layers = [x for x in self.layers if self._layer_device[x] == device]
+                self._stores[device] = _DeviceStore(layers, self.n_prompts, self.max_new_tokens, like.to(device))
+        return self._stores[self._layer_device[layer]]
 
     def _reader(self, layer: int) -> Reader:
         def read(hidden: Tensor, _mask: Tensor | None) -> None:
             if self._plan is None:
                 return  # a prefill forward: prompt tokens are not recorded
-            plan = self._plan_for(hidden.device)
-            h = hidden[:, -1].index_select(0, plan.batch_index).to(torch.float32)
-            store = self._store(layer, h)
-            if len(plan.evict_slot):
-                store.body.index_add_(0, plan.evict_prompt, store.slots.index_select(0, plan.evict_slot))
-            store.slots.index_copy_(0, plan.write_slot, h)
-            store.norms.index_copy_(0, plan.norm_index, h.norm(dim=-1))
+            store = self._store(layer, hidden[:, -1])
+            device = store.step.device
+            store.take(layer, hidden[:, -1].to(device), self._plan_for(device))
 
         return read
 
@@ -216,13 +255,14 @@ class ResponseCapture:
         with_body = n > 2 * EDGE
         means, norms = [], []
         for layer in self.layers:
-            store = self._stores[layer]
-            total = store.slots[slots].sum(dim=0) if slots else torch.zeros_like(store.body[prompt])
+            store = self._stores[self._layer_device[layer]]
+            i = store.index[layer]
+            total = store.slots[i, slots].sum(dim=0) if slots else torch.zeros_like(store.body[i, prompt])
             if with_body:
-                total = total + store.body[prompt]
+                total = total + store.body[i, prompt]
             means.append((total / (end - start)).cpu())
             base = prompt * self.max_new_tokens
-            norms.append(store.norms[base + start : base + end].mean().cpu())
+            norms.append(store.norms[i, base + start : base + end].mean().cpu())
         return TurnActivations(
             means=torch.stack(means).unsqueeze(0),
             norms=torch.stack(norms).unsqueeze(0),

@@ -13,8 +13,8 @@ copies cost as much memory as the weights; when they would not fit in a quarter 
 on the weights as they are (about 1.5× slower than packed at batches of 16 or more, the same for one row). Results
 equal ``F.linear`` up to float rounding (another summation order).
 
-Memory: a packed copy replaces its original in the resident set (:func:`release_pages`), and large blocks get their
-own mappings once weights are packed (:func:`separate_large_blocks`), so the peak RSS stays that of PyTorch's layers.
+Memory: a packed copy replaces its original in the resident set (:func:`release_pages`) and lies in a memory mapping
+of its own (:func:`packed_copies_mapped`), so the peak RSS stays close to that of PyTorch's layers.
 
 Set ``PERSONAXIS_KERNELS=torch`` to keep PyTorch's own linear layers. Only x86-64 CPUs use oneDNN here.
 """
@@ -33,8 +33,6 @@ from torch import Tensor, nn
 KERNELS_ENV = "PERSONAXIS_KERNELS"
 # Packed copies may use at most this share of the memory available when the model is converted.
 PACK_MEMORY_FRACTION = 0.25
-# Allocations from this size up get their own memory mapping once weights are packed (see ``separate_large_blocks``).
-LARGE_BLOCK_BYTES = 1 << 20
 
 
 def onednn_available() -> bool:
@@ -179,32 +177,54 @@ def release_pages(tensor: Tensor) -> bool:
 
 
 _MADVISE: Any = None
+_M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+# Allocations from this size up are their own memory mappings outside packing (glibc's own ceiling for the threshold).
+HEAP_BLOCK_LIMIT = 32 << 20
+# Allocations from this size up are their own memory mappings while a weight is packed.
+PACK_BLOCK_LIMIT = 64 << 10
 
 
-def separate_large_blocks() -> bool:
-    """Give every allocation of :data:`LARGE_BLOCK_BYTES` or more its own memory mapping, returned to the system
-    when freed (glibc's ``M_MMAP_THRESHOLD``; glibc otherwise raises that threshold up to 32 MiB as large blocks are
-    freed, and serves them from its heap). Packed weights are allocated on first use, in the middle of generation's
-    KV caches and activations: in the heap, the long-lived packed copies pinned the freed blocks around them, and the
-    quick preset's resident set never came back down between batches (peak 1,663 MiB against 1,500-1,539 with
-    this, and 1,492 with PyTorch's layers). A block of a megabyte or more costs a few hundred page faults when allocated,
-    small beside the work done on it. Leaves a threshold the user set (``MALLOC_MMAP_THRESHOLD_``) alone; Linux
-    with glibc only. Returns whether the threshold was set."""
-    global _LARGE_BLOCKS_SEPARATE
-    if _LARGE_BLOCKS_SEPARATE or platform.system() != "Linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return _LARGE_BLOCKS_SEPARATE
+def _mallopt() -> Any:
+    """glibc's ``mallopt``, or None (not Linux with glibc, or the user chose ``MALLOC_MMAP_THRESHOLD_``)."""
+    if platform.system() != "Linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return None
     try:
         import ctypes
 
-        libc = ctypes.CDLL("libc.so.6")
-        _LARGE_BLOCKS_SEPARATE = bool(libc.mallopt(_M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES))
+        return ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc
-        _LARGE_BLOCKS_SEPARATE = False
-    return _LARGE_BLOCKS_SEPARATE
+        return None
 
 
-_LARGE_BLOCKS_SEPARATE = False
+_MALLOPT: Any = False  # not looked up yet
+
+
+@contextmanager
+def packed_copies_mapped() -> Iterator[bool]:
+    """Inside the block, allocations of :data:`PACK_BLOCK_LIMIT` or more (a packed weight) get memory mappings of
+    their own; after it, only those of :data:`HEAP_BLOCK_LIMIT` or more do (glibc's ``M_MMAP_THRESHOLD``). Packed
+    weights are made on first use, in the middle of generation's key/value caches and activations: in the heap,
+    these long-lived copies pinned the freed blocks around them, and the quick preset's resident set never came back
+    down between batches. Outside the heap they pin nothing. Everything else stays in the heap, where a freed block
+    is reused without page faults: giving every block of a megabyte or more its own mapping instead (this module's
+    previous rule) cost 6 million page faults and about 10 % of the quick preset's generation speed (logits and
+    cache buffers mapped and zeroed afresh at every step). Leaves a threshold the user set
+    (``MALLOC_MMAP_THRESHOLD_``) alone; Linux with glibc only. Yields whether the thresholds were set."""
+    global _MALLOPT
+    if _MALLOPT is False:
+        _MALLOPT = _mallopt()
+    if _MALLOPT is None:
+        yield False
+        return
+    _MALLOPT(_M_MMAP_THRESHOLD, PACK_BLOCK_LIMIT)
+    try:
+        yield True
+    finally:
+        _MALLOPT(_M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT)
+        # glibc's own rule once its threshold has risen: keep up to twice that much free at the heap's top rather
+        # than returning it to the system and faulting it in again for the next batch's cache.
+        _MALLOPT(_M_TRIM_THRESHOLD, 2 * HEAP_BLOCK_LIMIT)
 
 
 def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -225,7 +245,9 @@ class OneDNNLinear(nn.Linear):
             return weight
         key = (weight.data_ptr(), _version(weight))
         if self._onednn_key != key or self._onednn_weight is None:
-            self._onednn_weight = pack_weight(weight)
+            self._onednn_weight = None  # the old copy goes before the new one is made
+            with packed_copies_mapped():
+                self._onednn_weight = pack_weight(weight)
             self._onednn_key = key
             release_pages(weight)  # the packed copy serves the forward: the original need not stay resident
         return self._onednn_weight
@@ -268,8 +290,6 @@ def use_onednn_linears(model: nn.Module, *, pack: bool | None = None, force: boo
         needed = sum(m.weight.numel() * m.weight.element_size() for m in on_cpu)
         free = available_memory()
         pack = free is None or needed <= PACK_MEMORY_FRACTION * free
-    if pack and linears:
-        separate_large_blocks()
     for module in linears:
         module.__class__ = OneDNNLinear
         module._onednn_pack = pack

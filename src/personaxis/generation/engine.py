@@ -329,6 +329,7 @@ class FastEngine:
         if live == 0:
             if self._unfed(batch):
                 self._step(batch, sample=False)  # the blocks only, for the capture of the last tokens
+            batch.release()  # before the next rows' cache is allocated, not after (the peak held both)
             return self._admit(None, self.max_rows) if self.queue else None
         if wants_admit or batch.n_finished >= max(1, math.ceil(len(batch) * REFILL_FRACTION)):
             unfed = self._unfed(batch)  # they stay until the next step has fed their last token
