@@ -46,10 +46,9 @@ if TYPE_CHECKING:
 
 STAGES = ("generate", "extract", "judge", "vectors", "axis", "space")
 # Rows generated together unless ``--batch-size`` says otherwise. On the quick preset (2-core AMD EPYC, quiet,
-# /usr/bin/time): 32 rows 61.8 s and 1,359 MiB peak RSS, 40 rows 60.3 s and 1,482 MiB, 48 rows 55.1 s and
-# 1,496 MiB, 64 rows 56.1 s and 1,730 MiB. A chunk holds two batches: at 48 rows both are full (16 units of 6
-# questions), at 40 the second is not.
-DEFAULT_BATCH_SIZE = 48
+# /usr/bin/time): 32 rows 61.8 s and 1,359 MiB peak RSS, 48 rows 55-60 s and 1,496-1,630 MiB, 64 rows 53.5 s and
+# 1,668 MiB (the key/value cache of 64 rows of ~150 positions is about 440 MB of it).
+DEFAULT_BATCH_SIZE = 64
 # Settings that only change how vectors are made from judged rollouts: a run may be asked again with others.
 RECIPE_FIELDS = ("vectors", "min_count", "judge_traits")
 Log = Callable[[str], None]
