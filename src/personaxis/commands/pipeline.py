@@ -130,7 +130,8 @@ def register(app: typer.Typer) -> None:
         top_p: float | None = typer.Option(None, "--top-p", help="Nucleus sampling mass (with temperature > 0)."),
         seed: int | None = typer.Option(None),
         batch_size: int | None = typer.Option(
-            None, help="Rows generated together (default 64; 32 takes about 300 MB less memory and 15 % longer on a CPU)."
+            None,
+            help="Rows generated together (default 64; 32 takes about 300 MB less memory and 15 % longer on a CPU).",
         ),
         backend: str = typer.Option(
             "transformers",
