@@ -67,7 +67,8 @@ def test_everything_else_goes_to_sdpa(monkeypatch):
     assert calls == []
     decode_attention_forward(module, query, key, value, mask, dropout=0.1)
     decode_attention_forward(module, query, key, value, mask, s_aux=torch.zeros(6))
-    assert len(calls) == 2
+    decode_attention_forward(module, query.bfloat16(), key.bfloat16(), value.bfloat16(), mask)
+    assert len(calls) == 3
 
 
 def test_use_and_restore_change_sdpa_models_only(tiny_llama):

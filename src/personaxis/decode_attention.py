@@ -9,8 +9,8 @@ what reading the cache from memory costs.
 
 :func:`use_decode_attention` registers this as the model's attention implementation ``"personaxis_decode"`` (through
 transformers' own ``AttentionInterface`` and ``AttentionMaskInterface``, with the masks of ``"sdpa"``). Every call
-that is not one query per row on the CPU, or that asks for something beyond a mask and a scale (dropout, soft
-capping, attention sinks, a position bias), goes to the ``"sdpa"`` implementation unchanged. Decoder blocks, their
+that is not one float32 query per row on the CPU, or that asks for something beyond a mask and a scale (dropout,
+soft capping, attention sinks, a position bias), goes to the ``"sdpa"`` implementation unchanged. Decoder blocks, their
 outputs and every hook on them stay as they are: results equal ``"sdpa"``'s up to float rounding (another summation
 order; 6e-8 on the embedded model's first decode step).
 """
@@ -68,6 +68,7 @@ def decode_attention_forward(
     if (
         length != 1
         or not query.is_cpu
+        or query.dtype is not torch.float32  # "sdpa" accumulates half-precision inputs in float32; this would not
         or dropout
         or heads % kv_heads
         or any(kwargs.get(name) is not None and kwargs.get(name) is not False for name in _DELEGATED)
