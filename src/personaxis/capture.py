@@ -200,11 +200,12 @@ class ResponseCapture:
         return plan
 
     def _store(self, layer: int, like: Tensor) -> _DeviceStore:
-        """The store of ``layer``'s device (that of its block's parameters), all made at the first decode step."""
+        """The store of ``layer``'s device (that of its block's parameters, else of the first output read), all made
+        at the first decode step."""
         if not self._stores:
             for x in self.layers:
-                params = list(self.lm.layers[x].parameters())
-                self._layer_device[x] = params[0].device if params else like.device
+                params = [p.device for p in self.lm.layers[x].parameters() if p.device.type != "meta"]
+                self._layer_device[x] = params[0] if params else like.device
             for device in dict.fromkeys(self._layer_device.values()):
                 layers = [x for x in self.layers if self._layer_device[x] == device]
                 self._stores[device] = _DeviceStore(layers, self.n_prompts, self.max_new_tokens, like.to(device))
