@@ -414,8 +414,8 @@ class Bench:
         return out
 
     def _gen_case(self, label: str, prompts: list[list[int]], config: Any, min_new: int) -> dict[str, Any]:
-        """Time ``generate_ids`` on the same prompts and settings: plain ``generate`` (PyTorch's linear layers and "sdpa" attention),
-        ``generate`` on personaxis' oneDNN layers, and the personaxis engine."""
+        """Time ``generate_ids`` on the same prompts and settings: plain ``generate`` (PyTorch's linear layers and
+        transformers' "sdpa" attention), ``generate`` on personaxis' oneDNN layers, and the personaxis engine."""
         from personaxis.decode_attention import sdpa_attention
         from personaxis.generation import generate_ids
         from personaxis.kernels import onednn_linear_count, torch_linears

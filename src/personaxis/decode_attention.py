@@ -96,23 +96,26 @@ def _register() -> None:
     AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
 
 
+def _configs_using(model: nn.Module, implementation: str) -> list[Any]:
+    """The configs of ``model``'s modules whose attention implementation is ``implementation``."""
+    configs = [m.config for m in model.modules() if getattr(m, "config", None) is not None]
+    return [c for c in configs if getattr(c, "_attn_implementation", None) == implementation]
+
+
 def use_decode_attention(model: nn.Module) -> bool:
     """Run the model's attention through :func:`decode_attention_forward` where it used ``"sdpa"``; returns whether
     it changed (models on another implementation, ``"eager"`` or flash attention, are left alone)."""
-    configs = [m.config for m in model.modules() if getattr(m, "config", None) is not None]
-    chosen = [c for c in configs if getattr(c, "_attn_implementation", None) == "sdpa"]
-    if not chosen:
-        return False
-    _register()
+    chosen = _configs_using(model, "sdpa")
+    if chosen:
+        _register()
     for config in chosen:
         config._attn_implementation = IMPLEMENTATION
-    return True
+    return bool(chosen)
 
 
 def restore_attention(model: nn.Module) -> bool:
     """Undo :func:`use_decode_attention` (back to ``"sdpa"``); returns whether anything changed."""
-    configs = [m.config for m in model.modules() if getattr(m, "config", None) is not None]
-    chosen = [c for c in configs if getattr(c, "_attn_implementation", None) == IMPLEMENTATION]
+    chosen = _configs_using(model, IMPLEMENTATION)
     for config in chosen:
         config._attn_implementation = "sdpa"
     return bool(chosen)

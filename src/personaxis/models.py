@@ -517,7 +517,8 @@ def wrap_model(
 
     The model is put in eval mode without gradients; its device, dtype and layers stay as they are
     (``fast_cpu_linears=False``, the default here: pass ``None`` or ``True`` to opt in to the oneDNN layers, and with
-    them the CPU decode attention of :mod:`personaxis.decode_attention`, see :func:`load_model`). A tokenizer without a pad token gets its end-of-sequence token as one.
+    them the CPU decode attention of :mod:`personaxis.decode_attention`, see :func:`load_model`). A tokenizer without
+    a pad token gets its end-of-sequence token as one.
 
     Args:
         model: a causal language model whose decoder blocks sit in an ``nn.ModuleList`` (``model.model.layers`` and

@@ -13,6 +13,7 @@ other models get transformers' plain cache, which can only shrink.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -193,9 +194,10 @@ def stack(a: Any, b: Any, reserve: int) -> Any:
     return a
 
 
-def from_tensors(model: torch.nn.Module, keys: list[Tensor], values: list[Tensor], reserve: int) -> Any:
+def from_tensors(model: torch.nn.Module, keys: Iterable[Tensor], values: Iterable[Tensor], reserve: int) -> Any:
     """A new buffered cache holding ``keys`` and ``values`` (one ``[rows, heads, positions, dim]`` tensor per layer),
-    with room for ``reserve`` more positions."""
+    with room for ``reserve`` more positions. Both are read one layer at a time: generators keep only one layer's
+    tensors beside the new buffers."""
     layer_class = buffer_cache_layer_class()
     cache = _plain_cache(model)
     cache.layers = [layer_class.from_tensors(k, v, reserve) for k, v in zip(keys, values, strict=True)]
@@ -205,18 +207,9 @@ def from_tensors(model: torch.nn.Module, keys: list[Tensor], values: list[Tensor
 def expand_rows(model: torch.nn.Module, prefix: Any, owner: Tensor, reserve: int) -> Any:
     """A new buffered cache whose row ``i`` is a copy of row ``owner[i]`` of ``prefix``, with room for ``reserve``
     more positions (a prefix shared by several prompts, computed once)."""
-    layer_class = buffer_cache_layer_class()
-    cache = _plain_cache(model)
-    # One layer at a time, so that the gathered copies of one layer only exist beside the new buffers.
-    cache.layers = [
-        layer_class.from_tensors(
-            layer.keys.index_select(0, owner.to(layer.keys.device)),
-            layer.values.index_select(0, owner.to(layer.values.device)),
-            reserve,
-        )
-        for layer in prefix.layers
-    ]
-    return cache
+    keys = (layer.keys.index_select(0, owner.to(layer.keys.device)) for layer in prefix.layers)
+    values = (layer.values.index_select(0, owner.to(layer.values.device)) for layer in prefix.layers)
+    return from_tensors(model, keys, values, reserve)
 
 
 def row_tensors(cache: Any, row: int, start: int, stop: int | None) -> tuple[list[Tensor], list[Tensor]]:
