@@ -72,6 +72,7 @@ ISA_ENV: dict[str, dict[str, str]] = {
         "DNNL_MAX_CPU_ISA": "AVX2",
         "MKL_ENABLE_INSTRUCTIONS": "AVX2",
         "ATEN_CPU_CAPABILITY": "avx2",
+        "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",  # the int8 products (FBGEMM's own switch)
     },
 }
 # Prints the instruction sets PyTorch's kernels and oneDNN dispatch to (oneDNN says it in its verbose output).
@@ -251,6 +252,19 @@ def measure_matvec(rows: int, device: Any, *, onednn: bool = False) -> float:
     return matrix.numel() * 4 / seconds / 1e9
 
 
+def mean_common_prefix(reference: Sequence[Sequence[int]], other: Sequence[Sequence[int]]) -> float:
+    """Mean number of leading tokens each answer of ``other`` shares with the same answer of ``reference``."""
+    lengths = []
+    for a, b in zip(reference, other, strict=True):
+        n = 0
+        for x, y in zip(a, b, strict=False):
+            if x != y:
+                break
+            n += 1
+        lengths.append(n)
+    return sum(lengths) / max(len(lengths), 1)
+
+
 def rows_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def fmt(v: Any) -> str:
         if isinstance(v, float):
@@ -265,6 +279,7 @@ def rows_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
+        self._int8: bool | None = None
         self.results: dict[str, Any] = {"machine": machine(), "args": vars(args).copy()}
         self.markdown: list[str] = []
         self._lm: Any = None
@@ -401,6 +416,16 @@ class Bench:
         assert self.peak_gflops is not None
         return self.peak_gflops
 
+    @property
+    def int8(self) -> bool:
+        """Whether the generation cases also time the int8 path (asked for, on a CPU that has it)."""
+        if self._int8 is None:
+            from personaxis.int8_linears import int8_available
+
+            cpu = self.args.device is None or str(self.args.device) == "cpu"
+            self._int8 = bool(self.args.int8) and cpu and int8_available()
+        return self._int8
+
     def _prompts(self, n: int) -> list[list[int]]:
         from personaxis.chat import render_prompt
 
@@ -418,6 +443,7 @@ class Bench:
         transformers' "sdpa" attention), ``generate`` on personaxis' oneDNN layers, and the personaxis engine."""
         from personaxis.decode_attention import sdpa_attention
         from personaxis.generation import generate_ids
+        from personaxis.int8_linears import int8_linears
         from personaxis.kernels import onednn_linear_count, torch_linears
 
         lm, flops, peak = self.lm, model_flops(self.lm), self._peak()
@@ -430,6 +456,13 @@ class Bench:
         if onednn_linear_count(lm.model):
             runs["hf_onednn"] = lambda: generate_ids(lm, prompts, config, min_new_tokens=min_new, engine="hf")
         runs["fast"] = lambda: generate_ids(lm, prompts, config, min_new_tokens=min_new, engine="fast")
+        if self.int8:
+
+            def fast_int8() -> list[list[int]]:
+                with int8_linears(lm.model):
+                    return generate_ids(lm, prompts, config, min_new_tokens=min_new, engine="fast")
+
+            runs["int8"] = fast_int8
         timed = interleaved(self.args.repeats, runs)
         hf_out, fast_out = timed["hf"][1], timed["fast"][1]
         new_hf, new_fast = sum(map(len, hf_out)), sum(map(len, fast_out))
@@ -463,6 +496,16 @@ class Bench:
             "same_tokens": round(sum(a == b for a, b in zip(hf_out, fast_out, strict=True)) / len(prompts), 3),
         }
         extra = "" if hf_onednn_tps is None else f", hf on oneDNN {hf_onednn_tps:.1f} tok/s"
+        if "int8" in timed:
+            int8_out = timed["int8"][1]
+            int8_tps = sum(map(len, int8_out)) / timed["int8"][0]
+            record.update(
+                int8_tokens_per_s=round(int8_tps, 1),
+                int8_speedup=round(int8_tps / hf_tps, 2),
+                int8_same_tokens=round(sum(a == b for a, b in zip(hf_out, int8_out, strict=True)) / len(prompts), 3),
+                int8_same_prefix=round(mean_common_prefix(hf_out, int8_out), 1),
+            )
+            extra += f", int8 {int8_tps:.1f} tok/s"
         self.say(f"  gen {label}: hf {hf_tps:.1f} tok/s{extra}, fast {fast_tps:.1f} tok/s")
         return record
 
@@ -500,6 +543,14 @@ class Bench:
                 f"{r['fraction_of_compute_limit']:.0%}",
                 f"{r['mfu']:.0%} ({r['hf_mfu']:.0%})",
                 "—" if r["temperature"] > 0 else f"{r['same_tokens']:.0%}",
+                *(
+                    [
+                        f"{r['int8_tokens_per_s']} ({r['int8_speedup']:.2f}×)",
+                        "—" if r["temperature"] > 0 else f"{r['int8_same_prefix']:.1f}",
+                    ]
+                    if self.int8
+                    else []
+                ),
             ]
             for r in records
         ]
@@ -513,6 +564,13 @@ class Bench:
             "identical to plain HF generate's. Sampled: temperature 0.7, top-p 0.9 (each engine draws its own "
             "random numbers)."
         ]
+        if self.int8:
+            notes.append(
+                "*int8 weights*: the personaxis engine with every linear layer on int8 weights "
+                "(`personaxis.int8_linears`, `personaxis run --rollout-weights int8`), speed-up over plain HF "
+                "generate in brackets. It is another generator, not float32's arithmetic: *tokens before parting* "
+                f"is the mean number of leading tokens its greedy answers share with plain HF generate's (of {n_new})."
+            )
         if args.natural_prompts > 0:
             natural_record = records[-1]
             notes.append(
@@ -534,6 +592,7 @@ class Bench:
                     "of compute limit",
                     "MFU",
                     "same",
+                    *(["int8 weights (opt-in)", "int8: tokens before parting"] if self.int8 else []),
                 ],
                 rows,
             ),
@@ -1184,6 +1243,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="measure the one-at-a-time server up to this many clients (default: every count)",
     )
+    p.add_argument(
+        "--no-int8",
+        dest="int8",
+        action="store_false",
+        help="leave out the opt-in int8 generation path (measured on CPUs by default)",
+    )
     p.add_argument("--repeats", type=int, default=None, help="runs per measurement, best kept (default 3)")
     p.add_argument("--quick-timeout", type=float, default=1800.0, help="seconds before the quick preset is stopped")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -1290,6 +1355,13 @@ def isa_figures(results: dict[str, Any]) -> list[tuple[str, Any]]:
                 f"{case['fast_tokens_per_s']} ({case['speedup']:.2f}×)",
             )
         )
+        if "int8_tokens_per_s" in case:
+            rows.append(
+                (
+                    f"gen {case['case']}: personaxis, int8 weights (tokens/s)",
+                    f"{case['int8_tokens_per_s']} ({case['int8_speedup']:.2f}×)",
+                )
+            )
     return rows
 
 

@@ -33,7 +33,20 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "personaxis"
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("base", ("validate", "progress", "threads", "data", "kernels", "decode_attention", "layer_selection", "options")),
+    (
+        "base",
+        (
+            "validate",
+            "progress",
+            "threads",
+            "data",
+            "kernels",
+            "int8_linears",
+            "decode_attention",
+            "layer_selection",
+            "options",
+        ),
+    ),
     ("engine", ("models", "hooks", "chat", "generation", "activations", "capture", "interventions")),
     ("core", ("axis", "vectors", "space", "traits", "capping", "steering", "monitor", "guard")),
     ("io", ("io", "store", "interop", "report")),

@@ -331,3 +331,97 @@ def test_a_weights_file_is_checked_once(tmp_path, monkeypatch):
     assert opened.count("/proc/self/smaps") == 1
     assert advised == [kernels._MADV_RANDOM, kernels._MADV_DONTNEED] * 3
     assert _resident_kb(path) < 64 and torch.equal(mapped, values)
+
+
+class _Projections(nn.Module):
+    """A block's sibling projections as transformers names them, and one that reads another input."""
+
+    def __init__(self, bias: bool) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(24, 24, bias), nn.Linear(24, 8, bias), nn.Linear(24, 8, bias)
+        self.o_proj = nn.Linear(24, 24, bias)
+
+
+def _count_onednn_calls(monkeypatch) -> list[int]:
+    calls = [0]
+    real = kernels.onednn_linear
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "onednn_linear", counting)
+    return calls
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_sibling_projections_share_one_product(monkeypatch, bias):
+    block = _Projections(bias)
+    x = torch.randn(3, 5, 24)
+    expected = [nn.functional.linear(x, m.weight, m.bias) for m in (block.q_proj, block.k_proj, block.v_proj)]
+    use_onednn_linears(block, pack=True)
+    group = block.q_proj._onednn_group
+    assert group is not None and group is block.k_proj._onednn_group is block.v_proj._onednn_group
+    assert block.o_proj._onednn_group is None  # reads the attention output, not the block's input
+    calls = _count_onednn_calls(monkeypatch)
+    with torch.inference_mode():
+        got = [block.q_proj(x), block.k_proj(x), block.v_proj(x)]
+    assert calls[0] == 1
+    for g, e in zip(got, expected, strict=True):
+        assert g.is_contiguous() and g.shape == e.shape
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    assert block.q_proj._onednn_weight is None  # the members never packed copies of their own
+
+
+def test_a_projection_given_another_input_computes_from_it(monkeypatch):
+    block = _Projections(True)
+    x, y = torch.randn(2, 24), torch.randn(2, 24)
+    use_onednn_linears(block, pack=True)
+    group = block.q_proj._onednn_group
+    with torch.inference_mode():
+        q = block.q_proj(x)
+        k = block.k_proj(y)  # as under a hook that replaced the key projection's input
+        v = block.v_proj(x)
+    torch.testing.assert_close(q, nn.functional.linear(x, block.q_proj.weight, block.q_proj.bias), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k, nn.functional.linear(y, block.k_proj.weight, block.k_proj.bias), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v, nn.functional.linear(x, block.v_proj.weight, block.v_proj.bias), rtol=1e-5, atol=1e-5)
+    # Two outputs computed for siblings that never took them: the group stops and each member runs alone.
+    assert group.misses == kernels.GROUP_MISSES_ALLOWED and not group.active and group.weight is None
+    calls = _count_onednn_calls(monkeypatch)
+    with torch.inference_mode():
+        block.q_proj(x), block.k_proj(x), block.v_proj(x)
+    assert calls[0] == 3
+
+
+def test_a_group_reads_an_input_changed_in_place_afresh():
+    block = _Projections(False)
+    use_onednn_linears(block, pack=True)
+    x = torch.randn(4, 24)
+    with torch.no_grad():
+        block.q_proj(x)
+        x.mul_(2)  # the version counter moves: the shared product no longer belongs to x
+        k = block.k_proj(x)
+    torch.testing.assert_close(k, nn.functional.linear(x, block.k_proj.weight), rtol=1e-5, atol=1e-5)
+
+
+def test_a_group_follows_changes_to_its_weights():
+    block = _Projections(True)
+    use_onednn_linears(block, pack=True)
+    x = torch.randn(2, 24)
+    with torch.no_grad():
+        block.q_proj(x), block.k_proj(x), block.v_proj(x)
+        block.k_proj.weight.mul_(-3)
+        got = [block.q_proj(x), block.k_proj(x), block.v_proj(x)]
+    for g, m in zip(got, (block.q_proj, block.k_proj, block.v_proj), strict=True):
+        torch.testing.assert_close(g, nn.functional.linear(x, m.weight, m.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_groups_need_packed_weights_and_go_with_restore():
+    unpacked = _Projections(True)
+    use_onednn_linears(unpacked, pack=False)
+    assert unpacked.q_proj._onednn_group is None
+    block = _Projections(True)
+    use_onednn_linears(block, pack=True)
+    assert restore_linears(block) == 4
+    assert all("_onednn_group" not in m.__dict__ for m in block.modules())

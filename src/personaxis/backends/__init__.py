@@ -46,21 +46,41 @@ class GenerationBackend(Protocol):
 
 
 class TransformersBackend:
-    """personaxis's own batched generation on a transformers model (loaded on first use)."""
+    """personaxis's own batched generation on a transformers model (loaded on first use), with its float32 weights
+    or, opted in, with int8 linear layers (:mod:`personaxis.int8_linears`, CPU only)."""
 
     name = "transformers"
-    # Records the answers' block outputs while generating (the pipeline then skips their teacher-forced extraction).
-    captures = True
 
-    def __init__(self, lm: Callable[[], LoadedModel]) -> None:
+    def __init__(self, lm: Callable[[], LoadedModel], *, weights: str = "float32") -> None:
+        from personaxis.int8_linears import ROLLOUT_WEIGHTS
+
+        if weights not in ROLLOUT_WEIGHTS:
+            raise ValueError(f"unknown rollout weights {weights!r}; choose one of: {', '.join(ROLLOUT_WEIGHTS)}")
         self._lm = lm
+        self.weights = weights
+        # Records the answers' block outputs while generating (the pipeline then skips their teacher-forced
+        # extraction); not with int8 weights, whose activations are not the float32 model's.
+        self.captures = weights == "float32"
 
     def generate(
         self, conversations: Sequence[Conversation], config: SamplingConfig, *, capture: ResponseCapture | None = None
     ) -> list[Generation]:
         from personaxis.generation import generate
 
-        return generate(self._lm(), conversations, config, capture=capture)
+        lm = self._lm()
+        if self.weights == "float32":
+            return generate(lm, conversations, config, capture=capture)
+        if capture is not None:
+            raise ValueError("activations are not captured from int8 weights: extract them on the float32 model")
+        from personaxis.int8_linears import int8_linears
+
+        with int8_linears(lm.model) as swapped:
+            if not swapped:
+                raise ValueError(
+                    "int8 rollout weights need a float32 model on the CPU (this one has no such linear layers); "
+                    "use --device cpu --dtype float32, or float32 rollout weights"
+                )
+            return generate(lm, conversations, config)
 
     def new_capture(self) -> ResponseCapture:
         """A capture of every layer for :meth:`generate`."""
@@ -94,9 +114,18 @@ def model_source(model: str) -> str:
 
 
 def make_backend(settings: RunSettings, lm: Callable[[], LoadedModel]) -> GenerationBackend:
-    """The backend a run's settings ask for; ``lm`` gives the run's transformers model (loaded lazily)."""
+    """The backend a run's settings ask for; ``lm`` gives the run's transformers model (loaded lazily).
+
+    Raises:
+        ValueError: an unknown backend or rollout-weights choice, or int8 weights with vLLM.
+    """
+    from personaxis.int8_linears import rollout_weights
+
     name = backend_name(settings)
+    weights = rollout_weights(settings)
     if name == "vllm":
+        if weights != "float32":
+            raise ValueError("int8 rollout weights are for the transformers backend on a CPU; vLLM has its own dtypes")
         from personaxis.backends.vllm_backend import VLLMBackend
 
         return VLLMBackend(
@@ -106,7 +135,7 @@ def make_backend(settings: RunSettings, lm: Callable[[], LoadedModel]) -> Genera
             max_model_len=int(settings.extra.get("max_model_len", VLLM_MAX_MODEL_LEN)),
             target_layer=settings.target_layer,
         )
-    return TransformersBackend(lm)
+    return TransformersBackend(lm, weights=weights)
 
 
 def load_run_model(settings: RunSettings, placement: ModelPlacement | None = None) -> LoadedModel:

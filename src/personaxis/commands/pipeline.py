@@ -45,13 +45,18 @@ def _settings(
     top_p: float | None = None,
     judge_traits: bool | None = None,
     extract: str = "capture",
+    rollout_weights: str = "float32",
 ):
     from personaxis.backends import backend_extra
     from personaxis.capture import extract_extra
+    from personaxis.int8_linears import rollout_weights_extra
     from personaxis.settings import RunSettings
 
     extra = {"batch_size": batch_size} if batch_size is not None else {}
     extra.update(backend_extra(backend))
+    extra.update(rollout_weights_extra(rollout_weights))
+    if rollout_weights != "float32":
+        extract = "teacher-forced"  # activations come from the float32 model, in a pass after generation
     extra.update(extract_extra(extract))
     return RunSettings.from_preset(
         preset,
@@ -141,6 +146,12 @@ def register(app: typer.Typer) -> None:
             "capture",
             help="Activations: 'capture' them while generating (transformers backend; other backends' rollouts are extracted afterwards), or 'teacher-forced' (a second pass over every rollout).",
         ),
+        rollout_weights: str = typer.Option(
+            "float32",
+            help="Weights the rollouts are generated with: float32, or int8 (CPU, opt-in: 1.5-1.8x faster generation "
+            "on AVX2 and AVX-512 CPUs, different tokens; activations are then extracted teacher-forced in float32, "
+            "and the run's manifest records the choice).",
+        ),
         ray: str | None = typer.Option(
             None,
             "--ray",
@@ -183,6 +194,7 @@ def register(app: typer.Typer) -> None:
                 top_p,
                 judge_traits,
                 extract,
+                rollout_weights,
             )
             executor = None
             if ray is not None:
