@@ -1049,8 +1049,9 @@ class Bench:
             notes + self.busy_note(before, after),
         )
 
-    def _run_quick(self, extra: Sequence[str] = (), *, hog: bool = False) -> dict[str, Any]:
-        """``personaxis run --preset quick`` in a fresh process: wall time, peak RSS, exit code, its summary."""
+    def _run_quick(self, extra: Sequence[str] = (), *, hog: bool = False, keep_axis: bool = False) -> dict[str, Any]:
+        """``personaxis run --preset quick`` in a fresh process: wall time, peak RSS, exit code, its summary (and its
+        axis under ``"_axis"``, not written to the results, with ``keep_axis``)."""
         args = self.args
         cli = Path(sys.executable).parent / "personaxis"
         command = [str(cli)] if cli.exists() else [sys.executable, "-m", "personaxis.cli"]
@@ -1092,6 +1093,10 @@ class Bench:
             summary = json.loads((out / "run" / "summary.json").read_text())
             result["cos_pc1_axis"] = summary["target"]["cos_pc1_axis"]
             result["default_pc1_fraction"] = summary["default_position"]["pc1_fraction"]
+            if keep_axis:
+                from personaxis.io.tensor_files import load_axis
+
+                result["_axis"] = load_axis(out / "run" / "axis.safetensors")
         shutil.rmtree(out, ignore_errors=True)
         return result
 
@@ -1140,22 +1145,35 @@ class Bench:
             (hog, adapt): self._gen_rate(hog=hog, adapt=adapt)
             for hog, adapt in ((False, True), (True, True), (True, False))
         }
-        one = self._run_quick()
+        one = self._run_quick(keep_axis=self.int8)
         two = self._run_quick(["--extract", "teacher-forced"])
         busy = self._run_quick(hog=True)
+        runs = [("one pass (captured)", one), ("two passes (teacher-forced)", two)]
+        runs.append(("one pass, one other CPU-bound process", busy))
+        self.results["one_pass"] = {"generation": list(rates.values()), "one_pass": one, "two_pass": two, "busy": busy}
+        int8: dict[str, Any] = {}
+        if self.int8:
+            int8 = self._run_quick(["--rollout-weights", "int8"], keep_axis=True)
+            runs.append(("int8 rollouts, then float32 extraction (opt-in)", int8))
+            self.results["one_pass"]["int8"] = int8
+            if "_axis" in one and "_axis" in int8:
+                cos = torch.nn.functional.cosine_similarity(one["_axis"].vectors, int8["_axis"].vectors, dim=-1)
+                layer = one["_axis"].target_layer
+                int8["axis_cos_with_float32_rollouts"] = {
+                    "target_layer": round(float(cos[layer]), 4),
+                    "min": round(float(cos.min()), 4),
+                    "mean": round(float(cos.mean()), 4),
+                }
+        one.pop("_axis", None)
+        int8.pop("_axis", None)
         after = load()
         quiet_rate = rates[(False, True)].get("rollouts_per_s")
-        self.results["one_pass"] = {"generation": list(rates.values()), "one_pass": one, "two_pass": two, "busy": busy}
 
         def ratio(a: Any, b: Any) -> str:
             return f"{a / b:.0%}" if a and b else "n/a"
 
         rows = []
-        for label, r in (
-            ("one pass (captured)", one),
-            ("two passes (teacher-forced)", two),
-            ("one pass, one other CPU-bound process", busy),
-        ):
+        for label, r in runs:
             ok = r["exit_code"] == 0
             rows.append(
                 [
@@ -1171,6 +1189,13 @@ class Bench:
             f"throughput of the quick preset: {ratio(one['wall_s'], busy['wall_s'])}"
             + (" (it said the machine was busy)." if busy.get("said_busy") else ".")
         ]
+        agreement = self.results["one_pass"].get("int8", {}).get("axis_cos_with_float32_rollouts")
+        if agreement:
+            notes.append(
+                "int8 rollouts: another generator (`--rollout-weights int8`), its activations extracted in float32 "
+                f"afterwards; cosine of its axis with the one-pass run's: {agreement['target_layer']:.3f} at the "
+                f"target layer, {agreement['min']:.3f} at the lowest layer, {agreement['mean']:.3f} on average."
+            )
         gen_rows = [
             [
                 ("one other CPU-bound process" if r["hog"] else "quiet"),

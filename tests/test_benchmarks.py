@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tiny import tiny_model
 
+from personaxis.int8_linears import int8_available
 from personaxis.kernels import onednn_available
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
@@ -68,6 +69,9 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     assert all(r["rollouts_per_s"] > 0 for r in one_pass["generation"])
     assert {"one_pass", "two_pass", "busy"} <= set(one_pass)
     assert "--extract teacher-forced" in one_pass["two_pass"]["command"]
+    if int8_available():  # the opt-in int8 rollouts: timed beside float32, their axis compared with the one pass's
+        assert all(r["int8_tokens_per_s"] > 0 for r in gen)
+        assert "--rollout-weights int8" in one_pass["int8"]["command"]
     for title in (
         "Machine limits",
         "Generation",
