@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from personaxis.kernels import OneDNNLinear
+from personaxis.kernels import OneDNNLinear, cpu_float32_inference
 
 ROLLOUT_WEIGHTS: tuple[str, ...] = ("float32", "int8")
 DEFAULT_ROLLOUT_WEIGHTS = "float32"
@@ -90,17 +90,9 @@ class Int8Linear(nn.Linear):
         return self._int8_weight
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = self.weight
-        if (
-            x.is_cpu
-            and weight.is_cpu
-            and x.dtype is torch.float32
-            and weight.dtype is torch.float32
-            and x.dim() >= 2
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        ):
+        if cpu_float32_inference(x, self.weight):
             return int8_linear(x, self._packed_int8(), self.bias)
-        return nn.functional.linear(x, weight, self.bias)
+        return nn.functional.linear(x, self.weight, self.bias)
 
 
 def _linears(model: nn.Module) -> list[nn.Linear]:

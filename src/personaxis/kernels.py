@@ -238,6 +238,19 @@ def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
     return torch.ops.mkldnn._linear_pointwise.default(x, weight, bias, "none", [], "")
 
 
+def cpu_float32_inference(x: Tensor, weight: Tensor) -> bool:
+    """Whether ``F.linear(x, weight)`` is a float32 product on the CPU without autograd, ``x`` with a batch
+    dimension: the case the CPU kernels here (and :mod:`personaxis.int8_linears`) take over."""
+    return (
+        x.is_cpu
+        and weight.is_cpu
+        and x.dtype is torch.float32
+        and weight.dtype is torch.float32
+        and x.dim() >= 2
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    )
+
+
 class OneDNNLinear(nn.Linear):
     """An ``nn.Linear`` whose inference forward on a CPU runs oneDNN (see the module's notes)."""
 
@@ -260,14 +273,7 @@ class OneDNNLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.weight
-        if (
-            x.is_cpu
-            and weight.is_cpu
-            and x.dtype is torch.float32
-            and weight.dtype is torch.float32
-            and x.dim() >= 2
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        ):
+        if cpu_float32_inference(x, weight):
             group = self._onednn_group
             if group is not None:
                 shared = group.output_of(self, x)
