@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from personaxis.kernels import OneDNNLinear, cpu_float32_inference
+from personaxis.kernels import OneDNNLinear, cpu_float32_inference, tensor_version
 
 ROLLOUT_WEIGHTS: tuple[str, ...] = ("float32", "int8")
 DEFAULT_ROLLOUT_WEIGHTS = "float32"
@@ -83,7 +83,7 @@ class Int8Linear(nn.Linear):
 
     def _packed_int8(self) -> Any:
         weight = self.weight
-        key = (weight.data_ptr(), 0 if weight.is_inference() else int(weight._version))
+        key = (weight.data_ptr(), tensor_version(weight))
         if self._int8_key != key or self._int8_weight is None:
             self._int8_weight = quantize_weight(weight)
             self._int8_key = key
@@ -138,16 +138,24 @@ def int8_linears(model: nn.Module) -> Iterator[int]:
         torch.backends.quantized.engine = before
 
 
+def check_rollout_weights(choice: str) -> str:
+    """``choice`` if it names rollout weights (:data:`ROLLOUT_WEIGHTS`).
+
+    Raises:
+        ValueError: an unknown choice.
+    """
+    if choice not in ROLLOUT_WEIGHTS:
+        raise ValueError(f"unknown rollout weights {choice!r}; choose one of: {', '.join(ROLLOUT_WEIGHTS)}")
+    return choice
+
+
 def rollout_weights(settings: Any) -> str:
     """The weights a run generates its rollouts with (``settings.extra["rollout_weights"]``, float32 unless set).
 
     Raises:
         ValueError: an unknown choice.
     """
-    choice = str(settings.extra.get("rollout_weights", DEFAULT_ROLLOUT_WEIGHTS))
-    if choice not in ROLLOUT_WEIGHTS:
-        raise ValueError(f"unknown rollout weights {choice!r}; choose one of: {', '.join(ROLLOUT_WEIGHTS)}")
-    return choice
+    return check_rollout_weights(str(settings.extra.get("rollout_weights", DEFAULT_ROLLOUT_WEIGHTS)))
 
 
 def rollout_weights_extra(choice: str) -> dict[str, str]:
@@ -156,6 +164,4 @@ def rollout_weights_extra(choice: str) -> dict[str, str]:
     Raises:
         ValueError: an unknown choice.
     """
-    if choice not in ROLLOUT_WEIGHTS:
-        raise ValueError(f"unknown rollout weights {choice!r}; choose one of: {', '.join(ROLLOUT_WEIGHTS)}")
-    return {} if choice == DEFAULT_ROLLOUT_WEIGHTS else {"rollout_weights": choice}
+    return {} if check_rollout_weights(choice) == DEFAULT_ROLLOUT_WEIGHTS else {"rollout_weights": choice}

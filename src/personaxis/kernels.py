@@ -70,7 +70,8 @@ def available_memory() -> int | None:
     return None
 
 
-def _version(tensor: Tensor) -> int:
+def tensor_version(tensor: Tensor) -> int:
+    """How many times ``tensor`` was changed in place (0 for inference tensors, which keep no count)."""
     # Inference tensors keep no version counter (and cannot be changed in place outside inference mode); asking
     # raises, and catching that costs about 7 µs, so they are recognised first.
     if tensor.is_inference():
@@ -172,7 +173,7 @@ def release_pages(tensor: Tensor) -> bool:
         start, end = -(-first // page) * page, last // page * page  # whole pages inside the tensor only
         if end <= start:
             return False
-        clean = _version(tensor) == 0 and _clean_file_mapping(first, last)
+        clean = tensor_version(tensor) == 0 and _clean_file_mapping(first, last)
         if clean:
             _MADVISE(start, end - start, _MADV_RANDOM)
         advice = _MADV_DONTNEED if clean else _MADV_PAGEOUT
@@ -262,7 +263,7 @@ class OneDNNLinear(nn.Linear):
     def _weight_for_onednn(self, weight: Tensor) -> Tensor:
         if not self._onednn_pack:
             return weight
-        key = (weight.data_ptr(), _version(weight))
+        key = (weight.data_ptr(), tensor_version(weight))
         if self._onednn_key != key or self._onednn_weight is None:
             self._onednn_weight = None  # the old copy goes before the new one is made
             with packed_copies_mapped():
@@ -328,7 +329,7 @@ class ProjectionGroup:
         return self.misses < GROUP_MISSES_ALLOWED
 
     def _packed(self) -> Tensor:
-        key = tuple((m.weight.data_ptr(), _version(m.weight)) for m in self.members)
+        key = tuple((m.weight.data_ptr(), tensor_version(m.weight)) for m in self.members)
         if self.key != key or self.weight is None:
             self.weight = None
             stacked = torch.cat([m.weight.detach() for m in self.members])
@@ -353,7 +354,7 @@ class ProjectionGroup:
         if not self.active:
             return None
         start, end = self.columns[id(member)]
-        if x is self._input and id(member) in self._waiting and _version(x) == self._input_version:
+        if x is self._input and id(member) in self._waiting and tensor_version(x) == self._input_version:
             assert self._output is not None
             output = self._output[..., start:end].contiguous()
             self._waiting.discard(id(member))
@@ -367,7 +368,7 @@ class ProjectionGroup:
                 self.weight = self.bias = self.key = None
                 return None
         shared = onednn_linear(x, self._packed(), self.bias)
-        self._input, self._input_version, self._output = x, _version(x), shared
+        self._input, self._input_version, self._output = x, tensor_version(x), shared
         self._waiting = {id(m) for m in self.members if m is not member}
         return shared[..., start:end].contiguous()
 

@@ -52,12 +52,10 @@ class TransformersBackend:
     name = "transformers"
 
     def __init__(self, lm: Callable[[], LoadedModel], *, weights: str = "float32") -> None:
-        from personaxis.int8_linears import ROLLOUT_WEIGHTS
+        from personaxis.int8_linears import check_rollout_weights
 
-        if weights not in ROLLOUT_WEIGHTS:
-            raise ValueError(f"unknown rollout weights {weights!r}; choose one of: {', '.join(ROLLOUT_WEIGHTS)}")
         self._lm = lm
-        self.weights = weights
+        self.weights = check_rollout_weights(weights)
         # Records the answers' block outputs while generating (the pipeline then skips their teacher-forced
         # extraction); not with int8 weights, whose activations are not the float32 model's.
         self.captures = weights == "float32"
