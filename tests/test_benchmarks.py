@@ -10,7 +10,7 @@ from pathlib import Path
 from tiny import tiny_model
 
 from personaxis.int8_linears import int8_available
-from personaxis.kernels import onednn_available
+from personaxis.kernels import kernels_enabled, onednn_available
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
 
@@ -105,3 +105,25 @@ def test_benchmark_compares_instruction_sets(tmp_path: Path) -> None:
     if onednn_available():
         assert "AVX2" in avx2["probe"]["onednn"] and "512" not in avx2["probe"]["onednn"]
     assert "### Instruction sets" in proc.stdout and "| figure | native | avx2 |" in proc.stdout
+
+
+def test_decode_steps_benchmark_smoke(tmp_path: Path) -> None:
+    """The decode-step and prefill comparison runs end to end on a tiny model and checks its own equalities."""
+    lm = tiny_model("llama")
+    model_dir = tmp_path / "tiny"
+    lm.model.save_pretrained(model_dir)
+    lm.tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "steps.json"
+    script = SCRIPT.parent / "decode_steps.py"
+    args = ["--model", str(model_dir), "--rows", "1,3", "--steps", "3", "--repeats", "1", "--new-tokens", "3"]
+    proc = subprocess.run(
+        [sys.executable, str(script), *args, "--json", str(out)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert [r["rows"] for r in results["steps"]] == [1, 3]
+    assert all(r["same_logits"] for r in results["steps"])
+    assert all(r["step_used"] for r in results["steps"]) == kernels_enabled()  # the step needs their attention
+    prefill = results["prefill"]
+    assert all(p["computed, length buckets"] <= p["computed, one forward"] for p in prefill)
+    assert all(g["same_tokens"] and g["now tokens/s"] > 0 for g in results["generation"])

@@ -271,3 +271,78 @@ def test_a_finished_batch_frees_its_cache_before_the_next_prefill(tiny_llama, mo
     out = generate_ids(tiny_llama, prompts, config, min_new_tokens=4, stop_ids=[])
     assert [len(o) for o in out] == [4] * 6
     assert alive == [0, 0]  # two batches of three, each prefilled with no cache alive
+
+
+def test_length_buckets_is_the_cheapest_split():
+    """Groups of similar length when that saves more padding than a forward costs; checked against every split of a
+    few random lengths."""
+    from personaxis.generation.engine import length_buckets
+
+    assert length_buckets([40, 9, 39, 8, 38, 10], call_tokens=16) == [[0, 2, 4], [5, 1, 3]]
+    assert length_buckets([40, 9, 39, 8, 38, 10], call_tokens=10**9) == [[0, 2, 4, 5, 1, 3]]  # one forward
+    assert length_buckets([7, 7, 7], call_tokens=0) in ([[0, 1, 2]], [[0], [1], [2]], [[0, 1], [2]], [[0], [1, 2]])
+    assert length_buckets([]) == []
+
+    def cost(groups: list[list[int]], lengths: list[int], call: int) -> int:
+        return sum(call + len(g) * max(lengths[i] for i in g) for g in groups)
+
+    rng = random.Random(0)
+    for _ in range(30):
+        lengths = [rng.randint(1, 60) for _ in range(rng.randint(1, 7))]
+        call = rng.choice([0, 4, 16, 64])
+        groups = length_buckets(lengths, call_tokens=call)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        best = min(
+            cost([list(g) for g in split], lengths, call)
+            for k in range(1, len(lengths) + 1)
+            for split in _splits(list(range(len(lengths))), k)
+        )
+        assert cost(groups, lengths, call) == best
+
+
+def _splits(items: list[int], k: int):
+    """Every split of ``items`` into ``k`` non-empty groups (Stirling partitions)."""
+    if k == 1:
+        yield [items]
+        return
+    if len(items) < k:
+        return
+    first, rest = items[0], items[1:]
+    for split in _splits(rest, k - 1):
+        yield [[first], *split]
+    for split in _splits(rest, k):
+        for i in range(len(split)):
+            yield [*split[:i], [first, *split[i]], *split[i + 1 :]]
+
+
+def test_prefill_by_length_changes_no_token(lm, monkeypatch):
+    """Prompts of very unequal length, some sharing a long system prompt: prefilled in groups of similar length or in
+    one forward, the same tokens, and fewer tokens computed."""
+    from personaxis.generation import decode, engine
+
+    rng = random.Random(3)
+    long_system = "You are a pirate who sails the seven seas and tells tall tales of sea monsters to anyone."
+    convs = []
+    for i in range(18):
+        convo = [{"role": "user", "content": " ".join(rng.choices(WORDS, k=rng.choice([1, 2, 25, 40])))}]
+        if i % 3 == 0:
+            convo.insert(0, {"role": "system", "content": long_system})
+        convs.append(convo)
+    prompts = [render_prompt(lm.tokenizer, c, lm.profile) for c in convs]
+    computed = []
+    logits = decode.CachedForward.logits
+
+    def counting(self, ids, mask, positions, cache):
+        if ids.shape[1] > 1:
+            computed[-1] += ids.numel()
+        return logits(self, ids, mask, positions, cache)
+
+    monkeypatch.setattr(decode.CachedForward, "logits", counting)
+    outputs = []
+    for call_tokens in (engine.PREFILL_CALL_TOKENS, 10**9):
+        monkeypatch.setattr(engine, "PREFILL_CALL_TOKENS", call_tokens)
+        computed.append(0)
+        outputs.append(generate_ids(lm, prompts, SamplingConfig(max_new_tokens=12, batch_size=18)))
+    assert outputs[0] == outputs[1]
+    if lm.profile.name != "tiny-gemma2":  # plain caches: one forward
+        assert computed[0] < 0.8 * computed[1]

@@ -48,6 +48,12 @@ class _MaskTracker:
         return mask[:, -positions:].to(device=hidden.device, dtype=torch.bool)
 
 
+def is_mask_tracker_hook(hook: Any) -> bool:
+    """Whether ``hook`` is the mask tracker :func:`residual_hooks` puts on a base model (a decode step that bypasses
+    the base model's forward calls it with the call's keywords, :mod:`personaxis.generation.llama_step`)."""
+    return isinstance(getattr(hook, "__self__", None), _MaskTracker)
+
+
 def _split_output(output: Any) -> tuple[Tensor, Callable[[Tensor], Any]]:
     if isinstance(output, Tensor):
         return output, lambda h: h

@@ -344,6 +344,11 @@ class ProjectionGroup:
                 release_pages(member.weight)
         return self.weight
 
+    def stacked_output(self, x: Tensor) -> Tensor:
+        """Every member's output for ``x`` side by side (the members' order), from one product; a caller that slices
+        it itself (:mod:`personaxis.generation.llama_step`) bypasses the members' modules and their hooks."""
+        return onednn_linear(x, self._packed(), self.bias)
+
     def _forget(self) -> None:
         self._input = self._output = None
         self._waiting = set()

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from personaxis.generation import cache as kv
+from personaxis.generation.llama_step import LlamaDecodeStep
 
 
 def mask_positions(mask: Tensor) -> Tensor:
@@ -28,17 +29,23 @@ def mask_positions(mask: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class CachedForward:
-    """A model's forward with a key/value cache: its cache keyword and whether it can compute the logits of the last
-    position only."""
+    """A model's forward with a key/value cache: its cache keyword, whether it can compute the logits of the last
+    position only, and the step that replaces it for one token per row where it can (Llama-family models on the CPU,
+    :mod:`personaxis.generation.llama_step`: the same outputs bit for bit, less Python)."""
 
     model: torch.nn.Module
     cache_kw: str
     has_logits_to_keep: bool
+    step: LlamaDecodeStep | None = None
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> CachedForward:
         cache_kw, has_logits_to_keep = kv.forward_kwargs(model)
-        return cls(model, cache_kw, has_logits_to_keep)
+        return cls(model, cache_kw, has_logits_to_keep, LlamaDecodeStep.of(model))
+
+    def _step(self, ids: Tensor, cache: Any) -> LlamaDecodeStep | None:
+        step = self.step
+        return step if step is not None and step.usable(ids, cache) else None
 
     def _kwargs(self, ids: Tensor, mask: Tensor, positions: Tensor, cache: Any) -> dict[str, Any]:
         return {
@@ -52,6 +59,11 @@ class CachedForward:
     def logits(self, ids: Tensor, mask: Tensor, positions: Tensor, cache: Any) -> Tensor:
         """Feed ``ids`` ``[rows, width]`` (``mask`` covers the cache and them) and return the logits of their last
         position, ``[rows, vocabulary]``."""
+        step = self._step(ids, cache)
+        if step is not None:
+            logits = step.run(ids, mask, positions, cache, self.cache_kw)
+            assert logits is not None
+            return logits
         kwargs = self._kwargs(ids, mask, positions, cache)
         if self.has_logits_to_keep:
             width = ids.shape[1]
@@ -62,7 +74,11 @@ class CachedForward:
 
     def feed(self, ids: Tensor, mask: Tensor, positions: Tensor, cache: Any) -> None:
         """Feed ``ids`` into the cache and compute nothing else (for a model without an LM head: the blocks only)."""
-        self.model(**self._kwargs(ids, mask, positions, cache))
+        step = self._step(ids, cache)
+        if step is not None:
+            step.run(ids, mask, positions, cache, self.cache_kw)
+        else:
+            self.model(**self._kwargs(ids, mask, positions, cache))
 
 
 class DecodeBatch:

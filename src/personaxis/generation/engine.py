@@ -57,6 +57,10 @@ REFILL_FRACTION = 1 / 8
 # Prompts that share a prefix of at least this many tokens (a system prompt, the chat template's own preamble) have it
 # computed once per prefill chunk, when that saves at least a fifth of the chunk's prefill work.
 MIN_SHARED_PREFIX = 16
+# A prefill forward costs about as much as this many more padded tokens: the fixed cost of its Python and kernel
+# calls in every layer. Prompts of a chunk are split into groups of similar length (:func:`length_buckets`), one
+# forward each, when that saves more padding than the added forwards cost.
+PREFILL_CALL_TOKENS = 16
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -97,6 +101,32 @@ def prefix_groups(prompts: Sequence[Sequence[int]], *, check_cost: bool = True) 
     if rest:
         shared_cost += len(rest) * max(rest)
     return groups if shared_cost <= 0.8 * plain_cost else []
+
+
+def length_buckets(lengths: Sequence[int], call_tokens: int | None = None) -> list[list[int]]:
+    """Indices of ``lengths`` (prompts left-padded to their group's longest in one forward each) split into groups,
+    longest first: the split with the fewest tokens computed, padding included, plus ``call_tokens`` per group
+    (default :data:`PREFILL_CALL_TOKENS`).
+
+    Groups are runs of the lengths sorted longest first (a best split always is); found by dynamic programming over
+    the sorted lengths, ``len(lengths)²`` steps.
+    """
+    call_tokens = PREFILL_CALL_TOKENS if call_tokens is None else call_tokens
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    n = len(order)
+    best = [0] + [math.inf] * n  # best[end]: the least cost of the first ``end`` sorted lengths
+    start_of = [0] * (n + 1)
+    for end in range(1, n + 1):
+        for start in range(end):
+            cost = best[start] + call_tokens + (end - start) * lengths[order[start]]
+            if cost < best[end]:
+                best[end], start_of[end] = cost, start
+    groups: list[list[int]] = []
+    end = n
+    while end > 0:
+        groups.append(order[start_of[end] : end])
+        end = start_of[end]
+    return groups[::-1]
 
 
 class _Batch(DecodeBatch):
@@ -227,24 +257,48 @@ class FastEngine:
     # -- batch bookkeeping ----------------------------------------------------------------------------------------
 
     def _prefill(self, rows: list[int]) -> _Batch:
-        """Run the prompts of ``rows`` and sample their first tokens; shared prefixes are computed once."""
+        """Run the prompts of ``rows`` and sample their first tokens; shared prefixes are computed once, and prompts
+        of similar length are padded together."""
         groups = prefix_groups([self.prompts[i] for i in rows]) if self.buffered and len(rows) > 1 else []
         if not groups:
-            return self._prefill_plain(rows)
+            return self._merge_all(self._prefill_plain(rows))
         grouped = {i for group, _ in groups for i in group}
-        batch = self._prefill_shared([[rows[i] for i in group] for group, _ in groups], [n for _, n in groups])
+        batches = self._prefill_shared([[rows[i] for i in group] for group, _ in groups], [n for _, n in groups])
         rest = [row for i, row in enumerate(rows) if i not in grouped]
-        return self._merge(batch, self._prefill_plain(rest)) if rest else batch
+        return self._merge_all(batches + (self._prefill_plain(rest) if rest else []))
 
-    def _prefill_plain(self, rows: list[int]) -> _Batch:
+    def _buckets(self, lengths: list[int]) -> list[list[int]]:
+        """Groups of similar ``lengths`` (indices), each prefilled in one forward (:func:`length_buckets`); one group
+        where caches cannot be stacked."""
+        return length_buckets(lengths) if self.buffered else [list(range(len(lengths)))]
+
+    def _merge_all(self, batches: list[_Batch]) -> _Batch:
+        """The rows of ``batches`` (prefilled with caches of no spare room) in one batch, with room for the new
+        tokens: the last stacking makes it, or a copy of the cache when there is only one batch."""
+        batch = batches[0]
+        if len(batches) == 1:
+            if self.buffered:
+                batch.cache = kv.with_room(self.model, batch.cache, self.config.max_new_tokens)
+            return batch
+        for i, other in enumerate(batches[1:], start=2):
+            batch = self._merge(batch, other, reserve=self.config.max_new_tokens if i == len(batches) else 0)
+        return batch
+
+    def _prefill_plain(self, rows: list[int]) -> list[_Batch]:
+        """Prefill ``rows`` in groups of similar prompt length, so that little compute goes to padding."""
+        buckets = self._buckets([len(self.prompts[i]) for i in rows])
+        return [self._prefill_padded([rows[i] for i in bucket]) for bucket in buckets]
+
+    def _prefill_padded(self, rows: list[int]) -> _Batch:
+        """Prefill ``rows`` left-padded to the longest, in one forward (a buffered cache has no spare room yet)."""
         ids, mask, positions, _ = pad_batch(
             [self.prompts[i] for i in rows], self.pad_id, side="left", device=self.device
         )
-        cache = self._new_cache()
+        cache = kv.new_cache(self.model, 0 if self.buffered else None)
         logits = self.forward.logits(ids, mask, positions, cache)
         return self._start(rows, cache, mask, logits)
 
-    def _prefill_shared(self, groups: list[list[int]], shared: list[int]) -> _Batch:
+    def _prefill_shared(self, groups: list[list[int]], shared: list[int]) -> list[_Batch]:
         """Compute each group's common prefix once (one forward for all groups, no LM head), copy its cache into
         every member's row, then run the members' remaining tokens. A row's cache reads ``[padding, prefix,
         padding, rest]``: the gap in the middle is masked, and positions still count real tokens only."""
@@ -252,15 +306,20 @@ class FastEngine:
         p_ids, p_mask, p_pos, _ = pad_batch(prefixes, self.pad_id, side="left", device=self.device)
         prefix_cache = kv.new_cache(self.model, 0)
         self.blocks.feed(p_ids, p_mask, p_pos, prefix_cache)
-        rows = [row for group in groups for row in group]
-        owner = torch.tensor([g for g, group in enumerate(groups) for _ in group], dtype=torch.long, device=self.device)
-        rests = [self.prompts[row][n:] for group, n in zip(groups, shared, strict=True) for row in group]
-        s_ids, s_mask, _, _ = pad_batch(rests, self.pad_id, side="left", device=self.device)
-        mask = torch.cat([p_mask.index_select(0, owner), s_mask], dim=1)
-        positions = mask_positions(mask)[:, p_ids.shape[1] :]
-        cache = kv.expand_rows(self.model, prefix_cache, owner, s_ids.shape[1] + self.config.max_new_tokens)
-        logits = self.forward.logits(s_ids, mask, positions, cache)
-        return self._start(rows, cache, mask, logits)
+        members = [(g, row) for g, group in enumerate(groups) for row in group]
+        buckets = self._buckets([len(self.prompts[row]) - shared[g] for g, row in members])
+        batches = []
+        for bucket in buckets:  # members whose remaining tokens are of similar length
+            part = [members[i] for i in bucket]
+            owner = torch.tensor([g for g, _ in part], dtype=torch.long, device=self.device)
+            rests = [self.prompts[row][shared[g] :] for g, row in part]
+            s_ids, s_mask, _, _ = pad_batch(rests, self.pad_id, side="left", device=self.device)
+            mask = torch.cat([p_mask.index_select(0, owner), s_mask], dim=1)
+            positions = mask_positions(mask)[:, p_ids.shape[1] :]
+            cache = kv.expand_rows(self.model, prefix_cache, owner, s_ids.shape[1])
+            logits = self.forward.logits(s_ids, mask, positions, cache)
+            batches.append(self._start([row for _, row in part], cache, mask, logits))
+        return batches
 
     def _start(self, rows: list[int], cache: Any, mask: Tensor, logits: Tensor) -> _Batch:
         tokens = self._choose(logits, rows, [0] * len(rows))
@@ -295,9 +354,10 @@ class FastEngine:
         batch.finished = [batch.finished[i] for i in keep]
         return batch
 
-    def _merge(self, a: _Batch, b: _Batch) -> _Batch:
-        """The rows of ``b`` stacked after those of ``a`` (in ``a``)."""
-        a.stack(b, self.config.max_new_tokens)
+    def _merge(self, a: _Batch, b: _Batch, reserve: int | None = None) -> _Batch:
+        """The rows of ``b`` stacked after those of ``a`` (in ``a``), with room for ``reserve`` more positions (default
+        ``max_new_tokens``)."""
+        a.stack(b, self.config.max_new_tokens if reserve is None else reserve)
         a.rows = a.rows + b.rows
         a.next_tokens = torch.cat([a.next_tokens, b.next_tokens])
         a.outputs = a.outputs + b.outputs

@@ -1,0 +1,247 @@
+"""The decode step and the prefill of the fast engine, each against what it replaced, interleaved in one process.
+
+- **steps**: milliseconds per decode step at 1, 16 and 64 rows, through the model's own forward (transformers' Python
+  per block) and through personaxis' Llama-family step (:mod:`personaxis.generation.llama_step`), which must give
+  the same logits bit for bit (checked on every size).
+- **prefill**: prompts of unequal length (the benchmark's questions, with and without a role's system prompt)
+  prefilled as one left-padded forward, and split into groups of similar length
+  (:func:`personaxis.generation.engine.length_buckets`): tokens computed, padding included, and seconds.
+- **generation**: whole greedy runs of ``--new-tokens`` tokens at 16 and 64 rows, before (the model's forward, one
+  prefill forward) and now: new tokens/s, and whether the tokens are the same.
+
+On a shared VM the rate of memory moves from one minute to the next: every figure is the best of ``--repeats``
+interleaved runs, with the median beside it.
+
+    python benchmarks/decode_steps.py --isa native,avx2 --json benchmarks/results-decode-steps.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import ISA_ENV, QUESTIONS, ROLES, load, machine, probe_isa, rows_table  # noqa: E402
+
+from personaxis.activations import pad_batch  # noqa: E402
+from personaxis.chat import render_prompt  # noqa: E402
+from personaxis.generation import SamplingConfig, engine, generate_ids  # noqa: E402
+from personaxis.generation import cache as kv  # noqa: E402
+from personaxis.generation.decode import CachedForward, DecodeBatch  # noqa: E402
+from personaxis.generation.llama_step import model_forward_steps  # noqa: E402
+from personaxis.models import LoadedModel, load_model  # noqa: E402
+
+ONE_FORWARD = 10**9  # a per-forward cost that keeps every prompt of a chunk in one forward (the former prefill)
+
+
+def prompts(lm: LoadedModel, n: int) -> list[list[int]]:
+    """The benchmark's prompts (``run.py``'s): questions, three in four with a role's system prompt."""
+    out = []
+    for i in range(n):
+        convo = [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
+        role = ROLES[(i // len(QUESTIONS)) % len(ROLES)]
+        if role:
+            convo.insert(0, {"role": "system", "content": role})
+        out.append(render_prompt(lm.tokenizer, convo, lm.profile))
+    return out
+
+
+def interleaved(repeats: int, runs: dict[str, Callable[[], Any]]) -> dict[str, list[float]]:
+    """Seconds of each run, ``repeats`` times, in alternating order (after one untimed warm-up each)."""
+    for fn in runs.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+@contextlib.contextmanager
+def former(*, step: bool, buckets: bool) -> Iterator[None]:
+    """The engine as it was without the step (the model's forward) and/or without length buckets."""
+    saved = engine.PREFILL_CALL_TOKENS
+    engine.PREFILL_CALL_TOKENS = saved if buckets else ONE_FORWARD
+    try:
+        with contextlib.nullcontext() if step else model_forward_steps():
+            yield
+    finally:
+        engine.PREFILL_CALL_TOKENS = saved
+
+
+def decode_steps(lm: LoadedModel, rows: int, steps: int, repeats: int) -> dict[str, Any]:
+    forward = CachedForward.of(lm.model)
+    prompt = prompts(lm, 1)[0]
+
+    def batch() -> DecodeBatch:
+        ids, mask, positions, _ = pad_batch([prompt] * rows, 0, side="left", device=lm.device)
+        cache = kv.new_cache(lm.model, steps + 1)
+        forward.logits(ids, mask, positions, cache)
+        return DecodeBatch(cache, mask, buffered=True)
+
+    def run(step: bool) -> Callable[[], Tensor]:
+        def go() -> Tensor:
+            state, token, first = batch(), torch.full((rows, 1), 42, device=lm.device), None
+            with former(step=step, buckets=True):
+                for _ in range(steps):
+                    positions = state.extend()
+                    logits = forward.logits(token, state.mask, positions, state.cache)
+                    first = logits if first is None else first
+            return first
+
+        return go
+
+    with torch.inference_mode():
+        same = torch.equal(run(True)(), run(False)())
+        times = interleaved(repeats, {"model forward": run(False), "Llama step": run(True)})
+    probe = torch.full((rows, 1), 42, device=lm.device)
+    usable = forward.step is not None and forward.step.usable(probe, batch().cache)
+    return {
+        "rows": rows,
+        "step_used": usable,
+        "same_logits": same,
+        **{f"{k} ms": round(min(v) / steps * 1e3, 2) for k, v in times.items()},
+        **{f"{k} median ms": round(statistics.median(v) / steps * 1e3, 2) for k, v in times.items()},
+    }
+
+
+def prefill(lm: LoadedModel, n: int, repeats: int) -> dict[str, Any]:
+    batch_prompts = prompts(lm, n)
+    config = SamplingConfig(max_new_tokens=1, batch_size=n)
+    counted = {"tokens": 0}
+    logits, feed = CachedForward.logits, CachedForward.feed
+
+    def count(method: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapped(self: CachedForward, ids: Tensor, *args: Any) -> Any:
+            counted["tokens"] += ids.numel()
+            return method(self, ids, *args)
+
+        return wrapped
+
+    def tokens_computed(buckets: bool) -> int:
+        counted["tokens"] = 0
+        CachedForward.logits, CachedForward.feed = count(logits), count(feed)  # type: ignore[method-assign]
+        try:
+            with former(step=True, buckets=buckets):
+                generate_ids(lm, batch_prompts, config, min_new_tokens=1)
+        finally:
+            CachedForward.logits, CachedForward.feed = logits, feed  # type: ignore[method-assign]
+        return counted["tokens"]
+
+    def run(buckets: bool) -> Callable[[], Any]:
+        def go() -> Any:
+            with former(step=True, buckets=buckets):
+                return generate_ids(lm, batch_prompts, config, min_new_tokens=1)
+
+        return go
+
+    times = interleaved(repeats, {"one forward": run(False), "length buckets": run(True)})
+    return {
+        "prompts": n,
+        "prompt tokens": sum(map(len, batch_prompts)),
+        "computed, one forward": tokens_computed(False),
+        "computed, length buckets": tokens_computed(True),
+        **{f"{k} s": round(min(v), 3) for k, v in times.items()},
+        **{f"{k} median s": round(statistics.median(v), 3) for k, v in times.items()},
+    }
+
+
+def generation(lm: LoadedModel, n: int, new_tokens: int, repeats: int) -> dict[str, Any]:
+    batch_prompts = prompts(lm, n)
+    config = SamplingConfig(max_new_tokens=new_tokens, batch_size=n)
+    outputs: dict[str, list[list[int]]] = {}
+
+    def run(name: str, step: bool, buckets: bool) -> Callable[[], Any]:
+        def go() -> None:
+            with former(step=step, buckets=buckets):
+                outputs[name] = generate_ids(lm, batch_prompts, config, min_new_tokens=new_tokens)
+
+        return go
+
+    times = interleaved(repeats, {"before": run("before", False, False), "now": run("now", True, True)})
+    tokens = n * new_tokens
+    return {
+        "rows": n,
+        "new_tokens": new_tokens,
+        "same_tokens": outputs["before"] == outputs["now"],
+        **{f"{k} tokens/s": round(tokens / min(v), 1) for k, v in times.items()},
+        **{f"{k} median tokens/s": round(tokens / statistics.median(v), 1) for k, v in times.items()},
+    }
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    lm = load_model(args.model)
+    before = load()
+    out: dict[str, Any] = {"machine": machine(), "model": lm.profile.name}
+    out["steps"] = [decode_steps(lm, rows, args.steps, args.repeats) for rows in args.rows]
+    out["prefill"] = [prefill(lm, n, args.repeats) for n in (16, 64)]
+    out["generation"] = [generation(lm, n, args.new_tokens, args.repeats) for n in (16, 64)]
+    out["load_average"] = [round(before, 2), round(load(), 2)]
+    return out
+
+
+def report(name: str, result: dict[str, Any]) -> str:
+    lines = [f"### {name}: {result['model']}, load average {result['load_average']}", ""]
+    for part in ("steps", "prefill", "generation"):
+        rows = result[part]
+        lines += [rows_table(list(rows[0]), [list(r.values()) for r in rows]), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model folder or id (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--rows", default="1,16,64", help="decode-step batch sizes (comma-separated)")
+    p.add_argument("--steps", type=int, default=32, help="decode steps per timed run")
+    p.add_argument("--new-tokens", type=int, default=32, help="new tokens per answer in the generation runs")
+    p.add_argument("--repeats", type=int, default=6, help="interleaved timed runs of each variant")
+    p.add_argument("--threads", type=int, default=2, help="PyTorch threads")
+    p.add_argument("--isa", default=None, help=f"run once per instruction-set limit, from {','.join(ISA_ENV)}")
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = p.parse_args(argv)
+    args.rows = [int(r) for r in args.rows.split(",") if r.strip()]
+    if args.isa is None:
+        result = measure(args)
+        print(report("this machine", result))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        return 0
+    results: dict[str, Any] = {}
+    for isa in [i.strip() for i in args.isa.split(",") if i.strip()]:
+        if isa not in ISA_ENV:
+            p.error(f"unknown --isa {isa!r}; choose from {','.join(ISA_ENV)}")
+        child = [f"--rows={','.join(map(str, args.rows))}", f"--steps={args.steps}", f"--new-tokens={args.new_tokens}"]
+        child += [f"--repeats={args.repeats}", f"--threads={args.threads}"]
+        child += [f"--model={args.model}"] if args.model else []
+        with tempfile.TemporaryDirectory() as folder:
+            out = Path(folder) / "result.json"
+            # A fresh process per limit: oneDNN, MKL and PyTorch read theirs once, when they start.
+            subprocess.run(
+                [sys.executable, __file__, *child, f"--json={out}"], env={**os.environ, **ISA_ENV[isa]}, check=True
+            )
+            results[isa] = {"isa": probe_isa(ISA_ENV[isa]), **json.loads(out.read_text())}
+        print(report(isa, results[isa]))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
