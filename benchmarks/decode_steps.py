@@ -3,7 +3,7 @@
 - **steps**: milliseconds per decode step at 1, 16 and 64 rows, through the model's own forward (transformers' Python
   per block) and through personaxis' Llama-family step (:mod:`personaxis.generation.llama_step`), which must give
   the same logits bit for bit (checked on every size).
-- **prefill**: prompts of unequal length (the benchmark's questions, with and without a role's system prompt)
+- **prefill**: prompts of unequal length (``run.py``'s questions, with and without a role's system prompt)
   prefilled as one left-padded forward, and split into groups of similar length
   (:func:`personaxis.generation.engine.length_buckets`): tokens computed, padding included, and seconds.
 - **generation**: whole greedy runs of ``--new-tokens`` tokens at 16 and 64 rows, before (the model's forward, one
@@ -34,10 +34,9 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import ISA_ENV, QUESTIONS, ROLES, load, machine, probe_isa, rows_table  # noqa: E402
+from run import ISA_ENV, benchmark_prompts, load, machine, probe_isa, rows_table  # noqa: E402
 
 from personaxis.activations import pad_batch  # noqa: E402
-from personaxis.chat import render_prompt  # noqa: E402
 from personaxis.generation import SamplingConfig, engine, generate_ids  # noqa: E402
 from personaxis.generation import cache as kv  # noqa: E402
 from personaxis.generation.decode import CachedForward, DecodeBatch  # noqa: E402
@@ -45,18 +44,6 @@ from personaxis.generation.llama_step import model_forward_steps  # noqa: E402
 from personaxis.models import LoadedModel, load_model  # noqa: E402
 
 ONE_FORWARD = 10**9  # a per-forward cost that keeps every prompt of a chunk in one forward (the former prefill)
-
-
-def prompts(lm: LoadedModel, n: int) -> list[list[int]]:
-    """The benchmark's prompts (``run.py``'s): questions, three in four with a role's system prompt."""
-    out = []
-    for i in range(n):
-        convo = [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
-        role = ROLES[(i // len(QUESTIONS)) % len(ROLES)]
-        if role:
-            convo.insert(0, {"role": "system", "content": role})
-        out.append(render_prompt(lm.tokenizer, convo, lm.profile))
-    return out
 
 
 def interleaved(repeats: int, runs: dict[str, Callable[[], Any]]) -> dict[str, list[float]]:
@@ -87,7 +74,7 @@ def former(*, step: bool, buckets: bool) -> Iterator[None]:
 
 def decode_steps(lm: LoadedModel, rows: int, steps: int, repeats: int) -> dict[str, Any]:
     forward = CachedForward.of(lm.model)
-    prompt = prompts(lm, 1)[0]
+    prompt = benchmark_prompts(lm, 1)[0]
 
     def batch() -> DecodeBatch:
         ids, mask, positions, _ = pad_batch([prompt] * rows, 0, side="left", device=lm.device)
@@ -122,7 +109,7 @@ def decode_steps(lm: LoadedModel, rows: int, steps: int, repeats: int) -> dict[s
 
 
 def prefill(lm: LoadedModel, n: int, repeats: int) -> dict[str, Any]:
-    batch_prompts = prompts(lm, n)
+    batch_prompts = benchmark_prompts(lm, n)
     config = SamplingConfig(max_new_tokens=1, batch_size=n)
     counted = {"tokens": 0}
     logits, feed = CachedForward.logits, CachedForward.feed
@@ -163,7 +150,7 @@ def prefill(lm: LoadedModel, n: int, repeats: int) -> dict[str, Any]:
 
 
 def generation(lm: LoadedModel, n: int, new_tokens: int, repeats: int) -> dict[str, Any]:
-    batch_prompts = prompts(lm, n)
+    batch_prompts = benchmark_prompts(lm, n)
     config = SamplingConfig(max_new_tokens=new_tokens, batch_size=n)
     outputs: dict[str, list[list[int]]] = {}
 

@@ -260,6 +260,21 @@ def mean_common_prefix(reference: Sequence[Sequence[int]], other: Sequence[Seque
     return sum(lengths) / max(len(lengths), 1)
 
 
+def benchmark_prompts(lm: Any, n: int) -> list[list[int]]:
+    """``n`` rendered prompts: rounds of the questions, the first without a system prompt, each next one with a
+    role's (cycling through the roles)."""
+    from personaxis.chat import render_prompt
+
+    out = []
+    for i in range(n):
+        convo = [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
+        role = ROLES[(i // len(QUESTIONS)) % len(ROLES)]
+        if role:
+            convo.insert(0, {"role": "system", "content": role})
+        out.append(render_prompt(lm.tokenizer, convo, lm.profile))
+    return out
+
+
 def rows_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def fmt(v: Any) -> str:
         if isinstance(v, float):
@@ -422,16 +437,7 @@ class Bench:
         return self._int8
 
     def _prompts(self, n: int) -> list[list[int]]:
-        from personaxis.chat import render_prompt
-
-        out = []
-        for i in range(n):
-            convo = [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
-            role = ROLES[(i // len(QUESTIONS)) % len(ROLES)]
-            if role:
-                convo.insert(0, {"role": "system", "content": role})
-            out.append(render_prompt(self.lm.tokenizer, convo, self.lm.profile))
-        return out
+        return benchmark_prompts(self.lm, n)
 
     def _gen_case(self, label: str, prompts: list[list[int]], config: Any, min_new: int) -> dict[str, Any]:
         """Time ``generate_ids`` on the same prompts and settings: plain ``generate`` (PyTorch's linear layers and

@@ -15,11 +15,16 @@ from personaxis.kernels import kernels_enabled, onednn_available
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
 
 
-def test_benchmark_smoke(tmp_path: Path) -> None:
+def _saved_tiny_model(tmp_path: Path) -> Path:
     lm = tiny_model("llama")
     model_dir = tmp_path / "tiny"
     lm.model.save_pretrained(model_dir)
     lm.tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
+def test_benchmark_smoke(tmp_path: Path) -> None:
+    model_dir = _saved_tiny_model(tmp_path)
     out = tmp_path / "results.json"
     proc = subprocess.run(
         [
@@ -109,10 +114,7 @@ def test_benchmark_compares_instruction_sets(tmp_path: Path) -> None:
 
 def test_decode_steps_benchmark_smoke(tmp_path: Path) -> None:
     """The decode-step and prefill comparison runs end to end on a tiny model and checks its own equalities."""
-    lm = tiny_model("llama")
-    model_dir = tmp_path / "tiny"
-    lm.model.save_pretrained(model_dir)
-    lm.tokenizer.save_pretrained(model_dir)
+    model_dir = _saved_tiny_model(tmp_path)
     out = tmp_path / "steps.json"
     script = SCRIPT.parent / "decode_steps.py"
     args = ["--model", str(model_dir), "--rows", "1,3", "--steps", "3", "--repeats", "1", "--new-tokens", "3"]
