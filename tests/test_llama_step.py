@@ -224,6 +224,9 @@ def test_other_architectures_have_no_step():
         MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, sliding_window=16)
     )
     assert LlamaDecodeStep.of(windowed) is None
+    dispatched = tiny_model("llama").model
+    dispatched.model.layers[0].mlp._hf_hook = object()  # as accelerate's device map leaves it
+    assert LlamaDecodeStep.of(dispatched) is None
     assert LlamaDecodeStep.of(tiny_model("qwen2").model) is not None
 
 

@@ -17,7 +17,8 @@ keywords. The embedding, the final norm and the LM head are called as modules, s
 
 Anything else goes to the model's own forward (:meth:`LlamaDecodeStep.usable` says which). That covers more than one
 token per row, another dtype or device, a plain (unbuffered) cache, another attention implementation, training mode,
-a sliding window, global hooks, and a hook on any module inside a block or with keyword arguments on a block.
+a sliding window, global hooks, a hook on any module inside a block or with keyword arguments on a block, and models
+dispatched by accelerate (whose hooks move weights inside ``forward``: no step is made for them).
 """
 
 from __future__ import annotations
@@ -140,6 +141,7 @@ class LlamaDecodeStep:
             and all(hasattr(base, name) for name in ("embed_tokens", "norm", "rotary_emb"))
             and type(base.norm).__name__ in NORM_CLASSES
             and all(_block_parts_supported(block) for block in blocks)
+            and not any(hasattr(m, "_hf_hook") for m in module.modules())  # accelerate moves weights in forward
         ):
             return None
         return cls(module, base, head)
@@ -164,6 +166,7 @@ class LlamaDecodeStep:
         """Whether this call (``ids`` ``[rows, 1]``, ``cache``) can take the step; otherwise the caller runs the
         model's own forward."""
         embed = self.base.embed_tokens.weight
+        norm = self.blocks[0].input_layernorm.weight
         layers = getattr(cache, "layers", None)
         return (
             not _switched_off
@@ -171,7 +174,9 @@ class LlamaDecodeStep:
             and ids.shape[1] == 1
             and ids.is_cpu
             and embed.is_cpu
+            and norm.is_cpu
             and embed.dtype is torch.float32
+            and norm.dtype is torch.float32
             and not self.module.training
             and getattr(self.config, "_attn_implementation", None) == IMPLEMENTATION
             and isinstance(layers, list)
