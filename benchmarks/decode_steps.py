@@ -1,6 +1,6 @@
 """The decode step and the prefill of the fast engine, each against what it replaced, interleaved in one process.
 
-- **steps**: milliseconds per decode step at 1, 16 and 64 rows, through the model's own forward (transformers' Python
+- **steps**: milliseconds per decode step (the prefill before them not counted) at 1, 16 and 64 rows, through the model's own forward (transformers' Python
   per block) and through personaxis' Llama-family step (:mod:`personaxis.generation.llama_step`), which must give
   the same logits bit for bit (checked on every size).
 - **prefill**: prompts of unequal length (``run.py``'s questions, with and without a role's system prompt)
@@ -46,18 +46,28 @@ from personaxis.models import LoadedModel, load_model  # noqa: E402
 ONE_FORWARD = 10**9  # a per-forward cost that keeps every prompt of a chunk in one forward (the former prefill)
 
 
-def interleaved(repeats: int, runs: dict[str, Callable[[], Any]]) -> dict[str, list[float]]:
-    """Seconds of each run, ``repeats`` times, in alternating order (after one untimed warm-up each)."""
+def interleaved(repeats: int, runs: dict[str, Callable[[], float]]) -> dict[str, list[float]]:
+    """The seconds each run reports for itself, ``repeats`` times, in alternating order (after one untimed warm-up
+    each)."""
     for fn in runs.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in runs}
     names = list(runs)
     for r in range(repeats):
         for name in names if r % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
-            runs[name]()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(runs[name]())
     return times
+
+
+def whole(fn: Callable[[], Any]) -> Callable[[], float]:
+    """``fn`` timed from start to end."""
+
+    def timed() -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    return timed
 
 
 @contextlib.contextmanager
@@ -82,21 +92,22 @@ def decode_steps(lm: LoadedModel, rows: int, steps: int, repeats: int) -> dict[s
         forward.logits(ids, mask, positions, cache)
         return DecodeBatch(cache, mask, buffered=True)
 
-    def run(step: bool) -> Callable[[], Tensor]:
-        def go() -> Tensor:
-            state, token, first = batch(), torch.full((rows, 1), 42, device=lm.device), None
-            with former(step=step, buckets=True):
-                for _ in range(steps):
-                    positions = state.extend()
-                    logits = forward.logits(token, state.mask, positions, state.cache)
-                    first = logits if first is None else first
-            return first
-
-        return go
+    def decode(step: bool) -> tuple[float, Tensor]:
+        """Seconds of ``steps`` decode steps (the prefill before them not counted), and the first step's logits."""
+        state, token, first = batch(), torch.full((rows, 1), 42, device=lm.device), None
+        with former(step=step, buckets=True):
+            start = time.perf_counter()
+            for _ in range(steps):
+                positions = state.extend()
+                logits = forward.logits(token, state.mask, positions, state.cache)
+                first = logits if first is None else first
+            seconds = time.perf_counter() - start
+        assert first is not None
+        return seconds, first
 
     with torch.inference_mode():
-        same = torch.equal(run(True)(), run(False)())
-        times = interleaved(repeats, {"model forward": run(False), "Llama step": run(True)})
+        same = torch.equal(decode(True)[1], decode(False)[1])
+        times = interleaved(repeats, {"model forward": lambda: decode(False)[0], "Llama step": lambda: decode(True)[0]})
     probe = torch.full((rows, 1), 42, device=lm.device)
     usable = forward.step is not None and forward.step.usable(probe, batch().cache)
     return {
@@ -138,7 +149,7 @@ def prefill(lm: LoadedModel, n: int, repeats: int) -> dict[str, Any]:
 
         return go
 
-    times = interleaved(repeats, {"one forward": run(False), "length buckets": run(True)})
+    times = interleaved(repeats, {"one forward": whole(run(False)), "length buckets": whole(run(True))})
     return {
         "prompts": n,
         "prompt tokens": sum(map(len, batch_prompts)),
@@ -161,7 +172,7 @@ def generation(lm: LoadedModel, n: int, new_tokens: int, repeats: int) -> dict[s
 
         return go
 
-    times = interleaved(repeats, {"before": run("before", False, False), "now": run("now", True, True)})
+    times = interleaved(repeats, {"before": whole(run("before", False, False)), "now": whole(run("now", True, True))})
     tokens = n * new_tokens
     return {
         "rows": n,
