@@ -177,9 +177,9 @@ def test_shared_prefixes_are_computed_once(lm, steered, monkeypatch):
     calls: list[int] = []
     original = FastEngine._prefill_shared
 
-    def counting(self, groups, shared):
+    def counting(self, groups, shared, *rest):
         calls.append(sum(len(g) for g in groups))
-        return original(self, groups, shared)
+        return original(self, groups, shared, *rest)
 
     monkeypatch.setattr(FastEngine, "_prefill_shared", counting)
     systems = [

@@ -204,14 +204,6 @@ def from_tensors(model: torch.nn.Module, keys: Iterable[Tensor], values: Iterabl
     return cache
 
 
-def with_room(model: torch.nn.Module, cache: Any, reserve: int) -> Any:
-    """A buffered cache holding ``cache``'s keys and values with room for ``reserve`` more positions (a copy, made one
-    layer at a time)."""
-    keys = (layer.keys for layer in cache.layers)
-    values = (layer.values for layer in cache.layers)
-    return from_tensors(model, keys, values, reserve)
-
-
 def expand_rows(model: torch.nn.Module, prefix: Any, owner: Tensor, reserve: int) -> Any:
     """A new buffered cache whose row ``i`` is a copy of row ``owner[i]`` of ``prefix``, with room for ``reserve``
     more positions (a prefix shared by several prompts, computed once)."""

@@ -221,9 +221,6 @@ class FastEngine:
                 return sorted(indices, key=lambda i: self.prompts[i])
         return sorted(indices, key=lambda i: -len(self.prompts[i]))
 
-    def _new_cache(self) -> Any:
-        return kv.new_cache(self.model, self.config.max_new_tokens if self.buffered else None)
-
     # -- model calls ----------------------------------------------------------------------------------------------
 
     def _choose(self, logits: Tensor, batch_rows: list[int], n_generated: list[int]) -> Tensor:
@@ -258,65 +255,64 @@ class FastEngine:
 
     def _prefill(self, rows: list[int]) -> _Batch:
         """Run the prompts of ``rows`` and sample their first tokens; shared prefixes are computed once, and prompts
-        of similar length are padded together."""
+        (or the rest of them after a shared prefix) of similar length are padded together, one forward each."""
         groups = prefix_groups([self.prompts[i] for i in rows]) if self.buffered and len(rows) > 1 else []
-        if not groups:
-            return self._merge_all(self._prefill_plain(rows))
         grouped = {i for group, _ in groups for i in group}
-        batches = self._prefill_shared([[rows[i] for i in group] for group, _ in groups], [n for _, n in groups])
+        shared = [n for _, n in groups]
+        members = [(g, rows[i]) for g, (group, _) in enumerate(groups) for i in group]
         rest = [row for i, row in enumerate(rows) if i not in grouped]
-        return self._merge_all(batches + (self._prefill_plain(rest) if rest else []))
-
-    def _buckets(self, lengths: list[int]) -> list[list[int]]:
-        """Groups of similar ``lengths`` (indices), each prefilled in one forward (:func:`length_buckets`); one group
-        where caches cannot be stacked."""
-        return length_buckets(lengths) if self.buffered else [list(range(len(lengths)))]
-
-    def _merge_all(self, batches: list[_Batch]) -> _Batch:
-        """The rows of ``batches`` (prefilled with caches of no spare room) in one batch, with room for the new
-        tokens: the last stacking makes it, or a copy of the cache when there is only one batch."""
+        member_buckets = self._buckets([len(self.prompts[row]) - shared[g] for g, row in members])
+        rest_buckets = self._buckets([len(self.prompts[row]) for row in rest])
+        # One forward's cache keeps room for the new tokens; several are stacked with that room at the end.
+        alone = len(member_buckets) + len(rest_buckets) == 1
+        reserve = self.config.max_new_tokens if alone else 0
+        batches = []
+        if groups:
+            parts = [[members[i] for i in bucket] for bucket in member_buckets]
+            batches += self._prefill_shared([[rows[i] for i in group] for group, _ in groups], shared, parts, reserve)
+        batches += [self._prefill_padded([rest[i] for i in bucket], reserve) for bucket in rest_buckets]
         batch = batches[0]
-        if len(batches) == 1:
-            if self.buffered:
-                batch.cache = kv.with_room(self.model, batch.cache, self.config.max_new_tokens)
-            return batch
         for i, other in enumerate(batches[1:], start=2):
             batch = self._merge(batch, other, reserve=self.config.max_new_tokens if i == len(batches) else 0)
         return batch
 
-    def _prefill_plain(self, rows: list[int]) -> list[_Batch]:
-        """Prefill ``rows`` in groups of similar prompt length, so that little compute goes to padding."""
-        buckets = self._buckets([len(self.prompts[i]) for i in rows])
-        return [self._prefill_padded([rows[i] for i in bucket]) for bucket in buckets]
+    def _buckets(self, lengths: list[int]) -> list[list[int]]:
+        """Groups of similar ``lengths`` (indices), each prefilled in one forward (:func:`length_buckets`); one group
+        where caches cannot be stacked, none for no lengths."""
+        if not lengths:
+            return []
+        return length_buckets(lengths) if self.buffered else [list(range(len(lengths)))]
 
-    def _prefill_padded(self, rows: list[int]) -> _Batch:
-        """Prefill ``rows`` left-padded to the longest, in one forward (a buffered cache has no spare room yet)."""
+    def _prefill_padded(self, rows: list[int], reserve: int) -> _Batch:
+        """Prefill ``rows`` left-padded to the longest, in one forward; a buffered cache keeps room for ``reserve``
+        more positions."""
         ids, mask, positions, _ = pad_batch(
             [self.prompts[i] for i in rows], self.pad_id, side="left", device=self.device
         )
-        cache = kv.new_cache(self.model, 0 if self.buffered else None)
+        cache = kv.new_cache(self.model, reserve if self.buffered else None)
         logits = self.forward.logits(ids, mask, positions, cache)
         return self._start(rows, cache, mask, logits)
 
-    def _prefill_shared(self, groups: list[list[int]], shared: list[int]) -> list[_Batch]:
-        """Compute each group's common prefix once (one forward for all groups, no LM head), copy its cache into
-        every member's row, then run the members' remaining tokens. A row's cache reads ``[padding, prefix,
-        padding, rest]``: the gap in the middle is masked, and positions still count real tokens only."""
+    def _prefill_shared(
+        self, groups: list[list[int]], shared: list[int], parts: list[list[tuple[int, int]]], reserve: int
+    ) -> list[_Batch]:
+        """Compute each group's common prefix once (one forward for all groups, no LM head), then, one forward per
+        part (``(group, row)`` pairs whose remaining tokens are of similar length), copy its cache into every
+        member's row and run the members' remaining tokens; each cache keeps room for ``reserve`` more positions. A
+        row's cache reads ``[padding, prefix, padding, rest]``: the gap in the middle is masked, and positions still
+        count real tokens only."""
         prefixes = [self.prompts[group[0]][:n] for group, n in zip(groups, shared, strict=True)]
         p_ids, p_mask, p_pos, _ = pad_batch(prefixes, self.pad_id, side="left", device=self.device)
         prefix_cache = kv.new_cache(self.model, 0)
         self.blocks.feed(p_ids, p_mask, p_pos, prefix_cache)
-        members = [(g, row) for g, group in enumerate(groups) for row in group]
-        buckets = self._buckets([len(self.prompts[row]) - shared[g] for g, row in members])
         batches = []
-        for bucket in buckets:  # members whose remaining tokens are of similar length
-            part = [members[i] for i in bucket]
+        for part in parts:
             owner = torch.tensor([g for g, _ in part], dtype=torch.long, device=self.device)
             rests = [self.prompts[row][shared[g] :] for g, row in part]
             s_ids, s_mask, _, _ = pad_batch(rests, self.pad_id, side="left", device=self.device)
             mask = torch.cat([p_mask.index_select(0, owner), s_mask], dim=1)
             positions = mask_positions(mask)[:, p_ids.shape[1] :]
-            cache = kv.expand_rows(self.model, prefix_cache, owner, s_ids.shape[1])
+            cache = kv.expand_rows(self.model, prefix_cache, owner, s_ids.shape[1] + reserve)
             logits = self.forward.logits(s_ids, mask, positions, cache)
             batches.append(self._start([row for _, row in part], cache, mask, logits))
         return batches

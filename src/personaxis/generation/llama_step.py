@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
 
 from personaxis.decode_attention import IMPLEMENTATION, decode_attention_forward
 from personaxis.generation.cache import buffer_cache_layer_class
@@ -122,7 +123,6 @@ class LlamaDecodeStep:
         # Hook dictionaries are kept by their modules for life (registering and removing change them in place).
         self._inner_hooks = [d for m in inner for d in (m._forward_hooks, m._forward_pre_hooks)]
         self._block_hooks = [(b._forward_pre_hooks, b._forward_hooks_with_kwargs) for b in self.blocks]
-        self._outer = [module] if module is base else [module, base]
 
     @classmethod
     def of(cls, module: nn.Module) -> LlamaDecodeStep | None:
@@ -148,18 +148,15 @@ class LlamaDecodeStep:
 
     def _hooks_allowed(self) -> bool:
         """Whether every hook the step would not call itself is absent (see the module's notes)."""
-        from torch.nn.modules import module as torch_module
-
         if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
             return False
         if any(self._inner_hooks):
             return False
         if any(pre or with_kwargs for pre, with_kwargs in self._block_hooks):
             return False
-        top = self._outer[0]
-        if len(self._outer) == 2 and (top._forward_hooks or top._forward_pre_hooks):
+        top, base = self.module, self.base
+        if top is not base and (top._forward_hooks or top._forward_pre_hooks):
             return False
-        base = self.base
         return not base._forward_hooks and all(is_mask_tracker_hook(h) for h in base._forward_pre_hooks.values())
 
     def usable(self, ids: Tensor, cache: Any) -> bool:
@@ -168,6 +165,7 @@ class LlamaDecodeStep:
         embed = self.base.embed_tokens.weight
         norm = self.blocks[0].input_layernorm.weight
         layers = getattr(cache, "layers", None)
+        buffer_layer = buffer_cache_layer_class()
         return (
             not _switched_off
             and ids.dim() == 2
@@ -181,7 +179,7 @@ class LlamaDecodeStep:
             and getattr(self.config, "_attn_implementation", None) == IMPLEMENTATION
             and isinstance(layers, list)
             and len(layers) == len(self.blocks)
-            and all(type(layer) is buffer_cache_layer_class() for layer in layers)
+            and all(type(layer) is buffer_layer for layer in layers)
             and self._hooks_allowed()
         )
 
