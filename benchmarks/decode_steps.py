@@ -214,7 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--isa", default=None, help=f"run once per instruction-set limit, from {','.join(ISA_ENV)}")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
-    args.rows = [int(r) for r in args.rows.split(",") if r.strip()]
+    try:
+        args.rows = [int(r) for r in args.rows.split(",") if r.strip()]
+    except ValueError:
+        p.error(f"--rows takes whole numbers separated by commas, got {args.rows!r}")
+    if not args.rows or min(args.rows) < 1:
+        p.error("--rows needs at least one batch size, each 1 or more")
+    for name in ("steps", "new_tokens", "repeats", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be 1 or more, got {getattr(args, name)}")
     if args.isa is None:
         result = measure(args)
         print(report("this machine", result))

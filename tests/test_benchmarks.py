@@ -129,3 +129,15 @@ def test_decode_steps_benchmark_smoke(tmp_path: Path) -> None:
     prefill = results["prefill"]
     assert all(p["computed, length buckets"] <= p["computed, one forward"] for p in prefill)
     assert all(g["same_tokens"] and g["now tokens/s"] > 0 for g in results["generation"])
+
+
+def test_decode_steps_benchmark_refuses_bad_options() -> None:
+    script = SCRIPT.parent / "decode_steps.py"
+    for args, message in (
+        (["--rows", "1,x"], "whole numbers"),
+        (["--rows", "0"], "each 1 or more"),
+        (["--steps", "0"], "--steps must be 1 or more"),
+        (["--isa", "sse"], "unknown --isa"),
+    ):
+        proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr[-500:])
