@@ -1,13 +1,15 @@
 """The decode step and the prefill of the fast engine, each against what it replaced, interleaved in one process.
 
-- **steps**: milliseconds per decode step (the prefill before them not counted) at 1, 16 and 64 rows, through the model's own forward (transformers' Python
-  per block) and through personaxis' Llama-family step (:mod:`personaxis.generation.llama_step`), which must give
-  the same logits bit for bit (checked on every size).
+- **steps**: milliseconds per decode step (the prefill before them not counted) at 1, 16 and 64 rows, through the
+  model's own forward (transformers' Python per block) and through personaxis' Llama-family step
+  (:mod:`personaxis.generation.llama_step`), which must give the same logits bit for bit (checked on every size).
 - **prefill**: prompts of unequal length (``run.py``'s questions, with and without a role's system prompt)
-  prefilled as one left-padded forward, and split into groups of similar length
-  (:func:`personaxis.generation.engine.length_buckets`): tokens computed, padding included, and seconds.
+  prefilled as one left-padded forward, split into groups of similar length
+  (:func:`personaxis.generation.prefill_plan.length_buckets`), and with shared prefixes chosen by cost
+  (:func:`personaxis.generation.prefill_plan.prefix_groups`) instead of the former rule (16 tokens or more):
+  tokens computed, padding included, and seconds.
 - **generation**: whole greedy runs of ``--new-tokens`` tokens at 16 and 64 rows, before (the model's forward, one
-  prefill forward) and now: new tokens/s, and whether the tokens are the same.
+  prefill forward, the former rule for shared prefixes) and now: new tokens/s, and whether the tokens are the same.
 
 On a shared VM the rate of memory moves from one minute to the next: every figure is the best of ``--repeats``
 interleaved runs, with the median beside it.
@@ -26,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +39,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import ISA_ENV, benchmark_prompts, load, machine, probe_isa, rows_table  # noqa: E402
 
 from personaxis.activations import pad_batch  # noqa: E402
-from personaxis.generation import SamplingConfig, engine, generate_ids  # noqa: E402
+from personaxis.generation import SamplingConfig, engine, generate_ids, prefill_plan  # noqa: E402
 from personaxis.generation import cache as kv  # noqa: E402
 from personaxis.generation.decode import CachedForward, DecodeBatch  # noqa: E402
 from personaxis.generation.llama_step import model_forward_steps  # noqa: E402
+from personaxis.generation.prefill_plan import common_prefix_length  # noqa: E402
 from personaxis.models import LoadedModel, load_model  # noqa: E402
 
 ONE_FORWARD = 10**9  # a per-forward cost that keeps every prompt of a chunk in one forward (the former prefill)
+FORMER_MIN_SHARED_PREFIX = 16  # the former rule shared a prefix only from this many tokens
 
 
 def interleaved(repeats: int, runs: dict[str, Callable[[], float]]) -> dict[str, list[float]]:
@@ -70,16 +74,45 @@ def whole(fn: Callable[[], Any]) -> Callable[[], float]:
     return timed
 
 
+def floor_prefix_groups(prompts: Sequence[Sequence[int]], *, check_cost: bool = True) -> list[tuple[list[int], int]]:
+    """The engine's former rule for shared prefixes: runs of sorted prompts sharing 16 tokens or more, used when
+    that saved a fifth of one padded forward's tokens."""
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i])
+    runs: list[tuple[list[int], int]] = []
+    for previous, index in zip([None, *order[:-1]], order, strict=True):
+        common = 0 if previous is None else common_prefix_length(prompts[previous], prompts[index])
+        if common >= FORMER_MIN_SHARED_PREFIX:
+            members, length = runs[-1]
+            runs[-1] = ([*members, index], min(length, common))
+        else:
+            runs.append(([index], len(prompts[index])))
+    groups = []
+    for members, length in runs:
+        length = min(length, *(len(prompts[i]) - 1 for i in members))
+        if len(members) > 1 and length >= FORMER_MIN_SHARED_PREFIX:
+            groups.append((members, length))
+    if not groups or not check_cost:
+        return groups
+    grouped = {i for members, _ in groups for i in members}
+    rest = [len(p) for i, p in enumerate(prompts) if i not in grouped]
+    cost = len(groups) * max(n for _, n in groups)
+    cost += len(grouped) * max(len(prompts[i]) - n for members, n in groups for i in members)
+    cost += len(rest) * max(rest) if rest else 0
+    return groups if cost <= 0.8 * len(prompts) * max(len(p) for p in prompts) else []
+
+
 @contextlib.contextmanager
-def former(*, step: bool, buckets: bool) -> Iterator[None]:
-    """The engine as it was without the step (the model's forward) and/or without length buckets."""
-    saved = engine.PREFILL_CALL_TOKENS
-    engine.PREFILL_CALL_TOKENS = saved if buckets else ONE_FORWARD
+def former(*, step: bool, buckets: bool, groups: bool = True) -> Iterator[None]:
+    """The engine as it was without the step (the model's forward), without length buckets and/or with the former
+    rule for shared prefixes."""
+    saved = prefill_plan.PREFILL_CALL_TOKENS, engine.prefix_groups
+    prefill_plan.PREFILL_CALL_TOKENS = saved[0] if buckets else ONE_FORWARD
+    engine.prefix_groups = saved[1] if groups else floor_prefix_groups
     try:
         with contextlib.nullcontext() if step else model_forward_steps():
             yield
     finally:
-        engine.PREFILL_CALL_TOKENS = saved
+        prefill_plan.PREFILL_CALL_TOKENS, engine.prefix_groups = saved
 
 
 def decode_steps(lm: LoadedModel, rows: int, steps: int, repeats: int) -> dict[str, Any]:
@@ -132,29 +165,34 @@ def prefill(lm: LoadedModel, n: int, repeats: int) -> dict[str, Any]:
 
         return wrapped
 
-    def tokens_computed(buckets: bool) -> int:
+    variants = {  # (length buckets, cost-based shared prefixes)
+        "one forward": (False, False),
+        "length buckets": (True, False),
+        "+ shared prefixes by cost": (True, True),
+    }
+
+    def tokens_computed(buckets: bool, groups: bool) -> int:
         counted["tokens"] = 0
         CachedForward.logits, CachedForward.feed = count(logits), count(feed)  # type: ignore[method-assign]
         try:
-            with former(step=True, buckets=buckets):
+            with former(step=True, buckets=buckets, groups=groups):
                 generate_ids(lm, batch_prompts, config, min_new_tokens=1)
         finally:
             CachedForward.logits, CachedForward.feed = logits, feed  # type: ignore[method-assign]
         return counted["tokens"]
 
-    def run(buckets: bool) -> Callable[[], Any]:
+    def run(buckets: bool, groups: bool) -> Callable[[], Any]:
         def go() -> Any:
-            with former(step=True, buckets=buckets):
+            with former(step=True, buckets=buckets, groups=groups):
                 return generate_ids(lm, batch_prompts, config, min_new_tokens=1)
 
         return go
 
-    times = interleaved(repeats, {"one forward": whole(run(False)), "length buckets": whole(run(True))})
+    times = interleaved(repeats, {name: whole(run(*how)) for name, how in variants.items()})
     return {
         "prompts": n,
         "prompt tokens": sum(map(len, batch_prompts)),
-        "computed, one forward": tokens_computed(False),
-        "computed, length buckets": tokens_computed(True),
+        **{f"computed, {name}": tokens_computed(*how) for name, how in variants.items()},
         **{f"{k} s": round(min(v), 3) for k, v in times.items()},
         **{f"{k} median s": round(statistics.median(v), 3) for k, v in times.items()},
     }
@@ -165,14 +203,14 @@ def generation(lm: LoadedModel, n: int, new_tokens: int, repeats: int) -> dict[s
     config = SamplingConfig(max_new_tokens=new_tokens, batch_size=n)
     outputs: dict[str, list[list[int]]] = {}
 
-    def run(name: str, step: bool, buckets: bool) -> Callable[[], Any]:
+    def run(name: str, now: bool) -> Callable[[], Any]:
         def go() -> None:
-            with former(step=step, buckets=buckets):
+            with former(step=now, buckets=now, groups=now):
                 outputs[name] = generate_ids(lm, batch_prompts, config, min_new_tokens=new_tokens)
 
         return go
 
-    times = interleaved(repeats, {"before": whole(run("before", False, False)), "now": whole(run("now", True, True))})
+    times = interleaved(repeats, {"before": whole(run("before", False)), "now": whole(run("now", True))})
     tokens = n * new_tokens
     return {
         "rows": n,

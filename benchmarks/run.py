@@ -254,7 +254,7 @@ def measure_matvec(rows: int, device: Any, *, onednn: bool = False) -> float:
 
 def mean_common_prefix(reference: Sequence[Sequence[int]], other: Sequence[Sequence[int]]) -> float:
     """Mean number of leading tokens each answer of ``other`` shares with the same answer of ``reference``."""
-    from personaxis.generation.engine import common_prefix_length
+    from personaxis.generation.prefill_plan import common_prefix_length
 
     lengths = [common_prefix_length(a, b) for a, b in zip(reference, other, strict=True)]
     return sum(lengths) / max(len(lengths), 1)

@@ -50,7 +50,7 @@ def test_rows_joining_and_leaving_decode_as_alone() -> None:
         for out, t in zip(outputs, tokens.tolist(), strict=True):
             out.append(t)
     joining, new = prefill(forward, [second], buffered=True)  # wider than the running batch: it gets padded
-    batch.stack(joining, RESERVE)
+    batch.stack([joining], RESERVE)
     tokens = torch.cat([tokens, new])
     outputs.append([int(new)])
     assert len(batch) == 3 and batch.width == max(len(first) + 3, len(second))
@@ -81,3 +81,31 @@ def test_positions_count_real_tokens_only() -> None:
     lm = tiny_model("llama", dtype=torch.float64)
     batch = DecodeBatch(kv.new_cache(lm.model, 4), mask, buffered=True)
     assert batch.extend().tolist() == [[3], [6]] and batch.width == 7
+
+
+def test_several_batches_stack_at_once_with_zero_padding() -> None:
+    """Three batches of different widths stacked in one call: the padding each row gets is zeros (the buffers are
+    allocated uninitialised), the spare room is as asked, and every row decodes as its prompt alone."""
+    lm = tiny_model("llama", dtype=torch.float64)
+    forward = CachedForward.of(lm.model)
+    rng = torch.Generator().manual_seed(1)
+    vocab = lm.model.config.vocab_size
+    prompts = [torch.randint(3, vocab, (n,), generator=rng).tolist() for n in (5, 12, 3, 8)]
+    parts = [prefill(forward, group, buffered=True) for group in ([prompts[0], prompts[3]], [prompts[1]], [prompts[2]])]
+    batch = parts[0][0]
+    widths = [part.width for part, _ in parts]
+    batch.stack([part for part, _ in parts[1:]], RESERVE)
+    tokens = torch.cat([t for _, t in parts])
+    assert len(batch) == 4 and batch.width == max(widths) == 12
+    pads = [12 - widths[0]] * 2 + [12 - w for w in widths[1:]]
+    for layer in batch.cache.layers:
+        assert layer.key_buffer.shape[2] == 12 + RESERVE
+        for row, pad in enumerate(pads):
+            assert not layer.keys[row, :, :pad].any() and not layer.values[row, :, :pad].any()
+    outputs: list[list[int]] = [[int(t)] for t in tokens]
+    for _ in range(5):
+        tokens = step(forward, batch, tokens)
+        for out, t in zip(outputs, tokens.tolist(), strict=True):
+            out.append(t)
+    for out, prompt in zip(outputs, [prompts[0], prompts[3], prompts[1], prompts[2]], strict=True):
+        assert out == alone(forward, prompt, len(out))

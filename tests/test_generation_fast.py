@@ -216,17 +216,70 @@ def test_shared_prefixes_are_computed_once(lm, steered, monkeypatch):
 
 
 def test_prefix_groups():
-    from personaxis.generation.engine import MIN_SHARED_PREFIX, prefix_groups
+    from personaxis.generation.prefill_plan import prefix_groups
 
-    system = list(range(100, 100 + MIN_SHARED_PREFIX + 4))
+    system = list(range(100, 120))
     prompts = [system + [1, 2], [7, 8, 9], system + [3], system + [4, 5, 6], system]
     groups = prefix_groups(prompts)
     assert len(groups) == 1
     members, length = groups[0]
     # ``system`` alone must keep one token of its own, so the shared prefix is one token shorter than it.
     assert sorted(members) == [0, 2, 3, 4] and length == len(system) - 1
-    assert prefix_groups([[1, 2, 3], [1, 2, 4]]) == []  # too short to share
-    assert prefix_groups([system + list(range(200)), system + [1]]) == []  # saves too little
+    assert prefix_groups([[1, 2, 3], [1, 2, 4]]) == []  # saves less than a group costs
+    assert prefix_groups([system + list(range(200)), system + [1]]) == []  # saves too little of the chunk's work
+    # A short role prompt shared by many questions is worth sharing, each role its own group; what all roles share
+    # (the template's first tokens) is not worth a group of its own.
+    template, questions = [1, 2, 3], [[50 + q, 60 + q, 70 + q, 80 + q] for q in range(12)]
+    roles = [[10 + r, 20 + r, 30 + r, 40 + r, 5] for r in range(3)]
+    prompts = [template + role + question for role in roles for question in questions]
+    groups = prefix_groups(prompts)
+    assert sorted((sorted(m), n) for m, n in groups) == [(list(range(12 * r, 12 * r + 12)), 8) for r in range(3)]
+
+
+def test_prefix_groups_are_the_cheapest_runs():
+    """The groups' cost (tokens computed, ``GROUP_TOKENS`` per group) is the least over every split of the sorted
+    prompts into runs, on random prompts with common prefixes."""
+    from personaxis.generation.prefill_plan import GROUP_TOKENS, common_prefix_length, prefix_groups
+
+    def run_cost(prompts: list[list[int]], run: list[int]) -> int:
+        if len(run) == 1:
+            return len(prompts[run[0]])
+        shared = min(
+            min(len(prompts[i]) - 1 for i in run),
+            min(common_prefix_length(prompts[a], prompts[b]) for a, b in zip(run, run[1:], strict=False)),
+        )
+        if shared <= 0:
+            return sum(len(prompts[i]) for i in run)  # a group sharing nothing is no group
+        return shared + sum(len(prompts[i]) - shared for i in run) + GROUP_TOKENS
+
+    rng = random.Random(5)
+    for _ in range(40):
+        stems = [[rng.randint(1, 3) for _ in range(rng.randint(0, 12))] for _ in range(3)]
+        prompts = [rng.choice(stems) + [rng.randint(1, 4) for _ in range(rng.randint(1, 6))] for _ in range(6)]
+        order = sorted(range(len(prompts)), key=lambda i: prompts[i])
+        groups = prefix_groups(prompts, check_cost=False)
+        grouped = [i for members, _ in groups for i in members]
+        assert len(grouped) == len(set(grouped))
+        cost = sum(n + sum(len(prompts[i]) - n for i in m) + GROUP_TOKENS for m, n in groups)
+        cost += sum(len(p) for i, p in enumerate(prompts) if i not in grouped)
+        for members, n in groups:  # each group shares what it says, and every member keeps a token
+            assert all(prompts[i][:n] == prompts[members[0]][:n] and len(prompts[i]) > n for i in members)
+        best = min(
+            sum(run_cost(prompts, [order[i] for i in run]) for run in runs)
+            for k in range(1, len(order) + 1)
+            for runs in _runs(list(range(len(order))), k)
+        )
+        assert cost == best
+
+
+def _runs(items: list[int], k: int):
+    """Every split of ``items`` into ``k`` runs of consecutive items."""
+    if k == 1:
+        yield [items]
+        return
+    for cut in range(1, len(items) - k + 2):
+        for rest in _runs(items[cut:], k - 1):
+            yield [items[:cut], *rest]
 
 
 def test_kv_cache_budget_grows_with_free_gpu_memory(monkeypatch):
@@ -276,7 +329,7 @@ def test_a_finished_batch_frees_its_cache_before_the_next_prefill(tiny_llama, mo
 def test_length_buckets_is_the_cheapest_split():
     """Groups of similar length when that saves more padding than a forward costs; checked against every split of a
     few random lengths."""
-    from personaxis.generation.engine import length_buckets
+    from personaxis.generation.prefill_plan import length_buckets
 
     assert length_buckets([40, 9, 39, 8, 38, 10], call_tokens=16) == [[0, 2, 4], [5, 1, 3]]
     assert length_buckets([40, 9, 39, 8, 38, 10], call_tokens=10**9) == [[0, 2, 4, 5, 1, 3]]  # one forward
@@ -318,7 +371,7 @@ def _splits(items: list[int], k: int):
 def test_prefill_by_length_changes_no_token(lm, monkeypatch):
     """Prompts of very unequal length, some sharing a long system prompt: prefilled in groups of similar length or in
     one forward, the same tokens, and fewer tokens computed."""
-    from personaxis.generation import decode, engine
+    from personaxis.generation import decode, prefill_plan
 
     rng = random.Random(3)
     long_system = "You are a pirate who sails the seven seas and tells tall tales of sea monsters to anyone."
@@ -339,8 +392,8 @@ def test_prefill_by_length_changes_no_token(lm, monkeypatch):
 
     monkeypatch.setattr(decode.CachedForward, "logits", counting)
     outputs = []
-    for call_tokens in (engine.PREFILL_CALL_TOKENS, 10**9):
-        monkeypatch.setattr(engine, "PREFILL_CALL_TOKENS", call_tokens)
+    for call_tokens in (prefill_plan.PREFILL_CALL_TOKENS, 10**9):
+        monkeypatch.setattr(prefill_plan, "PREFILL_CALL_TOKENS", call_tokens)
         computed.append(0)
         outputs.append(generate_ids(lm, prompts, SamplingConfig(max_new_tokens=12, batch_size=18)))
     assert outputs[0] == outputs[1]

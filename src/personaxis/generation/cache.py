@@ -13,7 +13,7 @@ other models get transformers' plain cache, which can only shrink.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -43,8 +43,10 @@ def _new_layer_class() -> type:
             self.values = self.value_buffer[:, :, : self.length]
 
         def _allocate(self, like: Tensor, batch: int, capacity: int) -> tuple[Tensor, Tensor]:
+            # Left uninitialised: every position up to ``length`` is written before it is read (keys and values, or
+            # zeros for padding), and the room after it is written by ``update`` as it fills.
             shape = (batch, like.shape[1], capacity, like.shape[3])
-            return like.new_zeros(shape), like.new_zeros(shape)
+            return like.new_empty(shape), like.new_empty(shape)
 
         def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
             n = key_states.shape[-2]
@@ -90,18 +92,22 @@ def _new_layer_class() -> type:
             return out
 
         @classmethod
-        def concat(cls, a: Any, b: Any, reserve: int) -> Any:
-            """Stack the rows of two layers, left-padding the shorter one with zeros (masked out)."""
-            length = max(a.length, b.length)
-            rows_a = a.key_buffer.shape[0]
+        def concat(cls, layers: Sequence[Any], reserve: int) -> Any:
+            """Stack the rows of ``layers``, each left-padded with zeros (masked out) to the longest, in one new
+            buffer."""
+            length = max(layer.length for layer in layers)
+            like = layers[0].key_buffer
+            rows = sum(layer.key_buffer.shape[0] for layer in layers)
             out = cls(reserve)
-            out.device, out.is_initialized, out.length = a.device, True, length
-            out.key_buffer, out.value_buffer = out._allocate(
-                a.key_buffer, rows_a + b.key_buffer.shape[0], length + reserve
-            )
-            for src, rows in ((a, slice(0, rows_a)), (b, slice(rows_a, None))):
-                out.key_buffer[rows, :, length - src.length : length] = src.keys
-                out.value_buffer[rows, :, length - src.length : length] = src.values
+            out.device, out.is_initialized, out.length = layers[0].device, True, length
+            out.key_buffer, out.value_buffer = out._allocate(like, rows, length + reserve)
+            start = 0
+            for layer in layers:
+                stop, pad = start + layer.key_buffer.shape[0], length - layer.length
+                for buffer, source in ((out.key_buffer, layer.keys), (out.value_buffer, layer.values)):
+                    buffer[start:stop, :, :pad].zero_()
+                    buffer[start:stop, :, pad:length] = source
+                start = stop
             out._views()
             return out
 
@@ -181,17 +187,20 @@ def trim_left(cache: Any, n: int) -> None:
         layer.trim_left(n)
 
 
-def stack(a: Any, b: Any, reserve: int) -> Any:
-    """The rows of buffered cache ``a`` then those of ``b`` in ``a`` (returned), the shorter left-padded with zeros
-    (masked out); each layer gets room for ``reserve`` more positions."""
+def stack(caches: Sequence[Any], reserve: int) -> Any:
+    """The rows of buffered ``caches`` in order, in the first one (returned), each left-padded with zeros (masked
+    out) to the longest; each layer gets room for ``reserve`` more positions. The others are left as they were."""
     layer_class = buffer_cache_layer_class()
-    if len(a.layers) != len(b.layers):
-        raise ValueError(f"cannot stack caches of {len(a.layers)} and {len(b.layers)} layers")
-    # Layer by layer, each of ``a``'s old layers dropped as soon as its replacement exists: the stacked cache never
-    # sits beside the whole of ``a`` (at 64 rows that was 330 MB more at the peak). ``b`` is left as it was.
-    for i in range(len(a.layers)):
-        a.layers[i] = layer_class.concat(a.layers[i], b.layers[i], reserve)
-    return a
+    first = caches[0]
+    for other in caches[1:]:
+        if len(other.layers) != len(first.layers):
+            raise ValueError(f"cannot stack caches of {len(first.layers)} and {len(other.layers)} layers")
+    # Layer by layer, each old layer of the first cache dropped as soon as its replacement exists: the stacked cache
+    # never sits beside the whole of the first (at 64 rows that was 330 MB more at the peak). All go into one new
+    # buffer per layer: stacking them two at a time copied the first rows again for every cache after them.
+    for i in range(len(first.layers)):
+        first.layers[i] = layer_class.concat([cache.layers[i] for cache in caches], reserve)
+    return first
 
 
 def from_tensors(model: torch.nn.Module, keys: Iterable[Tensor], values: Iterable[Tensor], reserve: int) -> Any:

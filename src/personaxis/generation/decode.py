@@ -11,6 +11,7 @@ The cache itself is changed only through :mod:`personaxis.generation.cache`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,13 +125,14 @@ class DecodeBatch:
             kv.trim_left(self.cache, start)
             self.mask = self.mask[:, start:]
 
-    def stack(self, other: DecodeBatch, reserve: int) -> None:
-        """Add the rows of ``other`` after these (buffered caches), the narrower left-padded; the cache keeps room
-        for ``reserve`` more positions."""
-        width = max(self.width, other.width)
+    def stack(self, others: Sequence[DecodeBatch], reserve: int) -> None:
+        """Add the rows of ``others`` after these, in order (buffered caches), the narrower left-padded; the cache
+        keeps room for ``reserve`` more positions."""
+        batches = [self, *others]
+        width = max(batch.width for batch in batches)
 
         def pad(mask: Tensor) -> Tensor:
             return torch.nn.functional.pad(mask, (width - mask.shape[1], 0), value=0)
 
-        self.cache = kv.stack(self.cache, other.cache, reserve)
-        self.mask = torch.cat([pad(self.mask), pad(other.mask)])
+        self.cache = kv.stack([batch.cache for batch in batches], reserve)
+        self.mask = torch.cat([pad(batch.mask) for batch in batches])

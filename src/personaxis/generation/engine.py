@@ -2,7 +2,8 @@
 cache, logits for the last position only, and continuous batching.
 
 Prompts are prefilled in chunks; a prefix shared by several prompts of a chunk (a role's system prompt, the template's
-built-in one) is computed once and its cache copied to each of them. A row leaves the batch when it ends (an
+built-in one) is computed once and its cache copied to each of them, and prompts of similar length are padded together
+(:mod:`personaxis.generation.prefill_plan` chooses both by the tokens they compute). A row leaves the batch when it ends (an
 end-of-turn token or ``max_new_tokens``) and waiting prompts take its place, so the batch stays full and no compute
 goes to finished answers. The cache lives in preallocated buffers that grow in place (no copy of the whole cache per
 token); rows are dropped and added by reindexing it, new rows left-padded to the batch's current length. Position ids
@@ -28,6 +29,7 @@ from torch import Tensor
 from personaxis.activations import pad_batch
 from personaxis.generation import cache as kv
 from personaxis.generation.decode import CachedForward, DecodeBatch, mask_positions
+from personaxis.generation.prefill_plan import length_buckets, prefix_groups, shared_prefix_tokens
 from personaxis.generation.sampling import SamplingConfig, answer_generator, pad_token_id, sample_tokens
 from personaxis.hooks import residual_hooks
 from personaxis.models import LoadedModel
@@ -54,79 +56,6 @@ def kv_cache_budget(device: torch.device) -> int:
 # finished rows are dropped and waiting prompts admitted in one go: reindexing the cache costs about as much as a
 # few decode steps, so doing it for every single finished row would not pay.
 REFILL_FRACTION = 1 / 8
-# Prompts that share a prefix of at least this many tokens (a system prompt, the chat template's own preamble) have it
-# computed once per prefill chunk, when that saves at least a fifth of the chunk's prefill work.
-MIN_SHARED_PREFIX = 16
-# A prefill forward costs about as much as this many more padded tokens: the fixed cost of its Python and kernel
-# calls in every layer. Prompts of a chunk are split into groups of similar length (:func:`length_buckets`), one
-# forward each, when that saves more padding than the added forwards cost.
-PREFILL_CALL_TOKENS = 16
-
-
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """The number of leading tokens ``a`` and ``b`` share."""
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
-def prefix_groups(prompts: Sequence[Sequence[int]], *, check_cost: bool = True) -> list[tuple[list[int], int]]:
-    """Groups of prompt indices sharing a prefix of at least ``MIN_SHARED_PREFIX`` tokens, with that prefix's
-    length (each member keeps at least one token of its own); with ``check_cost``, empty when sharing would not
-    save a fifth of the prefill work of one batch (tokens computed, padding included)."""
-    order = sorted(range(len(prompts)), key=lambda i: prompts[i])
-    runs: list[tuple[list[int], int]] = []
-    for previous, index in zip([None, *order[:-1]], order, strict=True):
-        common = 0 if previous is None else common_prefix_length(prompts[previous], prompts[index])
-        if common >= MIN_SHARED_PREFIX:
-            members, length = runs[-1]
-            runs[-1] = ([*members, index], min(length, common))
-        else:
-            runs.append(([index], len(prompts[index])))
-    groups = []
-    for members, length in runs:
-        length = min(length, *(len(prompts[i]) - 1 for i in members))
-        if len(members) > 1 and length >= MIN_SHARED_PREFIX:
-            groups.append((members, length))
-    if not groups or not check_cost:
-        return groups
-    grouped = {i for members, _ in groups for i in members}
-    plain_cost = len(prompts) * max(len(p) for p in prompts)
-    rest = [len(p) for i, p in enumerate(prompts) if i not in grouped]
-    shared_cost = len(groups) * max(n for _, n in groups) + len(grouped) * max(
-        len(prompts[i]) - n for members, n in groups for i in members
-    )
-    if rest:
-        shared_cost += len(rest) * max(rest)
-    return groups if shared_cost <= 0.8 * plain_cost else []
-
-
-def length_buckets(lengths: Sequence[int], call_tokens: int | None = None) -> list[list[int]]:
-    """Indices of ``lengths`` (prompts left-padded to their group's longest in one forward each) split into groups,
-    longest first: the split with the fewest tokens computed, padding included, plus ``call_tokens`` per group
-    (default :data:`PREFILL_CALL_TOKENS`).
-
-    Groups are runs of the lengths sorted longest first (a best split always is); found by dynamic programming over
-    the sorted lengths, ``len(lengths)²`` steps.
-    """
-    call_tokens = PREFILL_CALL_TOKENS if call_tokens is None else call_tokens
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    n = len(order)
-    best = [0] + [math.inf] * n  # best[end]: the least cost of the first ``end`` sorted lengths
-    start_of = [0] * (n + 1)
-    for end in range(1, n + 1):
-        for start in range(end):
-            cost = best[start] + call_tokens + (end - start) * lengths[order[start]]
-            if cost < best[end]:
-                best[end], start_of[end] = cost, start
-    groups: list[list[int]] = []
-    end = n
-    while end > 0:
-        groups.append(order[start_of[end] : end])
-        end = start_of[end]
-    return groups[::-1]
 
 
 class _Batch(DecodeBatch):
@@ -210,14 +139,13 @@ class FastEngine:
     # -- setup ----------------------------------------------------------------------------------------------------
 
     def _order(self) -> list[int]:
-        """The order prompts join the batch. When a fifth or more of all prompt tokens are shared prefixes (system
-        prompts), prompts sharing one are queued together so that each prefill chunk computes it once; otherwise
-        longest first, so that each prefill chunk holds prompts of similar length."""
+        """The order prompts join the batch. When computing every shared prefix once would save a fifth or more of
+        all prompt tokens (system prompts), prompts are queued in sorted order, those sharing a prefix together, so
+        that each prefill chunk computes it once; otherwise longest first, so that each prefill chunk holds prompts
+        of similar length."""
         indices = range(len(self.prompts))
         if self.buffered and len(self.prompts) > 1:
-            groups = prefix_groups(self.prompts, check_cost=False)
-            shared = sum((len(members) - 1) * length for members, length in groups)
-            if shared >= 0.2 * sum(len(p) for p in self.prompts):
+            if shared_prefix_tokens(self.prompts) >= 0.2 * sum(len(p) for p in self.prompts):
                 return sorted(indices, key=lambda i: self.prompts[i])
         return sorted(indices, key=lambda i: -len(self.prompts[i]))
 
@@ -271,10 +199,7 @@ class FastEngine:
             parts = [[members[i] for i in bucket] for bucket in member_buckets]
             batches += self._prefill_shared([[rows[i] for i in group] for group, _ in groups], shared, parts, reserve)
         batches += [self._prefill_padded([rest[i] for i in bucket], reserve) for bucket in rest_buckets]
-        batch = batches[0]
-        for i, other in enumerate(batches[1:], start=2):
-            batch = self._merge(batch, other, reserve=self.config.max_new_tokens if i == len(batches) else 0)
-        return batch
+        return self._merge(batches[0], batches[1:]) if len(batches) > 1 else batches[0]
 
     def _buckets(self, lengths: list[int]) -> list[list[int]]:
         """Groups of similar ``lengths`` (indices), each prefilled in one forward (:func:`length_buckets`); one group
@@ -350,14 +275,15 @@ class FastEngine:
         batch.finished = [batch.finished[i] for i in keep]
         return batch
 
-    def _merge(self, a: _Batch, b: _Batch, reserve: int | None = None) -> _Batch:
-        """The rows of ``b`` stacked after those of ``a`` (in ``a``), with room for ``reserve`` more positions (default
-        ``max_new_tokens``)."""
-        a.stack(b, self.config.max_new_tokens if reserve is None else reserve)
-        a.rows = a.rows + b.rows
-        a.next_tokens = torch.cat([a.next_tokens, b.next_tokens])
-        a.outputs = a.outputs + b.outputs
-        a.finished = a.finished + b.finished
+    def _merge(self, a: _Batch, others: Sequence[_Batch]) -> _Batch:
+        """The rows of ``others`` stacked after those of ``a`` (in ``a``), with room for ``max_new_tokens`` more
+        positions."""
+        a.stack(others, self.config.max_new_tokens)
+        for b in others:
+            a.rows = a.rows + b.rows
+            a.outputs = a.outputs + b.outputs
+            a.finished = a.finished + b.finished
+        a.next_tokens = torch.cat([a.next_tokens, *(b.next_tokens for b in others)])
         return a
 
     def _admit(self, batch: _Batch | None, n: int) -> _Batch | None:
@@ -370,7 +296,7 @@ class FastEngine:
             rows, self.queue = self.queue[:take], self.queue[take:]
             n -= take
             new = self._prefill(rows)
-            batch = new if batch is None else self._merge(batch, new)
+            batch = new if batch is None else self._merge(batch, [new])
         return batch
 
     def _refill(self, batch: _Batch | None) -> _Batch | None:

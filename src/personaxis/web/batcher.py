@@ -321,7 +321,7 @@ class Batcher:
         if self._batch is None or not self._rows:
             self._rows, self._batch = prefill.rows, joining
         else:
-            self._batch.stack(joining, prefill.reserve)
+            self._batch.stack([joining], prefill.reserve)
             self._rows = self._rows + prefill.rows
         offset = len(self._rows) - len(prefill.rows)
         self._choose(logits, [i for i in range(offset, len(self._rows)) if not self._rows[i].done], base=offset)
