@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from personaxis.generation import cache as kv
+from personaxis.generation.prefill_plan import common_prefix_length
 
 MIN_PREFIX = 8  # shorter shared starts are not worth the copy
 MAX_ENTRIES = 4  # treatments remembered
@@ -32,14 +33,6 @@ class Prefix:
     keys: list[Tensor]  # per layer [heads, tokens, dim]
     values: list[Tensor]
     projections: list[float]  # at the monitored layer, one per token
-
-
-def _common(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 class PrefixCache:
@@ -60,7 +53,7 @@ class PrefixCache:
         entry = self._entries.get(id(first))
         if entry is None or entry.interventions is not first:
             return None
-        shared = min(_common(entry.tokens, p) for p in prompts)
+        shared = min(common_prefix_length(entry.tokens, p) for p in prompts)
         shared = min(shared, min(len(p) for p in prompts) - 1)
         return (entry, shared) if shared >= MIN_PREFIX else None
 
