@@ -1,10 +1,10 @@
-"""The fast engine (``engine="fast"``, the default): a decode loop over the model's own forward with a key/value
-cache, logits for the last position only, and continuous batching.
+"""The fast engine (``engine="fast"``, the default): a decode loop over the model's own forward with a key/value cache,
+logits for the last position only, and continuous batching.
 
 Prompts are prefilled in chunks; a prefix shared by several prompts of a chunk (a role's system prompt, the template's
 built-in one) is computed once and its cache copied to each of them, and prompts of similar length are padded together
-(:mod:`personaxis.generation.prefill_plan` chooses both by the tokens they compute). A row leaves the batch when it ends (an
-end-of-turn token or ``max_new_tokens``) and waiting prompts take its place, so the batch stays full and no compute
+(:mod:`personaxis.generation.prefill_plan` chooses both by the tokens they compute). A row leaves the batch when it ends
+(an end-of-turn token or ``max_new_tokens``) and waiting prompts take its place, so the batch stays full and no compute
 goes to finished answers. The cache lives in preallocated buffers that grow in place (no copy of the whole cache per
 token); rows are dropped and added by reindexing it, new rows left-padded to the batch's current length. Position ids
 always come from the attention mask, which may have masked gaps (between a shared prefix and the rest of a prompt, or

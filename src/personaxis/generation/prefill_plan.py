@@ -89,9 +89,10 @@ def prefix_groups(prompts: Sequence[Sequence[int]], *, check_cost: bool = True) 
     token of its own): the grouping that computes the fewest tokens, :data:`GROUP_TOKENS` counted per group.
 
     Groups are runs of the prompts in sorted order, and a run shares the shortest common prefix of its neighbours;
-    the best runs are found by dynamic programming (``len(prompts)²`` steps, vectorised). With ``check_cost``, the groups are returned only when the chunk's whole plan with them (a forward of
-    the prefixes, then the members' remaining tokens and the other prompts, each split by :func:`length_buckets`)
-    computes :data:`SHARED_PLAN_SAVING` fewer tokens than the plan without; else none.
+    the best runs are found by dynamic programming (``len(prompts)²`` steps, vectorised). With ``check_cost``, the
+    groups are returned only when the chunk's whole plan with them (a forward of the prefixes, then the members'
+    remaining tokens and the other prompts, each split by :func:`length_buckets`) computes :data:`SHARED_PLAN_SAVING`
+    fewer tokens than the plan without; else none.
     """
     n = len(prompts)
     order, common_list = _sorted_with_common_prefixes(prompts)
