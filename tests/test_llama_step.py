@@ -23,26 +23,7 @@ from personaxis.kernels import restore_linears, use_onednn_linears
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [9, 10], [11, 12, 13, 14]]  # left padding in every step
 
 
-def _mistral():
-    torch.manual_seed(0)
-    config = MistralConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=None,
-    )
-    model = MistralForCausalLM(config).eval().requires_grad_(False)
-    use_onednn_linears(model)
-    use_decode_attention(model)
-    return model
-
-
 def _model(kind: str) -> torch.nn.Module:
-    if kind == "mistral":
-        return _mistral()
     model = tiny_model(kind).model
     use_decode_attention(model)  # as load_model does where oneDNN is missing too
     return model

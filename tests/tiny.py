@@ -11,6 +11,8 @@ from transformers import (
     Gemma2ForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
@@ -71,6 +73,8 @@ def tiny_model(kind: str = "llama", *, dtype: torch.dtype = torch.float32, seed:
         model = LlamaForCausalLM(LlamaConfig(**_common(vocab)))
     elif kind == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**_common(vocab)))
+    elif kind == "mistral":
+        model = MistralForCausalLM(MistralConfig(**_common(vocab), sliding_window=None))
     elif kind == "gemma2":
         model = Gemma2ForCausalLM(Gemma2Config(**_common(vocab), head_dim=8, sliding_window=64))
     else:
