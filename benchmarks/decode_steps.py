@@ -3,6 +3,8 @@
 - **steps**: milliseconds per decode step (the prefill before them not counted) at 1, 16 and 64 rows, through the
   model's own forward (transformers' Python per block) and through personaxis' Llama-family step
   (:mod:`personaxis.generation.llama_step`), which must give the same logits bit for bit (checked on every size).
+  With ``--step-from REV``, also through the step as ``llama_step.py`` was at git revision ``REV`` (loaded against
+  the current package), to time a change of the step against its former self.
 - **prefill**: prompts of unequal length (``run.py``'s questions, with and without a role's system prompt)
   prefilled as one left-padded forward, split into groups of similar length
   (:func:`personaxis.generation.prefill_plan.length_buckets`), and with shared prefixes chosen by cost
@@ -28,7 +30,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -115,8 +119,22 @@ def former(*, step: bool, buckets: bool, groups: bool = True) -> Iterator[None]:
         prefill_plan.PREFILL_CALL_TOKENS, engine.prefix_groups = saved
 
 
-def decode_steps(lm: LoadedModel, rows: int, steps: int, repeats: int) -> dict[str, Any]:
+def step_at(revision: str, lm: LoadedModel) -> CachedForward:
+    """The model's cached forward with the decode step of ``llama_step.py`` as it was at git ``revision``, run against
+    the current package (a revision whose step imports what the package no longer has fails here)."""
+    root = Path(__file__).resolve().parent.parent
+    path = "src/personaxis/generation/llama_step.py"
+    shown = subprocess.run(["git", "-C", str(root), "show", f"{revision}:{path}"], capture_output=True, text=True)
+    if shown.returncode != 0:
+        raise SystemExit(f"--step-from {revision}: git cannot show {path} there ({shown.stderr.strip()})")
+    module = types.ModuleType(f"llama_step_at_{revision}")
+    exec(compile(shown.stdout, f"{revision}:{path}", "exec"), module.__dict__)
+    return replace(CachedForward.of(lm.model), step=module.LlamaDecodeStep.of(lm.model))
+
+
+def decode_steps(lm: LoadedModel, rows: int, steps: int, repeats: int, revision: str | None = None) -> dict[str, Any]:
     forward = CachedForward.of(lm.model)
+    earlier = step_at(revision, lm) if revision else None
     prompt = benchmark_prompts(lm, 1)[0]
 
     def batch() -> DecodeBatch:
@@ -125,22 +143,27 @@ def decode_steps(lm: LoadedModel, rows: int, steps: int, repeats: int) -> dict[s
         forward.logits(ids, mask, positions, cache)
         return DecodeBatch(cache, mask, buffered=True)
 
-    def decode(step: bool) -> tuple[float, Tensor]:
+    def decode(step: bool, through: CachedForward = forward) -> tuple[float, Tensor]:
         """Seconds of ``steps`` decode steps (the prefill before them not counted), and the first step's logits."""
         state, token, first = batch(), torch.full((rows, 1), 42, device=lm.device), None
         with former(step=step, buckets=True):
             start = time.perf_counter()
             for _ in range(steps):
                 positions = state.extend()
-                logits = forward.logits(token, state.mask, positions, state.cache)
+                logits = through.logits(token, state.mask, positions, state.cache)
                 first = logits if first is None else first
             seconds = time.perf_counter() - start
         assert first is not None
         return seconds, first
 
+    runs = {"model forward": lambda: decode(False)[0], "Llama step": lambda: decode(True)[0]}
     with torch.inference_mode():
-        same = torch.equal(decode(True)[1], decode(False)[1])
-        times = interleaved(repeats, {"model forward": lambda: decode(False)[0], "Llama step": lambda: decode(True)[0]})
+        now = decode(True)[1]
+        same = torch.equal(now, decode(False)[1])
+        if earlier is not None:
+            same = same and torch.equal(now, decode(True, earlier)[1])
+            runs[f"step at {revision}"] = lambda: decode(True, earlier)[0]
+        times = interleaved(repeats, runs)
     probe = torch.full((rows, 1), 42, device=lm.device)
     usable = forward.step is not None and forward.step.usable(probe, batch().cache)
     return {
@@ -226,9 +249,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     lm = load_model(args.model)
     before = load()
     out: dict[str, Any] = {"machine": machine(), "model": lm.profile.name}
-    out["steps"] = [decode_steps(lm, rows, args.steps, args.repeats) for rows in args.rows]
-    out["prefill"] = [prefill(lm, n, args.repeats) for n in (16, 64)]
-    out["generation"] = [generation(lm, n, args.new_tokens, args.repeats) for n in (16, 64)]
+    if "steps" in args.sections:
+        out["steps"] = [decode_steps(lm, rows, args.steps, args.repeats, args.step_from) for rows in args.rows]
+    if "prefill" in args.sections:
+        out["prefill"] = [prefill(lm, n, args.repeats) for n in (16, 64)]
+    if "generation" in args.sections:
+        out["generation"] = [generation(lm, n, args.new_tokens, args.repeats) for n in (16, 64)]
     out["load_average"] = [round(before, 2), round(load(), 2)]
     return out
 
@@ -236,7 +262,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def report(name: str, result: dict[str, Any]) -> str:
     lines = [f"### {name}: {result['model']}, load average {result['load_average']}", ""]
     for part in ("steps", "prefill", "generation"):
-        rows = result[part]
+        rows = result.get(part)
+        if not rows:
+            continue
         lines += [rows_table(list(rows[0]), [list(r.values()) for r in rows]), ""]
     return "\n".join(lines)
 
@@ -249,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=32, help="new tokens per answer in the generation runs")
     p.add_argument("--repeats", type=int, default=6, help="interleaved timed runs of each variant")
     p.add_argument("--threads", type=int, default=2, help="PyTorch threads")
+    p.add_argument(
+        "--step-from", default=None, metavar="REV", help="also time the decode step as it was at this git revision"
+    )
+    p.add_argument("--sections", default="steps,prefill,generation", help="what to measure (comma-separated)")
     p.add_argument("--isa", default=None, help=f"run once per instruction-set limit, from {','.join(ISA_ENV)}")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
@@ -258,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--rows takes whole numbers separated by commas, got {args.rows!r}")
     if not args.rows or min(args.rows) < 1:
         p.error("--rows needs at least one batch size, each 1 or more")
+    args.sections = [part.strip() for part in args.sections.split(",") if part.strip()]
+    unknown = sorted(set(args.sections) - {"steps", "prefill", "generation"})
+    if unknown or not args.sections:
+        p.error(f"--sections takes steps, prefill and/or generation, got {unknown or 'none'}")
     for name in ("steps", "new_tokens", "repeats", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be 1 or more, got {getattr(args, name)}")
@@ -272,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         if isa not in ISA_ENV:
             p.error(f"unknown --isa {isa!r}; choose from {','.join(ISA_ENV)}")
         child = [f"--rows={','.join(map(str, args.rows))}", f"--steps={args.steps}", f"--new-tokens={args.new_tokens}"]
-        child += [f"--repeats={args.repeats}", f"--threads={args.threads}"]
+        child += [f"--repeats={args.repeats}", f"--threads={args.threads}", f"--sections={','.join(args.sections)}"]
+        child += [f"--step-from={args.step_from}"] if args.step_from else []
         child += [f"--model={args.model}"] if args.model else []
         with tempfile.TemporaryDirectory() as folder:
             out = Path(folder) / "result.json"

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from tiny import tiny_model
 
 from personaxis.int8_linears import int8_available
@@ -131,6 +132,33 @@ def test_decode_steps_benchmark_smoke(tmp_path: Path) -> None:
     assert all(g["same_tokens"] and g["now tokens/s"] > 0 for g in results["generation"])
 
 
+def test_decode_steps_benchmark_times_the_step_of_a_git_revision(tmp_path: Path) -> None:
+    """``--step-from REV`` adds the step as ``llama_step.py`` was at ``REV`` (here the commit checked out), which must
+    give the same logits; an unknown revision is refused with git's reason."""
+    root = SCRIPT.parent.parent
+    if subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    model_dir = _saved_tiny_model(tmp_path)
+    out = tmp_path / "steps.json"
+    script = SCRIPT.parent / "decode_steps.py"
+    args = ["--model", str(model_dir), "--rows", "2", "--steps", "2", "--repeats", "1", "--sections", "steps"]
+    proc = subprocess.run(
+        [sys.executable, str(script), *args, "--step-from", "HEAD", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert "prefill" not in results and "generation" not in results
+    (row,) = results["steps"]
+    assert row["same_logits"] and row["step at HEAD ms"] > 0
+    bad = subprocess.run(
+        [sys.executable, str(script), *args, "--step-from", "no-such-revision"], capture_output=True, text=True
+    )
+    assert bad.returncode != 0 and "--step-from no-such-revision" in bad.stderr
+
+
 def test_decode_steps_benchmark_refuses_bad_options() -> None:
     script = SCRIPT.parent / "decode_steps.py"
     for args, message in (
@@ -138,6 +166,7 @@ def test_decode_steps_benchmark_refuses_bad_options() -> None:
         (["--rows", "0"], "each 1 or more"),
         (["--steps", "0"], "--steps must be 1 or more"),
         (["--isa", "sse"], "unknown --isa"),
+        (["--sections", "steps,decode"], "--sections takes"),
     ):
         proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr[-500:])

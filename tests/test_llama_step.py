@@ -232,3 +232,18 @@ def test_engine_tokens_and_capture_are_the_same_with_the_step(tiny_lm):
             assert n == captures[1].fed[i]
             a, b = captures[0].means_over(i, 0, n), captures[1].means_over(i, 0, n)
             assert a is not None and b is not None and torch.equal(a.means, b.means)
+
+
+def test_rotation_is_transformers_rotary_function_bit_for_bit():
+    """The step's rotation (one ``roll``, the negation moved into ``sin``) gives the values of transformers' own
+    ``apply_rotary_pos_emb`` exactly, on heads that are a strided slice of the stacked product, as in the step."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from personaxis.generation.llama_step import _Rotation
+
+    generator = torch.Generator().manual_seed(0)
+    heads = torch.randn(5, 1, 12, 64, generator=generator).transpose(1, 2)[:, :9]  # [rows, heads, 1, dim], strided
+    angles = torch.randn(5, 1, 64, generator=generator) * 100
+    cos, sin = angles.cos(), angles.sin()
+    expected, _ = apply_rotary_pos_emb(heads, heads, cos, sin)
+    assert torch.equal(_Rotation(cos, sin).apply(heads), expected)

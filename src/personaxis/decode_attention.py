@@ -75,17 +75,32 @@ def decode_attention_forward(
         or (attention_mask is not None and attention_mask.dim() != 4)
     ):
         return _sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    grouped = query.reshape(rows, kv_heads, heads // kv_heads, dim)  # the query heads of each key/value head
-    scores = torch.matmul(grouped, key.transpose(-1, -2))  # [rows, kv heads, group, positions]
-    scores.mul_(dim**-0.5 if scaling is None else scaling)
+    blocked = None
     if attention_mask is not None:
         mask = attention_mask[..., -1:, :]
-        if mask.dtype is torch.bool:
-            scores.masked_fill_(~mask, float("-inf"))
+        blocked = ~mask if mask.dtype is torch.bool else mask
+    return attend_one_token(query, key, value, blocked, dim**-0.5 if scaling is None else scaling), None
+
+
+def attend_one_token(query: Tensor, key: Tensor, value: Tensor, blocked: Tensor | None, scaling: float) -> Tensor:
+    """The arithmetic of :func:`decode_attention_forward` for arguments it has checked: ``query`` ``[rows, heads, 1,
+    dim]`` float32 on the CPU, ``key``/``value`` ``[rows, kv heads, positions, dim]``, ``blocked`` ``[rows, 1, 1,
+    positions]``, boolean (``True``: masked) or additive float, or None. Returns ``[rows, 1, heads, value dim]``. A
+    caller that computes ``blocked`` once for every layer (:mod:`personaxis.generation.llama_step`) calls it
+    directly; the two products are the batched products ``torch.matmul`` would make of these shapes."""
+    rows, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    grouped = query.reshape(rows * kv_heads, heads // kv_heads, dim)  # the query heads of each key/value head
+    scores = torch.bmm(grouped, key.flatten(0, 1).transpose(1, 2))  # [rows × kv heads, group, positions]
+    scores.mul_(scaling)
+    if blocked is not None:
+        grid = scores.view(rows, kv_heads, -1, scores.shape[-1])  # [rows, kv heads, group, positions]
+        if blocked.dtype is torch.bool:
+            grid.masked_fill_(blocked, float("-inf"))
         else:
-            scores.add_(mask)
-    output = torch.matmul(torch.softmax(scores, dim=-1), value)  # [rows, kv heads, group, value dim]
-    return output.reshape(rows, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+            grid.add_(blocked)
+    output = torch.bmm(torch.softmax(scores, dim=-1), value.flatten(0, 1))  # [rows × kv heads, group, value dim]
+    return output.view(rows, heads, 1, value.shape[-1]).transpose(1, 2).contiguous()
 
 
 def _register() -> None:

@@ -4,11 +4,15 @@ A decode step feeds one token per row through every block. transformers spends a
 arithmetic: keyword plumbing and decorators around every block and attention call, module calls for every norm and
 projection, the attention mask rebuilt from the 2-D mask. :class:`LlamaDecodeStep` runs the same operations, in the
 same order and on the same modules' weights, as one Python loop: the same norms, the projections' own ``forward``
-(:mod:`personaxis.kernels`' oneDNN layers, with the shared query/key/value product), transformers' own rotary
-function, the cache's ``update`` and the registered attention (:func:`personaxis.decode_attention.decode_attention_forward`).
-Its outputs are bit for bit those of the model's own forward (tests compare them with ``torch.equal``). Measured on
-a random 30-layer model small enough that only this overhead counts, a step takes 13.6 → 9.9 ms at 16 rows and
-8.8 → 7.3 at one row; on the embedded model 25.0 → 21.5 ms at one row (``benchmarks/decode_steps.py``).
+(:mod:`personaxis.kernels`' oneDNN layers, with the shared query/key/value product), the values of transformers'
+rotary function, each cache layer's ``update`` and the registered attention's arithmetic
+(:func:`personaxis.decode_attention.attend_one_token`). What does not change from block to block is made once per
+step: the inverted attention mask, the rotation's ``cos`` and signed ``sin`` (:class:`_Rotation`), and whether the
+query/key/value products are stacked. Its outputs are bit for bit those of the model's own forward (tests compare
+them with ``torch.equal``). Measured on a random 30-layer model small enough that only this overhead counts, a step
+takes 13.6 → 9.9 ms at 16 rows and 8.8 → 7.3 at one row; on the embedded model 25.0 → 21.5 ms at one row
+(``benchmarks/decode_steps.py``). Everything in the embedded model's one-row step but its 151 products took 3.2–3.9
+ms, and 3.0–3.2 with the work made once per step (linear layers replaced by stubs, best and median of 7).
 
 Hooks stay exact. The step is used only when every hook it would skip is absent. It calls the blocks' forward hooks
 itself, as PyTorch does: personaxis' residual writers and readers (:mod:`personaxis.hooks`), a capture's readers,
@@ -32,7 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as torch_module
 
-from personaxis.decode_attention import IMPLEMENTATION, decode_attention_forward
+from personaxis.decode_attention import IMPLEMENTATION, attend_one_token
 from personaxis.generation.cache import buffer_cache_layer_class
 from personaxis.hooks import is_mask_tracker_hook
 from personaxis.kernels import OneDNNLinear, ProjectionGroup, cpu_float32_inference
@@ -180,6 +184,7 @@ class LlamaDecodeStep:
             and isinstance(layers, list)
             and len(layers) == len(self.blocks)
             and all(type(layer) is buffer_layer for layer in layers)
+            and not getattr(cache, "offloading", False)  # its ``update`` would move layers; the step calls theirs
             and self._hooks_allowed()
         )
 
@@ -193,10 +198,11 @@ class LlamaDecodeStep:
             hook(base, (), keywords)
         hidden = base.embed_tokens(ids)
         cos, sin = base.rotary_emb(hidden, positions)
-        attend = mask.bool()[:, None, None, :]  # [rows, 1, 1, positions]: True where a row attends
+        blocked = ~mask.bool()[:, None, None, :]  # [rows, 1, 1, positions]: True where a row does not attend
+        rotation = _Rotation(cos, sin) if self._stacked_qkv(hidden) else None
         rows = ids.shape[0]
         for index, block in enumerate(self.blocks):
-            output = self._block(index, block, hidden, cos, sin, attend, cache, rows)
+            output = self._block(index, block, hidden, cos, sin, rotation, blocked, cache.layers[index], rows)
             for hook in block._forward_hooks.values():  # none takes keywords (``usable``)
                 result = hook(block, (hidden,), output)
                 if result is not None:
@@ -207,6 +213,17 @@ class LlamaDecodeStep:
             return None
         return self.head(hidden)[:, -1, :]
 
+    def _stacked_qkv(self, hidden: Tensor) -> bool:
+        """Whether every block's query, key and value projections run as one product this step (their
+        :class:`ProjectionGroup`, active, on float32 CPU inputs)."""
+        return all(
+            group is not None
+            and group.active
+            and all(type(m) is OneDNNLinear for m in group.members)  # not while int8_linears swaps them
+            and cpu_float32_inference(hidden, group.members[0].weight)
+            for group in self._groups
+        )
+
     def _block(
         self,
         index: int,
@@ -214,35 +231,46 @@ class LlamaDecodeStep:
         hidden: Tensor,
         cos: Tensor,
         sin: Tensor,
-        attend: Tensor,
-        cache: Any,
+        rotation: _Rotation | None,
+        blocked: Tensor,
+        layer: Any,
         rows: int,
     ) -> Tensor:
-        """One block's forward, as transformers' Llama block computes it."""
+        """One block's forward, as transformers' Llama block computes it (``layer``: the block's cache layer)."""
         attention, mlp = block.self_attn, block.mlp
         shape = (rows, 1, -1, attention.head_dim)
         x = _rms_norm(block.input_layernorm, hidden)
         group = self._groups[index]
-        if (
-            group is not None
-            and group.active
-            and all(type(m) is OneDNNLinear for m in group.members)  # not while int8_linears swaps them
-            and cpu_float32_inference(x, attention.q_proj.weight)
-        ):
+        if rotation is not None and group is not None:
             # The product the group would share between the three projections, sliced here; the rotation of the
-            # query and key heads in one go (elementwise: each value as transformers' rotary function computes it).
+            # query and key heads in one go.
             heads = group.stacked_output(x).view(shape).transpose(1, 2)  # [rows, query + 2 key/value heads, 1, dim]
             n_query, n_key = self._head_counts
-            rotated = heads[:, : n_query + n_key]
-            rotated = (rotated * cos.unsqueeze(1)) + (self.rotate_half(rotated) * sin.unsqueeze(1))
+            rotated = rotation.apply(heads[:, : n_query + n_key])
             query, key, value = rotated[:, :n_query], rotated[:, n_query:], heads[:, n_query + n_key :]
         else:
             query = attention.q_proj.forward(x).view(shape).transpose(1, 2)
             key = attention.k_proj.forward(x).view(shape).transpose(1, 2)
             value = attention.v_proj.forward(x).view(shape).transpose(1, 2)
             query, key = self.rotary(query, key, cos, sin)
-        key, value = cache.update(key, value, index)
-        attended, _ = decode_attention_forward(attention, query, key, value, attend, scaling=attention.scaling)
-        hidden = hidden + attention.o_proj.forward(attended.reshape(rows, 1, -1).contiguous())
+        key, value = layer.update(key, value)
+        attended = attend_one_token(query, key, value, blocked, attention.scaling)
+        hidden = hidden + attention.o_proj.forward(attended.reshape(rows, 1, -1))
         x = _rms_norm(block.post_attention_layernorm, hidden)
         return hidden + mlp.down_proj.forward(mlp.act_fn(mlp.gate_proj.forward(x)) * mlp.up_proj.forward(x))
+
+
+class _Rotation:
+    """transformers' rotary function for ``[rows, heads, 1, dim]`` heads with the step's ``cos`` and ``sin``, value
+    for value: ``x * cos + rotate_half(x) * sin``, where ``rotate_half(x)`` is ``x``'s two halves swapped, the
+    first negated. The swap is one ``roll`` and the negation moves into ``sin`` (``-a * b == a * -b`` in floating
+    point), made once per step instead of once per block."""
+
+    def __init__(self, cos: Tensor, sin: Tensor) -> None:
+        half = sin.shape[-1] // 2
+        self.cos = cos.unsqueeze(1)
+        self.sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).unsqueeze(1)
+        self.half = half
+
+    def apply(self, heads: Tensor) -> Tensor:
+        return (heads * self.cos) + (heads.roll(self.half, dims=-1) * self.sin)
