@@ -60,6 +60,12 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     assert all((r["hf_onednn_tokens_per_s"] or 0) > 0 for r in gen) == onednn_available()
     greedy = [r for r in gen if r["temperature"] == 0]
     assert all(r["same_tokens"] == 1.0 for r in greedy)  # the fast engine's tokens equal generate's
+    # Batch 1 against the matrix × vector limit, timed again between its runs: never below the one at the start.
+    assert [("fraction_of_matvec_limit" in r) for r in gen] == [True, False, False, False]
+    assert gen[0]["batch1_limit_tokens_per_s"] >= results["limits"]["batch1_tokens_per_s_matvec"] - 0.5
+    fraction = gen[0]["fast_tokens_per_s"] / gen[0]["batch1_limit_tokens_per_s"]
+    assert gen[0]["fraction_of_matvec_limit"] == pytest.approx(fraction, rel=0.02, abs=6e-4)  # rounded to 3 decimals
+    assert "of the matrix × vector limit" in proc.stdout
     assert gen[-1]["prompts"] == 6
     assert results["extraction"]["rollouts"] == 8 and results["extraction"]["max_abs_diff"] < 1e-4
     assert set(results["interventions"]["cost"]) == {"cap", "steer"}

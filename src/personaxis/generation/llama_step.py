@@ -118,7 +118,6 @@ class LlamaDecodeStep:
         first = self.blocks[0].self_attn
         modeling = sys.modules[type(first).__module__]
         self.rotary: Callable[..., tuple[Tensor, Tensor]] = modeling.apply_rotary_pos_emb
-        self.rotate_half: Callable[[Tensor], Tensor] = modeling.rotate_half
         self.config = first.config
         self._head_counts = (first.q_proj.out_features // first.head_dim, first.k_proj.out_features // first.head_dim)
         # Query, key and value projections that run as one oneDNN product (:class:`personaxis.kernels.ProjectionGroup`).
