@@ -182,6 +182,9 @@ def test_step_applies_to_one_new_token_in_a_buffered_cache_only():
     assert step.usable(torch.tensor([[3]]), buffered)
     assert not step.usable(torch.tensor([[3, 4]]), buffered)  # a prefill
     assert not step.usable(torch.tensor([[3]]), kv.new_cache(model, None))  # transformers' plain cache
+    offloading = _prefilled(model).cache
+    offloading.offloading = True  # its ``update`` would move layers between devices around each layer's own
+    assert kv.buffered_layers(offloading) is None and not step.usable(torch.tensor([[3]]), offloading)
     with model_forward_steps():
         assert not step.usable(torch.tensor([[3]]), buffered)
     model.train()

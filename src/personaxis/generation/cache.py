@@ -125,6 +125,17 @@ def buffer_cache_layer_class() -> type:
     return _BUFFER_LAYER
 
 
+def buffered_layers(cache: Any) -> list[Any] | None:
+    """The cache's layers when every one is a buffered layer (:func:`buffer_cache_layer_class`) and the cache does
+    not offload them, else None: a decode step may then give each layer its new keys and values through the layer's
+    own ``update`` (:mod:`personaxis.generation.llama_step`)."""
+    layers = getattr(cache, "layers", None)
+    buffer_layer = buffer_cache_layer_class()
+    if not isinstance(layers, list) or getattr(cache, "offloading", False):
+        return None
+    return layers if all(type(layer) is buffer_layer for layer in layers) else None
+
+
 def forward_kwargs(model: torch.nn.Module) -> tuple[str, bool]:
     """The cache keyword of this model's forward (``cache`` in recent transformers) and whether it takes
     ``logits_to_keep``."""

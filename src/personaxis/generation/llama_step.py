@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as torch_module
 
 from personaxis.decode_attention import IMPLEMENTATION, attend_one_token
-from personaxis.generation.cache import buffer_cache_layer_class
+from personaxis.generation.cache import buffered_layers
 from personaxis.hooks import is_mask_tracker_hook
 from personaxis.kernels import OneDNNLinear, ProjectionGroup, cpu_float32_inference
 
@@ -167,8 +167,7 @@ class LlamaDecodeStep:
         model's own forward."""
         embed = self.base.embed_tokens.weight
         norm = self.blocks[0].input_layernorm.weight
-        layers = getattr(cache, "layers", None)
-        buffer_layer = buffer_cache_layer_class()
+        layers = buffered_layers(cache)
         return (
             not _switched_off
             and ids.dim() == 2
@@ -180,10 +179,8 @@ class LlamaDecodeStep:
             and norm.dtype is torch.float32
             and not self.module.training
             and getattr(self.config, "_attn_implementation", None) == IMPLEMENTATION
-            and isinstance(layers, list)
+            and layers is not None  # buffered layers, not offloaded: the step calls each layer's ``update``
             and len(layers) == len(self.blocks)
-            and all(type(layer) is buffer_layer for layer in layers)
-            and not getattr(cache, "offloading", False)  # its ``update`` would move layers; the step calls theirs
             and self._hooks_allowed()
         )
 
@@ -200,8 +197,10 @@ class LlamaDecodeStep:
         blocked = ~mask.bool()[:, None, None, :]  # [rows, 1, 1, positions]: True where a row does not attend
         rotation = _Rotation(cos, sin) if self._stacked_qkv(hidden) else None
         rows = ids.shape[0]
+        layers = buffered_layers(cache)
+        assert layers is not None  # ``usable``
         for index, block in enumerate(self.blocks):
-            output = self._block(index, block, hidden, cos, sin, rotation, blocked, cache.layers[index], rows)
+            output = self._block(index, block, hidden, cos, sin, rotation, blocked, layers[index], rows)
             for hook in block._forward_hooks.values():  # none takes keywords (``usable``)
                 result = hook(block, (hidden,), output)
                 if result is not None:
