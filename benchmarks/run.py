@@ -301,7 +301,6 @@ class Bench:
         self._lm: Any = None
         self.peak_gflops: float | None = None
         self.matvec_rows: int | None = None  # the limits section's matrix × vector size (rows of 576)
-        self.matvec_bytes = 0
         self.matvec_gbs = 0.0  # its rate in the limits section
         self.weight_bytes: int | None = None  # the model's parameters, as batch-1 decoding reads them per token
 
@@ -451,23 +450,22 @@ class Bench:
     def _prompts(self, n: int) -> list[list[int]]:
         return benchmark_prompts(self.lm, n)
 
-    def _matvecs_beside(self) -> dict[str, Callable[[], Any]]:
+    def _matvecs_beside(self) -> tuple[dict[str, Callable[[], Any]], int]:
         """The limits section's matrix × vector products (torch, and oneDNN where available), to time between the
-        batch-1 generation runs: this VM's memory rate moves from one minute to the next, so a limit measured only at
-        the start is not the limit those runs met."""
+        batch-1 generation runs, and the bytes each reads: this VM's memory rate moves from one minute to the next,
+        so a limit measured only at the start is not the limit those runs met. Nothing without the limits section's
+        figures (``_gen_case`` runs that section first)."""
         from personaxis.kernels import onednn_available
 
-        self._peak()  # the limits section: ``matvec_rows`` and ``weight_bytes``
         if self.matvec_rows is None or self.weight_bytes is None:
-            return {}
+            return {}, 0
         device, gpu = self.args.device, str(self.args.device).startswith("cuda")
-        out = {}
+        products, nbytes = {}, 0
         for name, onednn in (("matvec torch", False), ("matvec oneDNN", True)):
             if onednn and (gpu or not onednn_available()):
                 continue
-            product, self.matvec_bytes = matvec_product(self.matvec_rows, device, onednn=onednn)
-            out[name] = product
-        return out
+            products[name], nbytes = matvec_product(self.matvec_rows, device, onednn=onednn)
+        return products, nbytes
 
     def _gen_case(self, label: str, prompts: list[list[int]], config: Any, min_new: int) -> dict[str, Any]:
         """Time ``generate_ids`` on the same prompts and settings: plain ``generate`` (PyTorch's linear layers and
@@ -494,7 +492,7 @@ class Bench:
                     return generate_ids(lm, prompts, config, min_new_tokens=min_new, engine="fast")
 
             runs["int8"] = fast_int8
-        beside = self._matvecs_beside() if config.batch_size == 1 else {}
+        beside, matvec_bytes = self._matvecs_beside() if config.batch_size == 1 else ({}, 0)
         runs.update(beside)
         timed = interleaved(self.args.repeats, runs)
         hf_out, fast_out = timed["hf"][1], timed["fast"][1]
@@ -531,7 +529,7 @@ class Bench:
         if beside and self.weight_bytes:
             # The limit from the fastest 256 MB product of the run: at its start and between these timed runs.
             start_gbs = self.matvec_gbs
-            beside_gbs = max(self.matvec_bytes / timed[name][0] / 1e9 for name in beside)
+            beside_gbs = max(matvec_bytes / timed[name][0] / 1e9 for name in beside)
             limit = max(start_gbs, beside_gbs) * 1e9 / self.weight_bytes
             record.update(
                 matvec_gbs_beside=round(beside_gbs, 1),
