@@ -170,6 +170,29 @@ def test_draw_follows_the_weights():
     assert (nucleus(probs, 1e-6) > 0).tolist() == [[True, False, False, False]]
 
 
+@pytest.mark.parametrize("vocabulary", [49152, 151936, 50257, 256, 64])
+def test_greedy_tokens_is_argmax_index_for_index(vocabulary):
+    """Blockwise greedy choice: the same index as ``argmax`` (first of equal maxima, first NaN), on every path."""
+    from personaxis.generation.sampling import greedy_tokens
+
+    g = torch.Generator().manual_seed(vocabulary)
+    logits = torch.randn(12, vocabulary, generator=g)
+    logits[1] = 0.0  # every logit equal: the first
+    logits[2, -1] = logits[2, 3] = 50.0  # equal maxima in two blocks: the first
+    logits[3, 5] = logits[3, 6] = 50.0  # equal maxima in one block
+    logits[4] = float("-inf")
+    logits[5, -1] = float("inf")
+    logits[6, vocabulary // 2] = float("nan")  # a NaN wins, as in argmax
+    logits[7, 1] = -0.0
+    logits[7, 0] = 0.0
+    logits[7, 2:] = -1.0
+    logits[8].round_()  # many ties
+    for rows in (logits, logits[:0], logits[9:10], logits.to(torch.bfloat16), logits.t().contiguous().t()):
+        assert torch.equal(greedy_tokens(rows), rows.argmax(dim=-1))
+    no_nan = torch.cat([logits[:6], logits[7:]])
+    assert torch.equal(greedy_tokens(no_nan), no_nan.argmax(dim=-1))
+
+
 @pytest.mark.parametrize("steered", [False, True])
 def test_shared_prefixes_are_computed_once(lm, steered, monkeypatch):
     from personaxis.generation.engine import FastEngine

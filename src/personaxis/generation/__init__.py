@@ -3,7 +3,7 @@
 The package, one module per job:
 
 - :mod:`~personaxis.generation.sampling`: the settings (:class:`SamplingConfig`), the choice of each next token
-  (:func:`sample_tokens`), each answer's random stream (:func:`answer_generator`), stop tokens and decoding;
+  (:func:`sample_tokens`, :func:`greedy_tokens`), each answer's random stream (:func:`answer_generator`), stop tokens and decoding;
 - :mod:`~personaxis.generation.cache`: the key/value cache adapter, the one place that touches transformers' cache
   classes;
 - :mod:`~personaxis.generation.decode`: the decode step the fast engine and the server's batcher share (the model call
@@ -37,6 +37,7 @@ from personaxis.generation.sampling import (
     SamplingConfig,
     answer_generator,
     decode_answer,
+    greedy_tokens,
     pad_token_id,
     row_seed,
     sample_tokens,
@@ -62,6 +63,7 @@ __all__ = [
     "generate",
     "generate_ids",
     "generate_with_transformers",
+    "greedy_tokens",
     "kv_bytes_per_token",
     "kv_cache_budget",
     "pad_token_id",

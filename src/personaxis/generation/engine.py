@@ -30,7 +30,13 @@ from personaxis.activations import pad_batch
 from personaxis.generation import cache as kv
 from personaxis.generation.decode import CachedForward, DecodeBatch, mask_positions
 from personaxis.generation.prefill_plan import length_buckets, prefix_groups, shared_prefix_tokens
-from personaxis.generation.sampling import SamplingConfig, answer_generator, pad_token_id, sample_tokens
+from personaxis.generation.sampling import (
+    SamplingConfig,
+    answer_generator,
+    greedy_tokens,
+    pad_token_id,
+    sample_tokens,
+)
 from personaxis.hooks import residual_hooks
 from personaxis.models import LoadedModel
 
@@ -162,7 +168,7 @@ class FastEngine:
                 rows = torch.tensor(early, dtype=torch.long, device=logits.device)
                 logits[rows.unsqueeze(1), self.stop_tensor.unsqueeze(0)] = -math.inf
         if self.config.temperature == 0:
-            return logits.argmax(dim=-1)
+            return greedy_tokens(logits)
         uniform = self._uniforms(batch_rows, logits.device)
         return sample_tokens(logits, self.config.temperature, self.config.top_p, uniform)
 

@@ -40,7 +40,7 @@ from torch import Tensor
 from personaxis.activations import pad_batch
 from personaxis.generation import cache as kv
 from personaxis.generation.decode import CachedForward, DecodeBatch
-from personaxis.generation.sampling import pad_token_id
+from personaxis.generation.sampling import greedy_tokens, pad_token_id
 from personaxis.guard import GuardPlan, GuardSwitch
 from personaxis.hooks import residual_hooks
 from personaxis.interventions import RowInterventions
@@ -380,7 +380,7 @@ class Batcher:
     def _choose(self, logits: Tensor, indices: list[int], base: int = 0) -> None:
         """The next token of each row in ``indices`` (greedy rows in one argmax); row ``i`` reads
         ``logits[i - base]``."""
-        greedy = logits.argmax(dim=-1).tolist()
+        greedy = greedy_tokens(logits).tolist()
         for i in indices:
             row = self._rows[i]
             token = row.next_token(logits[i - base : i - base + 1], int(greedy[i - base]))
