@@ -240,9 +240,17 @@ def measure_memory(size: int, device: Any) -> tuple[float, float]:
     return size * 4 / read_s / 1e9, 2 * size * 4 / copy_s / 1e9
 
 
-def matvec_product(rows: int, device: Any, *, onednn: bool = False) -> tuple[Callable[[], Any], int]:
-    """One [1, 576] × [576, rows] product (how batch-1 decoding reads weights) as a call, and the matrix's bytes."""
+def matvec_product(
+    rows: int, device: Any, *, onednn: bool = False, compiled: bool = False
+) -> tuple[Callable[[], Any], int]:
+    """One [1, 576] × [576, rows] product (how batch-1 decoding reads weights) as a call, and the matrix's bytes:
+    through PyTorch, oneDNN (``onednn``) or personaxis' compiled products (``compiled``)."""
     matrix, vector = torch.randn(rows, 576, device=device), torch.randn(1, 576, device=device)
+    if compiled:
+        from personaxis import compiled_gemm
+
+        blocks = compiled_gemm.pack(matrix)
+        return (lambda: compiled_gemm.linear(vector, blocks)), matrix.numel() * 4
     if onednn:
         from personaxis.kernels import onednn_linear, pack_weight
 
@@ -251,9 +259,9 @@ def matvec_product(rows: int, device: Any, *, onednn: bool = False) -> tuple[Cal
     return (lambda: torch.nn.functional.linear(vector, matrix)), matrix.numel() * 4
 
 
-def measure_matvec(rows: int, device: Any, *, onednn: bool = False) -> float:
+def measure_matvec(rows: int, device: Any, *, onednn: bool = False, compiled: bool = False) -> float:
     """GB/s of matrix bytes read by a [1, 576] × [576, rows] product (how batch-1 decoding reads weights)."""
-    product, nbytes = matvec_product(rows, device, onednn=onednn)
+    product, nbytes = matvec_product(rows, device, onednn=onednn, compiled=compiled)
     seconds, _ = best_of(5, product)
     return nbytes / seconds / 1e9
 
@@ -355,7 +363,7 @@ class Bench:
     # --- sections -------------------------------------------------------------------------------------------------
 
     def limits(self) -> None:
-        from personaxis.kernels import onednn_available
+        from personaxis.kernels import compiled_products, kernels_status, onednn_available
 
         quick, device = self.args.quick, self.args.device
         gpu = str(device).startswith("cuda")
@@ -368,10 +376,12 @@ class Bench:
         size = (64 if quick else (4096 if gpu else 512)) * 2**20 // 4
         read_gbs, copy_gbs = measure_memory(size, device)
         # A matrix-vector product over a matrix far larger than the caches: what batch-1 decoding streams.
-        rows_mv = (64 if quick else 256) * 2**20 // 4 // 576
+        rows_mv = (64 if quick else 256) * 2**20 // 4 // 576 // 16 * 16  # whole blocks for the compiled kernel
         torch_mv = measure_matvec(rows_mv, device)
         onednn_mv = measure_matvec(rows_mv, device, onednn=True) if onednn else float("nan")
-        mv_gbs = max(torch_mv, onednn_mv) if onednn else torch_mv
+        compiled = onednn and compiled_products()
+        compiled_mv = measure_matvec(rows_mv, device, compiled=True) if compiled else float("nan")
+        mv_gbs = max(torch_mv, onednn_mv, compiled_mv) if compiled else max(torch_mv, onednn_mv) if onednn else torch_mv
         self.matvec_rows, self.matvec_gbs = rows_mv, mv_gbs
         self.peak_gflops = gflops
         self.results["limits"] = {
@@ -384,6 +394,8 @@ class Bench:
             "matvec_gbs": round(mv_gbs, 1),
             "matvec_torch_gbs": round(torch_mv, 1),
             "matvec_onednn_gbs": round(onednn_mv, 1),
+            "matvec_compiled_gbs": round(compiled_mv, 1),
+            "linear_kernels": kernels_status() if onednn else "PyTorch's linear layers",
             "buffer_mib": size * 4 // 2**20,
         }
         where = torch.cuda.get_device_name(device) if gpu else f"{torch.get_num_threads()} threads"
@@ -407,6 +419,10 @@ class Bench:
         ]
         if onednn:
             rows.append(["fp32 matrix × vector, oneDNN", f"{onednn_mv:.1f} GB/s", "the same, packed"])
+        if compiled:
+            rows.append(
+                ["fp32 matrix × vector, compiled", f"{compiled_mv:.1f} GB/s", "the same, personaxis' AVX2 kernel"]
+            )
         notes = [
             f"The compute limit below is the faster of the matmul rates ({gflops:.0f} GFLOP/s): it is what the "
             "hardware gives, whichever library reaches it."
@@ -455,21 +471,26 @@ class Bench:
         batch-1 generation runs, and the bytes each reads: this VM's memory rate moves from one minute to the next,
         so a limit measured only at the start is not the limit those runs met. Nothing without the limits section's
         figures (``_gen_case`` runs that section first)."""
-        from personaxis.kernels import onednn_available
+        from personaxis.kernels import compiled_products, onednn_available
 
         if self.matvec_rows is None or self.weight_bytes is None:
             return {}, 0
         device, gpu = self.args.device, str(self.args.device).startswith("cuda")
         products, nbytes = {}, 0
-        for name, onednn in (("matvec torch", False), ("matvec oneDNN", True)):
-            if onednn and (gpu or not onednn_available()):
+        for name, kind in (("matvec torch", ""), ("matvec oneDNN", "onednn"), ("matvec compiled", "compiled")):
+            if kind and (gpu or not onednn_available()):
                 continue
-            products[name], nbytes = matvec_product(self.matvec_rows, device, onednn=onednn)
+            if kind == "compiled" and not compiled_products():
+                continue
+            products[name], nbytes = matvec_product(
+                self.matvec_rows, device, onednn=kind == "onednn", compiled=kind == "compiled"
+            )
         return products, nbytes
 
     def _gen_case(self, label: str, prompts: list[list[int]], config: Any, min_new: int) -> dict[str, Any]:
         """Time ``generate_ids`` on the same prompts and settings: plain ``generate`` (PyTorch's linear layers and
-        transformers' "sdpa" attention), ``generate`` on personaxis' oneDNN layers, and the personaxis engine."""
+        transformers' "sdpa" attention), ``generate`` on personaxis' linear layers (oneDNN, or the compiled AVX2
+        products), and the personaxis engine."""
         from personaxis.decode_attention import sdpa_attention
         from personaxis.generation import generate_ids
         from personaxis.int8_linears import int8_linears
@@ -536,7 +557,7 @@ class Bench:
                 batch1_limit_tokens_per_s=round(limit, 1),
                 fraction_of_matvec_limit=round(fast_tps / limit, 3),
             )
-        extra = "" if hf_onednn_tps is None else f", hf on oneDNN {hf_onednn_tps:.1f} tok/s"
+        extra = "" if hf_onednn_tps is None else f", hf on our layers {hf_onednn_tps:.1f} tok/s"
         if "int8" in timed:
             int8_out = timed["int8"][1]
             int8_tps = sum(map(len, int8_out)) / timed["int8"][0]
@@ -1412,6 +1433,8 @@ def isa_figures(results: dict[str, Any]) -> list[tuple[str, Any]]:
         ("matmul_onednn_gflops", "matmul, oneDNN packed (GFLOP/s)"),
         ("matvec_torch_gbs", "matrix × vector, torch (GB/s)"),
         ("matvec_onednn_gbs", "matrix × vector, oneDNN (GB/s)"),
+        ("matvec_compiled_gbs", "matrix × vector, compiled AVX2 kernel (GB/s)"),
+        ("linear_kernels", "personaxis' linear layers"),
         ("batch1_tokens_per_s_matvec", "batch-1 limit at the matrix × vector rate (tokens/s)"),
     ):
         if key in limits:
@@ -1424,7 +1447,7 @@ def isa_figures(results: dict[str, Any]) -> list[tuple[str, Any]]:
         hf_onednn = case.get("hf_onednn_tokens_per_s")
         rows.append(
             (
-                f"gen {case['case']}: generate / on oneDNN / personaxis (tokens/s)",
+                f"gen {case['case']}: generate / on our layers / personaxis (tokens/s)",
                 f"{case['hf_tokens_per_s']} / {'—' if hf_onednn is None else hf_onednn} / "
                 f"{case['fast_tokens_per_s']} ({case['speedup']:.2f}×)",
             )

@@ -108,7 +108,7 @@ def test_environment_switch(monkeypatch):
     model = _model()
     assert use_onednn_linears(model) == 0 and onednn_linear_count(model) == 0
     monkeypatch.setenv(kernels.KERNELS_ENV, "fastest")
-    with pytest.raises(ValueError, match="PERSONAXIS_KERNELS must be 'onednn' or 'torch'"):
+    with pytest.raises(ValueError, match="PERSONAXIS_KERNELS must be one of auto, compiled, onednn, torch"):
         use_onednn_linears(model)
 
 

@@ -57,10 +57,16 @@ def _decode(model: torch.nn.Module, steps: int, *, own_forward: bool) -> tuple[l
     return out, batch
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "llama, unpacked", "llama, int8"])
-def test_step_equals_the_model_forward_bit_for_bit(kind):
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "llama, unpacked", "llama, int8", "llama, compiled"])
+def test_step_equals_the_model_forward_bit_for_bit(kind, monkeypatch):
     """Logits and the key/value cache after 12 steps: Qwen2's projection biases, Mistral, query/key/value as one
-    product (packed oneDNN weights) or three (unpacked), and int8 linear layers."""
+    product (packed oneDNN weights) or three (unpacked), int8 linear layers, and the compiled products."""
+    if kind.endswith("compiled"):
+        from personaxis import compiled_gemm
+
+        if compiled_gemm.library() is None:
+            pytest.skip(compiled_gemm.status())
+        monkeypatch.setenv("PERSONAXIS_KERNELS", "compiled")
     model = _model(kind.split(",")[0])
     if kind.endswith("unpacked") and restore_linears(model):
         use_onednn_linears(model, pack=False)
@@ -76,6 +82,11 @@ def test_step_equals_the_model_forward_bit_for_bit(kind):
         return
     ours, ours_batch = _decode(model, 12, own_forward=False)
     theirs, theirs_batch = _decode(model, 12, own_forward=True)
+    if kind.endswith("compiled"):
+        from personaxis.compiled_gemm import GemmWeight
+
+        assert type(model.model.layers[0].mlp.up_proj._onednn_weight) is GemmWeight
+        assert type(model.model.layers[0].self_attn.q_proj._onednn_group.weight) is GemmWeight
     for a, b in zip(ours, theirs, strict=True):
         assert torch.equal(a, b)
     for a, b in zip(ours_batch.cache.layers, theirs_batch.cache.layers, strict=True):

@@ -20,7 +20,12 @@ outputs, and the others take theirs when called with the same input.
 Memory: a packed copy replaces its original in the resident set (:func:`release_pages`) and lies in a memory mapping
 of its own (:func:`packed_copies_mapped`), so the peak RSS stays close to that of PyTorch's layers.
 
-Set ``PERSONAXIS_KERNELS=torch`` to keep PyTorch's own linear layers. Only x86-64 CPUs use oneDNN here.
+On CPUs where PyTorch's widest kernels are AVX2, the packed copies and products are those of
+:mod:`personaxis.compiled_gemm` instead (a compiled kernel that reads the weights while it computes; oneDNN's
+products there take their compute time plus their weights' read time), where it builds; oneDNN otherwise.
+
+``PERSONAXIS_KERNELS``: ``auto`` (the default, as above), ``compiled`` (the compiled products wherever they build),
+``onednn`` (oneDNN everywhere), or ``torch`` (PyTorch's own linear layers). Only x86-64 CPUs use these kernels.
 """
 
 from __future__ import annotations
@@ -34,7 +39,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from personaxis import compiled_gemm
+from personaxis.compiled_gemm import GemmWeight
+
 KERNELS_ENV = "PERSONAXIS_KERNELS"
+KERNEL_CHOICES = ("auto", "compiled", "onednn", "torch")
 # Packed copies may use at most this share of the memory available when the model is converted.
 PACK_MEMORY_FRACTION = 0.25
 
@@ -50,12 +59,41 @@ def onednn_available() -> bool:
         return False
 
 
+def kernels_choice() -> str:
+    """``PERSONAXIS_KERNELS``, checked: one of :data:`KERNEL_CHOICES` (default ``auto``)."""
+    choice = os.environ.get(KERNELS_ENV, "auto").strip().lower()
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"{KERNELS_ENV} must be one of {', '.join(KERNEL_CHOICES)}, got {choice!r}")
+    return choice
+
+
 def kernels_enabled() -> bool:
-    """oneDNN linear layers are used unless ``PERSONAXIS_KERNELS=torch`` (or the build lacks oneDNN)."""
-    choice = os.environ.get(KERNELS_ENV, "onednn").strip().lower()
-    if choice not in ("onednn", "torch"):
-        raise ValueError(f"{KERNELS_ENV} must be 'onednn' or 'torch', got {choice!r}")
-    return choice == "onednn" and onednn_available()
+    """The linear layers of this module are used unless ``PERSONAXIS_KERNELS=torch`` (or the build lacks oneDNN)."""
+    return kernels_choice() != "torch" and onednn_available()
+
+
+def compiled_products() -> bool:
+    """Whether packed products run on :mod:`personaxis.compiled_gemm`: ``PERSONAXIS_KERNELS=compiled``, or ``auto``
+    on a CPU where it is the faster choice (:func:`personaxis.compiled_gemm.preferred`), and the library built.
+    Checked when a weight is packed."""
+    choice = kernels_choice()
+    wanted = choice == "compiled" or (choice == "auto" and compiled_gemm.preferred()[0])
+    return wanted and compiled_gemm.library() is not None
+
+
+def kernels_status() -> str:
+    """Which products the packed layers run, in words (for reports and manifests)."""
+    choice = kernels_choice()
+    if choice == "torch" or not onednn_available():
+        return "PyTorch's linear layers"
+    if choice == "onednn":
+        return "oneDNN (PERSONAXIS_KERNELS=onednn)"
+    if compiled_products():
+        return compiled_gemm.status()
+    preferred, why = compiled_gemm.preferred()
+    if choice == "auto" and not preferred:
+        return f"oneDNN ({why})"
+    return f"oneDNN (compiled products unavailable: {compiled_gemm.status()})"
 
 
 def available_memory() -> int | None:
@@ -82,6 +120,24 @@ def tensor_version(tensor: Tensor) -> int:
 def pack_weight(weight: Tensor) -> Tensor:
     """A copy of an fp32 ``[out, in]`` weight in oneDNN's blocked layout, for :func:`onednn_linear`."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+
+PackedWeight = Tensor | GemmWeight
+
+
+def pack_for_products(weight: Tensor) -> PackedWeight:
+    """The packed copy the layers here use: :mod:`personaxis.compiled_gemm`'s where :func:`compiled_products` (and
+    the output size is a multiple of 16), else oneDNN's (:func:`pack_weight`)."""
+    if weight.shape[0] % compiled_gemm.BLOCK == 0 and compiled_products():
+        return compiled_gemm.pack(weight)
+    return pack_weight(weight)
+
+
+def packed_linear(x: Tensor, weight: PackedWeight, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` for a weight from :func:`pack_for_products` (or a plain one: oneDNN)."""
+    if type(weight) is GemmWeight:
+        return compiled_gemm.linear(x, weight, bias)
+    return onednn_linear(x, weight, bias)  # type: ignore[arg-type]
 
 
 _MADV_RANDOM = 1
@@ -256,18 +312,18 @@ class OneDNNLinear(nn.Linear):
     """An ``nn.Linear`` whose inference forward on a CPU runs oneDNN (see the module's notes)."""
 
     _onednn_pack: bool = True
-    _onednn_weight: Tensor | None = None
+    _onednn_weight: PackedWeight | None = None
     _onednn_key: tuple[int, int] | None = None
     _onednn_group: ProjectionGroup | None = None
 
-    def _weight_for_onednn(self, weight: Tensor) -> Tensor:
+    def _weight_for_onednn(self, weight: Tensor) -> PackedWeight:
         if not self._onednn_pack:
             return weight
         key = (weight.data_ptr(), tensor_version(weight))
         if self._onednn_key != key or self._onednn_weight is None:
             self._onednn_weight = None  # the old copy goes before the new one is made
             with packed_copies_mapped():
-                self._onednn_weight = pack_weight(weight)
+                self._onednn_weight = pack_for_products(weight)
             self._onednn_key = key
             release_pages(weight)  # the packed copy serves the forward: the original need not stay resident
         return self._onednn_weight
@@ -280,7 +336,7 @@ class OneDNNLinear(nn.Linear):
                 shared = group.output_of(self, x)
                 if shared is not None:
                     return shared
-            return onednn_linear(x, self._weight_for_onednn(weight), self.bias)
+            return packed_linear(x, self._weight_for_onednn(weight), self.bias)
         return nn.functional.linear(x, weight, self.bias)
 
 
@@ -315,7 +371,7 @@ class ProjectionGroup:
         for member in members:
             self.columns[id(member)] = (start, start + member.out_features)
             start += member.out_features
-        self.weight: Tensor | None = None  # the packed stacked weight
+        self.weight: PackedWeight | None = None  # the packed stacked weight
         self.bias: Tensor | None = None
         self.key: tuple[tuple[int, int], ...] | None = None
         self.misses = 0
@@ -328,13 +384,13 @@ class ProjectionGroup:
     def active(self) -> bool:
         return self.misses < GROUP_MISSES_ALLOWED
 
-    def _packed(self) -> Tensor:
+    def _packed(self) -> PackedWeight:
         key = tuple((m.weight.data_ptr(), tensor_version(m.weight)) for m in self.members)
         if self.key != key or self.weight is None:
             self.weight = None
             stacked = torch.cat([m.weight.detach() for m in self.members])
             with packed_copies_mapped():
-                self.weight = pack_weight(stacked)
+                self.weight = pack_for_products(stacked)
             del stacked
             biases = [m.bias for m in self.members]
             self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])  # type: ignore[union-attr]
@@ -347,7 +403,7 @@ class ProjectionGroup:
     def stacked_output(self, x: Tensor) -> Tensor:
         """Every member's output for ``x`` side by side (the members' order), from one product; a caller that slices
         it itself (:mod:`personaxis.generation.llama_step`) bypasses the members' modules and their hooks."""
-        return onednn_linear(x, self._packed(), self.bias)
+        return packed_linear(x, self._packed(), self.bias)
 
     def _forget(self) -> None:
         self._input = self._output = None
