@@ -41,6 +41,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "threads",
             "data",
             "kernels",
+            "compiled_gemm",
             "int8_linears",
             "decode_attention",
             "layer_selection",

@@ -13,10 +13,10 @@ nor on the thread count (tests compare them bit for bit); it differs from oneDNN
 
 The source ships with the package and is built on first use with the system's C compiler (``$CC``, else ``cc``,
 ``gcc`` or ``clang``) into the user's cache directory, keyed by the source, the flags and the compiler's version, and
-loaded with ``ctypes``. It runs on PyTorch's own OpenMP threads (the ``libgomp.so.1`` PyTorch loaded; with any other
-OpenMP runtime in the process it is not used) with ``torch.get_num_threads()`` of them. :mod:`personaxis.kernels` uses it
-where PyTorch's CPU capability is AVX2 (:func:`preferred`; with AVX-512, oneDNN's own kernels are faster beyond one
-row) or where ``PERSONAXIS_KERNELS=compiled`` asks for it. Where anything is missing (not Linux on x86-64, a CPU
+loaded with ``ctypes``. It runs on PyTorch's own OpenMP threads (the ``libgomp.so.1`` PyTorch loaded; where loading
+it would bring in another OpenMP runtime, it is not used) with ``torch.get_num_threads()`` of them.
+:mod:`personaxis.kernels` uses it where PyTorch's CPU capability is AVX2 (:func:`preferred`; with AVX-512, oneDNN's
+own kernels are faster beyond one row) or where ``PERSONAXIS_KERNELS=compiled`` asks for it. Where anything is missing (not Linux on x86-64, a CPU
 without AVX2 and FMA, no compiler, a failed build or self-test), it keeps oneDNN, and :func:`status` says why.
 """
 
@@ -152,9 +152,9 @@ def _load() -> tuple[Any, str]:
         library = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         return None, f"build or load failed: {error}"
-    after = _openmp_runtimes()
-    if len(after) > 1 or (before and after != before):
-        return None, f"a second OpenMP runtime would run beside PyTorch's ({', '.join(sorted(after))})"
+    added = _openmp_runtimes() - before
+    if added:  # the library did not bind to PyTorch's runtime (another OpenMP vendor, or none loaded)
+        return None, f"its OpenMP runtime would run beside PyTorch's ({', '.join(sorted(added))})"
     library.packed_gemm_version.restype = ctypes.c_int
     if library.packed_gemm_version() != INTERFACE_VERSION:
         return None, f"{path} has another interface version"
