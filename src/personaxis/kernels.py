@@ -309,7 +309,8 @@ def cpu_float32_inference(x: Tensor, weight: Tensor) -> bool:
 
 
 class OneDNNLinear(nn.Linear):
-    """An ``nn.Linear`` whose inference forward on a CPU runs oneDNN (see the module's notes)."""
+    """An ``nn.Linear`` whose inference forward on a CPU runs oneDNN, or the compiled products on AVX2 CPUs (see the
+    module's notes)."""
 
     _onednn_pack: bool = True
     _onednn_weight: PackedWeight | None = None
