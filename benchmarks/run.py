@@ -240,28 +240,42 @@ def measure_memory(size: int, device: Any) -> tuple[float, float]:
     return size * 4 / read_s / 1e9, 2 * size * 4 / copy_s / 1e9
 
 
-def matvec_product(
-    rows: int, device: Any, *, onednn: bool = False, compiled: bool = False
-) -> tuple[Callable[[], Any], int]:
+# The matrix × vector products the limits compare, by kind, with the name a benchmark run gives each.
+MATVEC_NAMES = {"torch": "matvec torch", "onednn": "matvec oneDNN", "compiled": "matvec compiled"}
+
+
+def matvec_kinds(device: Any) -> list[str]:
+    """The kinds of :func:`matvec_product` this machine has: PyTorch's, oneDNN's on a CPU with it, and personaxis'
+    compiled products where its linear layers use them."""
+    from personaxis.kernels import compiled_products, onednn_available
+
+    if str(device).startswith("cuda") or not onednn_available():
+        return ["torch"]
+    return ["torch", "onednn", *(["compiled"] if compiled_products() else [])]
+
+
+def matvec_product(rows: int, device: Any, kind: str = "torch") -> tuple[Callable[[], Any], int]:
     """One [1, 576] × [576, rows] product (how batch-1 decoding reads weights) as a call, and the matrix's bytes:
-    through PyTorch, oneDNN (``onednn``) or personaxis' compiled products (``compiled``)."""
+    through PyTorch, oneDNN or personaxis' compiled products (``kind``, one of :data:`MATVEC_NAMES`)."""
     matrix, vector = torch.randn(rows, 576, device=device), torch.randn(1, 576, device=device)
-    if compiled:
+    if kind == "compiled":
         from personaxis import compiled_gemm
 
         blocks = compiled_gemm.pack(matrix)
         return (lambda: compiled_gemm.linear(vector, blocks)), matrix.numel() * 4
-    if onednn:
+    if kind == "onednn":
         from personaxis.kernels import onednn_linear, pack_weight
 
         packed = pack_weight(matrix)
         return (lambda: onednn_linear(vector, packed)), matrix.numel() * 4
+    if kind != "torch":
+        raise ValueError(f"matrix × vector kind must be one of {', '.join(MATVEC_NAMES)}, got {kind!r}")
     return (lambda: torch.nn.functional.linear(vector, matrix)), matrix.numel() * 4
 
 
-def measure_matvec(rows: int, device: Any, *, onednn: bool = False, compiled: bool = False) -> float:
+def measure_matvec(rows: int, device: Any, kind: str = "torch") -> float:
     """GB/s of matrix bytes read by a [1, 576] × [576, rows] product (how batch-1 decoding reads weights)."""
-    product, nbytes = matvec_product(rows, device, onednn=onednn, compiled=compiled)
+    product, nbytes = matvec_product(rows, device, kind)
     seconds, _ = best_of(5, product)
     return nbytes / seconds / 1e9
 
@@ -363,7 +377,7 @@ class Bench:
     # --- sections -------------------------------------------------------------------------------------------------
 
     def limits(self) -> None:
-        from personaxis.kernels import compiled_products, kernels_status, onednn_available
+        from personaxis.kernels import kernels_status, onednn_available
 
         quick, device = self.args.quick, self.args.device
         gpu = str(device).startswith("cuda")
@@ -377,11 +391,10 @@ class Bench:
         read_gbs, copy_gbs = measure_memory(size, device)
         # A matrix-vector product over a matrix far larger than the caches: what batch-1 decoding streams.
         rows_mv = (64 if quick else 256) * 2**20 // 4 // 576 // 16 * 16  # whole blocks for the compiled kernel
-        torch_mv = measure_matvec(rows_mv, device)
-        onednn_mv = measure_matvec(rows_mv, device, onednn=True) if onednn else float("nan")
-        compiled = onednn and compiled_products()
-        compiled_mv = measure_matvec(rows_mv, device, compiled=True) if compiled else float("nan")
-        mv_gbs = max(torch_mv, onednn_mv, compiled_mv) if compiled else max(torch_mv, onednn_mv) if onednn else torch_mv
+        mv_rates = {kind: measure_matvec(rows_mv, device, kind) for kind in matvec_kinds(device)}
+        torch_mv, onednn_mv, compiled_mv = (mv_rates.get(kind, float("nan")) for kind in MATVEC_NAMES)
+        compiled = "compiled" in mv_rates
+        mv_gbs = max(mv_rates.values())
         self.matvec_rows, self.matvec_gbs = rows_mv, mv_gbs
         self.peak_gflops = gflops
         self.results["limits"] = {
@@ -467,24 +480,15 @@ class Bench:
         return benchmark_prompts(self.lm, n)
 
     def _matvecs_beside(self) -> tuple[dict[str, Callable[[], Any]], int]:
-        """The limits section's matrix × vector products (torch, and oneDNN where available), to time between the
-        batch-1 generation runs, and the bytes each reads: this VM's memory rate moves from one minute to the next,
-        so a limit measured only at the start is not the limit those runs met. Nothing without the limits section's
-        figures (``_gen_case`` runs that section first)."""
-        from personaxis.kernels import compiled_products, onednn_available
-
+        """The limits section's matrix × vector products (:func:`matvec_kinds`), to time between the batch-1
+        generation runs, and the bytes each reads: this VM's memory rate moves from one minute to the next, so a limit
+        measured only at the start is not the limit those runs met. Nothing without the limits section's figures
+        (``_gen_case`` runs that section first)."""
         if self.matvec_rows is None or self.weight_bytes is None:
             return {}, 0
-        device, gpu = self.args.device, str(self.args.device).startswith("cuda")
         products, nbytes = {}, 0
-        for name, kind in (("matvec torch", ""), ("matvec oneDNN", "onednn"), ("matvec compiled", "compiled")):
-            if kind and (gpu or not onednn_available()):
-                continue
-            if kind == "compiled" and not compiled_products():
-                continue
-            products[name], nbytes = matvec_product(
-                self.matvec_rows, device, onednn=kind == "onednn", compiled=kind == "compiled"
-            )
+        for kind in matvec_kinds(self.args.device):
+            products[MATVEC_NAMES[kind]], nbytes = matvec_product(self.matvec_rows, self.args.device, kind)
         return products, nbytes
 
     def _gen_case(self, label: str, prompts: list[list[int]], config: Any, min_new: int) -> dict[str, Any]:

@@ -82,7 +82,7 @@ def compiled_products() -> bool:
 
 
 def kernels_status() -> str:
-    """Which products the packed layers run, in words (for reports and manifests)."""
+    """Which products the packed layers run, in words (the benchmark records it)."""
     choice = kernels_choice()
     if choice == "torch" or not onednn_available():
         return "PyTorch's linear layers"

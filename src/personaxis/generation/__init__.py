@@ -3,7 +3,8 @@
 The package, one module per job:
 
 - :mod:`~personaxis.generation.sampling`: the settings (:class:`SamplingConfig`), the choice of each next token
-  (:func:`sample_tokens`, :func:`greedy_tokens`), each answer's random stream (:func:`answer_generator`), stop tokens and decoding;
+  (:func:`sample_tokens`, :func:`greedy_tokens`), each answer's random stream (:func:`answer_generator`), stop tokens
+  and decoding;
 - :mod:`~personaxis.generation.cache`: the key/value cache adapter, the one place that touches transformers' cache
   classes;
 - :mod:`~personaxis.generation.decode`: the decode step the fast engine and the server's batcher share (the model call
