@@ -1,8 +1,10 @@
-"""The compiled AVX2 products: the numbers of PyTorch's product to float rounding, a row's result independent of
-the rows beside it and of the thread count, and chosen where they should be."""
+"""The compiled products (AVX2 and AVX-512 versions): the numbers of PyTorch's product to float rounding, a row's
+result independent of the rows beside it, of the thread count and of the instruction set, and chosen where they
+should be."""
 
 from __future__ import annotations
 
+import ctypes
 import platform
 import shutil
 
@@ -84,12 +86,39 @@ def test_layers_pack_for_the_chosen_products(library, monkeypatch, choice):
     assert (type(model[0]._onednn_weight) is GemmWeight) == compiled
     assert type(model[2]._onednn_weight) is not GemmWeight
     status = kernels.kernels_status()
-    assert ("compiled AVX2 products" in status) == compiled and ("oneDNN" in status) != compiled
+    assert ("compiled" in status and "products (" in status) == compiled and ("oneDNN" in status) != compiled
 
 
-def test_preferred_only_where_pytorch_runs_avx2():
+def test_preferred_where_pytorch_runs_avx2_or_avx512():
     preferred, why = compiled_gemm.preferred()
-    assert preferred == (torch.backends.cpu.get_cpu_capability() == "AVX2"), why
+    assert preferred == (torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")), why
+    if preferred:
+        version = "AVX-512" if compiled_gemm.avx512() else "AVX2"
+        assert compiled_gemm.status().startswith(f"compiled {version} products"), compiled_gemm.status()
+
+
+def test_avx2_and_avx512_versions_agree_bit_for_bit(library):
+    """Both versions make every output the same running sum over the inputs in order (one row through the AVX-512
+    version's two-block path, several through its 12-row tiles, an odd number of blocks)."""
+    if "avx512f" not in compiled_gemm._cpu_flags():
+        pytest.skip("the CPU has no AVX-512F")
+    compiler = compiled_gemm._compiler()
+    assert compiler is not None
+    handle = ctypes.CDLL(str(compiled_gemm._build(compiler)))
+    generator = torch.Generator().manual_seed(1)
+    dense = torch.randn(80, 300, generator=generator)
+    weight = compiled_gemm.pack(dense)
+    for rows in (1, 2, 12, 13, 40):
+        x = torch.randn(rows, 300, generator=generator)
+        outs = []
+        for name in ("packed_gemm", "packed_gemm_avx512"):
+            product = getattr(handle, name)
+            product.argtypes = (ctypes.c_int,) * 3 + (ctypes.c_void_p,) * 3 + (ctypes.c_int,)
+            out = torch.empty(rows, 80)
+            product(rows, 80, 300, x.data_ptr(), weight.blocks.data_ptr(), out.data_ptr(), 2)
+            outs.append(out)
+        assert torch.equal(outs[0], outs[1]), rows
+        torch.testing.assert_close(outs[0], x @ dense.T, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.skipif(platform.system() != "Linux", reason="the build is tried on Linux only")

@@ -1,23 +1,30 @@
-"""A compiled float32 matrix product for AVX2 CPUs, which reads a layer's weights while it computes with them.
+"""Compiled float32 matrix products for AVX2 and AVX-512 CPUs, which read a layer's weights at the memory's rate.
 
-On CPUs whose widest vectors PyTorch uses are AVX2 (no AVX-512: most laptops, many servers), oneDNN's products of
-decoding (1–64 rows against a packed weight) take about their compute time *plus* the time to read their weights:
-on the 2-core AMD EPYC limited to AVX2, the embedded model's 151 products of a 16-row step took 35–42 ms one after
-the other and 25–32 ms with every weight in cache. ``csrc/packed_gemm.c`` is a plain AVX2 kernel (tiles of 6 rows
-× 16 columns) that prefetches the next block of weights while it computes with the current one: the same 151
-products in 21–23 ms, one row's in 13–16 ms against oneDNN's 17–18, 64 rows' in 76 ms against 98–109 (interleaved
-whole decode steps, AVX2: 21.0 → 14.3 ms at one row, 48.1 → 30.1 at 16 rows, 113.7 → 98.2 at 64, the same tokens).
+oneDNN's products of decoding (1–64 rows against a packed weight) leave memory time on the table. Under AVX2 they take
+about their compute time *plus* the time to read their weights: on the 2-core AMD EPYC limited to AVX2, the embedded
+model's 151 products of a 16-row step took 35–42 ms one after the other and 25–32 ms with every weight in cache. With
+AVX-512, its one-row products read their weights at 0.68–0.76 of a large product's rate (a fixed cost of 11–13 µs per
+call). ``csrc/packed_gemm.c`` has two versions of one plain kernel: AVX2 (tiles of 6 rows × 16 columns, prefetching the
+next block of weights while it computes) and AVX-512 (tiles of 12 rows × 16 columns; one row as two streams of
+blocks). The same 151 products under AVX2: 21–23 ms at 16 rows, 13–16 at one row against oneDNN's 17–18, 76 at 64
+rows against 98–109 (whole decode steps: 21.0 → 14.3 ms at one row, 48.1 → 30.1 at 16 rows, 113.7 → 98.2 at 64, the
+same tokens). With AVX-512, against oneDNN's AVX-512 kernels in the same minutes: one row 11.9–12.8 ms against
+15.1–15.8 (0.87–0.93 of the 256 MB product's rate), 16 rows 16.1 against 21.8, 64 rows 48.3 against 52.5, 200 rows
+(prefill) 144 against 147, single products of 1,024–4,096 rows 316–380 GFLOP/s against 281–410; whole decode steps 21.5 → 18.7 ms at one row, 32.5 → 25.7 at 16, 83.2 → 77.6 at 64, the
+same tokens.
 
-Every output is one running sum over the inputs in order, so a row's result depends neither on the rows beside it
-nor on the thread count (tests compare them bit for bit); it differs from oneDNN's and MKL's by float rounding only.
+Every output is one running sum over the inputs in order, in both versions, so a row's result depends neither on the
+rows beside it, nor on the thread count, nor on the instruction set (tests compare them bit for bit); it differs
+from oneDNN's and MKL's by float rounding only.
 
 The source ships with the package and is built on first use with the system's C compiler (``$CC``, else ``cc``,
 ``gcc`` or ``clang``) into the user's cache directory, keyed by the source, the flags and the compiler's version, and
-loaded with ``ctypes``. It runs on PyTorch's own OpenMP threads (the ``libgomp.so.1`` PyTorch loaded; where loading
-it would bring in another OpenMP runtime, it is not used) with ``torch.get_num_threads()`` of them.
-:mod:`personaxis.kernels` uses it where PyTorch's CPU capability is AVX2 (:func:`preferred`) or where
-``PERSONAXIS_KERNELS=compiled`` asks for it. Where anything is missing (not Linux on x86-64, a CPU without AVX2 and
-FMA, no compiler, a failed build or self-test), it keeps oneDNN, and :func:`status` says why.
+loaded with ``ctypes``; the AVX-512 version is compiled for AVX-512F function by function and called only where
+PyTorch itself runs AVX-512 (:func:`avx512`). It runs on PyTorch's own OpenMP threads (the ``libgomp.so.1`` PyTorch
+loaded; where loading it would bring in another OpenMP runtime, it is not used) with ``torch.get_num_threads()`` of
+them. :mod:`personaxis.kernels` uses it where PyTorch's CPU capability is AVX2 or AVX-512 (:func:`preferred`) or
+where ``PERSONAXIS_KERNELS=compiled`` asks for it. Where anything is missing (not Linux on x86-64, a CPU without AVX2
+and FMA, no compiler, a failed build or self-test), it keeps oneDNN, and :func:`status` says why.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import torch
 from torch import Tensor
 
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11")
-INTERFACE_VERSION = 1
+INTERFACE_VERSION = 2
 BLOCK = 16  # output columns per packed block
 _BUILD_SECONDS = 120
 
@@ -50,30 +57,41 @@ class GemmWeight(NamedTuple):
     in_features: int
 
 
-_library: Any = None
+_product: Any = None  # the library's product for this CPU: ``packed_gemm`` (AVX2) or ``packed_gemm_avx512``
 _reason = "not tried yet"
 _tried = False
 
 
 def preferred() -> tuple[bool, str]:
-    """Whether the kernel is the choice here: PyTorch's CPU capability is AVX2, and why not. With AVX-512, oneDNN's
-    own kernels stay: about twice as fast at 64 rows and in prefill, and one packed copy serves every batch size
-    (this AVX2 kernel was faster than them at 1 and 16 rows only)."""
+    """Whether the kernel is the choice here: PyTorch's CPU capability is AVX2 or AVX-512, and why not. On the 2-core
+    AMD EPYC (Zen 5) its AVX-512 version took the embedded model's 151 products of one decode step in 11.9–12.8 ms
+    against oneDNN's 15.1–15.8 (one row), 16.1 against 21.8 (16 rows), 48.3 against 52.5 (64 rows) and 144 against
+    147 (200 rows, as in prefill)."""
     capability = torch.backends.cpu.get_cpu_capability()
-    if capability != "AVX2":
+    if capability not in ("AVX2", "AVX512"):
         return False, f"PyTorch's CPU capability is {capability}, where oneDNN's kernels are used"
-    return True, "AVX2"
+    return True, capability
+
+
+def avx512() -> bool:
+    """Whether the AVX-512 version runs here: PyTorch itself uses AVX-512 (so a process limited to AVX2, as
+    ``ATEN_CPU_CAPABILITY=avx2`` does, runs the AVX2 version) and the CPU reports AVX-512F."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512" and "avx512f" in _cpu_flags()
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
+            return next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), [])
+    except OSError:
+        return []
 
 
 def cpu_supported() -> tuple[bool, str]:
     """Whether the kernel can run here (Linux on x86-64, the CPU reporting AVX2 and FMA), and why not."""
     if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
         return False, f"built for Linux on x86-64 only ({platform.system()} on {platform.machine()})"
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
-            flags = next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), [])
-    except OSError:
-        flags = []
+    flags = _cpu_flags()
     missing = [flag for flag in ("avx2", "fma") if flag not in flags]
     if missing:
         return False, f"the CPU does not report {', '.join(missing)}"
@@ -129,15 +147,18 @@ def _openmp_runtimes() -> set[str]:
     return {os.path.realpath(path) for path in paths}
 
 
-def _self_test(library: Any) -> bool:
-    """A product of odd sizes against PyTorch's, to float rounding."""
+def _self_test(product: Any) -> bool:
+    """Products of odd sizes (several rows; one row over an odd number of blocks) against PyTorch's, to float
+    rounding."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(7, 37, generator=generator)
-    weight = torch.randn(2 * BLOCK, 37, generator=generator)
-    out = torch.empty(7, 2 * BLOCK)
-    blocks = pack(weight).blocks
-    library.packed_gemm(7, 2 * BLOCK, 37, x.data_ptr(), blocks.data_ptr(), out.data_ptr(), 1)
-    return bool(torch.allclose(out, x @ weight.T, atol=1e-4, rtol=1e-4))
+    for rows, blocks in ((7, 2), (1, 3)):
+        x = torch.randn(rows, 37, generator=generator)
+        weight = torch.randn(blocks * BLOCK, 37, generator=generator)
+        out, packed = torch.empty(rows, blocks * BLOCK), pack(weight).blocks  # kept alive through the call
+        product(rows, blocks * BLOCK, 37, x.data_ptr(), packed.data_ptr(), out.data_ptr(), 1)
+        if not torch.allclose(out, x @ weight.T, atol=1e-4, rtol=1e-4):
+            return False
+    return True
 
 
 def _load() -> tuple[Any, str]:
@@ -160,20 +181,22 @@ def _load() -> tuple[Any, str]:
     if library.packed_gemm_version() != INTERFACE_VERSION:
         return None, f"{path} has another interface version"
     pointer, integer = ctypes.c_void_p, ctypes.c_int
-    library.packed_gemm.argtypes = (integer, integer, integer, pointer, pointer, pointer, integer)
-    library.packed_gemm.restype = None
-    if not _self_test(library):
+    name = "packed_gemm_avx512" if avx512() else "packed_gemm"
+    product = getattr(library, name)
+    product.argtypes = (integer, integer, integer, pointer, pointer, pointer, integer)
+    product.restype = None
+    if not _self_test(product):
         return None, "the self-test product disagreed with PyTorch's"
-    return library, f"compiled AVX2 products ({path})"
+    return product, f"compiled {'AVX-512' if name.endswith('avx512') else 'AVX2'} products ({path})"
 
 
 def library() -> Any:
-    """The loaded library, built on first use, or None (:func:`status` says why)."""
-    global _library, _reason, _tried
+    """The loaded library's product for this CPU, built on first use, or None (:func:`status` says why)."""
+    global _product, _reason, _tried
     if not _tried:
         _tried = True
-        _library, _reason = _load()
-    return _library
+        _product, _reason = _load()
+    return _product
 
 
 def status() -> str:
@@ -200,7 +223,7 @@ def linear(x: Tensor, weight: GemmWeight, bias: Tensor | None = None) -> Tensor:
         flat = flat.contiguous()
     out = torch.empty((*x.shape[:-1], weight.out_features), dtype=torch.float32)
     if rows:
-        _library.packed_gemm(
+        _product(
             rows,
             weight.out_features,
             weight.in_features,

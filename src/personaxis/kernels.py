@@ -20,9 +20,10 @@ outputs, and the others take theirs when called with the same input.
 Memory: a packed copy replaces its original in the resident set (:func:`release_pages`) and lies in a memory mapping
 of its own (:func:`packed_copies_mapped`), so the peak RSS stays close to that of PyTorch's layers.
 
-On CPUs where PyTorch's widest kernels are AVX2, the packed copies and products are those of
-:mod:`personaxis.compiled_gemm` instead (a compiled kernel that reads the weights while it computes; oneDNN's
-products there take their compute time plus their weights' read time), where it builds; oneDNN otherwise.
+On CPUs where PyTorch's widest kernels are AVX2 or AVX-512, the packed copies and products are those of
+:mod:`personaxis.compiled_gemm` instead (a compiled kernel that reads the weights at the memory's rate while it
+computes; oneDNN's products take their compute time plus their weights' read time under AVX2, and pay a fixed cost
+per call that one-row products feel with AVX-512), where it builds; oneDNN otherwise.
 
 ``PERSONAXIS_KERNELS``: ``auto`` (the default, as above), ``compiled`` (the compiled products wherever they build),
 ``onednn`` (oneDNN everywhere), or ``torch`` (PyTorch's own linear layers). Only x86-64 CPUs use these kernels.
@@ -309,8 +310,8 @@ def cpu_float32_inference(x: Tensor, weight: Tensor) -> bool:
 
 
 class OneDNNLinear(nn.Linear):
-    """An ``nn.Linear`` whose inference forward on a CPU runs oneDNN, or the compiled products on AVX2 CPUs (see the
-    module's notes)."""
+    """An ``nn.Linear`` whose inference forward on a CPU runs the compiled products (AVX2 and AVX-512 CPUs) or oneDNN
+    (see the module's notes)."""
 
     _onednn_pack: bool = True
     _onednn_weight: PackedWeight | None = None
