@@ -44,7 +44,10 @@ import torch
 from torch import Tensor
 
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11")
-INTERFACE_VERSION = 2
+LIBRARIES = ("-lm",)
+# The library's source (it includes the others, which sit beside it when it is built).
+SOURCES = ("decode_block.c", "packed_gemm.c")
+INTERFACE_VERSION = 3
 BLOCK = 16  # output columns per packed block
 _BUILD_SECONDS = 120
 
@@ -57,7 +60,7 @@ class GemmWeight(NamedTuple):
     in_features: int
 
 
-_product: Any = None  # the library's product for this CPU: ``packed_gemm`` (AVX2) or ``packed_gemm_avx512``
+_loaded: Any = None  # the library's functions for this CPU (:class:`_Functions`)
 _reason = "not tried yet"
 _tried = False
 
@@ -112,20 +115,21 @@ def _cache_dir() -> Path:
 
 
 def _build(compiler: str) -> Path:
-    """The built library for this source, flags and compiler (built once, then taken from the cache)."""
-    source = resources.files("personaxis").joinpath("csrc/packed_gemm.c").read_bytes()
+    """The built library for these sources, flags and compiler (built once, then taken from the cache)."""
+    sources = {name: resources.files("personaxis").joinpath(f"csrc/{name}").read_bytes() for name in SOURCES}
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + compiler.encode() + version.encode()).hexdigest()[:16]
+    described = b"".join(sources.values()) + " ".join(FLAGS + LIBRARIES).encode() + compiler.encode()
+    key = hashlib.sha256(described + version.encode()).hexdigest()[:16]
     target = _cache_dir() / f"packed_gemm-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as work:
-        source_path = Path(work) / "packed_gemm.c"
-        source_path.write_bytes(source)
+        for name, text in sources.items():
+            (Path(work) / name).write_bytes(text)
         built = Path(work) / target.name
         result = subprocess.run(
-            [compiler, *FLAGS, str(source_path), "-o", str(built)],
+            [compiler, *FLAGS, str(Path(work) / SOURCES[0]), "-o", str(built), *LIBRARIES],
             capture_output=True,
             text=True,
             timeout=_BUILD_SECONDS,
@@ -161,7 +165,23 @@ def _self_test(product: Any) -> bool:
     return True
 
 
-def _load() -> tuple[Any, str]:
+class _Functions(NamedTuple):
+    product: Any  # ``packed_gemm`` (AVX2) or ``packed_gemm_avx512``, as this CPU runs
+    block: Any  # ``decode_block`` (:mod:`personaxis.generation.fused_block`)
+
+
+class BlockWeights(ctypes.Structure):
+    """``decode_block.c``'s ``block_weights``: a block's sizes, norms' epsilons, attention scaling, and the addresses
+    of its norms' weights and packed products (whose tensors the caller keeps alive)."""
+
+    _fields_ = [
+        *((name, ctypes.c_int) for name in ("hidden", "heads", "kv_heads", "head_dim", "intermediate", "avx512")),
+        *((name, ctypes.c_float) for name in ("eps_attention", "eps_mlp", "scaling")),
+        *((name, ctypes.c_void_p) for name in ("attention_norm", "mlp_norm", "qkv", "o", "gate", "up", "down")),
+    ]
+
+
+def _load() -> tuple[_Functions | None, str]:
     supported, why = cpu_supported()
     if not supported:
         return None, why
@@ -187,16 +207,32 @@ def _load() -> tuple[Any, str]:
     product.restype = None
     if not _self_test(product):
         return None, "the self-test product disagreed with PyTorch's"
-    return product, f"compiled {'AVX-512' if name.endswith('avx512') else 'AVX2'} products ({path})"
+    block = library.decode_block
+    block.argtypes = (pointer, pointer, pointer, pointer, pointer, pointer, pointer, ctypes.c_long, integer, pointer)
+    block.argtypes += (integer,)
+    block.restype = integer
+    return _Functions(product, block), f"compiled {'AVX-512' if name.endswith('avx512') else 'AVX2'} products ({path})"
+
+
+def _functions() -> _Functions | None:
+    global _loaded, _reason, _tried
+    if not _tried:
+        _tried = True
+        _loaded, _reason = _load()
+    return _loaded
 
 
 def library() -> Any:
     """The loaded library's product for this CPU, built on first use, or None (:func:`status` says why)."""
-    global _product, _reason, _tried
-    if not _tried:
-        _tried = True
-        _product, _reason = _load()
-    return _product
+    functions = _functions()
+    return None if functions is None else functions.product
+
+
+def block_function() -> Any:
+    """The library's ``decode_block`` (one row through one Llama-family block), or None where the library is not
+    used."""
+    functions = _functions()
+    return None if functions is None else functions.block
 
 
 def status() -> str:
@@ -223,7 +259,7 @@ def linear(x: Tensor, weight: GemmWeight, bias: Tensor | None = None) -> Tensor:
         flat = flat.contiguous()
     out = torch.empty((*x.shape[:-1], weight.out_features), dtype=torch.float32)
     if rows:
-        _product(
+        _loaded.product(
             rows,
             weight.out_features,
             weight.in_features,

@@ -38,6 +38,7 @@ from torch.nn.modules import module as torch_module
 
 from personaxis.decode_attention import IMPLEMENTATION, attend_one_token
 from personaxis.generation.cache import buffered_layers
+from personaxis.generation.fused_block import FusedBlocks
 from personaxis.hooks import is_mask_tracker_hook
 from personaxis.kernels import OneDNNLinear, ProjectionGroup, cpu_float32_inference
 
@@ -122,6 +123,7 @@ class LlamaDecodeStep:
         self._head_counts = (first.q_proj.out_features // first.head_dim, first.k_proj.out_features // first.head_dim)
         # Query, key and value projections that run as one oneDNN product (:class:`personaxis.kernels.ProjectionGroup`).
         self._groups = [_qkv_group(block.self_attn) for block in self.blocks]
+        self._fused = FusedBlocks(self.blocks, self._groups)  # one row: each block in one compiled call
         inner = [m for block in self.blocks for m in block.modules() if m is not block]
         # Hook dictionaries are kept by their modules for life (registering and removing change them in place).
         self._inner_hooks = [d for m in inner for d in (m._forward_hooks, m._forward_pre_hooks)]
@@ -199,8 +201,15 @@ class LlamaDecodeStep:
         rows = ids.shape[0]
         layers = buffered_layers(cache)
         assert layers is not None  # ``usable``
+        fused = rotation is not None and self._fused.ready(rows, hidden)
+        flat_blocked = blocked.contiguous()
         for index, block in enumerate(self.blocks):
-            output = self._block(index, block, hidden, cos, sin, rotation, blocked, layers[index], rows)
+            output = None
+            if fused:
+                assert rotation is not None
+                output = self._fused.run(index, hidden, rotation.cos, rotation.sin, flat_blocked, layers[index])
+            if output is None:
+                output = self._block(index, block, hidden, cos, sin, rotation, blocked, layers[index], rows)
             for hook in block._forward_hooks.values():  # none takes keywords (``usable``)
                 result = hook(block, (hidden,), output)
                 if result is not None:

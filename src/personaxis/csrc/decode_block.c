@@ -1,0 +1,147 @@
+/* One decode step of one Llama-family block for one row (one sequence), in one call: the step's Python work between
+ * the products (norms, rotation, attention over the cache, the gated activation, the residual sums) becomes C, and
+ * the products run on packed_gemm.c's kernels inside one OpenMP region. Built and loaded by
+ * personaxis.compiled_gemm; used by personaxis.generation.fused_block (see its notes).
+ *
+ * The arithmetic is transformers' Llama block, operation by operation:
+ *   x = w1 * (h * rsqrt(mean(h²) + eps1));  q|k|v = x · Wqkvᵀ;  q, k rotated: q * cos + rotate_half(q) * sin;
+ *   k, v written at the cache's last position;  per query head: softmax(q · Kᵀ * scaling, masked) · V;
+ *   m = h + a · Woᵀ;  x = w2 * (m * rsqrt(mean(m²) + eps2));  out = m + (silu(x · Wgᵀ) * (x · Wuᵀ)) · Wdᵀ.
+ * The products equal packed_gemm's bit for bit (the same running sums). The norms' means, the attention's dot
+ * products and sums and the exponentials are computed in another order or by another exp than PyTorch's, so the
+ * block's output equals the module's up to float rounding (tests compare them). */
+#include "packed_gemm.c"
+
+#include <math.h>
+#include <stdlib.h>
+
+typedef struct {
+    int hidden, heads, kv_heads, head_dim, intermediate, avx512;
+    float eps_attention, eps_mlp, scaling;
+    const float *attention_norm, *mlp_norm; /* [hidden] */
+    const float *qkv, *o, *gate, *up, *down; /* packed as packed_gemm.c's [n / 16][k][16] */
+} block_weights;
+
+/* Inside the block's parallel region: this thread's share of y = x · wᵀ for one row x (pairs of blocks, as
+ * packed_gemm's AVX-512 rows; the AVX2 tiles prefetch the next block, as packed_gemm's do). No barrier after it: the
+ * callers place them. */
+static void product(int avx512, int n, int k_len, const float *x, const float *packed, float *y) {
+    const int blocks = n / 16, pairs = (blocks + 1) / 2;
+    const size_t block_floats = (size_t)k_len * 16;
+#pragma omp for schedule(static) nowait
+    for (int p = 0; p < pairs; p++) {
+        for (int j = 2 * p; j < 2 * p + 2 && j < blocks; j += avx512 ? 2 : 1) {
+            const float *w = packed + (size_t)j * block_floats;
+            if (avx512)
+                pair_avx512(blocks - j < 2 ? 1 : 2, k_len, x, w, y + (size_t)j * 16);
+            else
+                tile_rows_avx2(1, k_len, x, w, j + 1 < blocks ? w + block_floats : NULL, y + (size_t)j * 16, 0);
+        }
+    }
+}
+
+static float dot(const float *a, const float *b, int n) {
+    __m256 sum = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), sum);
+    float lanes[8], total = 0.0f;
+    _mm256_storeu_ps(lanes, sum);
+    for (int l = 0; l < 8; l++) total += lanes[l];
+    for (; i < n; i++) total += a[i] * b[i];
+    return total;
+}
+
+static void rms_norm(const float *h, const float *weight, float eps, int n, float *out) {
+    float squares = 0.0f;
+    for (int i = 0; i < n; i++) squares += h[i] * h[i];
+    const float scale = 1.0f / sqrtf(squares / (float)n + eps);
+    for (int i = 0; i < n; i++) out[i] = weight[i] * (h[i] * scale);
+}
+
+/* Rotation of one head in place: x * cos + rotate_half(x) * sin, where rotate_half(x) is x's halves swapped, the
+ * first negated (sin_signed carries that sign). */
+static void rotate(float *x, const float *cos_, const float *sin_signed, int dim) {
+    const int half = dim / 2;
+    for (int i = 0; i < half; i++) {
+        const float a = x[i], b = x[i + half];
+        x[i] = a * cos_[i] + b * sin_signed[i];
+        x[i + half] = b * cos_[i + half] + a * sin_signed[i + half];
+    }
+}
+
+/* Attention of query head h over positions [0, length): the new key and value are already in the cache. */
+static void attend(const block_weights *b, const float *query, const float *keys, const float *values, int length,
+                   const unsigned char *blocked, float *scores, float *out) {
+    const int dim = b->head_dim;
+    float most = -INFINITY;
+    for (int p = 0; p < length; p++) {
+        scores[p] = blocked[p] ? -INFINITY : dot(query, keys + (size_t)p * dim, dim) * b->scaling;
+        if (scores[p] > most) most = scores[p];
+    }
+    float total = 0.0f;
+    for (int p = 0; p < length; p++) total += scores[p] = expf(scores[p] - most);
+    for (int i = 0; i < dim; i++) out[i] = 0.0f;
+    for (int p = 0; p < length; p++) {
+        const float weight = scores[p] / total;
+        const float *v = values + (size_t)p * dim;
+        for (int i = 0; i < dim; i++) out[i] += weight * v[i];
+    }
+}
+
+/* The block for one row: hidden [hidden] → out [hidden]. keys/values: the layer's cache, head g's position p at
+ * g * head_stride + p * head_dim, with room written up to length (the new position, length - 1, is written here).
+ * blocked: [length], nonzero where the row does not attend. cos, sin_signed: [head_dim]. Returns 0, or -1 when
+ * scratch memory could not be had (nothing written then). */
+int decode_block(const block_weights *b, const float *hidden, float *out, const float *cos_, const float *sin_signed,
+                 float *keys, float *values, long head_stride, int length, const unsigned char *blocked, int threads) {
+    const int n = b->hidden, dim = b->head_dim, heads = b->heads, kv = b->kv_heads, inner = b->intermediate;
+    const int qkv_n = (heads + 2 * kv) * dim, group = heads / kv;
+    const size_t floats = (size_t)n * 3 + qkv_n + (size_t)heads * dim + (size_t)inner * 2 +
+                          (size_t)heads * (size_t)length;
+    float *scratch = malloc(floats * sizeof(float));
+    if (!scratch) return -1;
+    float *x = scratch, *mid = x + n, *sum = mid + n, *qkv = sum + n, *attended = qkv + qkv_n;
+    float *gate = attended + (size_t)heads * dim, *up = gate + inner, *scores = up + inner;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp single
+        rms_norm(hidden, b->attention_norm, b->eps_attention, n, x);
+        product(b->avx512, qkv_n, n, x, b->qkv, qkv);
+#pragma omp barrier
+#pragma omp single
+        {
+            for (int h = 0; h < heads + kv; h++) rotate(qkv + (size_t)h * dim, cos_, sin_signed, dim);
+            for (int g = 0; g < kv; g++) {
+                const size_t at = (size_t)g * head_stride + (size_t)(length - 1) * dim;
+                for (int i = 0; i < dim; i++) {
+                    keys[at + i] = qkv[(size_t)(heads + g) * dim + i];
+                    values[at + i] = qkv[(size_t)(heads + kv + g) * dim + i];
+                }
+            }
+        }
+#pragma omp for schedule(static)
+        for (int h = 0; h < heads; h++) {
+            const size_t cache = (size_t)(h / group) * head_stride;
+            attend(b, qkv + (size_t)h * dim, keys + cache, values + cache, length, blocked, scores + (size_t)h * length,
+                   attended + (size_t)h * dim);
+        }
+        product(b->avx512, n, heads * dim, attended, b->o, sum);
+#pragma omp barrier
+#pragma omp single
+        {
+            for (int i = 0; i < n; i++) mid[i] = hidden[i] + sum[i];
+            rms_norm(mid, b->mlp_norm, b->eps_mlp, n, x);
+        }
+        product(b->avx512, inner, n, x, b->gate, gate);
+        product(b->avx512, inner, n, x, b->up, up);
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int i = 0; i < inner; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+        product(b->avx512, n, inner, gate, b->down, sum);
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int i = 0; i < n; i++) out[i] = mid[i] + sum[i];
+    }
+    free(scratch);
+    return 0;
+}
