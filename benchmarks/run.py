@@ -434,7 +434,7 @@ class Bench:
             rows.append(["fp32 matrix × vector, oneDNN", f"{onednn_mv:.1f} GB/s", "the same, packed"])
         if compiled:
             rows.append(
-                ["fp32 matrix × vector, compiled", f"{compiled_mv:.1f} GB/s", "the same, personaxis' AVX2 kernel"]
+                ["fp32 matrix × vector, compiled", f"{compiled_mv:.1f} GB/s", "the same, personaxis' compiled kernel"]
             )
         notes = [
             f"The compute limit below is the faster of the matmul rates ({gflops:.0f} GFLOP/s): it is what the "
@@ -493,8 +493,8 @@ class Bench:
 
     def _gen_case(self, label: str, prompts: list[list[int]], config: Any, min_new: int) -> dict[str, Any]:
         """Time ``generate_ids`` on the same prompts and settings: plain ``generate`` (PyTorch's linear layers and
-        transformers' "sdpa" attention), ``generate`` on personaxis' linear layers (oneDNN, or the compiled AVX2
-        products), and the personaxis engine."""
+        transformers' "sdpa" attention), ``generate`` on personaxis' linear layers (the compiled
+        products, or oneDNN), and the personaxis engine."""
         from personaxis.decode_attention import sdpa_attention
         from personaxis.generation import generate_ids
         from personaxis.int8_linears import int8_linears
@@ -623,8 +623,8 @@ class Bench:
         notes = [
             f"Equal lengths: {n_new} new tokens per answer for every engine (end-of-turn tokens suppressed until "
             "then); wall time includes the prefill. *HF generate* is transformers' `generate` on PyTorch's own "
-            "linear layers, as a user gets it; *+ oneDNN* is the same `generate` on personaxis' linear layers "
-            "(how much of the gain is the kernels); *speed-up* = personaxis ÷ plain HF generate. *Of compute "
+            "linear layers, as a user gets it; *+ our layers* is the same `generate` on personaxis' linear layers "
+            "(compiled products or oneDNN: how much of the gain is the kernels); *speed-up* = personaxis ÷ plain HF generate. *Of compute "
             "limit* = new tokens/s × FLOPs per token (with the LM head) ÷ the best measured matmul rate; *MFU* "
             "also counts the prompt tokens (plain HF generate's in brackets); *same* = answers whose tokens are "
             "identical to plain HF generate's. Sampled: temperature 0.7, top-p 0.9 (each engine draws its own "
@@ -660,7 +660,7 @@ class Bench:
                     "case",
                     "answers",
                     "HF generate",
-                    "+ oneDNN",
+                    "+ our layers",
                     "personaxis",
                     "speed-up",
                     "of compute limit",
@@ -1437,7 +1437,7 @@ def isa_figures(results: dict[str, Any]) -> list[tuple[str, Any]]:
         ("matmul_onednn_gflops", "matmul, oneDNN packed (GFLOP/s)"),
         ("matvec_torch_gbs", "matrix × vector, torch (GB/s)"),
         ("matvec_onednn_gbs", "matrix × vector, oneDNN (GB/s)"),
-        ("matvec_compiled_gbs", "matrix × vector, compiled AVX2 kernel (GB/s)"),
+        ("matvec_compiled_gbs", "matrix × vector, compiled kernel (GB/s)"),
         ("linear_kernels", "personaxis' linear layers"),
         ("batch1_tokens_per_s_matvec", "batch-1 limit at the matrix × vector rate (tokens/s)"),
     ):
