@@ -1,5 +1,6 @@
-"""The compiled one-row block: the module path's logits and cache to float rounding, the same greedy tokens on the
-embedded model, the blocks' hooks run on its outputs, and the module path wherever it does not apply."""
+"""The compiled block: the module path's logits and cache to float rounding (one row and several, left-padded), the
+same greedy tokens on the embedded model, the blocks' hooks run on its outputs, and the module path wherever it does
+not apply."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from tiny import tiny_model
 
 from personaxis import compiled_gemm
 from personaxis.activations import pad_batch
+from personaxis.capture import ResponseCapture
 from personaxis.chat import build_conversation, render_prompt
 from personaxis.decode_attention import use_decode_attention
+from personaxis.generation import SamplingConfig, generate_ids
 from personaxis.generation import cache as kv
 from personaxis.generation.decode import CachedForward, DecodeBatch
 from personaxis.generation.fused_block import unfused_blocks
@@ -65,13 +68,15 @@ def _model(kind: str = "llama"):
     return lm
 
 
-def test_one_row_equals_the_module_path_to_rounding(block_calls):
-    """12 steps (the cache's buffers grow on the way): logits and every layer's keys and values."""
+@pytest.mark.parametrize("prompts", [[[5, 6, 7, 8, 9]], [[5, 6, 7, 8, 9, 10, 11], [9, 10], [11, 12, 13, 14]]])
+def test_equals_the_module_path_to_rounding(block_calls, prompts):
+    """12 steps (the cache's buffers grow on the way), one row or three of different lengths (left padding): logits
+    and every layer's keys and values."""
     model = _model().model
-    fused, fused_cache = _decode(model, [[5, 6, 7, 8, 9]], 12, fused=True)
+    fused, fused_cache = _decode(model, prompts, 12, fused=True)
     assert len(block_calls) == 12 * len(model.model.layers)
     block_calls.clear()
-    plain, plain_cache = _decode(model, [[5, 6, 7, 8, 9]], 12, fused=False)
+    plain, plain_cache = _decode(model, prompts, 12, fused=False)
     assert not block_calls
     for a, b in zip(fused, plain, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -129,8 +134,7 @@ def test_blocks_hooks_see_and_change_the_compiled_outputs(block_calls):
 
 
 def test_module_path_where_the_compiled_block_does_not_apply(block_calls, monkeypatch):
-    """Several rows, projection biases (Qwen2), oneDNN's products, or ``unfused_blocks``."""
-    _decode(_model().model, [[5, 6, 7], [8, 9]], 3, fused=True)
+    """Projection biases (Qwen2), oneDNN's products, or ``unfused_blocks``."""
     _decode(_model("qwen2").model, [[5, 6, 7]], 3, fused=True)
     _decode(_model().model, [[5, 6, 7]], 3, fused=False)
     monkeypatch.setenv("PERSONAXIS_KERNELS", "onednn")
@@ -140,15 +144,44 @@ def test_module_path_where_the_compiled_block_does_not_apply(block_calls, monkey
 
 @pytest.mark.parametrize("isa", ["native", "avx2"])
 def test_greedy_tokens_of_the_embedded_model_are_unchanged(block_calls, monkeypatch, isa):
-    """32 greedy tokens of the embedded model, compiled blocks against the module path (AVX2 version too)."""
+    """32 greedy tokens of the embedded model, compiled blocks against the module path (AVX2 version too), one row
+    and two."""
     from personaxis.models import load_model
 
     if isa == "avx2":
         monkeypatch.setattr(compiled_gemm, "avx512", lambda: False)
     lm = load_model()
     prompt = render_prompt(lm.tokenizer, build_conversation(None, "What is the capital of France?"), lm.profile)
-    fused, _ = _decode(lm.model, [prompt], 32, fused=True)
-    assert len(block_calls) == 32 * len(lm.model.model.layers)
-    plain, _ = _decode(lm.model, [prompt], 32, fused=False)
-    assert [int(a.argmax()) for a in fused] == [int(b.argmax()) for b in plain]
-    assert max(float((a - b).abs().max()) for a, b in zip(fused, plain, strict=True)) < 1e-3
+    other = render_prompt(lm.tokenizer, build_conversation(None, "Name three colours."), lm.profile)
+    for prompts in ([prompt], [prompt, other]):
+        block_calls.clear()
+        fused, _ = _decode(lm.model, prompts, 32, fused=True)
+        assert len(block_calls) == 32 * len(lm.model.model.layers)
+        plain, _ = _decode(lm.model, prompts, 32, fused=False)
+        assert [a.argmax(-1).tolist() for a in fused] == [b.argmax(-1).tolist() for b in plain]
+        assert max(float((a - b).abs().max()) for a, b in zip(fused, plain, strict=True)) < 1e-3
+
+
+def test_engine_tokens_and_capture_with_compiled_blocks(block_calls):
+    """Greedy and seeded sampling with an intervention and a capture of the answers' block outputs, rows joining a
+    running batch: the same tokens as the module path, captured sums to rounding."""
+    lm = _model()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [9, 10], [11, 12, 13], [14, 15, 16, 17], [18], [19, 20, 21]]
+    interventions = {lm.profile.target_layer: [Add(torch.linspace(-1, 1, lm.profile.hidden_size), alpha=3.0)]}
+    for config in (
+        SamplingConfig(max_new_tokens=10, batch_size=3),
+        SamplingConfig(max_new_tokens=10, batch_size=4, temperature=0.9, top_p=0.9, seed=3),
+    ):
+        captures = [ResponseCapture(lm), ResponseCapture(lm)]
+        block_calls.clear()
+        ours = generate_ids(lm, prompts, config, interventions=interventions, capture=captures[0])
+        assert block_calls
+        with unfused_blocks():
+            theirs = generate_ids(lm, prompts, config, interventions=interventions, capture=captures[1])
+        assert ours == theirs
+        for i in range(len(prompts)):
+            n = captures[0].fed[i]
+            assert n == captures[1].fed[i]
+            a, b = captures[0].means_over(i, 0, n), captures[1].means_over(i, 0, n)
+            assert a is not None and b is not None
+            torch.testing.assert_close(a.means, b.means, rtol=1e-5, atol=1e-5)

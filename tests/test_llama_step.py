@@ -1,5 +1,6 @@
 """The Llama-family decode step equals the model's own forward bit for bit, runs the hooks the forward would run,
-and steps aside whenever it could not (foreign hooks, plain caches, other models)."""
+and steps aside whenever it could not (foreign hooks, plain caches, other models). Its blocks run through their
+modules' arithmetic here; the compiled blocks, equal to rounding, are tested in tests/test_fused_block.py."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from personaxis.decode_attention import use_decode_attention
 from personaxis.generation import SamplingConfig, generate_ids
 from personaxis.generation import cache as kv
 from personaxis.generation.decode import CachedForward, DecodeBatch
+from personaxis.generation.fused_block import unfused_blocks
 from personaxis.generation.llama_step import LlamaDecodeStep, model_forward_steps
 from personaxis.hooks import residual_hooks
 from personaxis.int8_linears import int8_available, int8_linears
@@ -21,6 +23,12 @@ from personaxis.interventions import Add, FloorCap
 from personaxis.kernels import restore_linears, use_onednn_linears
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [9, 10], [11, 12, 13, 14]]  # left padding in every step
+
+
+@pytest.fixture(autouse=True)
+def _module_arithmetic():
+    with unfused_blocks():
+        yield
 
 
 def _model(kind: str) -> torch.nn.Module:

@@ -208,8 +208,8 @@ def _load() -> tuple[_Functions | None, str]:
     if not _self_test(product):
         return None, "the self-test product disagreed with PyTorch's"
     block = library.decode_block
-    block.argtypes = (pointer, pointer, pointer, pointer, pointer, pointer, pointer, ctypes.c_long, integer, pointer)
-    block.argtypes += (integer,)
+    long = ctypes.c_long
+    block.argtypes = (pointer, integer, *(pointer,) * 6, long, long, integer, pointer, integer)
     block.restype = integer
     return _Functions(product, block), f"compiled {'AVX-512' if name.endswith('avx512') else 'AVX2'} products ({path})"
 
@@ -229,8 +229,8 @@ def library() -> Any:
 
 
 def block_function() -> Any:
-    """The library's ``decode_block`` (one row through one Llama-family block), or None where the library is not
-    used."""
+    """The library's ``decode_block`` (one decode step of one Llama-family block), or None where the library is
+    not used."""
     functions = _functions()
     return None if functions is None else functions.block
 

@@ -1,4 +1,4 @@
-/* One decode step of one Llama-family block for one row (one sequence), in one call: the step's Python work between
+/* One decode step of one Llama-family block (one new token per row), in one call: the step's Python work between
  * the products (norms, rotation, attention over the cache, the gated activation, the residual sums) becomes C, and
  * the products run on packed_gemm.c's kernels inside one OpenMP region. Built and loaded by
  * personaxis.compiled_gemm; used by personaxis.generation.fused_block (see its notes).
@@ -22,20 +22,34 @@ typedef struct {
     const float *qkv, *o, *gate, *up, *down; /* packed as packed_gemm.c's [n / 16][k][16] */
 } block_weights;
 
-/* Inside the block's parallel region: this thread's share of y = x · wᵀ for one row x (pairs of blocks, as
- * packed_gemm's AVX-512 rows; the AVX2 tiles prefetch the next block, as packed_gemm's do). No barrier after it: the
- * callers place them. */
-static void product(int avx512, int n, int k_len, const float *x, const float *packed, float *y) {
+/* Inside the block's parallel region: this thread's share of y = x · wᵀ for rows of x, as packed_gemm computes it
+ * (one row: pairs of blocks with AVX-512, or AVX2 tiles that prefetch the next block; several rows: each block's
+ * tiles of rows). No barrier after it: the callers place them. */
+static void product(int avx512, int rows, int n, int k_len, const float *x, const float *packed, float *y) {
     const int blocks = n / 16, pairs = (blocks + 1) / 2;
     const size_t block_floats = (size_t)k_len * 16;
+    if (rows == 1) {
 #pragma omp for schedule(static) nowait
-    for (int p = 0; p < pairs; p++) {
-        for (int j = 2 * p; j < 2 * p + 2 && j < blocks; j += avx512 ? 2 : 1) {
-            const float *w = packed + (size_t)j * block_floats;
-            if (avx512)
-                pair_avx512(blocks - j < 2 ? 1 : 2, k_len, x, w, y + (size_t)j * 16);
-            else
-                tile_rows_avx2(1, k_len, x, w, j + 1 < blocks ? w + block_floats : NULL, y + (size_t)j * 16, 0);
+        for (int p = 0; p < pairs; p++) {
+            for (int j = 2 * p; j < 2 * p + 2 && j < blocks; j += avx512 ? 2 : 1) {
+                const float *w = packed + (size_t)j * block_floats;
+                if (avx512)
+                    pair_avx512(blocks - j < 2 ? 1 : 2, k_len, x, w, y + (size_t)j * 16);
+                else
+                    tile_rows_avx2(1, k_len, x, w, j + 1 < blocks ? w + block_floats : NULL, y + (size_t)j * 16, 0);
+            }
+        }
+        return;
+    }
+    const int tile_rows = avx512 ? 12 : 6;
+    const tile_fn tile = avx512 ? tile_rows_avx512 : tile_rows_avx2;
+#pragma omp for schedule(static) nowait
+    for (int j = 0; j < blocks; j++) {
+        const float *w = packed + (size_t)j * block_floats;
+        const float *next = j + 1 < blocks ? w + block_floats : NULL;
+        for (int i = 0; i < rows; i += tile_rows) {
+            tile(rows - i < tile_rows ? rows - i : tile_rows, k_len, x + (size_t)i * k_len, w, i == 0 ? next : NULL,
+                 y + (size_t)i * n + (size_t)j * 16, (size_t)n);
         }
     }
 }
@@ -88,59 +102,64 @@ static void attend(const block_weights *b, const float *query, const float *keys
     }
 }
 
-/* The block for one row: hidden [hidden] → out [hidden]. keys/values: the layer's cache, head g's position p at
- * g * head_stride + p * head_dim, with room written up to length (the new position, length - 1, is written here).
- * blocked: [length], nonzero where the row does not attend. cos, sin_signed: [head_dim]. Returns 0, or -1 when
- * scratch memory could not be had (nothing written then). */
-int decode_block(const block_weights *b, const float *hidden, float *out, const float *cos_, const float *sin_signed,
-                 float *keys, float *values, long head_stride, int length, const unsigned char *blocked, int threads) {
+/* The block for `rows` rows: hidden [rows][hidden] → out [rows][hidden]. keys/values: the layer's cache, row r's
+ * head g's position p at r * row_stride + g * head_stride + p * head_dim, with room written up to length (the new
+ * position, length - 1, is written here). blocked: [rows][length], nonzero where a row does not attend. cos,
+ * sin_signed: [rows][head_dim]. Returns 0, or -1 when scratch memory could not be had (nothing written then). */
+int decode_block(const block_weights *b, int rows, const float *hidden, float *out, const float *cos_,
+                 const float *sin_signed, float *keys, float *values, long row_stride, long head_stride, int length,
+                 const unsigned char *blocked, int threads) {
     const int n = b->hidden, dim = b->head_dim, heads = b->heads, kv = b->kv_heads, inner = b->intermediate;
     const int qkv_n = (heads + 2 * kv) * dim, group = heads / kv;
-    const size_t floats = (size_t)n * 3 + qkv_n + (size_t)heads * dim + (size_t)inner * 2 +
-                          (size_t)heads * (size_t)length;
-    float *scratch = malloc(floats * sizeof(float));
+    const size_t per_row = (size_t)n * 3 + qkv_n + (size_t)heads * dim + (size_t)inner * 2 + (size_t)heads * length;
+    float *scratch = malloc(per_row * rows * sizeof(float));
     if (!scratch) return -1;
-    float *x = scratch, *mid = x + n, *sum = mid + n, *qkv = sum + n, *attended = qkv + qkv_n;
-    float *gate = attended + (size_t)heads * dim, *up = gate + inner, *scores = up + inner;
+    float *x = scratch, *mid = x + (size_t)rows * n, *sum = mid + (size_t)rows * n, *qkv = sum + (size_t)rows * n;
+    float *attended = qkv + (size_t)rows * qkv_n, *gate = attended + (size_t)rows * heads * dim;
+    float *up = gate + (size_t)rows * inner, *scores = up + (size_t)rows * inner;
 #pragma omp parallel num_threads(threads)
     {
-#pragma omp single
-        rms_norm(hidden, b->attention_norm, b->eps_attention, n, x);
-        product(b->avx512, qkv_n, n, x, b->qkv, qkv);
+#pragma omp for schedule(static)
+        for (int r = 0; r < rows; r++)
+            rms_norm(hidden + (size_t)r * n, b->attention_norm, b->eps_attention, n, x + (size_t)r * n);
+        product(b->avx512, rows, qkv_n, n, x, b->qkv, qkv);
 #pragma omp barrier
-#pragma omp single
-        {
-            for (int h = 0; h < heads + kv; h++) rotate(qkv + (size_t)h * dim, cos_, sin_signed, dim);
+#pragma omp for schedule(static)
+        for (int r = 0; r < rows; r++) {
+            float *heads_of_row = qkv + (size_t)r * qkv_n;
+            for (int h = 0; h < heads + kv; h++)
+                rotate(heads_of_row + (size_t)h * dim, cos_ + (size_t)r * dim, sin_signed + (size_t)r * dim, dim);
             for (int g = 0; g < kv; g++) {
-                const size_t at = (size_t)g * head_stride + (size_t)(length - 1) * dim;
+                const size_t at = (size_t)r * row_stride + (size_t)g * head_stride + (size_t)(length - 1) * dim;
                 for (int i = 0; i < dim; i++) {
-                    keys[at + i] = qkv[(size_t)(heads + g) * dim + i];
-                    values[at + i] = qkv[(size_t)(heads + kv + g) * dim + i];
+                    keys[at + i] = heads_of_row[(size_t)(heads + g) * dim + i];
+                    values[at + i] = heads_of_row[(size_t)(heads + kv + g) * dim + i];
                 }
             }
         }
 #pragma omp for schedule(static)
-        for (int h = 0; h < heads; h++) {
-            const size_t cache = (size_t)(h / group) * head_stride;
-            attend(b, qkv + (size_t)h * dim, keys + cache, values + cache, length, blocked, scores + (size_t)h * length,
-                   attended + (size_t)h * dim);
+        for (int item = 0; item < rows * heads; item++) {
+            const int r = item / heads, h = item % heads;
+            const size_t cache = (size_t)r * row_stride + (size_t)(h / group) * head_stride;
+            attend(b, qkv + (size_t)r * qkv_n + (size_t)h * dim, keys + cache, values + cache, length,
+                   blocked + (size_t)r * length, scores + (size_t)item * length, attended + (size_t)item * dim);
         }
-        product(b->avx512, n, heads * dim, attended, b->o, sum);
-#pragma omp barrier
-#pragma omp single
-        {
-            for (int i = 0; i < n; i++) mid[i] = hidden[i] + sum[i];
-            rms_norm(mid, b->mlp_norm, b->eps_mlp, n, x);
-        }
-        product(b->avx512, inner, n, x, b->gate, gate);
-        product(b->avx512, inner, n, x, b->up, up);
+        product(b->avx512, rows, n, heads * dim, attended, b->o, sum);
 #pragma omp barrier
 #pragma omp for schedule(static)
-        for (int i = 0; i < inner; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
-        product(b->avx512, n, inner, gate, b->down, sum);
+        for (int r = 0; r < rows; r++) {
+            for (int i = 0; i < n; i++) mid[(size_t)r * n + i] = hidden[(size_t)r * n + i] + sum[(size_t)r * n + i];
+            rms_norm(mid + (size_t)r * n, b->mlp_norm, b->eps_mlp, n, x + (size_t)r * n);
+        }
+        product(b->avx512, rows, inner, n, x, b->gate, gate);
+        product(b->avx512, rows, inner, n, x, b->up, up);
 #pragma omp barrier
 #pragma omp for schedule(static)
-        for (int i = 0; i < n; i++) out[i] = mid[i] + sum[i];
+        for (size_t i = 0; i < (size_t)rows * inner; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+        product(b->avx512, rows, n, inner, gate, b->down, sum);
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (size_t i = 0; i < (size_t)rows * n; i++) out[i] = mid[i] + sum[i];
     }
     free(scratch);
     return 0;

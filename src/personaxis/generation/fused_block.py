@@ -72,11 +72,10 @@ class FusedBlocks:
         self._made: list[tuple[tuple[Any, ...], BlockWeights] | None] = [None] * len(blocks)
         self._placeholder: Tensor | None = None
 
-    def ready(self, rows: int, hidden: Tensor) -> bool:
-        """Whether this step's blocks may take the compiled path (one float32 CPU row, the library loaded)."""
+    def ready(self, hidden: Tensor) -> bool:
+        """Whether this step's blocks may take the compiled path (float32 CPU rows, the library loaded)."""
         return (
             not _switched_off
-            and rows == 1
             and hidden.dtype is torch.float32
             and hidden.is_cpu
             and compiled_gemm.block_function() is not None
@@ -121,32 +120,38 @@ class FusedBlocks:
     def run(
         self, index: int, hidden: Tensor, cos: Tensor, sin_signed: Tensor, blocked: Tensor, layer: Any
     ) -> Tensor | None:
-        """Block ``index``'s output for ``hidden`` ``[1, 1, hidden]`` (``cos``, ``sin_signed``: the step's rotation
-        ``[1, 1, 1, head dim]``; ``blocked``: ``[1, 1, 1, positions]`` bool; ``layer``: the block's cache layer), or
-        None where this block cannot take the compiled path (nothing has been written then)."""
+        """Block ``index``'s output for ``hidden`` ``[rows, 1, hidden]`` (``cos``, ``sin_signed``: the step's
+        rotation ``[rows, 1, 1, head dim]``; ``blocked``: ``[rows, 1, 1, positions]`` bool; ``layer``: the block's
+        cache layer), or None where this block cannot take the compiled path (nothing has been written then)."""
         if not self.fusable[index]:
             return None
         weights = self._weights(index)
         if weights is None:
             return None
-        shape = (1, weights.kv_heads, 1, weights.head_dim)
+        rows = hidden.shape[0]
+        shape = (rows, weights.kv_heads, 1, weights.head_dim)
         if self._placeholder is None or self._placeholder.shape != shape:
             self._placeholder = torch.zeros(shape)
         keys, values = layer.update(self._placeholder, self._placeholder)  # the layer's own bookkeeping
         length = keys.shape[2]
-        dim = weights.head_dim
-        if keys.stride()[2:] != (dim, 1) or values.stride() != keys.stride() or blocked.shape[-1] != length:
+        if (
+            keys.stride()[2:] != (weights.head_dim, 1)
+            or values.stride() != keys.stride()
+            or blocked.shape[-1] != length
+        ):
             raise RuntimeError("the cache layer's keys and values are not laid out as the compiled block reads them")
         hidden = hidden.contiguous()
         out = torch.empty_like(hidden)
         status = compiled_gemm.block_function()(
             ctypes.byref(weights),
+            rows,
             hidden.data_ptr(),
             out.data_ptr(),
             cos.data_ptr(),
             sin_signed.data_ptr(),
             keys.data_ptr(),
             values.data_ptr(),
+            keys.stride(0),
             keys.stride(1),
             length,
             blocked.data_ptr(),

@@ -206,13 +206,13 @@ class LlamaDecodeStep:
         rows = ids.shape[0]
         layers = buffered_layers(cache)
         assert layers is not None  # ``usable``
-        fused = rotation is not None and self._fused.ready(rows, hidden)
-        flat_blocked = blocked.contiguous()
+        compiled = None  # the compiled blocks' rotation and mask, contiguous
+        if rotation is not None and self._fused.ready(hidden):
+            compiled = (rotation.cos.contiguous(), rotation.sin.contiguous(), blocked.contiguous())
         for index, block in enumerate(self.blocks):
             output = None
-            if fused:
-                assert rotation is not None
-                output = self._fused.run(index, hidden, rotation.cos, rotation.sin, flat_blocked, layers[index])
+            if compiled is not None:
+                output = self._fused.run(index, hidden, *compiled, layers[index])
             if output is None:
                 output = self._block(index, block, hidden, cos, sin, rotation, blocked, layers[index], rows)
             for hook in block._forward_hooks.values():  # none takes keywords (``usable``)
