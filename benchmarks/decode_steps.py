@@ -2,7 +2,10 @@
 
 - **steps**: milliseconds per decode step (the prefill before them not counted) at 1, 16 and 64 rows, through the
   model's own forward (transformers' Python per block) and through personaxis' Llama-family step
-  (:mod:`personaxis.generation.llama_step`), which must give the same logits bit for bit (checked on every size).
+  (:mod:`personaxis.generation.llama_step`) with its blocks' modules' arithmetic, which must give the same logits bit
+  for bit (checked on every size), and through the step with compiled blocks
+  (:mod:`personaxis.generation.fused_block`, where the compiled products run), equal to rounding (its largest
+  difference from the forward's logits is recorded).
   With ``--step-from REV``, also through the step as ``llama_step.py`` was at git revision ``REV`` (loaded against
   the current package), to time a change of the step against its former self.
 - **prefill**: prompts of unequal length (``run.py``'s questions, with and without a role's system prompt)
@@ -46,6 +49,7 @@ from personaxis.activations import pad_batch  # noqa: E402
 from personaxis.generation import SamplingConfig, engine, generate_ids, prefill_plan  # noqa: E402
 from personaxis.generation import cache as kv  # noqa: E402
 from personaxis.generation.decode import CachedForward, DecodeBatch  # noqa: E402
+from personaxis.generation.fused_block import unfused_blocks  # noqa: E402
 from personaxis.generation.llama_step import model_forward_steps  # noqa: E402
 from personaxis.generation.prefill_plan import common_prefix_length  # noqa: E402
 from personaxis.models import LoadedModel, load_model  # noqa: E402
@@ -143,10 +147,11 @@ def decode_steps(lm: LoadedModel, rows: int, steps: int, repeats: int, revision:
         forward.logits(ids, mask, positions, cache)
         return DecodeBatch(cache, mask, buffered=True)
 
-    def decode(step: bool, through: CachedForward = forward) -> tuple[float, Tensor]:
+    def decode(step: bool, through: CachedForward = forward, compiled: bool = False) -> tuple[float, Tensor]:
         """Seconds of ``steps`` decode steps (the prefill before them not counted), and the first step's logits."""
         state, token, first = batch(), torch.full((rows, 1), 42, device=lm.device), None
-        with former(step=step, buckets=True):
+        blocks = contextlib.nullcontext() if compiled else unfused_blocks()
+        with former(step=step, buckets=True), blocks:
             start = time.perf_counter()
             for _ in range(steps):
                 positions = state.extend()
@@ -157,9 +162,11 @@ def decode_steps(lm: LoadedModel, rows: int, steps: int, repeats: int, revision:
         return seconds, first
 
     runs = {"model forward": lambda: decode(False)[0], "Llama step": lambda: decode(True)[0]}
+    runs["compiled blocks"] = lambda: decode(True, compiled=True)[0]
     with torch.inference_mode():
-        now = decode(True)[1]
-        same = torch.equal(now, decode(False)[1])
+        now, theirs = decode(True)[1], decode(False)[1]
+        same = torch.equal(now, theirs)
+        compiled_difference = float((decode(True, compiled=True)[1] - theirs).abs().max())
         if earlier is not None:
             same = same and torch.equal(now, decode(True, earlier)[1])
             runs[f"step at {revision}"] = lambda: decode(True, earlier)[0]
@@ -170,6 +177,7 @@ def decode_steps(lm: LoadedModel, rows: int, steps: int, repeats: int, revision:
         "rows": rows,
         "step_used": usable,
         "same_logits": same,
+        "compiled_max_difference": float(f"{compiled_difference:.2g}"),
         **{f"{k} ms": round(min(v) / steps * 1e3, 2) for k, v in times.items()},
         **{f"{k} median ms": round(statistics.median(v) / steps * 1e3, 2) for k, v in times.items()},
     }
