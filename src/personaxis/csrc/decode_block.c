@@ -8,8 +8,8 @@
  *   k, v written at the cache's last position;  per query head: softmax(q · Kᵀ * scaling, masked) · V;
  *   m = h + a · Woᵀ;  x = w2 * (m * rsqrt(mean(m²) + eps2));  out = m + (silu(x · Wgᵀ) * (x · Wuᵀ)) · Wdᵀ.
  * The products equal packed_gemm's bit for bit (the same running sums). The norms' means, the attention's dot
- * products and sums and the exponentials are computed in another order or by another exp than PyTorch's, so the
- * block's output equals the module's up to float rounding (tests compare them). */
+ * products and sums and the exponentials (exp8: Cephes' expf, 8 at a time) are computed in another order or by
+ * another exp than PyTorch's, so the block's output equals the module's up to float rounding (tests compare them). */
 #include "packed_gemm.c"
 
 #include <math.h>
@@ -54,15 +54,48 @@ static void product(int avx512, int rows, int n, int k_len, const float *x, cons
     }
 }
 
+static float horizontal_sum(__m256 v) {
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
+}
+
 static float dot(const float *a, const float *b, int n) {
     __m256 sum = _mm256_setzero_ps();
     int i = 0;
     for (; i + 8 <= n; i += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), sum);
-    float lanes[8], total = 0.0f;
-    _mm256_storeu_ps(lanes, sum);
-    for (int l = 0; l < 8; l++) total += lanes[l];
+    float total = horizontal_sum(sum);
     for (; i < n; i++) total += a[i] * b[i];
     return total;
+}
+
+/* e^x for 8 floats: Cephes' expf (x = n ln 2 + r, |r| <= ln 2 / 2, a degree-6 polynomial for e^r), about 1 ulp.
+ * Below -87.3 it gives 0 (e^-inf is 0, as a masked score needs), above 88 infinity; NaN stays NaN. */
+static __m256 exp8(__m256 x) {
+    const __m256 low = _mm256_set1_ps(-87.33654f), high = _mm256_set1_ps(88.0f);
+    const __m256 below = _mm256_cmp_ps(x, low, _CMP_LT_OQ), above = _mm256_cmp_ps(x, high, _CMP_GT_OQ);
+    const __m256 v = _mm256_min_ps(_mm256_max_ps(x, low), high);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), v);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+    const __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    __m256 result = _mm256_andnot_ps(below, _mm256_mul_ps(p, _mm256_castsi256_ps(power)));
+    result = _mm256_blendv_ps(result, _mm256_set1_ps(INFINITY), above);
+    return _mm256_blendv_ps(result, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+static float exp1(float x) {
+    float lanes[8];
+    _mm256_storeu_ps(lanes, exp8(_mm256_set1_ps(x)));
+    return lanes[0];
 }
 
 static void rms_norm(const float *h, const float *weight, float eps, int n, float *out) {
@@ -83,23 +116,59 @@ static void rotate(float *x, const float *cos_, const float *sin_signed, int dim
     }
 }
 
-/* Attention of query head h over positions [0, length): the new key and value are already in the cache. */
-static void attend(const block_weights *b, const float *query, const float *keys, const float *values, int length,
-                   const unsigned char *blocked, float *scores, float *out) {
-    const int dim = b->head_dim;
+/* Softmax of one head's scores in place: e^(s - max) / their sum (the exponentials of exp8). */
+static void softmax(float *scores, int length) {
     float most = -INFINITY;
-    for (int p = 0; p < length; p++) {
-        scores[p] = blocked[p] ? -INFINITY : dot(query, keys + (size_t)p * dim, dim) * b->scaling;
-        if (scores[p] > most) most = scores[p];
+    for (int p = 0; p < length; p++) most = scores[p] > most ? scores[p] : most;
+    const __m256 shift = _mm256_set1_ps(most);
+    __m256 sums = _mm256_setzero_ps();
+    int p = 0;
+    for (; p + 8 <= length; p += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + p), shift));
+        _mm256_storeu_ps(scores + p, e);
+        sums = _mm256_add_ps(sums, e);
     }
-    float total = 0.0f;
-    for (int p = 0; p < length; p++) total += scores[p] = expf(scores[p] - most);
-    for (int i = 0; i < dim; i++) out[i] = 0.0f;
+    float total = horizontal_sum(sums);
+    for (; p < length; p++) total += scores[p] = exp1(scores[p] - most);
+    for (p = 0; p < length; p++) scores[p] /= total;
+}
+
+/* Attention of the `group` query heads that share one key/value head (queries and out: [group][head_dim]) over
+ * positions [0, length), the new key and value already in the cache: each key and value is read once for the
+ * group. scores: [group][length]. */
+static void attend(const block_weights *b, int group, const float *queries, const float *keys, const float *values,
+                   int length, const unsigned char *blocked, float *scores, float *out) {
+    const int dim = b->head_dim;
     for (int p = 0; p < length; p++) {
-        const float weight = scores[p] / total;
-        const float *v = values + (size_t)p * dim;
-        for (int i = 0; i < dim; i++) out[i] += weight * v[i];
+        const float *key = keys + (size_t)p * dim;
+        for (int t = 0; t < group; t++)
+            scores[(size_t)t * length + p] = blocked[p] ? -INFINITY : dot(queries + (size_t)t * dim, key, dim) * b->scaling;
     }
+    for (int t = 0; t < group; t++) softmax(scores + (size_t)t * length, length);
+    for (size_t i = 0; i < (size_t)group * dim; i++) out[i] = 0.0f;
+    for (int p = 0; p < length; p++) {
+        const float *value = values + (size_t)p * dim;
+        for (int t = 0; t < group; t++) {
+            const float weight = scores[(size_t)t * length + p];
+            float *o = out + (size_t)t * dim;
+            for (int i = 0; i < dim; i++) o[i] += weight * value[i];
+        }
+    }
+}
+
+/* Inside the parallel region: gate = silu(gate) * up over n floats, split between the threads (silu(x) = x / (1 +
+ * e^-x)). */
+static void gated(float *gate, const float *up, size_t n) {
+    const size_t vectors = n / 8;
+#pragma omp for schedule(static) nowait
+    for (size_t v = 0; v < vectors; v++) {
+        const __m256 g = _mm256_loadu_ps(gate + 8 * v);
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+        _mm256_storeu_ps(gate + 8 * v, _mm256_mul_ps(silu, _mm256_loadu_ps(up + 8 * v)));
+    }
+#pragma omp single nowait
+    for (size_t i = 8 * vectors; i < n; i++) gate[i] = gate[i] / (1.0f + exp1(-gate[i])) * up[i];
 }
 
 /* The block for `rows` rows: hidden [rows][hidden] → out [rows][hidden]. keys/values: the layer's cache, row r's
@@ -138,11 +207,11 @@ int decode_block(const block_weights *b, int rows, const float *hidden, float *o
             }
         }
 #pragma omp for schedule(static)
-        for (int item = 0; item < rows * heads; item++) {
-            const int r = item / heads, h = item % heads;
-            const size_t cache = (size_t)r * row_stride + (size_t)(h / group) * head_stride;
-            attend(b, qkv + (size_t)r * qkv_n + (size_t)h * dim, keys + cache, values + cache, length,
-                   blocked + (size_t)r * length, scores + (size_t)item * length, attended + (size_t)item * dim);
+        for (int item = 0; item < rows * kv; item++) {
+            const int r = item / kv, g = item % kv;
+            const size_t cache = (size_t)r * row_stride + (size_t)g * head_stride, first = (size_t)item * group;
+            attend(b, group, qkv + (size_t)r * qkv_n + (size_t)g * group * dim, keys + cache, values + cache, length,
+                   blocked + (size_t)r * length, scores + first * length, attended + first * dim);
         }
         product(b->avx512, rows, n, heads * dim, attended, b->o, sum);
 #pragma omp barrier
@@ -154,8 +223,8 @@ int decode_block(const block_weights *b, int rows, const float *hidden, float *o
         product(b->avx512, rows, inner, n, x, b->gate, gate);
         product(b->avx512, rows, inner, n, x, b->up, up);
 #pragma omp barrier
-#pragma omp for schedule(static)
-        for (size_t i = 0; i < (size_t)rows * inner; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+        gated(gate, up, (size_t)rows * inner);
+#pragma omp barrier
         product(b->avx512, rows, n, inner, gate, b->down, sum);
 #pragma omp barrier
 #pragma omp for schedule(static)
