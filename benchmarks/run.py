@@ -15,6 +15,7 @@ flagged. Batch-1 generation is also compared with the matrix × vector limit (al
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -518,6 +519,9 @@ class Bench:
 
             runs["int8"] = fast_int8
         beside, matvec_bytes = self._matvecs_beside() if config.batch_size == 1 else ({}, 0)
+        if beside:  # the prefill and first token alone, to count the decoding after them apart
+            first_only = dataclasses.replace(config, max_new_tokens=1)
+            runs["fast_first"] = lambda: generate_ids(lm, prompts, first_only, min_new_tokens=1, engine="fast")
         runs.update(beside)
         timed = interleaved(self.args.repeats, runs)
         hf_out, fast_out = timed["hf"][1], timed["fast"][1]
@@ -556,10 +560,16 @@ class Bench:
             start_gbs = self.matvec_gbs
             beside_gbs = max(matvec_bytes / timed[name][0] / 1e9 for name in beside)
             limit = max(start_gbs, beside_gbs) * 1e9 / self.weight_bytes
+            # Decoding alone: the tokens after each prompt's first, in the time after its prefill and first token.
+            decode_seconds = timed["fast"][0] - timed["fast_first"][0]
+            decode_tps = (new_fast - len(prompts)) / decode_seconds if decode_seconds > 0 else float("nan")
             record.update(
                 matvec_gbs_beside=round(beside_gbs, 1),
                 batch1_limit_tokens_per_s=round(limit, 1),
                 fraction_of_matvec_limit=round(fast_tps / limit, 3),
+                decode_tokens_per_s=round(decode_tps, 1),
+                decode_fraction_of_matvec_limit=round(decode_tps / limit, 3),
+                beside_limit_tokens_per_s=round(beside_gbs * 1e9 / self.weight_bytes, 1),
             )
         extra = "" if hf_onednn_tps is None else f", hf on our layers {hf_onednn_tps:.1f} tok/s"
         if "int8" in timed:
@@ -643,7 +653,10 @@ class Bench:
                     f"{r['case'].capitalize()}: personaxis at {r['fraction_of_matvec_limit']:.0%} of the matrix × "
                     f"vector limit, {r['batch1_limit_tokens_per_s']:.0f} tokens/s (all weights read once per token "
                     "at the fastest rate of the limits section's product, timed at the start and again between "
-                    f"these runs: {r['matvec_gbs_beside']} GB/s there)."
+                    f"these runs: {r['matvec_gbs_beside']} GB/s there, a limit of {r['beside_limit_tokens_per_s']:.0f}"
+                    f" tokens/s). Decoding alone (the tokens after each prompt's first, timed as the whole run less "
+                    f"a run to the first token): {r['decode_tokens_per_s']:.1f} tokens/s, "
+                    f"{r['decode_fraction_of_matvec_limit']:.0%} of the limit."
                 )
         if args.natural_prompts > 0:
             natural_record = records[-1]
@@ -1461,6 +1474,13 @@ def isa_figures(results: dict[str, Any]) -> list[tuple[str, Any]]:
                 (
                     f"gen {case['case']}: personaxis, of the matrix × vector limit (limit timed beside it)",
                     f"{case['fraction_of_matvec_limit']:.0%} of {case['batch1_limit_tokens_per_s']:.0f} tokens/s",
+                )
+            )
+        if "decode_fraction_of_matvec_limit" in case:
+            rows.append(
+                (
+                    f"gen {case['case']}: personaxis decoding alone (after each prefill), of that limit",
+                    f"{case['decode_tokens_per_s']} tokens/s, {case['decode_fraction_of_matvec_limit']:.0%}",
                 )
             )
         if "int8_tokens_per_s" in case:
