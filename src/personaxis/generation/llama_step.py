@@ -9,15 +9,15 @@ rotary function, each cache layer's ``update`` and the registered attention's ar
 (:func:`personaxis.decode_attention.attend_one_token`). What does not change from block to block is made once per
 step: the inverted attention mask, the rotation's ``cos`` and signed ``sin`` (:class:`_Rotation`), and whether the
 query/key/value products are stacked. Its outputs are bit for bit those of the model's own forward (tests compare
-them with ``torch.equal``), except on the one-row compiled path below. Measured on a random 30-layer model small enough that only this overhead counts, a step
-takes 13.6 → 9.9 ms at 16 rows and 8.8 → 7.3 at one row; on the embedded model 25.0 → 21.5 ms at one row
+them with ``torch.equal``), except on the compiled path below. Measured on a random 30-layer model small enough
+that only this overhead counts, a step takes 13.6 → 9.9 ms at 16 rows and 8.8 → 7.3 at one row; on the embedded model 25.0 → 21.5 ms at one row
 (``benchmarks/decode_steps.py``). Everything in the embedded model's one-row step but its 151 products took 3.2–3.9
 ms, and 3.0–3.2 with the work made once per step (linear layers replaced by stubs, best and median of 7).
 
-With one row (decoding one sequence) and the compiled products of :mod:`personaxis.compiled_gemm`, each block runs
-as one compiled call instead (:mod:`personaxis.generation.fused_block`): equal to this path to float rounding, not
-bit for bit, with the same hooks called on its outputs. On the embedded model a one-row step took 18.2 → 14.9 ms
-(AVX-512) and 18.5 → 15.1 ms (AVX2), the same greedy tokens.
+Where the compiled products of :mod:`personaxis.compiled_gemm` run, each block runs as one compiled call instead
+(:mod:`personaxis.generation.fused_block`): equal to this path to float rounding, not bit for bit, with the same
+hooks called on its outputs. On the embedded model a one-row step took 18.2 → 14.9 ms (AVX-512) and 18.5 → 15.1 ms
+(AVX2), a 64-row step 72.7 → 67.8 and 104.2 → 96.4 ms, the same greedy tokens.
 
 Hooks stay exact. The step is used only when every hook it would skip is absent. It calls the blocks' forward hooks
 itself, as PyTorch does: personaxis' residual writers and readers (:mod:`personaxis.hooks`), a capture's readers,
