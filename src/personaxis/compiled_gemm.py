@@ -10,15 +10,17 @@ blocks). The same 151 products under AVX2: 21–23 ms at 16 rows, 13–16 at one
 rows against 98–109 (whole decode steps: 21.0 → 14.3 ms at one row, 48.1 → 30.1 at 16 rows, 113.7 → 98.2 at 64, the
 same tokens). With AVX-512, against oneDNN's AVX-512 kernels in the same minutes: one row 11.9–12.8 ms against
 15.1–15.8 (0.87–0.93 of the 256 MB product's rate), 16 rows 16.1 against 21.8, 64 rows 48.3 against 52.5, 200 rows
-(prefill) 144 against 147, single products of 1,024–4,096 rows 316–380 GFLOP/s against 281–410; whole decode steps 21.5 → 18.7 ms at one row, 32.5 → 25.7 at 16, 83.2 → 77.6 at 64, the
-same tokens.
+(prefill) 144 against 147, single products of 1,024–4,096 rows 316–380 GFLOP/s against 281–410; whole decode
+steps 21.5 → 18.7 ms at one row, 32.5 → 25.7 at 16, 83.2 → 77.6 at 64, the same tokens.
 
 Every output is one running sum over the inputs in order, in both versions, so a row's result depends neither on the
 rows beside it, nor on the thread count, nor on the instruction set (tests compare them bit for bit); it differs
 from oneDNN's and MKL's by float rounding only.
 
-The source ships with the package and is built on first use with the system's C compiler (``$CC``, else ``cc``,
-``gcc`` or ``clang``) into the user's cache directory, keyed by the source, the flags and the compiler's version, and
+The library also holds ``csrc/decode_block.c``, a decode step of one Llama-family block in one call
+(:mod:`personaxis.generation.fused_block`; :func:`block_function`), which includes ``packed_gemm.c``. The sources
+ship with the package and are built on first use with the system's C compiler (``$CC``, else ``cc``,
+``gcc`` or ``clang``) into the user's cache directory, keyed by the sources, the flags and the compiler's version, and
 loaded with ``ctypes``; the AVX-512 version is compiled for AVX-512F function by function and called only where
 PyTorch itself runs AVX-512 (:func:`avx512`). It runs on PyTorch's own OpenMP threads (the ``libgomp.so.1`` PyTorch
 loaded; where loading it would bring in another OpenMP runtime, it is not used) with ``torch.get_num_threads()`` of

@@ -10,8 +10,8 @@ rotary function, each cache layer's ``update`` and the registered attention's ar
 step: the inverted attention mask, the rotation's ``cos`` and signed ``sin`` (:class:`_Rotation`), and whether the
 query/key/value products are stacked. Its outputs are bit for bit those of the model's own forward (tests compare
 them with ``torch.equal``), except on the compiled path below. Measured on a random 30-layer model small enough
-that only this overhead counts, a step takes 13.6 → 9.9 ms at 16 rows and 8.8 → 7.3 at one row; on the embedded model 25.0 → 21.5 ms at one row
-(``benchmarks/decode_steps.py``). Everything in the embedded model's one-row step but its 151 products took 3.2–3.9
+that only this overhead counts, a step takes 13.6 → 9.9 ms at 16 rows and 8.8 → 7.3 at one row; on the embedded
+model 25.0 → 21.5 ms at one row (``benchmarks/decode_steps.py``). Everything in the embedded model's one-row step but its 151 products took 3.2–3.9
 ms, and 3.0–3.2 with the work made once per step (linear layers replaced by stubs, best and median of 7).
 
 Where the compiled products of :mod:`personaxis.compiled_gemm` run, each block runs as one compiled call instead
