@@ -140,10 +140,6 @@ def best_of(repeats: int, fn: Callable[[], Any]) -> tuple[float, Any]:
     return best, result
 
 
-# Back-to-back 256 MB matrix × vector products timed as one run beside batch-1 generation (about 0.2–0.7 s).
-SUSTAINED_PRODUCTS = 40
-
-
 def _repeated(fn: Callable[[], Any], times: int) -> Callable[[], Any]:
     def run() -> Any:
         result = None
@@ -537,9 +533,12 @@ class Bench:
             first_only = dataclasses.replace(config, max_new_tokens=1)
             runs["fast_first"] = lambda: generate_ids(lm, prompts, first_only, min_new_tokens=1, engine="fast")
         runs.update(beside)
-        # The same products back to back for a few tenths of a second: the rate they sustain, as a generation run must
-        # (one product's best time catches the VM's fastest moments).
-        sustained = {f"{name}, sustained": _repeated(product, SUSTAINED_PRODUCTS) for name, product in beside.items()}
+        # The same products back to back, reading as many bytes as the personaxis run reads weights (every weight
+        # once per new token): the rate they sustain over as long as a generation run lasts, in the same rounds. One
+        # product's best time catches this VM's fastest moments; its memory rate moves between about 40 and 75 GB/s
+        # from one ten seconds to the next.
+        repeats = -(-len(prompts) * config.max_new_tokens * (self.weight_bytes or 0) // max(matvec_bytes, 1))
+        sustained = {f"{name}, sustained": _repeated(product, repeats) for name, product in beside.items()}
         runs.update(sustained)
         timed = interleaved(self.args.repeats, runs)
         hf_out, fast_out = timed["hf"][1], timed["fast"][1]
@@ -581,7 +580,7 @@ class Bench:
             # Decoding alone: the tokens after each prompt's first, in the time after its prefill and first token.
             decode_seconds = timed["fast"][0] - timed["fast_first"][0]
             decode_tps = (new_fast - len(prompts)) / decode_seconds if decode_seconds > 0 else float("nan")
-            sustained_gbs = max(matvec_bytes * SUSTAINED_PRODUCTS / timed[name][0] / 1e9 for name in sustained)
+            sustained_gbs = max(matvec_bytes * repeats / timed[name][0] / 1e9 for name in sustained)
             sustained_limit = sustained_gbs * 1e9 / self.weight_bytes
             record.update(
                 matvec_gbs_beside=round(beside_gbs, 1),
@@ -681,7 +680,7 @@ class Bench:
                     f" tokens/s). Decoding alone (the tokens after each prompt's first, timed as the whole run less "
                     f"a run to the first token): {r['decode_tokens_per_s']:.1f} tokens/s, "
                     f"{r['decode_fraction_of_matvec_limit']:.0%} of the limit. Against the rate the same products "
-                    f"sustain back to back ({SUSTAINED_PRODUCTS} of them, in the same rounds: "
+                    f"sustain back to back (as many bytes as the run's weights, in the same rounds: "
                     f"{r['sustained_matvec_gbs']} GB/s, {r['sustained_limit_tokens_per_s']:.0f} tokens/s): the whole "
                     f"run {r['fraction_of_sustained_matvec_limit']:.0%}, decoding alone "
                     f"{r['decode_fraction_of_sustained_matvec_limit']:.0%}."
