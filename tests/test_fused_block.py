@@ -39,11 +39,12 @@ def block_calls(monkeypatch):
     return calls
 
 
-def _decode(model, prompts, steps, *, fused: bool):
-    """Logits of ``steps`` greedy decode steps after the prompts' prefill, and the cache."""
+def _decode(model, prompts, steps, *, fused: bool, forward: CachedForward | None = None):
+    """Logits of ``steps`` greedy decode steps after the prompts' prefill, and the cache (``forward``: the model's
+    step to use, else a new one)."""
     ids, mask, positions, _ = pad_batch(prompts, 0, side="left", device="cpu")
     cache = kv.new_cache(model, 4)  # room for four steps: later ones grow the buffers
-    forward = CachedForward.of(model)
+    forward = forward or CachedForward.of(model)
     logits = []
     with torch.inference_mode():
         with model_forward_steps():
@@ -131,6 +132,56 @@ def test_blocks_hooks_see_and_change_the_compiled_outputs(block_calls):
     assert len(runs[True][1]) == len(runs[False][1]) == 1 + 4
     for a, b in zip(runs[True][1], runs[False][1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("change", ["in_place", "new_storage", "new_module"])
+def test_a_changed_weight_is_read_on_the_next_step(block_calls, change):
+    """The blocks' structures are checked once per step: a weight changed in place, given new storage, or a layer
+    replaced between two runs is what the next compiled step reads (stale pointers would give the old logits)."""
+    lm = _model()
+    model = lm.model
+    forward = CachedForward.of(model)  # one step object for both runs: the same structures unless rechecked
+    before, _ = _decode(model, [[5, 6, 7, 8]], 3, fused=True, forward=forward)
+    block = model.model.layers[1]
+    with torch.no_grad():
+        if change == "in_place":
+            block.mlp.down_proj.weight.mul_(-3.0)
+        elif change == "new_storage":
+            block.mlp.down_proj.weight.data = block.mlp.down_proj.weight.data * -3.0
+        else:
+            old = block.self_attn.o_proj
+            new = torch.nn.Linear(old.in_features, old.out_features, bias=False)
+            new.weight.copy_(old.weight * -3.0)
+            block.self_attn.o_proj = new  # a plain layer: the step's module path for this block
+    block_calls.clear()
+    fused, _ = _decode(model, [[5, 6, 7, 8]], 3, fused=True, forward=forward)
+    assert block_calls
+    plain, _ = _decode(model, [[5, 6, 7, 8]], 3, fused=False)
+    assert not torch.allclose(before[0], plain[0], rtol=1e-3, atol=1e-3)  # the change shows
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_hook_that_changes_the_dtype_sends_the_next_block_down_the_module_path(block_calls):
+    """A block's hook returning bfloat16: the next block's reserved cache position is given back and written by the
+    module path (as the model's own forward would compute it), the rest stay compiled; every layer's cache as long as
+    on the module path, logits to bfloat16's rounding."""
+    lm = _model()
+    model = lm.model
+    handle = model.model.layers[1].register_forward_hook(lambda m, i, o: o.to(torch.bfloat16))
+    try:
+        fused, fused_cache = _decode(model, [[5, 6, 7, 8], [9, 10]], 4, fused=True)
+        plain, plain_cache = _decode(model, [[5, 6, 7, 8], [9, 10]], 4, fused=False)
+    finally:
+        handle.remove()
+    layers = len(model.model.layers)
+    assert 0 < len(block_calls) < 4 * layers  # block 2 took the module path
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+    for a, b in zip(fused_cache.layers, plain_cache.layers, strict=True):
+        assert a.keys.shape == b.keys.shape
+        torch.testing.assert_close(a.keys, b.keys, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(a.values, b.values, rtol=2e-2, atol=2e-2)
 
 
 def test_module_path_where_the_compiled_block_does_not_apply(block_calls, monkeypatch):

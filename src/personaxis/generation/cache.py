@@ -54,15 +54,24 @@ def _new_layer_class() -> type:
                 self.device = key_states.device
                 self.is_initialized = True
                 self.key_buffer, self.value_buffer = self._allocate(key_states, key_states.shape[0], n + self.reserve)
-            elif self.length + n > self.key_buffer.shape[2]:
+            start = self.length
+            self.make_room(n)
+            assert self.key_buffer is not None and self.value_buffer is not None
+            self.key_buffer[:, :, start : start + n] = key_states
+            self.value_buffer[:, :, start : start + n] = value_states
+            return self.keys, self.values
+
+        def make_room(self, n: int) -> tuple[Tensor, Tensor]:
+            """``n`` more positions at the end of the keys and values, left unwritten for the caller (a compiled
+            decode step writes them), or ``-n`` positions given back; the views of all ``length`` positions, as
+            ``update`` returns them. Only on a layer that already holds a buffer."""
+            assert self.key_buffer is not None and self.value_buffer is not None
+            if self.length + n > self.key_buffer.shape[2]:
                 capacity = self.length + n + max(64, self.length // 4)
                 keys, values = self._allocate(self.key_buffer, self.key_buffer.shape[0], capacity)
                 keys[:, :, : self.length] = self.keys
                 values[:, :, : self.length] = self.values
                 self.key_buffer, self.value_buffer = keys, values
-            assert self.value_buffer is not None
-            self.key_buffer[:, :, self.length : self.length + n] = key_states
-            self.value_buffer[:, :, self.length : self.length + n] = value_states
             self.length += n
             self._views()
             return self.keys, self.values

@@ -26,15 +26,18 @@ key and value biases take the module path) and a SiLU gate; :func:`unfused_block
 from __future__ import annotations
 
 import ctypes
+import operator
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from itertools import repeat
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from personaxis import compiled_gemm
 from personaxis.compiled_gemm import BlockWeights, GemmWeight
+from personaxis.kernels import OneDNNLinear, tensor_version
 
 _switched_off = 0  # depth of nested ``unfused_blocks`` blocks
 
@@ -64,6 +67,46 @@ def _fusable(block: nn.Module) -> bool:
     return all(m.bias is None for m in linears) and _silu(mlp) and kv_heads > 0 and heads % kv_heads == 0
 
 
+_BLOCK_PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
+_ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+
+
+class _MadeBlock:
+    """A block's structure for the library (``weights``) with what it was made from: the block's modules where they
+    sit, the packed copies its pointers point into (kept alive here), and each weight's storage and in-place
+    version. :meth:`holds` tells whether all of that still stands, reading the modules' own dictionaries: checking
+    through the modules' attributes and packed-copy keys (as the module path does) took about 100 µs a block, a
+    tenth of a one-row step, as the weights' stream had just pushed those objects out of the caches."""
+
+    def __init__(self, block: nn.Module, packed: tuple[Any, ...], weights: BlockWeights) -> None:
+        self.weights = weights
+        self.packed = packed
+        attention, mlp = block.self_attn, block.mlp
+        places = [(block._modules, name) for name in _BLOCK_PARTS]
+        places += [(attention._modules, name) for name in _ATTENTION_LINEARS]
+        places += [(mlp._modules, name) for name in _MLP_LINEARS]
+        self.parents, self.names = [parent for parent, _ in places], [name for _, name in places]
+        self.children = [parent[name] for parent, name in places]
+        self.linears = [child for child, name in zip(self.children, self.names, strict=True) if name.endswith("_proj")]
+        holders = self.children[2:]  # the norms and the linear layers
+        self.parameters = [child._parameters for child in holders]
+        self.tensors = [parameters["weight"] for parameters in self.parameters]
+        self.pointers = [weight.data_ptr() for weight in self.tensors]
+        self.versions = [tensor_version(weight) for weight in self.tensors]
+
+    def holds(self) -> bool:
+        """Whether the block still has these modules (linear layers packed for the compiled products) and each
+        weight the same tensor, storage and version (loops in C: ``map``)."""
+        return (
+            all(map(operator.is_, map(dict.get, self.parents, self.names), self.children))
+            and all(type(m) is OneDNNLinear and m._onednn_pack for m in self.linears)
+            and all(map(operator.is_, map(dict.get, self.parameters, repeat("weight")), self.tensors))
+            and list(map(Tensor.data_ptr, self.tensors)) == self.pointers
+            and list(map(tensor_version, self.tensors)) == self.versions
+        )
+
+
 class FusedBlocks:
     """The compiled one-row path of a :class:`~personaxis.generation.llama_step.LlamaDecodeStep`'s blocks (see the
     module's notes); ``groups``: each block's query/key/value :class:`~personaxis.kernels.ProjectionGroup`."""
@@ -72,32 +115,63 @@ class FusedBlocks:
         self.blocks = blocks
         self.groups = groups
         self.fusable = [g is not None and _fusable(b) for b, g in zip(blocks, groups, strict=True)]
-        # Per block: the packed weights' objects last seen and the structure made from them (with what it points to).
-        self._made: list[tuple[tuple[Any, ...], BlockWeights] | None] = [None] * len(blocks)
-        self._placeholder: Tensor | None = None
+        # Per block: the structure for the library and what it was made from.
+        self._made: list[_MadeBlock | None] = [None] * len(blocks)
+        self._steps: list[_BlockStep | None] = []  # this step's calls (``prepare``)
+        self._function: Any = None
 
-    def ready(self, hidden: Tensor) -> bool:
-        """Whether this step's blocks may take the compiled path (float32 CPU rows, the library loaded)."""
-        return (
-            not _switched_off
-            and hidden.dtype is torch.float32
-            and hidden.is_cpu
-            and compiled_gemm.block_function() is not None
-        )
+    def prepare(self, hidden: Tensor, cos: Tensor, sin_signed: Tensor, blocked: Tensor, layers: list[Any]) -> bool:
+        """Set up this step's compiled blocks for ``hidden`` ``[rows, 1, hidden]`` (``cos``, ``sin_signed``: the
+        step's rotation ``[rows, 1, 1, head dim]``; ``blocked``: ``[rows, 1, 1, positions]`` bool; ``layers``: the
+        blocks' cache layers), all at once: each block's structure checked, its cache layer given the new position
+        and its output allocated. Between the blocks' weight streams every such call would meet emptied caches
+        (about 100 µs a block, measured, against a third of that here). False, with nothing changed, where this
+        step cannot take the compiled path (not float32 CPU rows, or no library)."""
+        self._function = None if _switched_off else compiled_gemm.block_function()
+        if self._function is None or hidden.dtype is not torch.float32 or not hidden.is_cpu:
+            return False
+        rotation = (cos.contiguous(), sin_signed.contiguous(), blocked.contiguous())
+        threads = torch.get_num_threads()
+        self._steps = []
+        for index, fusable in enumerate(self.fusable):
+            weights = self._weights(index) if fusable else None
+            if weights is None:
+                self._steps.append(None)
+                continue
+            layer = layers[index]
+            keys, values = layer.make_room(1)  # the call writes the new position
+            if (
+                keys.stride()[2:] != (weights.head_dim, 1)
+                or values.stride() != keys.stride()
+                or keys.shape[0] != hidden.shape[0]
+                or blocked.shape[-1] != keys.shape[2]
+            ):
+                raise RuntimeError(
+                    "the cache layer's keys and values are not laid out as the compiled block reads them"
+                )
+            out = torch.empty(hidden.shape)
+            arguments = [ctypes.byref(weights), hidden.shape[0], 0, out.data_ptr(), rotation[0].data_ptr()]
+            arguments += [rotation[1].data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1)]
+            arguments += [keys.shape[2], rotation[2].data_ptr(), threads]
+            self._steps.append(_BlockStep(layer, out, arguments, rotation))
+        return True
 
     def _weights(self, index: int) -> BlockWeights | None:
         """The block's structure for the library, remade when any packed weight was remade; None when a weight is
         not packed for the compiled products."""
+        made = self._made[index]
+        if made is not None and made.holds():
+            return made.weights
+        self._made[index] = None
         block, group = self.blocks[index], self.groups[index]
         attention, mlp = block.self_attn, block.mlp
-        mlp_linears = (attention.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        packed = (group._packed(), *(m._weight_for_onednn(m.weight) for m in mlp_linears))
+        linears = (*group.members, attention.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if not all(type(m) is OneDNNLinear and m._onednn_pack for m in linears):
+            return None
+        packed = (group._packed(), *(m._weight_for_onednn(m.weight) for m in linears[3:]))
         if not all(type(p) is GemmWeight for p in packed):
             return None
         norms = (block.input_layernorm.weight, block.post_attention_layernorm.weight)
-        made = self._made[index]
-        if made is not None and all(a is b for a, b in zip(made[0], packed + norms, strict=True)):
-            return made[1]
         if not all(n.dtype is torch.float32 and n.is_contiguous() for n in norms):
             return None
         weights = BlockWeights(
@@ -118,49 +192,31 @@ class FusedBlocks:
             up=packed[3].blocks.data_ptr(),
             down=packed[4].blocks.data_ptr(),
         )
-        self._made[index] = (packed + norms, weights)
+        self._made[index] = _MadeBlock(block, packed, weights)
         return weights
 
-    def run(
-        self, index: int, hidden: Tensor, cos: Tensor, sin_signed: Tensor, blocked: Tensor, layer: Any
-    ) -> Tensor | None:
-        """Block ``index``'s output for ``hidden`` ``[rows, 1, hidden]`` (``cos``, ``sin_signed``: the step's
-        rotation ``[rows, 1, 1, head dim]``; ``blocked``: ``[rows, 1, 1, positions]`` bool; ``layer``: the block's
-        cache layer), or None where this block cannot take the compiled path (nothing has been written then)."""
-        if not self.fusable[index] or hidden.dtype is not torch.float32:  # a hook may have changed the dtype
+    def run(self, index: int, hidden: Tensor) -> Tensor | None:
+        """Block ``index``'s output for ``hidden`` in a step that :meth:`prepare` set up, or None where this block
+        takes the module path (its cache layer then as before the step)."""
+        step = self._steps[index]
+        if step is None:
             return None
-        weights = self._weights(index)
-        if weights is None:
+        if hidden.dtype is not torch.float32 or hidden.shape != step.out.shape:  # a hook changed them
+            step.layer.make_room(-1)  # the position goes back: the module path writes it through ``update``
             return None
-        rows = hidden.shape[0]
-        shape = (rows, weights.kv_heads, 1, weights.head_dim)
-        if self._placeholder is None or self._placeholder.shape != shape:
-            self._placeholder = torch.zeros(shape)
-        keys, values = layer.update(self._placeholder, self._placeholder)  # the layer's own bookkeeping
-        length = keys.shape[2]
-        if (
-            keys.stride()[2:] != (weights.head_dim, 1)
-            or values.stride() != keys.stride()
-            or blocked.shape[-1] != length
-        ):
-            raise RuntimeError("the cache layer's keys and values are not laid out as the compiled block reads them")
-        hidden = hidden.contiguous()
-        out = torch.empty_like(hidden)
-        status = compiled_gemm.block_function()(
-            ctypes.byref(weights),
-            rows,
-            hidden.data_ptr(),
-            out.data_ptr(),
-            cos.data_ptr(),
-            sin_signed.data_ptr(),
-            keys.data_ptr(),
-            values.data_ptr(),
-            keys.stride(0),
-            keys.stride(1),
-            length,
-            blocked.data_ptr(),
-            torch.get_num_threads(),
-        )
-        if status != 0:
+        if not hidden.is_contiguous():
+            hidden = hidden.contiguous()
+        step.arguments[2] = hidden.data_ptr()
+        if self._function(*step.arguments) != 0:
             raise MemoryError("the compiled block could not allocate its scratch memory")
-        return out
+        return step.out
+
+
+class _BlockStep(NamedTuple):
+    """One block's compiled call in a step: its cache layer, its output, the call's arguments (the input's
+    address filled in by :meth:`FusedBlocks.run`) and the tensors they point into."""
+
+    layer: Any
+    out: Tensor
+    arguments: list[Any]
+    keep: tuple[Tensor, ...]

@@ -206,13 +206,9 @@ class LlamaDecodeStep:
         rows = ids.shape[0]
         layers = buffered_layers(cache)
         assert layers is not None  # ``usable``
-        compiled = None  # the compiled blocks' rotation and mask, contiguous
-        if rotation is not None and self._fused.ready(hidden):
-            compiled = (rotation.cos.contiguous(), rotation.sin.contiguous(), blocked.contiguous())
+        compiled = rotation is not None and self._fused.prepare(hidden, rotation.cos, rotation.sin, blocked, layers)
         for index, block in enumerate(self.blocks):
-            output = None
-            if compiled is not None:
-                output = self._fused.run(index, hidden, *compiled, layers[index])
+            output = self._fused.run(index, hidden) if compiled else None
             if output is None:
                 output = self._block(index, block, hidden, cos, sin, rotation, blocked, layers[index], rows)
             for hook in block._forward_hooks.values():  # none takes keywords (``usable``)
