@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import tiny_model
+from tiny import assert_engine_runs_agree, tiny_model
 
 from personaxis import compiled_gemm
 from personaxis.activations import pad_batch
-from personaxis.capture import ResponseCapture
 from personaxis.chat import build_conversation, render_prompt
 from personaxis.decode_attention import use_decode_attention
-from personaxis.generation import SamplingConfig, generate_ids
 from personaxis.generation import cache as kv
 from personaxis.generation.decode import CachedForward, DecodeBatch
 from personaxis.generation.fused_block import unfused_blocks
@@ -216,23 +214,7 @@ def test_greedy_tokens_of_the_embedded_model_are_unchanged(block_calls, monkeypa
 def test_engine_tokens_and_capture_with_compiled_blocks(block_calls):
     """Greedy and seeded sampling with an intervention and a capture of the answers' block outputs, rows joining a
     running batch: the same tokens as the module path, captured sums to rounding."""
-    lm = _model()
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [9, 10], [11, 12, 13], [14, 15, 16, 17], [18], [19, 20, 21]]
-    interventions = {lm.profile.target_layer: [Add(torch.linspace(-1, 1, lm.profile.hidden_size), alpha=3.0)]}
-    for config in (
-        SamplingConfig(max_new_tokens=10, batch_size=3),
-        SamplingConfig(max_new_tokens=10, batch_size=4, temperature=0.9, top_p=0.9, seed=3),
-    ):
-        captures = [ResponseCapture(lm), ResponseCapture(lm)]
-        block_calls.clear()
-        ours = generate_ids(lm, prompts, config, interventions=interventions, capture=captures[0])
-        assert block_calls
-        with unfused_blocks():
-            theirs = generate_ids(lm, prompts, config, interventions=interventions, capture=captures[1])
-        assert ours == theirs
-        for i in range(len(prompts)):
-            n = captures[0].fed[i]
-            assert n == captures[1].fed[i]
-            a, b = captures[0].means_over(i, 0, n), captures[1].means_over(i, 0, n)
-            assert a is not None and b is not None
-            torch.testing.assert_close(a.means, b.means, rtol=1e-5, atol=1e-5)
+    assert_engine_runs_agree(
+        _model(), unfused_blocks, lambda a, b: torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    )
+    assert block_calls

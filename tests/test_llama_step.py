@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import tiny_model
+from tiny import assert_engine_runs_agree, tiny_model
 from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
 
 from personaxis.activations import pad_batch
-from personaxis.capture import ResponseCapture
 from personaxis.decode_attention import use_decode_attention
-from personaxis.generation import SamplingConfig, generate_ids
 from personaxis.generation import cache as kv
 from personaxis.generation.decode import CachedForward, DecodeBatch
 from personaxis.generation.fused_block import unfused_blocks
@@ -236,24 +234,9 @@ def test_other_architectures_have_no_step():
 def test_engine_tokens_and_capture_are_the_same_with_the_step(tiny_lm):
     """Greedy and seeded sampling, interventions on the residual stream and a capture of the answers' block outputs,
     with rows joining a running batch: the same tokens and the same captured sums with and without the step."""
-    lm = tiny_lm
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [9, 10], [11, 12, 13], [14, 15, 16, 17], [18], [19, 20, 21]]
-    layer = lm.profile.target_layer
-    interventions = {layer: [Add(torch.linspace(-1, 1, lm.profile.hidden_size), alpha=3.0)]}
-    for config in (
-        SamplingConfig(max_new_tokens=10, batch_size=3),
-        SamplingConfig(max_new_tokens=10, batch_size=4, temperature=0.9, top_p=0.9, seed=3),
-    ):
-        captures = [ResponseCapture(lm), ResponseCapture(lm)]
-        ours = generate_ids(lm, prompts, config, interventions=interventions, capture=captures[0])
-        with model_forward_steps():
-            theirs = generate_ids(lm, prompts, config, interventions=interventions, capture=captures[1])
-        assert ours == theirs
-        for i in range(len(prompts)):
-            n = captures[0].fed[i]
-            assert n == captures[1].fed[i]
-            a, b = captures[0].means_over(i, 0, n), captures[1].means_over(i, 0, n)
-            assert a is not None and b is not None and torch.equal(a.means, b.means)
+    assert_engine_runs_agree(
+        tiny_lm, model_forward_steps, lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=0)
+    )
 
 
 def test_rotation_is_transformers_rotary_function_bit_for_bit():

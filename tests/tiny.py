@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -84,3 +86,34 @@ def tiny_model(kind: str = "llama", *, dtype: torch.dtype = torch.float32, seed:
     if use_onednn_linears(model):  # as load_model does
         use_decode_attention(model)
     return LoadedModel(model=model, tokenizer=tokenizer, profile=build_profile(model, tokenizer, f"tiny-{kind}"))
+
+
+def assert_engine_runs_agree(
+    lm: LoadedModel,
+    other_path: Callable[[], AbstractContextManager[None]],
+    compare: Callable[[torch.Tensor, torch.Tensor], None],
+) -> None:
+    """Greedy and seeded sampling with an intervention and a capture of the answers' block outputs, rows joining a
+    running batch: the same tokens as inside ``other_path()`` (the path a fast one replaces), and each answer's
+    captured means passed to ``compare`` (an exact or a rounding comparison)."""
+    from personaxis.capture import ResponseCapture
+    from personaxis.generation import SamplingConfig, generate_ids
+    from personaxis.interventions import Add
+
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [9, 10], [11, 12, 13], [14, 15, 16, 17], [18], [19, 20, 21]]
+    interventions = {lm.profile.target_layer: [Add(torch.linspace(-1, 1, lm.profile.hidden_size), alpha=3.0)]}
+    for config in (
+        SamplingConfig(max_new_tokens=10, batch_size=3),
+        SamplingConfig(max_new_tokens=10, batch_size=4, temperature=0.9, top_p=0.9, seed=3),
+    ):
+        captures = [ResponseCapture(lm), ResponseCapture(lm)]
+        ours = generate_ids(lm, prompts, config, interventions=interventions, capture=captures[0])
+        with other_path():
+            theirs = generate_ids(lm, prompts, config, interventions=interventions, capture=captures[1])
+        assert ours == theirs
+        for i in range(len(prompts)):
+            n = captures[0].fed[i]
+            assert n == captures[1].fed[i]
+            a, b = captures[0].means_over(i, 0, n), captures[1].means_over(i, 0, n)
+            assert a is not None and b is not None
+            compare(a.means, b.means)

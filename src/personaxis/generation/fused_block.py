@@ -28,7 +28,7 @@ from __future__ import annotations
 import ctypes
 import operator
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from itertools import repeat
 from typing import Any, NamedTuple
 
@@ -39,18 +39,33 @@ from personaxis import compiled_gemm
 from personaxis.compiled_gemm import BlockWeights, GemmWeight
 from personaxis.kernels import OneDNNLinear, tensor_version
 
-_switched_off = 0  # depth of nested ``unfused_blocks`` blocks
+
+class OffSwitch:
+    """On until a ``with switch.off():`` block turns it off; such blocks nest (it is on again when the outermost
+    ends). Tests and benchmarks use them to compare a fast path with the one it replaces."""
+
+    def __init__(self) -> None:
+        self._depth = 0
+
+    @property
+    def on(self) -> bool:
+        return self._depth == 0
+
+    @contextmanager
+    def off(self) -> Iterator[None]:
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
 
 
-@contextmanager
-def unfused_blocks() -> Iterator[None]:
-    """Inside the block one-row steps run each block through its modules' arithmetic (tests and comparisons)."""
-    global _switched_off
-    _switched_off += 1
-    try:
-        yield
-    finally:
-        _switched_off -= 1
+_COMPILED_BLOCKS = OffSwitch()
+
+
+def unfused_blocks() -> AbstractContextManager[None]:
+    """Inside the block the decode steps run each block through its modules' arithmetic (tests and comparisons)."""
+    return _COMPILED_BLOCKS.off()
 
 
 def _silu(mlp: nn.Module) -> bool:
@@ -127,7 +142,7 @@ class FusedBlocks:
         and its output allocated. Between the blocks' weight streams every such call would meet emptied caches
         (about 100 µs a block, measured, against a third of that here). False, with nothing changed, where this
         step cannot take the compiled path (not float32 CPU rows, or no library)."""
-        self._function = None if _switched_off else compiled_gemm.block_function()
+        self._function = compiled_gemm.block_function() if _COMPILED_BLOCKS.on else None
         if self._function is None or hidden.dtype is not torch.float32 or not hidden.is_cpu:
             return False
         rotation = (cos.contiguous(), sin_signed.contiguous(), blocked.contiguous())

@@ -33,8 +33,8 @@ dispatched by accelerate (whose hooks move weights inside ``forward``: no step i
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -43,7 +43,7 @@ from torch.nn.modules import module as torch_module
 
 from personaxis.decode_attention import IMPLEMENTATION, attend_one_token
 from personaxis.generation.cache import buffered_layers
-from personaxis.generation.fused_block import FusedBlocks
+from personaxis.generation.fused_block import FusedBlocks, OffSwitch
 from personaxis.hooks import is_mask_tracker_hook
 from personaxis.kernels import OneDNNLinear, ProjectionGroup, cpu_float32_inference
 
@@ -56,18 +56,12 @@ _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 
 
-_switched_off = 0  # depth of nested ``model_forward_steps`` blocks
+_ONE_STEP = OffSwitch()
 
 
-@contextmanager
-def model_forward_steps() -> Iterator[None]:
+def model_forward_steps() -> AbstractContextManager[None]:
     """Inside the block every decode step runs the model's own forward (the comparison of benchmarks and tests)."""
-    global _switched_off
-    _switched_off += 1
-    try:
-        yield
-    finally:
-        _switched_off -= 1
+    return _ONE_STEP.off()
 
 
 def _rms_norm(norm: nn.Module, hidden: Tensor) -> Tensor:
@@ -176,7 +170,7 @@ class LlamaDecodeStep:
         norm = self.blocks[0].input_layernorm.weight
         layers = buffered_layers(cache)
         return (
-            not _switched_off
+            _ONE_STEP.on
             and ids.dim() == 2
             and ids.shape[1] == 1
             and ids.is_cpu
