@@ -82,44 +82,63 @@ def _fusable(block: nn.Module) -> bool:
     return all(m.bias is None for m in linears) and _silu(mlp) and kv_heads > 0 and heads % kv_heads == 0
 
 
+_VERSION = operator.attrgetter("_version")
 _BLOCK_PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
 _ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 
 
-class _MadeBlock:
-    """A block's structure for the library (``weights``) with what it was made from: the block's modules where they
-    sit, the packed copies its pointers point into (kept alive here), and each weight's storage and in-place
-    version. :meth:`holds` tells whether all of that still stands, reading the modules' own dictionaries: checking
-    through the modules' attributes and packed-copy keys (as the module path does) took about 100 µs a block, a
-    tenth of a one-row step, as the weights' stream had just pushed those objects out of the caches."""
+class _Watched:
+    """What blocks' structures for the library were made from: the blocks' modules where they sit, the linear layers
+    (packed for the compiled products), and each weight's tensor, storage and in-place version. :meth:`holds` tells
+    whether all of that still stands, reading the modules' own dictionaries in loops that run in C (``map``), for
+    one block or, merged, for all. Checking through the modules' attributes and packed-copy keys, as the module path
+    does, took about 100 µs a block between the weights' streams (the objects no longer in the caches)."""
 
-    def __init__(self, block: nn.Module, packed: tuple[Any, ...], weights: BlockWeights) -> None:
-        self.weights = weights
-        self.packed = packed
+    def __init__(self, places: list[tuple[dict[str, Any], str]]) -> None:
+        self.parents, self.names = [parent for parent, _ in places], [name for _, name in places]
+        self.children = [parent[name] for parent, name in places]
+        self.linears = [child for child, name in zip(self.children, self.names, strict=True) if name.endswith("_proj")]
+        holders = [child for child, name in zip(self.children, self.names, strict=True) if name not in _BLOCK_PARTS[:2]]
+        self.parameters = [child._parameters for child in holders]  # the norms' and the linear layers'
+        self.tensors = [parameters["weight"] for parameters in self.parameters]
+        self.pointers = [weight.data_ptr() for weight in self.tensors]
+        # Inference tensors keep no version (and cannot change outside inference mode): the others' counts.
+        self.counted = [weight for weight in self.tensors if not weight.is_inference()]
+        self.versions = [tensor_version(weight) for weight in self.counted]
+
+    @classmethod
+    def block(cls, block: nn.Module) -> _Watched:
         attention, mlp = block.self_attn, block.mlp
         places = [(block._modules, name) for name in _BLOCK_PARTS]
         places += [(attention._modules, name) for name in _ATTENTION_LINEARS]
         places += [(mlp._modules, name) for name in _MLP_LINEARS]
-        self.parents, self.names = [parent for parent, _ in places], [name for _, name in places]
-        self.children = [parent[name] for parent, name in places]
-        self.linears = [child for child, name in zip(self.children, self.names, strict=True) if name.endswith("_proj")]
-        holders = self.children[2:]  # the norms and the linear layers
-        self.parameters = [child._parameters for child in holders]
-        self.tensors = [parameters["weight"] for parameters in self.parameters]
-        self.pointers = [weight.data_ptr() for weight in self.tensors]
-        self.versions = [tensor_version(weight) for weight in self.tensors]
+        return cls(places)
+
+    @classmethod
+    def merged(cls, watched: list[_Watched]) -> _Watched:
+        return cls([place for w in watched for place in zip(w.parents, w.names, strict=True)])
 
     def holds(self) -> bool:
-        """Whether the block still has these modules (linear layers packed for the compiled products) and each
-        weight the same tensor, storage and version (loops in C: ``map``)."""
+        """Whether the blocks still have these modules (linear layers packed for the compiled products) and each
+        weight the same tensor, storage and version."""
         return (
             all(map(operator.is_, map(dict.get, self.parents, self.names), self.children))
-            and all(type(m) is OneDNNLinear and m._onednn_pack for m in self.linears)
+            and all(map(operator.is_, map(type, self.linears), repeat(OneDNNLinear)))
+            and all(map(operator.attrgetter("_onednn_pack"), self.linears))
             and all(map(operator.is_, map(dict.get, self.parameters, repeat("weight")), self.tensors))
             and list(map(Tensor.data_ptr, self.tensors)) == self.pointers
-            and list(map(tensor_version, self.tensors)) == self.versions
+            and list(map(_VERSION, self.counted)) == self.versions
         )
+
+
+class _MadeBlock(NamedTuple):
+    """A block's structure for the library, the packed copies its pointers point into (kept alive here), and what
+    they were made from."""
+
+    weights: BlockWeights
+    packed: tuple[Any, ...]
+    watched: _Watched
 
 
 class FusedBlocks:
@@ -133,6 +152,8 @@ class FusedBlocks:
         # Per block: the structure for the library and what it was made from.
         self._made: list[_MadeBlock | None] = [None] * len(blocks)
         self._steps: list[_BlockStep | None] = []  # this step's calls (``prepare``)
+        self._current: list[BlockWeights | None] = []  # the blocks' structures, while ``_watched`` holds
+        self._watched: _Watched | None = None  # what all blocks' structures were made from, merged
         self._function: Any = None
 
     def prepare(self, hidden: Tensor, cos: Tensor, sin_signed: Tensor, blocked: Tensor, layers: list[Any]) -> bool:
@@ -148,34 +169,46 @@ class FusedBlocks:
         rotation = (cos.contiguous(), sin_signed.contiguous(), blocked.contiguous())
         threads = torch.get_num_threads()
         self._steps = []
-        for index, fusable in enumerate(self.fusable):
-            weights = self._weights(index) if fusable else None
+        for index, weights in enumerate(self._structures()):
             if weights is None:
                 self._steps.append(None)
                 continue
             layer = layers[index]
             keys, values = layer.make_room(1)  # the call writes the new position
+            stride, length = keys.stride(), keys.shape[2]
             if (
-                keys.stride()[2:] != (weights.head_dim, 1)
-                or values.stride() != keys.stride()
+                stride[2:] != (weights.head_dim, 1)
+                or values.stride() != stride
                 or keys.shape[0] != hidden.shape[0]
-                or blocked.shape[-1] != keys.shape[2]
+                or blocked.shape[-1] != length
             ):
                 raise RuntimeError(
                     "the cache layer's keys and values are not laid out as the compiled block reads them"
                 )
             out = torch.empty(hidden.shape)
             arguments = [ctypes.byref(weights), hidden.shape[0], 0, out.data_ptr(), rotation[0].data_ptr()]
-            arguments += [rotation[1].data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1)]
-            arguments += [keys.shape[2], rotation[2].data_ptr(), threads]
+            arguments += [rotation[1].data_ptr(), keys.data_ptr(), values.data_ptr(), stride[0], stride[1], length]
+            arguments += [rotation[2].data_ptr(), threads]
             self._steps.append(_BlockStep(layer, out, arguments, rotation))
         return True
+
+    def _structures(self) -> list[BlockWeights | None]:
+        """Each block's structure for the library this step (None: the module path): all blocks checked at once
+        while every fusable block has one and nothing they were made from changed, else block by block."""
+        if self._watched is not None and self._watched.holds():
+            return self._current
+        self._watched = None
+        self._current = [self._weights(i) if fusable else None for i, fusable in enumerate(self.fusable)]
+        made = [m for m in self._made if m is not None]
+        if len(made) == sum(self.fusable):
+            self._watched = _Watched.merged([m.watched for m in made])
+        return self._current
 
     def _weights(self, index: int) -> BlockWeights | None:
         """The block's structure for the library, remade when any packed weight was remade; None when a weight is
         not packed for the compiled products."""
         made = self._made[index]
-        if made is not None and made.holds():
+        if made is not None and made.watched.holds():
             return made.weights
         self._made[index] = None
         block, group = self.blocks[index], self.groups[index]
@@ -207,7 +240,7 @@ class FusedBlocks:
             up=packed[3].blocks.data_ptr(),
             down=packed[4].blocks.data_ptr(),
         )
-        self._made[index] = _MadeBlock(block, packed, weights)
+        self._made[index] = _MadeBlock(weights, packed, _Watched.block(block))
         return weights
 
     def run(self, index: int, hidden: Tensor) -> Tensor | None:
