@@ -137,7 +137,8 @@ def buffer_cache_layer_class() -> type:
 def buffered_layers(cache: Any) -> list[Any] | None:
     """The cache's layers when every one is a buffered layer (:func:`buffer_cache_layer_class`) and the cache does
     not offload them, else None: a decode step may then give each layer its new keys and values through the layer's
-    own ``update`` (:mod:`personaxis.generation.llama_step`)."""
+    own ``update``, or take the new position with ``make_room`` and write it itself
+    (:mod:`personaxis.generation.llama_step`, :mod:`personaxis.generation.fused_block`)."""
     layers = getattr(cache, "layers", None)
     buffer_layer = buffer_cache_layer_class()
     if not isinstance(layers, list) or getattr(cache, "offloading", False):
