@@ -167,8 +167,8 @@ class FusedBlocks:
         """Set up this step's compiled blocks for ``hidden`` ``[rows, 1, hidden]`` (``cos``, ``sin_signed``: the
         step's rotation ``[rows, 1, 1, head dim]``; ``blocked``: ``[rows, 1, 1, positions]`` bool; ``layers``: the
         blocks' cache layers), all at once: each block's structure checked, its cache layer given the new position
-        and its output allocated. Between the blocks' weight streams every such call would meet emptied caches
-        (about 100 µs a block, measured, against a third of that here). False, with nothing changed, where this
+        and its output allocated. Between the blocks' weight streams the same work met emptied caches (about
+        150 µs a block on the AVX2 CPU of the module's notes; here about 60). False, with nothing changed, where this
         step cannot take the compiled path (not float32 CPU rows, or no library)."""
         self._function = compiled_gemm.block_function() if _COMPILED_BLOCKS.on else None
         if self._function is None or hidden.dtype is not torch.float32 or not hidden.is_cpu:
